@@ -1,0 +1,180 @@
+"""Engine configuration: every knob in one place, validated once, device and dtype resolved."""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class Config:
+    """Engine settings. `LLM(model, **kwargs)` passes its keyword arguments here.
+
+    After construction, `hf_config` holds the model's Hugging Face config, `device` is a
+    torch.device, `dtype` a torch.dtype, and `max_model_len` is clamped to what the model supports.
+    """
+
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int = -1
+    kv_cache_memory_gb: float = 2.0
+    device: str | torch.device = "auto"
+    dtype: str | torch.dtype = "auto"
+    load_format: str = "auto"
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    tokenizer: str | None = None
+    seed: int = 0
+    hf_config: PretrainedConfig | None = field(default=None, repr=False)
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.model = os.path.expanduser(str(self.model))
+        if not os.path.isdir(self.model):
+            raise ValueError(f"model folder {self.model!r} does not exist")
+        config_path = os.path.join(self.model, "config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(f"model folder {self.model!r} has no config.json")
+        self._check_ints()
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(
+                f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}"
+            )
+        if self.attention_backend not in ("auto", "torch"):
+            raise ValueError(
+                f"attention_backend must be 'auto' or 'torch', got {self.attention_backend!r}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.kvcache_block_size % 16 != 0:
+            raise ValueError(
+                f"kvcache_block_size must be a positive multiple of 16, got {self.kvcache_block_size}"
+            )
+
+        with open(config_path) as f:
+            architectures = json.load(f).get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+            raise ValueError(
+                f"unsupported architecture {architectures} in {config_path}; "
+                f"supported: {list(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.hf_config is None:
+            self.hf_config = AutoConfig.from_pretrained(self.model)
+        max_positions = self.hf_config.max_position_embeddings
+        if self.max_model_len > max_positions:
+            logger.info(
+                "max_model_len %d clamped to the model's %d", self.max_model_len, max_positions
+            )
+            self.max_model_len = max_positions
+        eos = self.hf_config.eos_token_id
+        if not self.eos_token_ids and eos is not None:
+            self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+
+        self.device = resolve_device(self.device)
+        self.dtype = resolve_dtype(self.dtype, self.device, self.hf_config)
+        self._check_tensor_parallel()
+
+    def _check_ints(self) -> None:
+        limits = {
+            "max_num_batched_tokens": 1,
+            "max_num_seqs": 1,
+            "max_model_len": 1,
+            "tensor_parallel_size": 1,
+            "kvcache_block_size": 16,
+            "num_kvcache_blocks": -1,
+        }
+        for name, low in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_parallel_size
+        heads = self.hf_config.num_attention_heads
+        kv_heads = getattr(self.hf_config, "num_key_value_heads", None) or heads
+        if heads % tp != 0:
+            raise ValueError(f"tensor_parallel_size {tp} must divide num_attention_heads {heads}")
+        if kv_heads % tp != 0 and tp % kv_heads != 0:
+            raise ValueError(
+                f"tensor_parallel_size {tp} must divide num_key_value_heads {kv_heads} "
+                f"or be a multiple of it"
+            )
+        if self.device.type == "cuda":
+            available = torch.cuda.device_count()
+        elif self.device.type == "cpu":
+            available = os.cpu_count() or 1
+        else:
+            available = 1
+        if tp > available:
+            raise ValueError(
+                f"tensor_parallel_size {tp} exceeds the {available} {self.device.type} device(s) present"
+            )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn "auto" into cuda > mps > cpu and check that an explicit device exists."""
+    if isinstance(device, str) and device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}"
+        ) from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    return dev
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype, device: torch.device, hf_config: PretrainedConfig
+) -> torch.dtype:
+    """ "auto" is float32 on CPU and the checkpoint's dtype on an accelerator."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(ckpt, str):
+            ckpt = _DTYPES.get(ckpt)
+        return ckpt if ckpt in _DTYPES.values() else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return _DTYPES[dtype]

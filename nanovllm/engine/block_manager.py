@@ -1,0 +1,225 @@
+"""Bookkeeping of the paged KV cache, with prefix caching.
+
+The cache is a fixed pool of `num_blocks` blocks of `block_size` token slots each. A sequence
+owns a block table: the ids of the blocks that hold its tokens, in order. Token i of a sequence
+lives in slot `block_table[i // block_size] * block_size + i % block_size`.
+
+Prefix caching. A *full* block is identified by a hash chain: hash(block i) =
+xxhash64(hash(block i-1), token ids of block i), so two sequences with the same first n*block_size
+tokens produce the same n hashes. `hash_to_block` maps a hash to a block whose K/V holds exactly
+those tokens. Rules:
+- A block is registered only after its K/V has been computed (`cache_computed_blocks`, called
+  after each step), never at allocation: a block that is merely reserved cannot be hit.
+- A hit is confirmed by comparing token ids and the parent block (the block before it when it
+  was computed must be the block this sequence hit just before), so a hash collision can never
+  share wrong K/V.
+- A hit never covers the sequence's last token: its logits are needed, so at least one token
+  is always computed.
+- Blocks carry a reference count. A block whose count drops to 0 goes to the end of the free
+  list but keeps its hash and content: a later request can still hit it and take it back. New
+  blocks come from the front of the free list (least recently freed first); handing out a block
+  drops its old hash. A sequence frees its blocks last-to-first, so the tail of a prompt is
+  evicted before its (more shareable) beginning.
+
+Invariant: every block is either in the free list (ref_count == 0) or used (ref_count >= 1), so
+num_free_blocks + num_used_blocks == num_blocks at all times.
+"""
+
+from array import array
+from collections import OrderedDict
+
+import xxhash
+
+from nanovllm.engine.sequence import Sequence
+
+
+class Block:
+    """One block of the pool: its reference count and, once computed and full, its hash."""
+
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "parent")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash = -1
+        self.token_ids: tuple[int, ...] = ()
+        # Block that held the preceding tokens when this one was computed (-1: first block).
+        self.parent = -1
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id}, ref={self.ref_count}, hash={self.hash})"
+
+
+def compute_block_hash(token_ids: list[int], parent_hash: int = -1) -> int:
+    """xxhash64 of (parent block's hash, this block's token ids)."""
+    h = xxhash.xxh64()
+    if parent_hash != -1:
+        h.update(parent_hash.to_bytes(8, "little"))
+    h.update(array("q", token_ids).tobytes())
+    return h.intdigest()
+
+
+class BlockManager:
+    """Hands out KV-cache blocks to sequences and shares full blocks between equal prefixes."""
+
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.hash_to_block: dict[int, int] = {}
+        # Insertion order is eviction order: the front is handed out first.
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.used_block_ids: set[int] = set()
+        # Prefix-cache statistics over all allocations: prompt tokens looked up and hit.
+        self.num_lookup_tokens = 0
+        self.num_hit_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with no owner (some may still hold cached content)."""
+        return len(self.free_block_ids)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks owned by at least one sequence."""
+        return len(self.used_block_ids)
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of allocated prompt tokens served from the prefix cache."""
+        return self.num_hit_tokens / self.num_lookup_tokens if self.num_lookup_tokens else 0.0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (used blocks keep their content but can no longer be hit)."""
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash = -1
+            block.token_ids = ()
+            block.parent = -1
+
+    # -- hashing -------------------------------------------------------------------------------
+
+    def _block_hash(self, seq: Sequence, i: int) -> int:
+        """Hash of full block i of seq, computed on demand and memoised on the sequence."""
+        while len(seq.block_hashes) <= i:
+            j = len(seq.block_hashes)
+            parent = seq.block_hashes[j - 1] if j > 0 else -1
+            seq.block_hashes.append(compute_block_hash(seq.block_tokens(j), parent))
+        return seq.block_hashes[i]
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of cached blocks equal to seq's leading full blocks (never its last token)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        # Only blocks that end before the last token may be hit.
+        for i in range((len(seq) - 1) // self.block_size):
+            block_id = self.hash_to_block.get(self._block_hash(seq, i))
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            parent = hits[-1] if hits else -1
+            if block.token_ids != tuple(seq.block_tokens(i)) or block.parent != parent:
+                break
+            hits.append(block_id)
+        return hits
+
+    # -- allocation ----------------------------------------------------------------------------
+
+    def _take_free_block(self) -> int:
+        """Pop the least recently freed block, dropping whatever it cached."""
+        block_id, _ = self.free_block_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash != -1 and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash = -1
+        block.token_ids = ()
+        block.parent = -1
+        block.ref_count = 1
+        self.used_block_ids.add(block_id)
+        return block_id
+
+    def _blocks_needed(self, seq: Sequence, hits: list[int]) -> int:
+        """Free blocks an allocation of seq takes: misses plus hits on currently free blocks."""
+        reused_live = sum(1 for b in hits if self.blocks[b].ref_count > 0)
+        return seq.num_blocks - reused_live
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """True if all of seq's current tokens fit, counting prefix-cache hits."""
+        return self._blocks_needed(seq, self._match_prefix(seq)) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give seq blocks for all its tokens, reusing cached prefix blocks.
+
+        Sets seq.num_cached_tokens to the number of tokens whose K/V came from the cache.
+        Raises RuntimeError if the pool cannot hold the sequence (check can_allocate first).
+        """
+        if seq.block_table:
+            raise RuntimeError(f"{seq} already holds blocks")
+        hits = self._match_prefix(seq)
+        needed = self._blocks_needed(seq, hits)
+        if needed > self.num_free_blocks:
+            raise RuntimeError(
+                f"sequence of {len(seq)} tokens needs {needed} free blocks, "
+                f"{self.num_free_blocks} are free"
+            )
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_block_ids[block_id]
+                self.used_block_ids.add(block_id)
+            block.ref_count += 1
+        seq.block_table = hits + [
+            self._take_free_block() for _ in range(seq.num_blocks - len(hits))
+        ]
+        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_cached_blocks = len(hits)
+        seq.num_prefix_hit_tokens = seq.num_cached_tokens
+        self.num_lookup_tokens += len(seq)
+        self.num_hit_tokens += seq.num_cached_tokens
+
+    def deallocate(self, seq: Sequence) -> None:
+        """Release seq's blocks, last block first; cached content stays until handed out."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.used_block_ids.discard(block_id)
+                self.free_block_ids[block_id] = None
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+        seq.num_cached_blocks = 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        """True if the blocks for seq's current tokens can be had (at most one new one per step)."""
+        return seq.num_blocks - len(seq.block_table) <= self.num_free_blocks
+
+    def may_append(self, seq: Sequence) -> None:
+        """Grow seq's block table to cover all its tokens (a new block when one was crossed)."""
+        while len(seq.block_table) < seq.num_blocks:
+            if not self.free_block_ids:
+                raise RuntimeError(f"no free block left to grow {seq}")
+            seq.block_table.append(self._take_free_block())
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Register seq's full blocks whose K/V is now computed, so later prompts can hit them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_cached_tokens // self.block_size, len(seq.block_table))
+        for i in range(seq.num_cached_blocks, num_full):
+            h = self._block_hash(seq, i)
+            block = self.blocks[seq.block_table[i]]
+            if block.hash != h:
+                block.hash = h
+                block.token_ids = tuple(seq.block_tokens(i))
+                block.parent = seq.block_table[i - 1] if i > 0 else -1
+                # An equal block already registered (computed twice concurrently) stays the target.
+                self.hash_to_block.setdefault(h, block.block_id)
+        seq.num_cached_blocks = max(seq.num_cached_blocks, num_full)

@@ -1,0 +1,158 @@
+"""Continuous batching: decides which sequences run in the next step and how many tokens each.
+
+The algorithm, one call of `schedule()` at a time:
+
+1. Prefill step, if there is prefill work. The token budget is max_num_batched_tokens.
+   a. Running sequences that are part-way through a chunked prefill continue first.
+   b. Then waiting sequences are admitted in order (FIFO), while fewer than max_num_seqs are
+      running, budget is left and the block manager can hold the whole sequence. Admission
+      allocates blocks for every current token (prefix-cache hits count as already computed).
+   Each sequence gets min(its uncomputed tokens, budget left): a prompt longer than the budget
+   is chunked over several steps and only the step that computes its last token samples.
+2. Otherwise a decode step: every running sequence computes its one new token. A sequence whose
+   new token crosses a block boundary needs a block; if none is free, the most recently admitted
+   running sequence is preempted (its blocks freed, it goes back to the front of the waiting
+   queue and is recomputed later, usually hitting its own cached blocks), possibly itself.
+
+`postprocess()` then records what was computed, registers full blocks in the prefix cache,
+appends sampled tokens and finishes sequences on EOS / stop tokens / max_tokens /
+max_model_len, freeing their blocks.
+
+Progress is guaranteed because the engine checks at start-up that one sequence of
+max_model_len fits in the cache: with nothing running every block is free.
+"""
+
+from collections import deque
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    """Waiting and running queues over one BlockManager."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids or [])
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        """True when nothing is waiting or running."""
+        return not self.waiting and not self.running
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Pick the next step's sequences; returns (sequences, is_prefill).
+
+        Each returned sequence has num_scheduled_tokens set and blocks for all its tokens.
+        """
+        scheduled = self._schedule_prefill()
+        if scheduled:
+            return scheduled, True
+        scheduled = self._schedule_decode()
+        if not scheduled and not self.is_finished():
+            raise RuntimeError("scheduler made no progress: the KV cache cannot hold any sequence")
+        return scheduled, False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[Sequence] = []
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_uncached_tokens > 1:  # a chunked prefill in progress
+                seq.num_scheduled_tokens = min(seq.num_uncached_tokens, budget)
+                budget -= seq.num_scheduled_tokens
+                scheduled.append(seq)
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq):
+                break
+            bm.allocate(seq)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            seq.num_scheduled_tokens = min(seq.num_uncached_tokens, budget)
+            budget -= seq.num_scheduled_tokens
+            scheduled.append(seq)
+        return scheduled
+
+    def _schedule_decode(self) -> list[Sequence]:
+        bm = self.block_manager
+        limit = min(self.max_num_seqs, self.max_num_batched_tokens)
+        scheduled: list[Sequence] = []
+        while self.running and len(scheduled) < limit:
+            seq = self.running.popleft()
+            while not bm.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                bm.may_append(seq)
+                seq.num_scheduled_tokens = 1
+                scheduled.append(seq)
+        self.running.extendleft(reversed(scheduled))
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks and put it at the front of the waiting queue (recompute later)."""
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_scheduled_tokens = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
+        """Apply one step's results; returns the sequences that finished in it.
+
+        token_ids[i] is the token sampled for seqs[i], or None where the step computed only
+        part of that sequence's prefill (nothing to sample yet).
+        """
+        finished = []
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            seq.num_cached_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self.block_manager.cache_computed_blocks(seq)
+            if token_id is None:
+                continue
+            seq.append_token(token_id)
+            reason = self._stop_reason(seq, token_id)
+            if reason is not None:
+                seq.finish_reason = reason
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.deallocate(seq)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.sampling_params
+        if seq.num_completion_tokens >= params.min_tokens:
+            if token_id in params.stop_token_ids:
+                seq.stop_token = token_id
+                return "stop"
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                seq.stop_token = token_id
+                return "stop"
+        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,119 @@
+"""One request's state as it moves through the engine."""
+
+from enum import Enum, auto
+from itertools import count
+
+import torch
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    """Where a sequence is: queued, holding KV blocks, or done."""
+
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Token ids, KV-cache bookkeeping and counters of one request.
+
+    Invariants:
+    - `token_ids` is the prompt followed by the generated tokens; it only grows.
+    - The first `num_cached_tokens` tokens have their K/V in the cache, at positions
+      0..num_cached_tokens-1; token i lives in block `block_table[i // block_size]` at offset
+      `i % block_size`. A token's position equals its index in `token_ids`.
+    - `num_scheduled_tokens` tokens (from index num_cached_tokens on) are computed in the
+      current step; a sequence is done with its prefill when only its last token is uncached.
+    """
+
+    _ids = count()
+
+    def __init__(
+        self,
+        token_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        block_size: int = 256,
+    ) -> None:
+        if not token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        self.seq_id = next(Sequence._ids)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling_params = sampling_params or SamplingParams()
+        self.block_size = block_size
+        self.block_table: list[int] = []
+        # Hash chain of this sequence's full blocks, computed once and kept (tokens only append).
+        self.block_hashes: list[int] = []
+        # How many leading blocks of block_table are registered in the prefix cache.
+        self.num_cached_blocks = 0
+        self.num_cached_tokens = 0
+        self.num_scheduled_tokens = 0
+        self.num_prefix_hit_tokens = 0
+        self.finish_reason: str | None = None
+        self.stop_token: int | None = None
+        self.generator: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, {self.status.name}, tokens={len(self)}, "
+            f"cached={self.num_cached_tokens}, blocks={self.block_table})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Tokens generated so far."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """The prompt's token ids."""
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        """The generated token ids."""
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token(self) -> int:
+        """The newest token id."""
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        """True once a stop condition was met."""
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        """Tokens whose K/V still has to be computed (1 when the sequence is decoding)."""
+        return len(self.token_ids) - self.num_cached_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks needed to hold all current tokens."""
+        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    @property
+    def num_full_blocks(self) -> int:
+        """Blocks completely filled by the current tokens."""
+        return len(self.token_ids) // self.block_size
+
+    def block_tokens(self, i: int) -> list[int]:
+        """Token ids of block i of this sequence (the last one may be partial)."""
+        return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        """Add one generated token."""
+        self.token_ids.append(token_id)

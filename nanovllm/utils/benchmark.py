@@ -1,0 +1,180 @@
+"""Shared by bench.py and mini_bench.py: a seeded random workload, timed runs, a summary line.
+
+Throughput is output tokens per second of wall time for the whole workload (prefill included),
+after a warm-up. The transformers reference runs the same prompts as padded batches with
+`generate` (no paging, no continuous batching): every row of a batch runs to the batch's
+largest max_tokens, but only the tokens each request asked for are counted.
+"""
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.utils.dummy import write_model_folder
+
+
+@dataclass
+class Workload:
+    """Prompts (token ids) and how many tokens each request generates."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(
+    num_seqs: int,
+    input_range: tuple[int, int],
+    output_range: tuple[int, int],
+    vocab: int,
+    seed: int,
+) -> Workload:
+    """Prompts and output lengths drawn uniformly (inclusive ranges) with a fixed seed."""
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randrange(0, vocab) for _ in range(rng.randint(*input_range))] for _ in range(num_seqs)
+    ]
+    return Workload(prompts, [rng.randint(*output_range) for _ in range(num_seqs)])
+
+
+def add_common_args(parser: argparse.ArgumentParser, shape: str) -> None:
+    """Arguments both benchmark scripts take."""
+    parser.add_argument("--model", default=None, help="a model folder (default: dummy weights)")
+    parser.add_argument("--shape", default=shape, help="dummy Qwen3 shape (see utils/dummy.py)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--compare-hf", action="store_true", help="also time transformers")
+    parser.add_argument("--hf-batch-size", type=int, default=0, help="0: all requests at once")
+
+
+def model_path(args: argparse.Namespace) -> tuple[str, str]:
+    """The model folder and load format: the given one, or a dummy folder of args.shape."""
+    if args.model:
+        return args.model, "auto"
+    folder = os.path.join(tempfile.gettempdir(), f"nanovllm-dummy-{args.shape}")
+    return write_model_folder(folder, args.shape, tokenizer=False), "dummy"
+
+
+def run_nanovllm(llm: LLM, work: Workload) -> float:
+    """Seconds to generate the workload (after a short warm-up)."""
+    warm = SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True)
+    llm.generate([p[:16] for p in work.prompts[:4]], warm, use_tqdm=False)
+    params = [
+        SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in work.output_lens
+    ]
+    _sync(llm.config.device)
+    t = time.perf_counter()
+    outs = llm.generate(work.prompts, params, use_tqdm=False)
+    _sync(llm.config.device)
+    elapsed = time.perf_counter() - t
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    if produced != work.num_output_tokens:
+        raise RuntimeError(f"generated {produced} tokens, expected {work.num_output_tokens}")
+    return elapsed
+
+
+def run_transformers(
+    path: str,
+    load_format: str,
+    work: Workload,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+) -> float:
+    """Seconds for transformers' padded batched generate on the same workload."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if load_format == "dummy":  # random weights of the same shape
+        config = AutoConfig.from_pretrained(path)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos
+    model.generation_config.pad_token_id = 0
+    batch_size = batch_size or len(work.prompts)
+
+    def generate(prompts: list[list[int]], max_new: int) -> None:
+        width = max(len(p) for p in prompts)
+        # left padding: [batch, width]
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                do_sample=True,
+                temperature=0.6,
+                top_k=0,
+                top_p=1.0,
+            )
+
+    generate([p[:16] for p in work.prompts[:4]], 4)
+    _sync(device)
+    t = time.perf_counter()
+    for i in range(0, len(work.prompts), batch_size):
+        generate(work.prompts[i : i + batch_size], max(work.output_lens[i : i + batch_size]))
+    _sync(device)
+    elapsed = time.perf_counter() - t
+    return elapsed
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(args: argparse.Namespace, work_args: dict, engine_args: dict) -> None:
+    """Run the benchmark described by args and print its summary lines."""
+    path, load_format = model_path(args)
+    llm = LLM(
+        path,
+        load_format=load_format,
+        device=args.device,
+        dtype=args.dtype,
+        tensor_parallel_size=args.tp,
+        seed=args.seed,
+        enforce_eager=args.enforce_eager,
+        **engine_args,
+    )
+    work = make_workload(vocab=llm.config.hf_config.vocab_size, seed=args.seed, **work_args)
+    elapsed = run_nanovllm(llm, work)
+    device, dtype = llm.config.device, llm.config.dtype
+    desc = (
+        f"{len(work.prompts)} requests, {work.num_prompt_tokens} prompt + "
+        f"{work.num_output_tokens} output tokens, {args.model or args.shape}, {device}, "
+        f"{str(dtype).removeprefix('torch.')}, tp={args.tp}"
+    )
+    tps = work.num_output_tokens / elapsed
+    print(
+        f"nano-vllm: {desc}: {elapsed:.2f}s, {tps:.1f} output tok/s, "
+        f"{(work.num_output_tokens + work.num_prompt_tokens) / elapsed:.1f} total tok/s"
+    )
+    llm.shutdown()
+    del llm
+    if args.compare_hf:
+        hf_elapsed = run_transformers(path, load_format, work, device, dtype, args.hf_batch_size)
+        hf_tps = work.num_output_tokens / hf_elapsed
+        print(
+            f"transformers: same workload: {hf_elapsed:.2f}s, {hf_tps:.1f} output tok/s; "
+            f"nano-vllm / transformers = {tps / hf_tps:.2f}x"
+        )

@@ -1,0 +1,46 @@
+"""The forward context: attention metadata of the step being run, visible to every layer.
+
+The model runner sets it before a forward and clears it after, so the model's signature stays
+`model(input_ids, positions)` and the attention layers find what they need here.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one step's flat batch for the attention layers.
+
+    num_tokens = tokens of all sequences together in this step; num_seqs = sequences.
+    Sequence i's queries are rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of the flat batch and
+    attend to its first seq_lens[i] cached keys (its new tokens are the last ones).
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
+    seq_lens: torch.Tensor  # [num_seqs] int32: keys each sequence attends to (cached + new)
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32: query offsets into the flat batch
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, -1 padded
+    max_seqlen_q: int
+    max_seqlen_k: int
+    # Host copies for backends that loop over sequences (the torch backend).
+    seq_lens_list: list[int]
+    query_lens_list: list[int]
+
+
+_CONTEXT: AttentionMetadata | None = None
+
+
+def set_context(meta: AttentionMetadata | None) -> None:
+    """Install (or clear, with None) the metadata of the step about to run."""
+    global _CONTEXT
+    _CONTEXT = meta
+
+
+def get_context() -> AttentionMetadata:
+    """The current step's metadata; raises if no step is running."""
+    if _CONTEXT is None:
+        raise RuntimeError("no forward context: attention layers run only inside ModelRunner")
+    return _CONTEXT

@@ -1,0 +1,138 @@
+"""Model folders without downloads: Qwen3 configs of known shapes and a small trained tokenizer.
+
+`write_model_folder(path, "qwen3-0.6b")` writes config.json and tokenizer files; with
+`load_format="dummy"` that is all the engine needs (random weights of the real shapes). Tests
+add real random weights with transformers' `save_pretrained`.
+"""
+
+import json
+import os
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # For tests: a few layers, GQA (2 query heads per KV head).
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
+    # For mini_bench on a CPU: small enough for about a minute of work.
+    "small": dict(
+        vocab_size=16384,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    # The real Qwen3 shapes (bench.py).
+    "qwen3-0.6b": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    ),
+}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A paged KV cache stores keys and values in fixed-size blocks.",
+    "Continuous batching lets new requests join while others are decoding.",
+    "Prefix caching shares the blocks of a common system prompt between requests.",
+    "Hello, my name is Ada and I like to write small, fast programs.",
+    "Once upon a time there was a language model that ran on a laptop.",
+    "The capital of France is Paris; the capital of Italy is Rome.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 100 1000.",
+    "You are a helpful assistant. Answer briefly and precisely.",
+    "def add(a, b):\n    return a + b\n",
+]
+
+
+def qwen3_config(shape: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """config.json contents of a Qwen3 of a named shape, with overrides."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+    cfg: dict[str, Any] = dict(
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        attention_bias=False,
+        use_sliding_window=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        torch_dtype="bfloat16",
+    )
+    cfg.update(SHAPES[shape])
+    cfg.update(overrides)
+    return cfg
+
+
+def train_tokenizer(vocab_size: int = 512) -> Any:
+    """A byte-level BPE tokenizer (ids 0..2 are the special tokens) with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def write_model_folder(
+    path: str, shape: str = "tiny", tokenizer: bool = True, **overrides: Any
+) -> str:
+    """Write config.json (and tokenizer files) of a Qwen3 shape into path; returns path."""
+    os.makedirs(path, exist_ok=True)
+    cfg = qwen3_config(shape, **overrides)
+    if tokenizer:
+        tok = train_tokenizer(min(cfg["vocab_size"], 1024))
+        tok.save_pretrained(path)
+        cfg["eos_token_id"] = tok.eos_token_id
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path

@@ -1,0 +1,110 @@
+"""Weight loading: safetensors shards of a Hugging Face folder, or random "dummy" weights.
+
+Checkpoint names map to parameters one to one, except packed projections (the model's
+`packed_modules_mapping`: q/k/v_proj -> qkv_proj with shard "q"/"k"/"v", gate/up_proj ->
+gate_up_proj with shard 0/1). Each parameter's `weight_loader` copies this rank's slice out of a
+lazily opened safetensors slice, so a tensor-parallel rank reads only what it keeps.
+Missing, unexpected and mis-shaped tensors are refused with the tensor's name.
+"""
+
+import glob
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from nanovllm.layers.linear import copy_checked, read_slice
+
+# Checkpoint tensors that carry no weights of ours.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _default_weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    copy_checked(param, read_slice(loaded))
+
+
+def _map_name(name: str, mapping: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
+    """Checkpoint name -> (parameter name, shard id or None)."""
+    for ckpt_part, (param_part, shard_id) in mapping.items():
+        if f".{ckpt_part}." in name:
+            return name.replace(f".{ckpt_part}.", f".{param_part}."), shard_id
+    return name, None
+
+
+def _expected_shards(model: nn.Module) -> set[tuple[str, Any]]:
+    """Every (parameter, shard) pair a complete checkpoint must provide."""
+    mapping = getattr(model, "packed_modules_mapping", {})
+    shards_of: dict[str, list[Any]] = {}
+    for param_part, shard_id in mapping.values():
+        shards_of.setdefault(param_part, []).append(shard_id)
+    expected = set()
+    for name, _ in model.named_parameters():
+        packed = [p for p in shards_of if f".{p}." in name]
+        if packed:
+            expected.update((name, s) for s in shards_of[packed[0]])
+        else:
+            expected.add((name, None))
+    return expected
+
+
+def load_safetensors(model: nn.Module, path: str) -> None:
+    """Load every *.safetensors file in `path` into `model`, checking completeness and shapes."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(
+            f"no *.safetensors files in {path!r} (use load_format='dummy' for random weights)"
+        )
+    mapping = getattr(model, "packed_modules_mapping", {})
+    params = dict(model.named_parameters())
+    tied = getattr(model, "tie_word_embeddings", False)
+    loaded: set[tuple[str, Any]] = set()
+    unexpected: list[str] = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                param_name, shard_id = _map_name(name, mapping)
+                param = params.get(param_name)
+                if param is None:
+                    unexpected.append(name)
+                    continue
+                loader = getattr(param, "weight_loader", _default_weight_loader)
+                try:
+                    loader(param, f.get_slice(name), shard_id)
+                except ValueError as e:
+                    raise ValueError(f"tensor {name!r} in {os.path.basename(file)}: {e}") from e
+                loaded.add((param_name, shard_id))
+    if unexpected:
+        raise ValueError(
+            f"{len(unexpected)} unexpected tensor(s) in {path!r}: {sorted(unexpected)[:10]}"
+        )
+    missing = _expected_shards(model) - loaded
+    if missing:
+        names = sorted(f"{n}[{s}]" if s is not None else n for n, s in missing)
+        raise ValueError(f"{len(missing)} tensor(s) missing from {path!r}: {names[:10]}")
+
+
+def load_dummy(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of the right shapes: norms 1, everything else N(0, 0.02)."""
+    generator = torch.Generator(device=next(model.parameters()).device)
+    generator.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
+
+
+def load_model(model: nn.Module, path: str, load_format: str = "auto", seed: int = 0) -> None:
+    """Fill `model`'s parameters from `path` ("auto"/"safetensors") or randomly ("dummy")."""
+    if load_format == "dummy":
+        load_dummy(model, seed)
+    elif load_format in ("auto", "safetensors"):
+        load_safetensors(model, path)
+    else:
+        raise ValueError(
+            f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}"
+        )

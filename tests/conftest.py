@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random Qwen3 checkpoints written with transformers, plus a tokenizer."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from nanovllm.utils.dummy import write_model_folder
+
+
+def write_checkpoint(
+    path: str, seed: int = 0, max_shard_size: str | None = None, **overrides: object
+) -> str:
+    """A tiny Qwen3 with random weights saved by transformers (safetensors) and a tokenizer."""
+    write_model_folder(path, "tiny", **overrides)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    # Larger weights than the default init make greedy choices clear-cut (no near-ties).
+    cfg["initializer_range"] = 0.08
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**cfg)).float()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Untied tiny Qwen3 (GQA: 4 query heads, 2 KV heads) in one safetensors file."""
+    return write_checkpoint(str(tmp_path_factory.mktemp("qwen3_tiny")))
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model_dir: str) -> torch.nn.Module:
+    """The transformers reference model for tiny_model_dir, float32, eval mode."""
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(
+    model: torch.nn.Module, prompt: list[int], max_new_tokens: int, **kwargs: object
+) -> list[int]:
+    """transformers' greedy continuation of one prompt (stops at EOS like the engine)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[0, len(prompt) :].tolist()

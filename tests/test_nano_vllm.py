@@ -1,0 +1,158 @@
+"""End-to-end: nano-vllm's tokens and logits against transformers on a tiny random Qwen3 (CPU, fp32)."""
+
+import random
+
+import pytest
+import torch
+from conftest import hf_greedy
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import plan_step
+from nanovllm.engine.sequence import Sequence
+
+MAX_TOKENS = 24
+
+
+def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 400) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+MIXED = random_prompts([1, 5, 16, 17, 40, 100, 255, 300])
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model: torch.nn.Module) -> list[list[int]]:
+    """transformers' greedy tokens for the MIXED prompts."""
+    return [hf_greedy(hf_model, p, MAX_TOKENS) for p in MIXED]
+
+
+def greedy(max_tokens: int = MAX_TOKENS, **kwargs: object) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kwargs)
+
+
+def token_ids(outs: list) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_greedy_matches_transformers(
+    tiny_model_dir: str, reference: list[list[int]], block_size: int
+) -> None:
+    with LLM(tiny_model_dir, kvcache_block_size=block_size) as llm:
+        outs = llm.generate(MIXED, greedy(), use_tqdm=False)
+    assert token_ids(outs) == reference
+    for out, ref in zip(outs, reference, strict=True):
+        expected = "stop" if ref[-1] == 2 and len(ref) < MAX_TOKENS else "length"
+        assert out.outputs[0].finish_reason == expected
+        assert out.finished
+
+
+@pytest.mark.parametrize("budget,max_seqs", [(32, 4), (7, 256), (100, 2)])
+def test_chunked_prefill_matches(
+    tiny_model_dir: str, reference: list[list[int]], budget: int, max_seqs: int
+) -> None:
+    with LLM(
+        tiny_model_dir,
+        kvcache_block_size=16,
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_seqs,
+    ) as llm:
+        outs = llm.generate(MIXED, greedy(), use_tqdm=False)
+    assert token_ids(outs) == reference
+
+
+def test_prefix_cache_hits_match(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
+    prefix = random_prompts([70], seed=1)[0]
+    suffixes = random_prompts([1, 9, 30, 47], seed=2)
+    prompts = [prefix + s for s in suffixes] + [prefix[:48]]
+    expected = [hf_greedy(hf_model, p, MAX_TOKENS) for p in prompts]
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        first = llm.generate(prompts[:1], greedy(), use_tqdm=False)
+        rest = llm.generate(prompts[1:], greedy(), use_tqdm=False)
+        again = llm.generate(prompts, greedy(), use_tqdm=False)
+        assert llm.engine.block_manager.num_hit_tokens > 0
+    assert token_ids(first + rest) == expected
+    assert token_ids(again) == expected
+    # The shared 70-token prefix holds 4 full blocks of 16: later prompts hit them.
+    assert all(o.num_cached_tokens >= 64 for o in rest[:-1])
+    assert rest[-1].num_cached_tokens == 32  # 48 tokens: the block holding the last is recomputed
+    assert all(o.num_cached_tokens > 0 for o in again)
+
+
+def test_preemption_matches(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
+    # Each sequence grows from 2 to 5 blocks of 16; 8 of them cannot all fit in 16 blocks.
+    prompts = random_prompts([30, 31, 25, 20, 33, 29, 18, 30], seed=7)
+    expected = [hf_greedy(hf_model, p, 40) for p in prompts]
+    with LLM(
+        tiny_model_dir, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=256
+    ) as llm:
+        outs = llm.generate(prompts, greedy(40, ignore_eos=False), use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    assert token_ids(outs) == expected
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_matches(
+    tiny_model_dir: str, hf_model: torch.nn.Module, penalty: float
+) -> None:
+    prompts = random_prompts([3, 20, 64], seed=3, vocab=40)  # small alphabet: many repeats
+    expected = [hf_greedy(hf_model, p, MAX_TOKENS, repetition_penalty=penalty) for p in prompts]
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        outs = llm.generate(prompts, greedy(repetition_penalty=penalty), use_tqdm=False)
+        plain = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert token_ids(outs) == expected
+    assert token_ids(outs) != token_ids(plain)
+
+
+def test_mixed_params_in_one_batch(tiny_model_dir: str, reference: list[list[int]]) -> None:
+    params = [
+        greedy() if i % 2 == 0 else SamplingParams(temperature=1.0, top_k=5)
+        for i in range(len(MIXED))
+    ]
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        outs = llm.generate(MIXED, params, use_tqdm=False)
+    for i in range(0, len(MIXED), 2):
+        assert outs[i].outputs[0].token_ids == reference[i]
+
+
+def _prefill_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
+    """Logits of each prompt's last token, computed in one prefill step by the engine's runner."""
+    engine = llm.engine
+    seqs = [Sequence(p, greedy(), llm.config.kvcache_block_size) for p in prompts]
+    for seq in seqs:
+        engine.block_manager.allocate(seq)
+        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
+    logits = engine.runner.execute(plan_step(seqs, True))
+    for seq in seqs:
+        engine.block_manager.deallocate(seq)
+    return logits
+
+
+def test_prefill_logits_match(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
+    prompts = random_prompts([1, 13, 16, 50, 129])
+    with torch.no_grad():
+        expected = torch.stack([hf_model(torch.tensor([p])).logits[0, -1] for p in prompts])
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        logits = _prefill_logits(llm, prompts)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_requests_reproduce(tiny_model_dir: str) -> None:
+    prompt = random_prompts([12], seed=5)[0]
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16)
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        alone = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+        others = random_prompts([5, 30, 8], seed=6)
+        mixed = llm.generate(
+            others + [prompt],
+            [SamplingParams(temperature=1.0, max_tokens=16)] * 3 + [seeded],
+            use_tqdm=False,
+        )
+        other_seed = llm.generate(
+            [prompt], SamplingParams(temperature=1.0, seed=99, max_tokens=16), use_tqdm=False
+        )
+    assert mixed[-1].outputs[0].token_ids == alone
+    assert other_seed[0].outputs[0].token_ids != alone
