@@ -120,12 +120,14 @@ class LLM:
         Every prompt and parameter set is checked before anything is queued: a bad one raises
         ValueError and leaves the engine as it was.
         """
+        if self.engine.closed:
+            raise RuntimeError("this LLM was shut down; create a new one")
         prompt_list = self._normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
-        else:
+        elif isinstance(sampling_params, SequenceABC):
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(
@@ -134,6 +136,10 @@ class LLM:
             for i, p in enumerate(params_list):
                 if not isinstance(p, SamplingParams):
                     raise ValueError(f"sampling_params[{i}] is not a SamplingParams: {p!r}")
+        else:
+            raise ValueError(
+                f"sampling_params must be a SamplingParams or a list of them, got {sampling_params!r}"
+            )
         token_lists = [self.tokenize(p) if isinstance(p, str) else p for p in prompt_list]
         for i, (tokens, params) in enumerate(zip(token_lists, params_list, strict=True)):
             try:

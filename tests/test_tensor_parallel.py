@@ -25,7 +25,7 @@ def prompts_of(lengths: list[int], seed: int = 0) -> list[list[int]]:
 def greedy_tokens(path: str, prompts: list[list[int]], **kwargs: object) -> list[list[list[int]]]:
     """Greedy tokens of the prompts, twice in a row (the second run hits the prefix cache)."""
     params = SamplingParams(temperature=0, max_tokens=20)
-    with LLM(path, kvcache_block_size=16, **kwargs) as llm:
+    with LLM(path, kvcache_block_size=16, device="cpu", **kwargs) as llm:
         runs = [
             [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             for _ in range(2)
@@ -96,7 +96,7 @@ def test_sharded_loaders_reassemble(
 def test_shutdown_and_dead_worker(tiny_model_dir: str) -> None:
     prompt = prompts_of([10])[0]
     params = SamplingParams(temperature=0, max_tokens=4)
-    llm = LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2)
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2, device="cpu")
     try:
         assert len(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
         worker = llm.engine.workers.procs[0]
@@ -109,7 +109,7 @@ def test_shutdown_and_dead_worker(tiny_model_dir: str) -> None:
     assert not multiprocessing.active_children()
     assert not torch.distributed.is_initialized()
     # A new tensor-parallel engine can start in the same process afterwards.
-    with LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2) as llm:
+    with LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2, device="cpu") as llm:
         procs = list(llm.engine.workers.procs)
         assert len(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
     assert all(not p.is_alive() for p in procs)

@@ -96,6 +96,11 @@ class LLMEngine:
         finished = self.scheduler.postprocess(seqs, token_ids)
         return finished, len(plan.input_ids), is_prefill
 
+    @property
+    def closed(self) -> bool:
+        """True after shutdown()."""
+        return self._closed
+
     def is_finished(self) -> bool:
         """True when no request is waiting or running."""
         return self.scheduler.is_finished()

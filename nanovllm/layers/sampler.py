@@ -216,10 +216,12 @@ class Sampler(torch.nn.Module):
         if batch.any_min_p:
             threshold = batch.min_ps[:, None] * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
-        # [B, V] exponential noise; seeded rows overwrite theirs from their own generator.
-        q = torch.empty_like(probs).exponential_()
+        # [B, V] exponential noise as -log(U), U uniform in [0, 1): several times faster than
+        # exponential_() on a CPU. Seeded rows redraw theirs from their own generator.
+        u = torch.rand_like(probs)
         for i in batch.seeded_rows:
-            q[i].exponential_(generator=batch.generators[i])
+            u[i] = torch.rand(u.shape[1], device=u.device, generator=batch.generators[i])
+        q = u.neg_().log1p_().neg_()
         # q == 0 would give 0/0 = NaN on dropped tokens, and argmax prefers NaN.
         tokens = (probs / q.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
         if greedy_tokens is not None:
