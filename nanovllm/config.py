@@ -38,7 +38,10 @@ class Config:
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     kv_cache_memory_gb: float = 2.0
-    device: str | torch.device = "auto"
+    # "auto" unless the NANOVLLM_DEVICE environment variable names another default.
+    device: str | torch.device = field(
+        default_factory=lambda: os.environ.get("NANOVLLM_DEVICE", "auto")
+    )
     dtype: str | torch.dtype = "auto"
     load_format: str = "auto"
     enable_prefix_caching: bool = True

@@ -9,6 +9,10 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from nanovllm.utils.dummy import write_model_folder
 
+# The suite compares against transformers in float32 on the CPU; run it there unless asked
+# otherwise (NANOVLLM_DEVICE=cuda runs every test on the GPU). tests/test_cuda.py always uses CUDA.
+os.environ.setdefault("NANOVLLM_DEVICE", "cpu")
+
 
 def write_checkpoint(
     path: str, seed: int = 0, max_shard_size: str | None = None, **overrides: object
