@@ -7,6 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import plan_step
+from nanovllm.engine.sequence import Sequence
 from nanovllm.utils.dummy import write_model_folder
 
 # The suite compares against transformers in float32 on the CPU; run it there unless asked
@@ -57,3 +60,17 @@ def hf_greedy(
             **kwargs,
         )
     return out[0, len(prompt) :].tolist()
+
+
+def prefill_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
+    """Logits of each prompt's last token, computed by one prefill step of the engine's runner."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0)
+    seqs = [Sequence(p, params, llm.config.kvcache_block_size) for p in prompts]
+    for seq in seqs:
+        engine.block_manager.allocate(seq)
+        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
+    logits = engine.runner.execute(plan_step(seqs, True))
+    for seq in seqs:
+        engine.block_manager.deallocate(seq)
+    return logits

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_greedy, write_checkpoint
+from conftest import hf_greedy, prefill_logits, write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.model_runner import plan_step
-from nanovllm.engine.sequence import Sequence
 from nanovllm.utils.dummy import write_model_folder
 
 MAX_TOKENS = 12
@@ -58,19 +56,6 @@ def expected_param(hf_state: dict[str, torch.Tensor], name: str) -> torch.Tensor
         parts = [name.replace(".gate_up_proj.", f".{p}_proj.") for p in ("gate", "up")]
         return torch.cat([hf_state[p] for p in parts])
     return hf_state[name]
-
-
-def prefill_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
-    """Logits of each prompt's last token, computed by one prefill step of the engine's runner."""
-    engine = llm.engine
-    seqs = [Sequence(p, greedy(), llm.config.kvcache_block_size) for p in prompts]
-    for seq in seqs:
-        engine.block_manager.allocate(seq)
-        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
-    logits = engine.runner.execute(plan_step(seqs, True))
-    for seq in seqs:
-        engine.block_manager.deallocate(seq)
-    return logits
 
 
 def hf_last_logits(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:

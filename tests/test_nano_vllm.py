@@ -4,11 +4,9 @@ import random
 
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import hf_greedy, prefill_logits
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.model_runner import plan_step
-from nanovllm.engine.sequence import Sequence
 
 MAX_TOKENS = 24
 
@@ -118,25 +116,12 @@ def test_mixed_params_in_one_batch(tiny_model_dir: str, reference: list[list[int
         assert outs[i].outputs[0].token_ids == reference[i]
 
 
-def _prefill_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
-    """Logits of each prompt's last token, computed in one prefill step by the engine's runner."""
-    engine = llm.engine
-    seqs = [Sequence(p, greedy(), llm.config.kvcache_block_size) for p in prompts]
-    for seq in seqs:
-        engine.block_manager.allocate(seq)
-        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
-    logits = engine.runner.execute(plan_step(seqs, True))
-    for seq in seqs:
-        engine.block_manager.deallocate(seq)
-    return logits
-
-
 def test_prefill_logits_match(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
     prompts = random_prompts([1, 13, 16, 50, 129])
     with torch.no_grad():
         expected = torch.stack([hf_model(torch.tensor([p])).logits[0, -1] for p in prompts])
     with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
-        logits = _prefill_logits(llm, prompts)
+        logits = prefill_logits(llm, prompts)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
