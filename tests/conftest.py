@@ -73,4 +73,4 @@ def prefill_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     logits = engine.runner.execute(plan_step(seqs, True))
     for seq in seqs:
         engine.block_manager.deallocate(seq)
-    return logits
+    return logits.cpu()

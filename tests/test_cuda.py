@@ -7,6 +7,7 @@ import torch
 from conftest import hf_greedy
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.utils.dummy import write_model_folder
 
 pytestmark = [
     pytest.mark.cuda,
@@ -36,10 +37,18 @@ def test_bf16_first_tokens_agree(tiny_model_dir: str, hf_model: torch.nn.Module)
     assert agree >= 8, f"only {agree}/10 first tokens agree with fp32 transformers"
 
 
-def test_gpu_memory_utilization_sizes_cache(tiny_model_dir: str) -> None:
+def test_gpu_memory_utilization_sizes_cache(tmp_path: object) -> None:
+    # The real Qwen3-0.6B shape: blocks are large, so the fraction of memory (not the cap of
+    # max_num_seqs full-length sequences) decides the pool size.
+    path = write_model_folder(str(tmp_path), "qwen3-0.6b", tokenizer=False)
     sizes = []
-    for util in (0.3, 0.6):
-        with LLM(tiny_model_dir, device="cuda", gpu_memory_utilization=util) as llm:
+    for util in (0.2, 0.4):
+        with LLM(path, load_format="dummy", device="cuda", gpu_memory_utilization=util) as llm:
             sizes.append(llm.engine.runner.num_kvcache_blocks)
+            block_bytes = llm.engine.runner._block_bytes()
         torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
     assert 0 < sizes[0] < sizes[1]
+    # Doubling the fraction adds about 0.2 of the memory in blocks.
+    added = (sizes[1] - sizes[0]) * block_bytes
+    assert 0.15 * total < added < 0.25 * total

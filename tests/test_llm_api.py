@@ -379,8 +379,15 @@ def test_kv_cache_too_small(tiny_model_dir: str, probe_expected: list[int]) -> N
     assert "4 blocks" in message and "64 tokens" in message
     assert "max_model_len=256" in message and "16 blocks" in message
     # 1e-5 GiB is 10737 bytes: one block of 16 tokens x 2 layers x K/V x 2 heads x 16 x 4 bytes.
+    # (kv_cache_memory_gb sizes the cache on CPU and MPS; CUDA uses gpu_memory_utilization.)
     with pytest.raises(ValueError, match="holds 1 blocks") as e:
-        LLM(tiny_model_dir, kvcache_block_size=BLOCK, kv_cache_memory_gb=1e-5, max_model_len=64)
+        LLM(
+            tiny_model_dir,
+            device="cpu",
+            kvcache_block_size=BLOCK,
+            kv_cache_memory_gb=1e-5,
+            max_model_len=64,
+        )
     assert "max_model_len=64" in str(e.value) and "4 blocks" in str(e.value)
     # Exactly enough for one sequence of max_model_len works.
     with LLM(

@@ -112,7 +112,9 @@ def test_sharded_checkpoint_matches_transformers(tmp_path: Path) -> None:
         params = engine_params(llm)
         # Every engine parameter equals transformers' (packed ones reassembled).
         for name, param in params.items():
-            torch.testing.assert_close(param, expected_param(hf_state, name), rtol=0, atol=0)
+            torch.testing.assert_close(
+                param, expected_param(hf_state, name), rtol=0, atol=0, check_device=False
+            )
         # And every transformers tensor is used by some engine parameter.
         packed = {".q_proj.": ".qkv_proj.", ".k_proj.": ".qkv_proj.", ".v_proj.": ".qkv_proj."}
         packed |= {".gate_proj.": ".gate_up_proj.", ".up_proj.": ".gate_up_proj."}
@@ -135,7 +137,7 @@ def test_tied_embeddings(tmp_path: Path) -> None:
         model = llm.engine.runner.model
         assert model.lm_head.weight is model.model.embed_tokens.weight
         torch.testing.assert_close(
-            model.lm_head.weight, hf.model.embed_tokens.weight, rtol=0, atol=0
+            model.lm_head.weight, hf.model.embed_tokens.weight, rtol=0, atol=0, check_device=False
         )
         outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
@@ -147,8 +149,12 @@ def test_untied_lm_head_is_loaded(tiny_model_dir: str, hf_model: torch.nn.Module
         head, embed = model.lm_head.weight, model.model.embed_tokens.weight
         assert head.data_ptr() != embed.data_ptr()
         assert not torch.equal(head, embed)
-        torch.testing.assert_close(head, hf_model.lm_head.weight, rtol=0, atol=0)
-        torch.testing.assert_close(embed, hf_model.model.embed_tokens.weight, rtol=0, atol=0)
+        torch.testing.assert_close(
+            head, hf_model.lm_head.weight, rtol=0, atol=0, check_device=False
+        )
+        torch.testing.assert_close(
+            embed, hf_model.model.embed_tokens.weight, rtol=0, atol=0, check_device=False
+        )
 
 
 def test_attention_bias_checkpoint(tmp_path: Path) -> None:
@@ -174,7 +180,9 @@ def test_attention_bias_checkpoint(tmp_path: Path) -> None:
             f"model.layers.{i}.self_attn.{p}.bias" for i in range(2) for p in ("qkv_proj", "o_proj")
         )
         for name in biases:
-            torch.testing.assert_close(params[name], expected_param(hf_state, name), rtol=0, atol=0)
+            torch.testing.assert_close(
+                params[name], expected_param(hf_state, name), rtol=0, atol=0, check_device=False
+            )
         outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     # The biases change the model: the same weights without them would give other tokens.

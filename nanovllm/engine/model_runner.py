@@ -124,10 +124,17 @@ class ModelRunner:
         self.execute(plan)
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
+        # Memory outside PyTorch's allocator (CUDA context, other engines' pools are inside it
+        # only when they allocate through it) plus this engine's peak: weights + activations.
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        current = torch.cuda.memory_allocated(self.device)
-        return int(total * cfg.gpu_memory_utilization - used - peak + current)
+        logger.info(
+            "memory profile: total %.1f GiB, in use outside torch %.2f GiB, peak %.2f GiB",
+            total / 2**30,
+            non_torch / 2**30,
+            peak / 2**30,
+        )
+        return int(total * cfg.gpu_memory_utilization - non_torch - peak)
 
     def _allocate_kv_cache(self) -> int:
         cfg = self.config
@@ -135,11 +142,13 @@ class ModelRunner:
         blocks_per_seq = (cfg.max_model_len + self.block_size - 1) // self.block_size
         if cfg.num_kvcache_blocks > 0:
             num_blocks = cfg.num_kvcache_blocks
-        elif self.device.type == "cuda":
-            num_blocks = max(0, self._profile_free_bytes()) // block_bytes
         else:
-            num_blocks = int(cfg.kv_cache_memory_gb * 2**30) // block_bytes
-            # More than every sequence at full length could use is wasted memory.
+            if self.device.type == "cuda":
+                num_blocks = max(0, self._profile_free_bytes()) // block_bytes
+            else:
+                num_blocks = int(cfg.kv_cache_memory_gb * 2**30) // block_bytes
+            # More than every sequence at full length could use is wasted memory (and, for
+            # small models on a big GPU, millions of blocks to keep track of).
             num_blocks = min(num_blocks, cfg.max_num_seqs * blocks_per_seq)
         if self.world_size > 1:  # every rank must agree on the pool size
             t = torch.tensor([num_blocks], device=self.device)

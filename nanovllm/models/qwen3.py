@@ -20,14 +20,17 @@ from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_parameters
 
 
+def head_dim_of(config: Any) -> int:
+    """Qwen3 configs give head_dim explicitly; older ones imply hidden_size / num_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class Qwen3Attention(nn.Module):
     """Self-attention with per-head RMSNorm on q and k (Qwen3) before the rotary embedding."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
+        self.head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -46,9 +49,7 @@ class Qwen3Attention(nn.Module):
         )
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(
-            self.head_dim, config.max_position_embeddings, rope_parameters(config)
-        )
+        self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin table per model
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -87,9 +88,9 @@ class Qwen3MLP(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; residual adds fused into the following RMSNorm."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config)
+        self.self_attn = Qwen3Attention(config, rotary_emb)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -117,8 +118,11 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            head_dim_of(config), config.max_position_embeddings, rope_parameters(config)
+        )
         self.layers = nn.ModuleList(
-            [Qwen3DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+            [Qwen3DecoderLayer(config, self.rotary_emb) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
