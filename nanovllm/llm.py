@@ -192,6 +192,9 @@ class LLM:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_token,
         )
+        if params.logprobs is not None:
+            completion.logprobs = seq.output_logprobs
+            completion.cumulative_logprob = seq.cumulative_logprob
         return RequestOutput(
             request_id=request_id,
             prompt=prompt if isinstance(prompt, str) else None,

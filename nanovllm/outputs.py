@@ -13,6 +13,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" (EOS or a stop token) or "length"
     stop_reason: int | None = None  # the stop token id, when finish_reason is "stop"
+    cumulative_logprob: float | None = None  # with SamplingParams.logprobs
+    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}
 
     def __repr__(self) -> str:
         return (

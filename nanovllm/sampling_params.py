@@ -19,6 +19,8 @@ class SamplingParams:
     ignore_eos: keep generating after EOS (benchmarks).
     stop_token_ids: extra token ids that end the request (the token is kept in the output).
     seed: a request-local random generator, so its tokens do not depend on the batch.
+    logprobs: also return, for each generated token, the log-probabilities of this many most
+        likely tokens plus the chosen one, from the model's raw distribution (None = off).
     skip_special_tokens: leave special tokens out of the detokenized text.
     """
 
@@ -34,6 +36,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -76,6 +79,10 @@ class SamplingParams:
             self._check_int("seed", self.seed)
             if not 0 <= self.seed < 2**63:
                 raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.logprobs is not None:
+            self._check_int("logprobs", self.logprobs)
+            if self.logprobs < 0:
+                raise ValueError(f"logprobs must be >= 0 or None, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -141,3 +141,47 @@ def test_seeded_requests_reproduce(tiny_model_dir: str) -> None:
         )
     assert mixed[-1].outputs[0].token_ids == alone
     assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_logprobs_match_transformers(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
+    prompts = random_prompts([6, 40], seed=11)
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        outs = llm.generate(prompts, greedy(8, logprobs=3), use_tqdm=False)
+        plain = llm.generate(prompts[:1], greedy(8), use_tqdm=False)[0].outputs[0]
+    assert plain.logprobs is None and plain.cumulative_logprob is None
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = hf_model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        completion = out.outputs[0]
+        assert len(completion.logprobs) == len(completion.token_ids)
+        total = 0.0
+        for token, entry, step_logits in zip(
+            completion.token_ids, completion.logprobs, ref.logits, strict=False
+        ):
+            expected = torch.log_softmax(step_logits[0].float(), dim=-1)
+            top = expected.topk(3)
+            assert set(entry) == set(top.indices.tolist()) | {token}
+            for t, lp in entry.items():
+                assert abs(lp - expected[t].item()) < 1e-4
+            total += expected[token].item()
+        assert completion.cumulative_logprob == pytest.approx(total, abs=1e-3)
+
+
+def test_sampled_logprobs_include_the_chosen_token(tiny_model_dir: str) -> None:
+    params = SamplingParams(temperature=1.5, max_tokens=10, logprobs=0, seed=3)
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        out = llm.generate(random_prompts([9]), params, use_tqdm=False)[0].outputs[0]
+    assert [list(d) for d in out.logprobs] == [[t] for t in out.token_ids]
+    assert all(lp <= 0 for d in out.logprobs for lp in d.values())
+    assert out.cumulative_logprob == pytest.approx(
+        sum(next(iter(d.values())) for d in out.logprobs)
+    )

@@ -98,6 +98,8 @@ INVALID: list[tuple[str, Any, dict[str, Any]]] = [
     ("seed", 1.5, {}),
     ("seed", True, {}),
     ("seed", "42", {}),
+    ("logprobs", -1, {}),
+    ("logprobs", 2.0, {}),
 ]
 
 
@@ -162,6 +164,8 @@ VALID: list[tuple[str, Any, dict[str, Any]]] = [
     ("seed", 0, {}),
     ("seed", 2**63 - 1, {}),
     ("seed", None, {}),
+    ("logprobs", 0, {}),
+    ("logprobs", 20, {}),
     ("stop_token_ids", [0, 1, 151643], {}),
 ]
 

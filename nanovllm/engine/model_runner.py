@@ -241,6 +241,35 @@ class ModelRunner:
     def sample(
         self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: list[int]
     ) -> list[int]:
-        """One token per sequence from its logits row (rank 0)."""
+        """One token per sequence from its logits row (rank 0).
+
+        Sequences that ask for logprobs also get them recorded (see record_logprobs).
+        """
         batch = SamplingBatch.from_sequences(seqs, self.vocab_size, eos_token_ids, logits.device)
-        return self.sampler(logits, batch).tolist()
+        tokens = self.sampler(logits, batch)
+        if any(seq.sampling_params.logprobs is not None for seq in seqs):
+            record_logprobs(seqs, logits, tokens)
+        return tokens.tolist()
+
+
+def record_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Append each asking sequence's top-k and chosen-token logprobs (raw model distribution)."""
+    # [num_seqs, vocab_size]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    # [num_seqs]
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    k = max(seq.sampling_params.logprobs or 0 for seq in seqs)
+    # [num_seqs, k]
+    top_vals, top_ids = (
+        logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], tokens[:, None][:, :0])
+    )
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    token_list = tokens.tolist()
+    for i, seq in enumerate(seqs):
+        n = seq.sampling_params.logprobs
+        if n is None:
+            continue
+        entry = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True))
+        entry[token_list[i]] = chosen[i]
+        seq.output_logprobs.append(entry)
+        seq.cumulative_logprob += chosen[i]

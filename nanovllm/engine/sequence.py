@@ -55,6 +55,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_token: int | None = None
         self.generator: torch.Generator | None = None
+        # With sampling_params.logprobs: one {token id: logprob} per generated token.
+        self.output_logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0
 
     def __len__(self) -> int:
         return len(self.token_ids)
