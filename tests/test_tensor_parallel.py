@@ -34,9 +34,18 @@ def greedy_tokens(path: str, prompts: list[list[int]], **kwargs: object) -> list
     return runs
 
 
-@pytest.mark.parametrize("vocab_size", [512, 509])  # 509: the vocabulary does not split evenly
-def test_tp2_matches_tp1(tmp_path: object, vocab_size: int) -> None:
-    path = write_checkpoint(str(tmp_path), seed=1, vocab_size=vocab_size)
+@pytest.mark.parametrize(
+    "vocab_size,kv_heads",
+    [
+        (512, 2),  # 2 query heads and 1 K/V head per rank
+        (509, 2),  # the vocabulary does not split evenly
+        (512, 1),  # tp > num_kv_heads: the one K/V head is replicated on both ranks
+    ],
+)
+def test_tp2_matches_tp1(tmp_path: object, vocab_size: int, kv_heads: int) -> None:
+    path = write_checkpoint(
+        str(tmp_path), seed=1, vocab_size=vocab_size, num_key_value_heads=kv_heads
+    )
     shared = prompts_of([40], seed=9)[0]
     prompts = prompts_of([1, 7, 33, 90, 150]) + [shared + [5], shared + [6, 7]]
     # A small token budget forces chunked prefill.
@@ -114,3 +123,41 @@ def test_shutdown_and_dead_worker(tiny_model_dir: str) -> None:
         assert len(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
     assert all(not p.is_alive() for p in procs)
     assert not multiprocessing.active_children()
+
+
+_ORPHAN_SCRIPT = """
+import sys
+from nanovllm import LLM
+llm = LLM(sys.argv[1], kvcache_block_size=16, tensor_parallel_size=2, device="cpu")
+print(" ".join(str(p.pid) for p in llm.engine.workers.procs), flush=True)
+# no shutdown(): interpreter exit must stop the workers
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_interpreter_exit_stops_workers(tiny_model_dir: str) -> None:
+    import subprocess
+    import sys
+    import time
+
+    done = subprocess.run(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, tiny_model_dir],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 1
+    deadline = time.time() + 10
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
