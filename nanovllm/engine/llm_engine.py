@@ -4,6 +4,7 @@ import atexit
 import logging
 
 import torch
+import torch.distributed as dist
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
@@ -115,7 +116,5 @@ class LLMEngine:
             self.workers.shutdown()
             self.workers = None
         self.runner = None  # frees the weights and the KV cache
-        import torch.distributed as dist
-
-        if dist.is_initialized():
+        if self.config.tensor_parallel_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -8,6 +8,7 @@ token for every sequence whose last token was computed in this step.
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -74,8 +75,6 @@ class ModelRunner:
             self.device = config.device
         if self.world_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            from datetime import timedelta
-
             dist.init_process_group(
                 backend,
                 init_method=dist_init_method,

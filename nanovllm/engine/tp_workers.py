@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from nanovllm.config import Config
 
@@ -54,8 +55,6 @@ def _worker_main(config: Config, rank: int, init_method: str, conn: Connection) 
                 break
             getattr(runner, method)(*args)
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
