@@ -34,11 +34,10 @@ def store_kvcache(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens stored in `block_ids` (shape [..., num_blocks])."""
-    # [..., num_blocks, block_size, num_kv_heads, head_dim] -> [..., length, num_kv_heads, head_dim]
-    gathered = cache[block_ids]
-    return gathered.flatten(-4, -3)[..., :length, :, :]
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """The tokens stored in the blocks `block_ids` ([n]), in order: [n * block_size, kv, dim]."""
+    # [n, block_size, num_kv_heads, head_dim] -> [n * block_size, num_kv_heads, head_dim]
+    return cache.index_select(0, block_ids).flatten(0, 1)
 
 
 class TorchAttentionBackend:
@@ -94,10 +93,10 @@ class TorchAttentionBackend:
                 mask = None
             else:
                 num_blocks = (seq_len + block_size - 1) // block_size
-                blocks = meta.block_tables[i, :num_blocks].long()
+                blocks = meta.block_tables[i, :num_blocks]
                 # [seq_len, num_kv_heads, head_dim]
-                ki = _gather(k_cache, blocks, seq_len)
-                vi = _gather(v_cache, blocks, seq_len)
+                ki = _gather(k_cache, blocks)[:seq_len]
+                vi = _gather(v_cache, blocks)[:seq_len]
                 # [n, seq_len]: query j sits at position seq_len - n + j
                 key_pos = torch.arange(seq_len, device=q.device)
                 query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
@@ -133,9 +132,9 @@ class TorchAttentionBackend:
         blocks = meta.block_tables[:, :num_blocks].clamp(min=0).flatten()
         padded_len = num_blocks * block_size
         # [num_seqs, num_kv_heads, padded_len, head_dim]
-        keys = k_cache.index_select(0, blocks).view(num_seqs, padded_len, num_kv_heads, head_dim)
-        values = v_cache.index_select(0, blocks).view(num_seqs, padded_len, num_kv_heads, head_dim)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+        shape = (num_seqs, padded_len, num_kv_heads, head_dim)
+        keys = _gather(k_cache, blocks).view(shape).transpose(1, 2)
+        values = _gather(v_cache, blocks).view(shape).transpose(1, 2)
         # [num_seqs, 1, 1, padded_len]
         mask = torch.arange(padded_len, device=q.device)[None, :] < meta.seq_lens[:, None]
         # The query heads sharing a K/V head become that head's `group` queries, so each K/V

@@ -123,8 +123,8 @@ class ModelRunner:
         self.execute(plan)
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        # Memory outside PyTorch's allocator (CUDA context, other engines' pools are inside it
-        # only when they allocate through it) plus this engine's peak: weights + activations.
+        # Budget = the allowed share of the card - memory PyTorch's allocator does not own (CUDA
+        # context, other processes) - this engine's peak (weights + profile activations).
         non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         logger.info(
@@ -259,10 +259,8 @@ def record_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Te
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
     k = max(seq.sampling_params.logprobs or 0 for seq in seqs)
     # [num_seqs, k]
-    top_vals, top_ids = (
-        logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], tokens[:, None][:, :0])
-    )
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    top = logprobs.topk(k, dim=-1)
+    top_vals, top_ids = top.values.tolist(), top.indices.tolist()
     token_list = tokens.tolist()
     for i, seq in enumerate(seqs):
         n = seq.sampling_params.logprobs
