@@ -63,9 +63,10 @@ class Config:
             raise ValueError(
                 f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}"
             )
-        if self.attention_backend not in ("auto", "torch"):
+        if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(
-                f"attention_backend must be 'auto' or 'torch', got {self.attention_backend!r}"
+                f"attention_backend must be 'auto', 'triton' or 'torch', "
+                f"got {self.attention_backend!r}"
             )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.model_runner import plan_step
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_plan import plan_step
 from nanovllm.utils.dummy import write_model_folder
 
 # The suite compares against transformers in float32 on the CPU; run it there unless asked

@@ -1,12 +1,26 @@
-"""Attention backends: one interface, chosen once per engine."""
+"""Attention backends: one interface (base.py), chosen once per engine."""
 
 import torch
 
+from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import TorchAttentionBackend
+from nanovllm.kernels import HAS_TRITON
+
+BACKENDS = ("auto", "triton", "torch")
 
 
-def select_backend(name: str, device: torch.device) -> TorchAttentionBackend:
-    """The backend for `name` ("auto" picks the best available for the device)."""
-    if name in ("auto", "torch"):
+def select_backend(name: str, device: torch.device, num_kv_heads: int) -> AttentionBackend:
+    """The backend for `name`; "auto" is triton on CUDA (when Triton is installed), else torch."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if name == "torch":
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}")
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"attention_backend 'triton' needs a CUDA device, got {device}")
+        if not HAS_TRITON:
+            raise ValueError("attention_backend 'triton' needs the triton package")
+        from nanovllm.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(device, num_kv_heads)
+    raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")

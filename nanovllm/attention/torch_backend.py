@@ -17,6 +17,7 @@ heads into its query dimension instead, which reads every K/V row once (4x faste
 import torch
 import torch.nn.functional as F
 
+from nanovllm.attention.base import AttentionBackend
 from nanovllm.utils.context import AttentionMetadata
 
 
@@ -40,7 +41,7 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, block_ids).flatten(0, 1)
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(AttentionBackend):
     """Paged attention with torch SDPA; see the module docstring."""
 
     name = "torch"

@@ -8,11 +8,12 @@ import torch.distributed as dist
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.model_runner import ModelRunner, plan_step
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_plan import plan_step
 from nanovllm.engine.tp_workers import TPWorkers, threads_per_rank
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

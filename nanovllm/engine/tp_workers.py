@@ -40,7 +40,7 @@ def threads_per_rank(config: Config) -> int:
 
 def _worker_main(config: Config, rank: int, init_method: str, conn: Connection) -> None:
     """Entry point of a worker process: build this rank's runner, then serve plans."""
-    from nanovllm.engine.model_runner import ModelRunner
+    from nanovllm.worker.model_runner import ModelRunner
 
     if config.device.type == "cpu":
         torch.set_num_threads(threads_per_rank(config))

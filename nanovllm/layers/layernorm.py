@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from nanovllm.kernels import use_kernels
+
 
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), computed in float32 like transformers."""
@@ -23,6 +25,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        if x.dim() == 2 and use_kernels(x):
+            from nanovllm.kernels.norm_rope import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         # [num_tokens, hidden_size]

@@ -20,6 +20,7 @@ Algorithm, per row, in this order (all in float32):
       tokens do not depend on the rest of the batch; unseeded rows share one batched draw.
 """
 
+import random
 from dataclasses import dataclass
 from itertools import chain
 
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels import use_kernels
 
 
 def _pad(rows: list[list[int]], device: torch.device) -> Tensor | None:
@@ -69,6 +71,18 @@ class SamplingBatch:
     any_min_p: bool
     any_repetition: bool
     any_presence_frequency: bool
+
+    @property
+    def only_temperature(self) -> bool:
+        """True when every row is greedy or plain temperature sampling from its own logits."""
+        return not (
+            self.any_truncate
+            or self.any_min_p
+            or self.any_repetition
+            or self.any_presence_frequency
+            or self.banned is not None
+            or self.seeded_rows
+        )
 
     @classmethod
     def from_sequences(
@@ -195,8 +209,19 @@ def apply_top_k_top_p(logits: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
 class Sampler(torch.nn.Module):
     """Picks one token id per row from the logits, following each row's SamplingParams."""
 
-    def forward(self, logits: Tensor, batch: SamplingBatch) -> Tensor:
-        """Return the sampled token ids, [B] int64, for logits [B, vocab_size]."""
+    def forward(
+        self, logits: Tensor, batch: SamplingBatch, rng: random.Random | None = None
+    ) -> Tensor:
+        """Return the sampled token ids, [B] int64, for logits [B, vocab_size].
+
+        On CUDA, a batch whose rows use only temperature (no penalty, bans, top-k/top-p/min-p
+        or seed) is sampled by one fused kernel (kernels/sampling.py), seeded from `rng`.
+        """
+        if use_kernels(logits) and batch.only_temperature:
+            from nanovllm.kernels.sampling import sample_temperature
+
+            seed = (rng or random).getrandbits(31)
+            return sample_temperature(logits, batch.temperatures, seed)
         # [B, V]
         logits = apply_penalties(logits.float(), batch)
         greedy_tokens = logits.argmax(dim=-1) if batch.any_greedy else None

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanovllm.kernels import use_kernels
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -55,12 +56,30 @@ class Qwen3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # [num_tokens, num_heads | num_kv_heads, head_dim]
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
+        if use_kernels(qkv):  # one fused kernel for both norms and the rotation
+            from nanovllm.kernels.norm_rope import qk_norm_rope
+
+            # [num_tokens, num_heads | num_kv_heads, head_dim]
+            q, k = qk_norm_rope(
+                qkv,
+                positions,
+                self.q_norm.weight,
+                self.k_norm.weight,
+                self.rotary_emb.cos,
+                self.rotary_emb.sin,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.q_norm.eps,
+            )
+            v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            # [num_tokens, num_heads | num_kv_heads, head_dim]
+            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            q, k = self.rotary_emb(positions, q, k)
         # [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads * head_dim]
         out = self.attn(q, k, v).flatten(1)
         # [num_tokens, hidden_size]

@@ -1,0 +1,53 @@
+"""The attention-backend interface: what the model runner and the attention layers rely on.
+
+A backend is chosen once per engine (see `select_backend`). Each step the runner builds the common
+`AttentionMetadata` (flat batch layout, slots, block tables), hands it to the backend's
+`build_metadata` once, and every attention layer then calls `forward` with that result. Backends
+that can run inside a CUDA graph say so (`supports_cuda_graphs`); the graph runner then builds the
+metadata once per captured batch size from static buffers, with `max_seq_len` bounding every
+sequence the graph will ever see (max_model_len), and replays it with new values in those buffers.
+"""
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from nanovllm.utils.context import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """Paged attention over a KV cache laid out [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    name: ClassVar[str]
+    supports_cuda_graphs: ClassVar[bool] = False
+
+    def build_metadata(self, common: AttentionMetadata, max_seq_len: int) -> AttentionMetadata:
+        """The metadata `forward` gets this step (the common metadata unless a backend adds to it).
+
+        max_seq_len bounds seq_lens (the step's own maximum, or max_model_len under CUDA graphs).
+        """
+        return common
+
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, int, int, int]:
+        """Shape of one layer's K (and V) cache."""
+        return (num_blocks, block_size, num_kv_heads, head_dim)
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Store k, v in their slots, then attend.
+
+        q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+        Returns [num_tokens, num_heads, head_dim].
+        """

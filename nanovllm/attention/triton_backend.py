@@ -1,0 +1,111 @@
+"""The CUDA default: Triton kernels of our own (nanovllm/kernels) over the paged KV cache.
+
+Per layer and step: `store_kv` writes the new K/V rows into their slots (slot -1 is skipped, which
+is how padded rows of a CUDA-graph batch stay harmless); a prefill step then runs the varlen
+prefill kernel, which reads every key (cached prefix and new) from the cache, so prefix hits and
+chunked prefill need no special case; a decode step runs the GQA-aware paged decode kernel, split
+along the context when there are too few sequences to fill the GPU (flash-decoding). The number
+of splits is chosen once per step in `build_metadata` (once per captured batch size under CUDA
+graphs), not per layer.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from nanovllm.attention.base import AttentionBackend
+from nanovllm.utils.context import AttentionMetadata
+
+
+@dataclass
+class TritonMetadata(AttentionMetadata):
+    """The common metadata plus the decode kernel's split count."""
+
+    num_splits: int = 1
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Store, prefill and decode with the kernels in nanovllm/kernels."""
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device, num_kv_heads: int) -> None:
+        from nanovllm.kernels.decode_attention import choose_num_splits
+
+        self._choose_num_splits = choose_num_splits
+        self.num_kv_heads = num_kv_heads
+        if device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        else:  # the interpreter on CPU, in tests
+            self.num_sms = 4
+
+    def build_metadata(self, common: AttentionMetadata, max_seq_len: int) -> TritonMetadata:
+        num_splits = 1
+        if not common.is_prefill:
+            num_seqs = common.seq_lens.shape[0]
+            num_splits = self._choose_num_splits(
+                num_seqs, self.num_kv_heads, max_seq_len, self.num_sms
+            )
+        values = {f.name: getattr(common, f.name) for f in fields(AttentionMetadata)}
+        return TritonMetadata(**values, num_splits=num_splits)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        from nanovllm.kernels.decode_attention import decode_attention
+        from nanovllm.kernels.prefill_attention import prefill_attention
+        from nanovllm.kernels.store_kv import store_kv
+
+        if k_cache.numel() == 0:  # the memory-profiling run before the cache exists
+            return self._prefill_without_cache(q, k, v, meta, scale)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            return prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.cu_seqlens_q,
+                meta.seq_lens,
+                meta.max_seqlen_q,
+                scale,
+            )
+        num_splits = meta.num_splits if isinstance(meta, TritonMetadata) else 1
+        return decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits
+        )
+
+    @staticmethod
+    def _prefill_without_cache(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Plain causal prefill over the fresh k, v: they act as a cache of one-token blocks."""
+        from nanovllm.kernels.prefill_attention import prefill_attention
+
+        # [num_tokens, 1, num_kv_heads, head_dim]: token t is block t
+        k_blocks, v_blocks = k.contiguous().unsqueeze(1), v.contiguous().unsqueeze(1)
+        # [num_seqs, max_seqlen_q]: sequence i's tokens are blocks cu_seqlens_q[i] + j
+        offsets = torch.arange(meta.max_seqlen_q, device=q.device)
+        block_tables = meta.cu_seqlens_q[:-1, None].long() + offsets[None, :]
+        return prefill_attention(
+            q,
+            k_blocks,
+            v_blocks,
+            block_tables,
+            meta.cu_seqlens_q,
+            meta.seq_lens,
+            meta.max_seqlen_q,
+            scale,
+        )

@@ -1,0 +1,260 @@
+"""Decode attention over the paged KV cache: one new query token per sequence.
+
+Tiling. One program per (sequence, K/V head, split). The program loads the `group` query heads
+that share its K/V head as one [G_PAD, head_dim] tile (rows past `group` are zero and never
+stored), so each K/V byte is read from memory once per step for all of them (GQA-aware). It walks
+its share of the sequence's keys in tiles of BLOCK_N tokens; a token's cache row is found through
+the block table (block = block_tables[seq, token // block_size], row = token % block_size), so a
+tile may straddle blocks and any block size works.
+
+Online softmax (flash-attention's algebra, in base 2): keeping a running maximum m, a running sum
+l and an unnormalised accumulator acc, a new tile of scores s (already multiplied by
+scale * log2(e)) updates
+    m' = max(m, max(s));  alpha = 2^(m - m');  p = 2^(s - m')
+    l' = l * alpha + sum(p);  acc' = acc * alpha + p @ V
+and the output is acc / l.
+
+Flash-decoding. When there are too few (sequence, head) pairs to fill the GPU (few sequences,
+long contexts), each sequence's keys are cut into `num_splits` contiguous ranges handled by
+different programs. Each writes its normalised partial output o_j and log-sum-exp
+lse_j = m_j + log2(l_j); a second kernel combines them: out = sum_j 2^(lse_j - M) o_j /
+sum_j 2^(lse_j - M), M = max_j lse_j. A split with no keys writes lse = -inf and weighs nothing.
+The ranges are computed from each sequence's length inside the kernel, so a fixed num_splits
+works for any lengths (CUDA graphs capture it once per batch size). A sequence of length 0 (a
+padded row of a graph batch) produces zeros.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,
+    stride_qs,
+    stride_qh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    stride_os,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    # [G_PAD, D_PAD]
+    q = tl.load(
+        q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        # [BLOCK_N] element offset of each token's row for this K/V head
+        rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        # [BLOCK_N, D_PAD]
+        k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        # [G_PAD, BLOCK_N]
+        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    store_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # partials: out [num_seqs, num_heads, NUM_SPLITS, D_PAD], lse [num_seqs, num_heads, NUM_SPLITS]
+        row = (seq * num_heads + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=store_mask)
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_os,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_mask = offs_s < NUM_SPLITS
+    base = (seq * num_heads + head) * NUM_SPLITS
+    # [S_PAD]
+    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+    total = tl.sum(w, 0)
+    # [S_PAD, D_PAD]
+    parts = tl.load(
+        part_out_ptr + (base + offs_s)[:, None] * D_PAD + offs_d[None, :],
+        mask=s_mask[:, None],
+        other=0.0,
+    )
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(
+        out_ptr + seq * stride_os + head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 64
+) -> int:
+    """Splits per sequence so that about two waves of programs cover the GPU's multiprocessors.
+
+    Never more splits than tiles of the longest sequence, and at most 64.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    wanted = math.ceil(2 * num_sms / programs)
+    tiles = max(1, math.ceil(max_seq_len / block_n))
+    return max(1, min(wanted, tiles, 64))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of one query per sequence against its cached keys.
+
+    q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
+    block_tables: [num_seqs, max_blocks] (int32 or int64); seq_lens: [num_seqs] keys per sequence.
+    Returns [num_seqs, num_heads, head_dim] in q's dtype (written into `out` when given).
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("decode_attention needs unit-stride head_dim and equal K/V cache strides")
+    group = num_heads // num_kv_heads
+    d_pad = triton.next_power_of_2(head_dim)
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    part_out = part_lse = out  # unused placeholders when there is one split
+    if num_splits > 1:
+        # [num_seqs, num_heads, num_splits, d_pad] and [num_seqs, num_heads, num_splits], float32
+        part_out = torch.empty(
+            (num_seqs, num_heads, num_splits, d_pad), dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty(
+            (num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device
+        )
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        GROUP=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _combine_kernel[(num_seqs, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            D_PAD=d_pad,
+            NUM_SPLITS=num_splits,
+            S_PAD=max(2, triton.next_power_of_2(num_splits)),
+        )
+    return out

@@ -1,0 +1,194 @@
+"""Fused elementwise kernels of the decoder layer (RMSNorm with residual; q/k RMSNorm + RoPE; SiLU-mul).
+
+Each replaces several PyTorch launches (and their round trips through memory) with one, which
+matters most in decode, where a step at batch 256 is hundreds of small kernels. Rounding follows
+the PyTorch layers they replace: statistics in float32, the normalised value rounded to the model
+dtype before the weight multiplies it, so bfloat16 results match the reference to the last bit
+in RMSNorm and to a rounding in the rotation.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    eps,
+    N: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, N_PAD)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # the sum is rounded to the model dtype, as `x + residual` is in PyTorch
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)).to(
+            x.dtype
+        )
+        tl.store(res_out_ptr + row * N + offs, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / N + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = (x32 * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """norm(x) of x [num_tokens, n], or with a residual: (norm(x + residual), x + residual)."""
+    num_tokens, n = x.shape
+    if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("rms_norm needs rows with unit stride")
+    out = torch.empty((num_tokens, n), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else out
+    if num_tokens > 0:
+        _rms_norm_kernel[(num_tokens,)](
+            x,
+            residual if residual is not None else x,
+            weight,
+            out,
+            res_out,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            out.stride(0),
+            eps,
+            N=n,
+            N_PAD=triton.next_power_of_2(n),
+            HAS_RESIDUAL=residual is not None,
+            num_warps=4 if n <= 4096 else 8,
+        )
+    return out if residual is None else (out, res_out)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    qkv_ptr,
+    q_w_ptr,
+    k_w_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_t,
+    eps,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # 0..NUM_HEADS-1 are query heads, the rest key heads
+    is_q = head < NUM_HEADS
+    offs = tl.arange(0, HALF_PAD)
+    mask = offs < HALF
+    base = qkv_ptr + token * stride_t + head * HEAD_DIM
+    x1 = tl.load(base + offs, mask=mask, other=0.0)
+    x2 = tl.load(base + HALF + offs, mask=mask, other=0.0)
+    dtype = x1.dtype
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / HEAD_DIM + eps)
+    w_ptr = tl.where(is_q, q_w_ptr, k_w_ptr)
+    w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    y1 = ((a * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+    y2 = ((b * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cos1 = tl.load(cos_ptr + pos * HEAD_DIM + offs, mask=mask).to(dtype).to(tl.float32)
+    cos2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + offs, mask=mask).to(dtype).to(tl.float32)
+    sin1 = tl.load(sin_ptr + pos * HEAD_DIM + offs, mask=mask).to(dtype).to(tl.float32)
+    sin2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + offs, mask=mask).to(dtype).to(tl.float32)
+    # rotate_half(y) = (-y2, y1)
+    o1 = y1 * cos1 - y2 * sin1
+    o2 = y2 * cos2 + y1 * sin2
+    if is_q:
+        dst = q_out_ptr + (token * NUM_HEADS + head) * HEAD_DIM
+    else:
+        num_kv = tl.num_programs(1) - NUM_HEADS
+        dst = k_out_ptr + (token * num_kv + head - NUM_HEADS) * HEAD_DIM
+    tl.store(dst + offs, o1.to(dtype), mask=mask)
+    tl.store(dst + HALF + offs, o2.to(dtype), mask=mask)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorm of q and k followed by the rotary embedding, in one pass.
+
+    qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]; cos/sin: [max_position,
+    head_dim] float32 tables. Returns new contiguous q [num_tokens, num_heads, head_dim] and
+    k [num_tokens, num_kv_heads, head_dim]; v is a view of qkv the caller takes itself.
+    """
+    num_tokens = qkv.shape[0]
+    if head_dim % 2 != 0 or qkv.stride(1) != 1:
+        raise ValueError("qk_norm_rope needs an even head_dim and unit-stride rows")
+    q = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if num_tokens > 0:
+        half = head_dim // 2
+        _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
+            qkv,
+            q_weight,
+            k_weight,
+            cos,
+            sin,
+            positions,
+            q,
+            k,
+            qkv.stride(0),
+            eps,
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            HALF=half,
+            HALF_PAD=triton.next_power_of_2(half),
+            num_warps=1,
+        )
+    return q, k
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + N + offs, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # F.silu rounds to the dtype before the product, as here
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    out = act.to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + row * N + offs, out.to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] of shape [num_tokens, 2 * n]; returns [num_tokens, n]."""
+    num_tokens, two_n = x.shape
+    n = two_n // 2
+    out = torch.empty((num_tokens, n), dtype=x.dtype, device=x.device)
+    if num_tokens > 0:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](
+            x, out, x.stride(0), N=n, BLOCK=block, num_warps=4
+        )
+    return out

@@ -1,0 +1,180 @@
+"""Prefill attention: variable-length query ranges against the paged KV cache.
+
+Sequence i's queries are rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of the flat batch and are its last
+q_len of seq_len positions: the first ctx = seq_len - q_len keys were cached before this step
+(prefix-cache hits, earlier chunks of a chunked prefill) and the new K/V were written into the
+cache by store_kv just before. Query j (absolute position ctx + j) sees keys 0..ctx + j (causal
+with the offset), so a plain prefill (ctx = 0), a prefix hit and a later chunk are one case.
+
+Tiling. One program per (query tile of BLOCK_M rows, sequence, query head). Programs whose tile
+starts past the sequence's q_len exit at once (the grid is sized by the longest q_len). The
+program walks key tiles of BLOCK_N tokens from 0 up to the last key its last row can see, finding
+each token's cache row through the block table, and keeps flash-attention's running maximum,
+sum and accumulator per row (see decode_attention.py for the algebra). Only the key tiles that
+cross the diagonal need the causal mask; the others are fully visible.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if tile * BLOCK_M < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        ctx = seq_len - q_len
+        kv_head = head // GROUP
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < HEAD_DIM
+        # [BLOCK_M, D_PAD]
+        q = tl.load(
+            q_ptr
+            + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt
+            + head * stride_qh
+            + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        q_pos = ctx + offs_m  # absolute position of each query row
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        # Keys visible to the tile's last row, and the first key tile that needs the mask.
+        end = tl.minimum(seq_len, ctx + (tile + 1) * BLOCK_M)
+        diag = ((ctx + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
+        for n0 in range(0, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            # [BLOCK_N, D_PAD]
+            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            # [BLOCK_M, BLOCK_N]
+            s = s * qk_scale
+            if n0 >= diag:
+                visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+                s = tl.where(visible, s, float("-inf"))
+            else:
+                s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr
+            + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot
+            + head * stride_oh
+            + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries against all its cached keys.
+
+    q: [num_tokens, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads,
+    head_dim] (already holding this step's K/V); block_tables: [num_seqs, max_blocks];
+    cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs] (cached + new keys).
+    Returns [num_tokens, num_heads, head_dim] in q's dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("prefill_attention needs unit-stride head_dim and equal K/V cache strides")
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens,
+        out,
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim),
+        GROUP=num_heads // num_kv_heads,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

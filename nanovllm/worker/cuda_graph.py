@@ -1,0 +1,133 @@
+"""CUDA graphs for decode steps: captured once per batch size of a ladder, replayed every step.
+
+A decode step at batch 256 launches hundreds of small kernels; replaying a captured graph removes
+their launch cost. Graphs are captured at batch sizes 1, 2, 4, 8, then every 16 up to the largest
+decode batch (max_num_seqs, at most 512), largest first, all sharing one memory pool and one set
+of static input buffers; a step runs the smallest graph that holds its batch. The static inputs
+live in one int64 device buffer (input ids, positions, slots, sequence lengths, block tables)
+filled by a single copy from a pinned host mirror. Padded rows get slot -1 (their K/V is not
+stored) and length 0 (their attention output is zero), so they touch nothing real. The graph
+covers the model and the LM head; sampling runs after it, eagerly.
+"""
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from nanovllm.attention.base import AttentionBackend
+from nanovllm.utils.context import AttentionMetadata, set_context
+from nanovllm.worker.inputs import StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The ladder: 1, 2, 4, 8, 16, 32, ... (every 16) up to max_batch (included)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return sizes + [max_batch]
+
+
+class CUDAGraphRunner:
+    """Captured decode graphs of one model; `run(plan)` replays the right one."""
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+        backend: AttentionBackend,
+        device: torch.device,
+        max_batch: int,
+        max_model_len: int,
+        block_size: int,
+    ) -> None:
+        self.forward = forward
+        self.backend = backend
+        self.device = device
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.max_blocks = (max_model_len + block_size - 1) // block_size
+        self.batch_sizes = graph_batch_sizes(max_batch)
+        # One int64 buffer: [ids | positions | slots | seq_lens | cu_seqlens | block tables]
+        b = max_batch
+        self._sizes = [b, b, b, b, b + 1, b * self.max_blocks]
+        total = sum(self._sizes)
+        self._host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
+        self._buf = torch.zeros(total, dtype=torch.int64, device=device)
+        host_views = self._host.numpy()
+        offsets = np.cumsum([0] + self._sizes)
+        self._tables_offset = int(offsets[-2])
+        self._h = [host_views[offsets[i] : offsets[i + 1]] for i in range(len(self._sizes))]
+        ids, pos, slots, lens, cu, tables = self._buf.split(self._sizes)
+        self.input_ids, self.positions, self.slots, self.seq_lens = ids, pos, slots, lens
+        self.block_tables = tables.view(b, self.max_blocks)
+        self.cu_seqlens = cu
+        self._h[4][:] = np.arange(b + 1)
+        self._h[2][:] = -1
+        self._buf.copy_(self._host)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor | None] = {}
+
+    def _meta(self, batch: int) -> AttentionMetadata:
+        common = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self.slots[:batch],
+            seq_lens=self.seq_lens[:batch],
+            cu_seqlens_q=self.cu_seqlens[: batch + 1],
+            block_tables=self.block_tables[:batch],
+            max_seqlen_q=1,
+            max_seqlen_k=self.max_model_len,
+            seq_lens_list=[],
+            query_lens_list=[],
+        )
+        return self.backend.build_metadata(common, self.max_model_len)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size of the ladder, largest first, in one shared memory pool."""
+        pool = None
+        stream = torch.cuda.Stream(self.device)
+        for batch in reversed(self.batch_sizes):
+            set_context(self._meta(batch))
+            try:
+                args = (self.input_ids[:batch], self.positions[:batch])
+                self.forward(*args)  # warm-up: autotuning, lazy allocations
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    out = self.forward(*args)
+            finally:
+                set_context(None)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[batch] = graph
+            self.outputs[batch] = out
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, plan: StepPlan) -> bool:
+        """True for decode steps that fit the largest captured batch."""
+        return not plan.is_prefill and 0 < len(plan.query_lens) <= self.max_batch
+
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Replay the graph for a decode plan; returns logits [num_seqs, vocab] (None off rank 0)."""
+        n = len(plan.query_lens)
+        batch = next(b for b in self.batch_sizes if b >= n)
+        ids, pos, slots, lens, _, tables = self._h
+        ids[:n] = plan.input_ids
+        context = np.asarray(plan.context_lens, dtype=np.int64)
+        pos[:n] = context
+        lens[:n] = context + 1
+        lens[n:batch] = 0
+        table = tables.reshape(self.max_batch, self.max_blocks)
+        for i, row in enumerate(plan.block_tables):
+            table[i, : len(row)] = row
+        # [n]: the new token's slot
+        blocks = table[np.arange(n), context // self.block_size]
+        slots[:n] = blocks * self.block_size + context % self.block_size
+        slots[n:batch] = -1
+        used = self._tables_offset + batch * self.max_blocks
+        self._buf[:used].copy_(self._host[:used], non_blocking=True)
+        self.graphs[batch].replay()
+        out = self.outputs[batch]
+        return out[:n] if out is not None else None

@@ -1,0 +1,123 @@
+"""A step's plan (plain lists) and its device tensors, built through one persistent host buffer.
+
+`StepPlan` is what the scheduler decided, in a form cheap to send to other tensor-parallel ranks.
+`InputBuilder` turns it into the flat-batch tensors of one forward pass with numpy (no Python
+loop over tokens), packs every integer array into one persistent (pinned, on CUDA) int64 host
+buffer and moves it to the device with a single non-blocking copy into a persistent device
+buffer; the step's tensors are views of that buffer. Rank 0 overwrites the host buffer only after
+the previous step's sampled tokens came back, which is after that step's copy finished.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanovllm.utils.context import AttentionMetadata
+
+
+@dataclass
+class StepPlan:
+    """What one step computes, as plain lists (num_seqs entries unless noted)."""
+
+    is_prefill: bool
+    input_ids: list[int]  # [num_tokens] the new tokens of all sequences, concatenated
+    query_lens: list[int]  # new tokens per sequence
+    context_lens: list[int]  # tokens already cached per sequence (the new ones follow)
+    block_tables: list[list[int]]
+    sample_rows: list[int]  # sequences whose last token is computed here (they get a token)
+
+
+@dataclass
+class StepInputs:
+    """Device tensors of one step."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    last_rows: torch.Tensor  # [len(sample_rows)] flat index of each sampled sequence's last token
+    meta: AttentionMetadata
+
+
+def pad_block_tables(block_tables: list[list[int]], width: int) -> np.ndarray:
+    """[num_seqs, width] int64 array of the tables, -1 padded."""
+    table = np.full((len(block_tables), width), -1, dtype=np.int64)
+    for i, row in enumerate(block_tables):
+        table[i, : len(row)] = row
+    return table
+
+
+class InputBuilder:
+    """Builds StepInputs for one device; keeps its buffers between steps."""
+
+    def __init__(self, device: torch.device, block_size: int) -> None:
+        self.device = device
+        self.block_size = block_size
+        self._host: torch.Tensor | None = None
+        self._device_buf: torch.Tensor | None = None
+
+    def _buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host and device int64 buffers of at least n elements (grown by doubling)."""
+        if self._host is None or self._host.numel() < n:
+            size = max(n, 2 * (self._host.numel() if self._host is not None else 4096))
+            pin = self.device.type == "cuda"
+            self._host = torch.empty(size, dtype=torch.int64, pin_memory=pin)
+            self._device_buf = (
+                torch.empty(size, dtype=torch.int64, device=self.device) if pin else self._host
+            )
+        return self._host, self._device_buf
+
+    def build(self, plan: StepPlan) -> StepInputs:
+        """The step's device tensors (see StepInputs and AttentionMetadata)."""
+        num_seqs = len(plan.query_lens)
+        query_lens = np.asarray(plan.query_lens, dtype=np.int64)
+        context_lens = np.asarray(plan.context_lens, dtype=np.int64)
+        # [num_seqs + 1]
+        cu_seqlens_q = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=cu_seqlens_q[1:])
+        num_tokens = int(cu_seqlens_q[-1])
+        # [num_tokens]: each token's position = its sequence's context_len + offset in the chunk
+        seq_index = np.repeat(np.arange(num_seqs), query_lens)
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(
+            cu_seqlens_q[:-1] - context_lens, query_lens
+        )
+        width = max((len(bt) for bt in plan.block_tables), default=0)
+        # [num_seqs, width]
+        tables = pad_block_tables(plan.block_tables, width)
+        if width > 0:
+            # [num_tokens]: block id * block_size + offset in block
+            blocks = tables[seq_index, positions // self.block_size]
+            slot_mapping = blocks * self.block_size + positions % self.block_size
+        else:  # profiling run without a cache
+            slot_mapping = np.full(num_tokens, -1, dtype=np.int64)
+        seq_lens = context_lens + query_lens
+        # [len(sample_rows)]
+        last_rows = cu_seqlens_q[1:][np.asarray(plan.sample_rows, dtype=np.int64)] - 1
+        parts = [
+            np.asarray(plan.input_ids, dtype=np.int64),
+            positions,
+            slot_mapping,
+            seq_lens,
+            cu_seqlens_q,
+            last_rows,
+            tables.ravel(),
+        ]
+        sizes = [p.size for p in parts]
+        host, dev = self._buffers(sum(sizes))
+        np.concatenate(parts, out=host.numpy()[: sum(sizes)])
+        if dev is not host:
+            dev[: sum(sizes)].copy_(host[: sum(sizes)], non_blocking=True)
+        views = list(dev[: sum(sizes)].split(sizes))
+        input_ids, pos, slots, lens, cu, rows, flat_tables = views
+        seq_lens_list = seq_lens.tolist()
+        meta = AttentionMetadata(
+            is_prefill=plan.is_prefill,
+            slot_mapping=slots,
+            seq_lens=lens,
+            cu_seqlens_q=cu,
+            block_tables=flat_tables.view(num_seqs, width),
+            max_seqlen_q=max(plan.query_lens, default=0),
+            max_seqlen_k=max(seq_lens_list, default=0),
+            seq_lens_list=seq_lens_list,
+            query_lens_list=list(plan.query_lens),
+        )
+        return StepInputs(input_ids, pos, rows, meta)

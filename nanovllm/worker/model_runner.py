@@ -1,0 +1,175 @@
+"""One model replica per tensor-parallel rank: wires the model, its KV cache, step inputs, CUDA
+graphs and (on rank 0) the sampler.
+
+Rank 0 lives in the engine's process, drives the other ranks and samples. Each step every rank
+turns the same StepPlan into device tensors (inputs.py) and runs the forward pass: decode steps
+replay a captured CUDA graph when the backend allows it (cuda_graph.py), everything else runs
+eagerly. Rank 0 then samples one token for every sequence whose last token was computed.
+"""
+
+import logging
+import random
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nanovllm.attention import select_backend
+from nanovllm.config import Config
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import Attention
+from nanovllm.layers.sampler import Sampler, SamplingBatch
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.utils.context import set_context
+from nanovllm.utils.loader import load_model
+from nanovllm.worker.cuda_graph import CUDAGraphRunner
+from nanovllm.worker.inputs import InputBuilder, StepPlan
+from nanovllm.worker.kv_cache import allocate_kv_cache, block_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Holds the model, its KV cache and (on rank 0) the sampler of one rank."""
+
+    def __init__(self, config: Config, rank: int = 0, dist_init_method: str | None = None) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = config.tensor_parallel_size
+        hf = config.hf_config
+        self.block_size = config.kvcache_block_size
+        if config.device.type == "cuda":
+            index = config.device.index if self.world_size == 1 else rank
+            self.device = torch.device("cuda", index or 0)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = config.device
+        if self.world_size > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend,
+                init_method=dist_init_method,
+                rank=rank,
+                world_size=self.world_size,
+                timeout=timedelta(seconds=600),
+            )
+        start = time.perf_counter()
+        torch.manual_seed(config.seed)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(config.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = Qwen3ForCausalLM(hf)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        self.model.eval()
+        load_model(self.model, config.model, config.load_format, config.seed)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attn_backend = select_backend(
+            config.attention_backend, self.device, self.attention_layers[0].num_kv_heads
+        )
+        for layer in self.attention_layers:
+            layer.backend = self.attn_backend
+        self.vocab_size = hf.vocab_size
+        self.sampler = Sampler()
+        self._sample_rng = random.Random(config.seed)
+        self.inputs = InputBuilder(self.device, self.block_size)
+        self.startup_seconds = {"load": time.perf_counter() - start}
+        start = time.perf_counter()
+        self.num_kvcache_blocks = allocate_kv_cache(
+            config, self.attention_layers, self.device, self.world_size, self._profile_run
+        )
+        self.startup_seconds["kv_cache"] = time.perf_counter() - start
+        self.graphs: CUDAGraphRunner | None = None
+        if (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.attn_backend.supports_cuda_graphs
+        ):
+            start = time.perf_counter()
+            self.graphs = CUDAGraphRunner(
+                self._forward_logits,
+                self.attn_backend,
+                self.device,
+                min(config.max_num_seqs, 512),
+                config.max_model_len,
+                self.block_size,
+            )
+            self.graphs.capture()
+            self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
+        logger.info("runner start-up (s): %s", self.startup_seconds)
+
+    def _block_bytes(self) -> int:
+        return block_bytes(self.attention_layers, self.block_size, self.config.dtype)
+
+    def _profile_run(self) -> None:
+        """A forward over the largest prefill batch, before the cache exists (memory profile)."""
+        cfg = self.config
+        num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
+        num_seqs = min(
+            cfg.max_num_seqs, max(1, (num_tokens + cfg.max_model_len - 1) // cfg.max_model_len)
+        )
+        lens = [num_tokens // num_seqs] * num_seqs
+        lens[-1] += num_tokens - sum(lens)
+        plan = StepPlan(True, [0] * num_tokens, lens, [0] * num_seqs, [[] for _ in lens], [])
+        self.execute(plan)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits of every row (decode: every row is a sequence's last token)."""
+        return self.model.compute_logits(self.model(input_ids, positions))
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run the forward pass of a plan; logits [len(sample_rows), vocab] on rank 0."""
+        if self.graphs is not None and self.graphs.can_run(plan):
+            return self.graphs.run(plan)
+        inputs = self.inputs.build(plan)
+        meta = self.attn_backend.build_metadata(inputs.meta, inputs.meta.max_seqlen_k)
+        set_context(meta)
+        try:
+            # [num_tokens, hidden_size]
+            hidden = self.model(inputs.input_ids, inputs.positions)
+            if len(plan.sample_rows) == len(plan.input_ids):  # decode: every row is sampled
+                return self.model.compute_logits(hidden)
+            # [len(sample_rows), vocab_size]
+            return self.model.compute_logits(hidden[inputs.last_rows])
+        finally:
+            set_context(None)
+
+    @torch.inference_mode()
+    def sample(
+        self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: list[int]
+    ) -> list[int]:
+        """One token per sequence from its logits row (rank 0).
+
+        Sequences that ask for logprobs also get them recorded (see record_logprobs).
+        """
+        batch = SamplingBatch.from_sequences(seqs, self.vocab_size, eos_token_ids, logits.device)
+        tokens = self.sampler(logits, batch, self._sample_rng)
+        if any(seq.sampling_params.logprobs is not None for seq in seqs):
+            record_logprobs(seqs, logits, tokens)
+        return tokens.tolist()
+
+
+def record_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Append each asking sequence's top-k and chosen-token logprobs (raw model distribution)."""
+    # [num_seqs, vocab_size]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    # [num_seqs]
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    k = max(seq.sampling_params.logprobs or 0 for seq in seqs)
+    # [num_seqs, k]
+    top = logprobs.topk(k, dim=-1)
+    top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+    token_list = tokens.tolist()
+    for i, seq in enumerate(seqs):
+        n = seq.sampling_params.logprobs
+        if n is None:
+            continue
+        entry = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True))
+        entry[token_list[i]] = chosen[i]
+        seq.output_logprobs.append(entry)
+        seq.cumulative_logprob += chosen[i]
