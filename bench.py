@@ -1,5 +1,7 @@
-"""The standard throughput benchmark: 256 requests, prompts and outputs uniform in 100..1024
-tokens, seed 0, the Qwen3-0.6B shape with dummy weights, ignore_eos.
+"""The standard throughput benchmark: upstream nano-vllm's bench.py workload exactly
+(random.seed(0); 256 prompts of randint(100, 1024) token ids in 0..10000, then 256 max_tokens of
+randint(100, 1024): 142,827 prompt + 133,966 output tokens), temperature 0.6, ignore_eos, the
+Qwen3-0.6B shape with dummy weights.
 
     uv run bench.py                      # on the best device present
     uv run bench.py --compare-hf         # plus transformers (padded batches) and the ratio
@@ -7,7 +9,7 @@ tokens, seed 0, the Qwen3-0.6B shape with dummy weights, ignore_eos.
 
 import argparse
 
-from nanovllm.utils.benchmark import add_common_args, main
+from nanovllm.utils.benchmark import add_common_args, main, standard_workload
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
@@ -18,12 +20,5 @@ if __name__ == "__main__":
     parser.add_argument("--max-input-len", type=int, default=1024)
     parser.add_argument("--max-output-len", type=int, default=1024)
     args = parser.parse_args()
-    main(
-        args,
-        dict(
-            num_seqs=args.num_seqs,
-            input_range=(100, args.max_input_len),
-            output_range=(100, args.max_output_len),
-        ),
-        dict(max_model_len=4096),
-    )
+    work = standard_workload(args.num_seqs, args.max_input_len, args.max_output_len, args.seed)
+    main(args, work, dict(max_model_len=4096))

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from nanovllm.utils.benchmark import add_common_args, main, make_workload
+from nanovllm.utils.benchmark import add_common_args, main, make_workload, standard_workload
 
 
 def test_workload_is_seeded_and_in_range() -> None:
@@ -34,3 +34,30 @@ def test_benchmark_main_prints_summary(capsys: pytest.CaptureFixture[str]) -> No
     assert int(m.group(1)) == expected.num_prompt_tokens
     assert int(m.group(2)) == expected.num_output_tokens
     assert re.search(r"nano-vllm / transformers = [\d.]+x", out), out
+
+
+def test_standard_workload_is_upstreams_draw() -> None:
+    work = standard_workload()
+    assert len(work.prompts) == 256
+    assert work.num_prompt_tokens == 142827
+    assert work.num_output_tokens == 133966
+    assert all(100 <= len(p) <= 1024 for p in work.prompts)
+    assert all(0 <= t <= 10000 for p in work.prompts for t in p)
+
+
+def test_benchmark_prints_total_and_phase_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, shape="tiny")
+    args = parser.parse_args(["--device", "cpu"])
+    work = standard_workload(num_seqs=3, max_input_len=120, max_output_len=104)
+    work.prompts = [[t % 512 for t in p] for p in work.prompts]  # the tiny vocabulary
+    # blocks of 32: the warm-up prompts (16 tokens) fill none, so nothing is a prefix hit
+    main(args, work, dict(max_model_len=512, kvcache_block_size=32))
+    out = capsys.readouterr().out
+    total = work.num_prompt_tokens + work.num_output_tokens
+    assert re.search(rf"Total: {total} tok, Time: [\d.]+ s, Throughput: [\d.]+ tok/s", out), out
+    m = re.search(r"Prefill: (\d+) tok .*Decode: (\d+) tok", out)
+    assert m, out
+    # every prompt token is prefilled; each output token but the first of a request is decoded
+    assert int(m.group(1)) == work.num_prompt_tokens
+    assert int(m.group(2)) == work.num_output_tokens - len(work.prompts)

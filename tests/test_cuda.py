@@ -1,5 +1,17 @@
-"""The CUDA path (torch attention backend): skipped without a GPU."""
+"""The whole engine on CUDA: the Triton backend against the torch reference backend, with CUDA
+graphs on and off, and against transformers. Skipped without a GPU.
 
+In bfloat16, random weights make near-ties between the top two logits common, so exact token
+equality between two correct implementations is the wrong yardstick there: the engines are
+teacher-forced on the same tokens and their logits compared (relative error under BF16_LOGIT_TOL:
+bfloat16 keeps 8 bits of mantissa, a relative rounding of 2^-8 = 3.9e-3 per value, and a logit sums
+thousands of rounded products through 28 layers, so about 1e-2 is where two correct bf16
+implementations land); greedy tokens must then agree wherever the reference's top-2 margin is
+larger than that error. The plain free-running agreement rate is reported, not gated.
+"""
+
+import json
+import os
 import random
 
 import pytest
@@ -7,34 +19,152 @@ import torch
 from conftest import hf_greedy
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_plan import plan_step
 from nanovllm.utils.dummy import write_model_folder
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+BF16_LOGIT_TOL = 2e-2
 
 
-def prompts_of(lengths: list[int], seed: int = 0) -> list[list[int]]:
+def prompts_of(lengths: list[int], seed: int = 0, vocab: int = 400) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, 400) for _ in range(n)] for n in lengths]
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def report(name: str, value: object) -> None:
+    """Write a measured value where the GPU script collects them (and print it)."""
+    print(f"{name}: {value}")
+    folder = os.environ.get("NANOVLLM_REPORT_DIR")
+    if folder:
+        with open(os.path.join(folder, "cuda_test_report.jsonl"), "a") as f:
+            f.write(json.dumps({name: value}) + "\n")
 
 
 def test_fp32_greedy_matches_transformers(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
     prompts = prompts_of([1, 17, 64, 300])
     expected = [hf_greedy(hf_model, p, 16) for p in prompts]
     with LLM(tiny_model_dir, device="cuda", dtype="float32", kvcache_block_size=16) as llm:
+        assert llm.engine.runner.attn_backend.name == "triton"
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
 
 
-def test_bf16_first_tokens_agree(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
-    prompts = prompts_of([5, 9, 20, 33, 48, 70, 100, 130, 200, 260], seed=1)
-    expected = [hf_greedy(hf_model, p, 1)[0] for p in prompts]
-    with LLM(tiny_model_dir, device="cuda", dtype="bfloat16", kvcache_block_size=16) as llm:
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    agree = sum(o.outputs[0].token_ids[0] == e for o, e in zip(outs, expected, strict=True))
-    assert agree >= 8, f"only {agree}/10 first tokens agree with fp32 transformers"
+GREEDY_LENGTHS = [1, 3, 16, 17, 40, 100, 255, 256, 257, 600]
+
+
+def greedy_tokens(path: str, **kwargs: object) -> list[list[int]]:
+    prompts = prompts_of(GREEDY_LENGTHS, seed=2)
+    with LLM(path, device="cuda", num_kvcache_blocks=400, **kwargs) as llm:
+        # twice: the second pass hits the prefix cache
+        params = SamplingParams(temperature=0, max_tokens=24)
+        first = llm.generate(prompts, params, use_tqdm=False)
+        second = llm.generate(prompts, params, use_tqdm=False)
+    a = [o.outputs[0].token_ids for o in first]
+    assert a == [o.outputs[0].token_ids for o in second]
+    return a
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_fp32_triton_equals_torch_backend(tiny_model_dir: str, block_size: int) -> None:
+    """Greedy tokens of the Triton backend, with and without CUDA graphs, equal the torch
+    backend's, with chunked prefill and prefix hits."""
+    common = dict(dtype="float32", kvcache_block_size=block_size, max_num_batched_tokens=300)
+    reference = greedy_tokens(tiny_model_dir, attention_backend="torch", **common)
+    graphs = greedy_tokens(tiny_model_dir, attention_backend="triton", **common)
+    eager = greedy_tokens(tiny_model_dir, attention_backend="triton", enforce_eager=True, **common)
+    assert graphs == reference
+    assert eager == reference
+
+
+def test_cuda_graphs_are_used(tiny_model_dir: str) -> None:
+    with LLM(tiny_model_dir, device="cuda", dtype="float32", num_kvcache_blocks=64) as llm:
+        graphs = llm.engine.runner.graphs
+        assert graphs is not None and graphs.batch_sizes[-1] == 256
+        assert len(graphs.graphs) == len(graphs.batch_sizes)
+    with LLM(
+        tiny_model_dir, device="cuda", dtype="float32", num_kvcache_blocks=64, enforce_eager=True
+    ) as llm:
+        assert llm.engine.runner.graphs is None
+
+
+def teacher_forced_logits(llm: LLM, prompts: list[list[int]], forced: list[list[int]]) -> list:
+    """Logits of the prefill and of each decode step, every sequence fed `forced` tokens.
+
+    Returns [num_steps] tensors of [num_seqs, vocab] (float32, on the CPU).
+    """
+    engine = llm.engine
+    seqs = [
+        Sequence(p, SamplingParams(temperature=0), llm.config.kvcache_block_size) for p in prompts
+    ]
+    for seq in seqs:
+        engine.block_manager.allocate(seq)
+        seq.num_scheduled_tokens = len(seq)
+    steps = [engine.runner.execute(plan_step(seqs, True)).float().cpu()]
+    for step in range(len(forced[0])):
+        for seq, tokens in zip(seqs, forced, strict=True):
+            seq.num_cached_tokens = len(seq)
+            seq.append_token(tokens[step])
+            engine.block_manager.may_append(seq)
+            seq.num_scheduled_tokens = 1
+        steps.append(engine.runner.execute(plan_step(seqs, False)).float().cpu())
+    for seq in seqs:
+        engine.block_manager.deallocate(seq)
+    return steps
+
+
+def test_bf16_teacher_forced_logits_agree(tmp_path: object) -> None:
+    """Qwen3-0.6B shape in bfloat16, 32 prompts: Triton + graphs against the torch backend."""
+    path = write_model_folder(str(tmp_path), "qwen3-0.6b", tokenizer=False)
+    prompts = prompts_of(
+        [random.Random(i).randint(20, 300) for i in range(32)], seed=5, vocab=10000
+    )
+    common = dict(load_format="dummy", device="cuda", dtype="bfloat16", num_kvcache_blocks=600)
+    with LLM(path, attention_backend="torch", enforce_eager=True, **common) as llm:
+        ref_out = llm.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False
+        )
+        ref_tokens = [o.outputs[0].token_ids for o in ref_out]
+        forced = [t[:16] for t in ref_tokens]
+        ref_logits = teacher_forced_logits(llm, prompts, forced)
+    torch.cuda.empty_cache()
+    with LLM(path, attention_backend="triton", **common) as llm:
+        out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
+        tokens = [o.outputs[0].token_ids for o in out]
+        logits = teacher_forced_logits(llm, prompts, forced)
+    errors = [((a - b).norm() / b.norm()).item() for a, b in zip(logits, ref_logits, strict=True)]
+    report(
+        "bf16 teacher-forced logit rel err (prefill, 16 decode steps)",
+        [round(e, 5) for e in errors],
+    )
+    assert max(errors) < BF16_LOGIT_TOL
+    # Greedy choices agree wherever the reference's top-2 margin is clear of the error: a logit
+    # errs by about BF16_LOGIT_TOL x the row's rms logit, so a margin of 4x that is clear.
+    checked = disagreed = 0
+    for a, b in zip(logits, ref_logits, strict=True):
+        top2 = b.topk(2, dim=-1).values
+        rms = b.norm(dim=-1) / b.shape[-1] ** 0.5
+        clear = (top2[:, 0] - top2[:, 1]) > 4 * BF16_LOGIT_TOL * rms
+        checked += int(clear.sum())
+        disagreed += int((a.argmax(-1) != b.argmax(-1))[clear].sum())
+    report("bf16 clear-margin greedy positions checked", checked)
+    assert checked > 0 and disagreed == 0
+    same = sum(
+        x == y for t, r in zip(tokens, ref_tokens, strict=True) for x, y in zip(t, r, strict=False)
+    )
+    total = sum(len(r) for r in ref_tokens)
+    # free-running agreement until the first divergence of each sequence
+    prefix = 0
+    for t, r in zip(tokens, ref_tokens, strict=True):
+        for x, y in zip(t, r, strict=False):
+            if x != y:
+                break
+            prefix += 1
+    report("bf16 greedy token agreement (32 prompts x 64 tokens)", f"{same}/{total}")
+    report("bf16 greedy tokens before first divergence", f"{prefix}/{total}")
 
 
 def test_gpu_memory_utilization_sizes_cache(tmp_path: object) -> None:

@@ -2,6 +2,8 @@
 
 import atexit
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,21 @@ from nanovllm.worker.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class EngineStats:
+    """Tokens computed and wall seconds spent in prefill and in decode steps since creation.
+
+    A step's time runs from scheduling to postprocessing; steps that sample end with the one
+    device-to-host copy of the sampled ids, so their time includes the device's work.
+    """
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    steps: int = 0
+
+
 class LLMEngine:
     """Accepts token-id requests and advances all of them one step at a time."""
 
@@ -25,6 +42,7 @@ class LLMEngine:
         self.config = config
         self.workers: TPWorkers | None = None
         self._closed = False
+        self.stats = EngineStats()
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config)
             if config.device.type == "cpu":
@@ -83,6 +101,7 @@ class LLMEngine:
         """Run one step; returns (sequences finished in it, tokens computed, was it a prefill)."""
         if self._closed:
             raise RuntimeError("this engine was shut down")
+        start = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         plan = plan_step(seqs, is_prefill)
         if self.workers is not None:
@@ -96,6 +115,14 @@ class LLMEngine:
             for row, token in zip(plan.sample_rows, sampled, strict=True):
                 token_ids[row] = token
         finished = self.scheduler.postprocess(seqs, token_ids)
+        elapsed, stats = time.perf_counter() - start, self.stats
+        stats.steps += 1
+        if is_prefill:
+            stats.prefill_tokens += len(plan.input_ids)
+            stats.prefill_seconds += elapsed
+        else:
+            stats.decode_tokens += len(plan.input_ids)
+            stats.decode_seconds += elapsed
         return finished, len(plan.input_ids), is_prefill
 
     @property

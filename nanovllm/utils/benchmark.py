@@ -50,6 +50,23 @@ def make_workload(
     return Workload(prompts, [rng.randint(*output_range) for _ in range(num_seqs)])
 
 
+def standard_workload(
+    num_seqs: int = 256, max_input_len: int = 1024, max_output_len: int = 1024, seed: int = 0
+) -> Workload:
+    """The standard throughput workload, upstream nano-vllm's bench.py draw exactly.
+
+    `random.seed(seed)`; num_seqs prompts of randint(100, max_input_len) token ids, each
+    randint(0, 10000); then num_seqs max_tokens of randint(100, max_output_len). With the
+    defaults: 142,827 prompt + 133,966 output tokens.
+    """
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randint(0, 10000) for _ in range(rng.randint(100, max_input_len))]
+        for _ in range(num_seqs)
+    ]
+    return Workload(prompts, [rng.randint(100, max_output_len) for _ in range(num_seqs)])
+
+
 def add_common_args(parser: argparse.ArgumentParser, shape: str) -> None:
     """Arguments both benchmark scripts take."""
     parser.add_argument("--model", default=None, help="a model folder (default: dummy weights)")
@@ -72,9 +89,11 @@ def model_path(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run_nanovllm(llm: LLM, work: Workload) -> float:
-    """Seconds to generate the workload (after a short warm-up)."""
+    """Seconds to generate the workload (after a short warm-up); llm.engine.stats then holds
+    the timed call's prefill and decode tokens and seconds."""
     warm = SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True)
     llm.generate([p[:16] for p in work.prompts[:4]], warm, use_tqdm=False)
+    llm.engine.stats = type(llm.engine.stats)()
     params = [
         SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in work.output_lens
     ]
@@ -143,8 +162,11 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def main(args: argparse.Namespace, work_args: dict, engine_args: dict) -> None:
-    """Run the benchmark described by args and print its summary lines."""
+def main(args: argparse.Namespace, work_args: dict | Workload, engine_args: dict) -> None:
+    """Run the benchmark described by args and print its summary lines.
+
+    work_args is a ready Workload, or make_workload's arguments (the vocabulary and seed added).
+    """
     path, load_format = model_path(args)
     llm = LLM(
         path,
@@ -156,8 +178,12 @@ def main(args: argparse.Namespace, work_args: dict, engine_args: dict) -> None:
         enforce_eager=args.enforce_eager,
         **engine_args,
     )
-    work = make_workload(vocab=llm.config.hf_config.vocab_size, seed=args.seed, **work_args)
+    if isinstance(work_args, Workload):
+        work = work_args
+    else:
+        work = make_workload(vocab=llm.config.hf_config.vocab_size, seed=args.seed, **work_args)
     elapsed = run_nanovllm(llm, work)
+    stats = llm.engine.stats
     device, dtype = llm.config.device, llm.config.dtype
     desc = (
         f"{len(work.prompts)} requests, {work.num_prompt_tokens} prompt + "
@@ -165,6 +191,15 @@ def main(args: argparse.Namespace, work_args: dict, engine_args: dict) -> None:
         f"{str(dtype).removeprefix('torch.')}, tp={args.tp}"
     )
     tps = work.num_output_tokens / elapsed
+    total = work.num_output_tokens + work.num_prompt_tokens
+    print(f"Total: {total} tok, Time: {elapsed:.2f} s, Throughput: {tps:.2f} tok/s (output)")
+    print(
+        f"Prefill: {stats.prefill_tokens} tok in {stats.prefill_seconds:.2f} s "
+        f"({stats.prefill_tokens / max(stats.prefill_seconds, 1e-9):.0f} tok/s); "
+        f"Decode: {stats.decode_tokens} tok in {stats.decode_seconds:.2f} s "
+        f"({stats.decode_tokens / max(stats.decode_seconds, 1e-9):.0f} tok/s), "
+        f"{stats.steps} steps"
+    )
     print(
         f"nano-vllm: {desc}: {elapsed:.2f}s, {tps:.1f} output tok/s, "
         f"{(work.num_output_tokens + work.num_prompt_tokens) / elapsed:.1f} total tok/s"

@@ -1,0 +1,95 @@
+"""Micro-benchmarks of the decode attention kernel and the device's copy bandwidth (CUDA only).
+
+    python3 scripts/bench_kernels.py            # prints a table; --json PATH also writes one
+
+K/V bytes read per step = sum of sequence lengths x num_kv_heads x head_dim x 2 (K and V) x 2
+bytes; the kernel's bandwidth is that over its median time (triton.testing.do_bench, CUDA events),
+compared with a large device-to-device copy (bytes read + bytes written). Shapes are Qwen3-0.6B's
+(16 query heads, 8 K/V heads, head_dim 128), bfloat16, block size 256, the cache's blocks in a
+random order; each case runs with the split count the engine would choose and a few tile configs.
+"""
+
+import argparse
+import json
+
+import torch
+import triton
+
+from nanovllm.kernels.decode_attention import choose_num_splits, decode_attention
+
+
+def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
+    """Bytes per second of a device-to-device copy, counting read + write."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def decode_case(
+    num_seqs: int, seq_len: int, configs: list[dict], block_size: int = 256
+) -> list[dict]:
+    heads, kv_heads, head_dim = 16, 8, 128
+    blocks_per_seq = (seq_len + block_size - 1) // block_size
+    num_blocks = num_seqs * blocks_per_seq
+    # several caches in rotation would defeat L2 for small cases; these are all >> 50 MB
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda").bfloat16()
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_blocks, device="cuda").view(num_seqs, blocks_per_seq).int()
+    lens = torch.full((num_seqs,), seq_len, device="cuda", dtype=torch.int32)
+    q = torch.randn(num_seqs, heads, head_dim, device="cuda").bfloat16()
+    kv_bytes = num_seqs * seq_len * kv_heads * head_dim * 2 * 2
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for cfg in configs:
+        splits = choose_num_splits(num_seqs, kv_heads, seq_len, sms, cfg["block_n"])
+        out = torch.empty_like(q)
+
+        def run(cfg: dict = cfg, splits: int = splits, out: torch.Tensor = out) -> None:
+            decode_attention(q, k_cache, v_cache, tables, lens, 0.088, splits, out, **cfg)
+
+        ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+        rows.append(
+            dict(
+                num_seqs=num_seqs,
+                seq_len=seq_len,
+                splits=splits,
+                **cfg,
+                ms=round(ms, 4),
+                tb_per_s=round(kv_bytes / (ms * 1e-3) / 1e12, 3),
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name(0)
+    copy = copy_bandwidth()
+    print(f"device: {name}; copy bandwidth {copy / 1e12:.3f} TB/s (read + write)")
+    configs = [
+        dict(block_n=64, num_warps=4, num_stages=2),
+        dict(block_n=64, num_warps=4, num_stages=3),
+        dict(block_n=128, num_warps=4, num_stages=2),
+        dict(block_n=128, num_warps=8, num_stages=2),
+        dict(block_n=32, num_warps=2, num_stages=3),
+    ]
+    rows = []
+    for num_seqs, seq_len in ((256, 1024), (64, 4096), (8, 8192), (256, 2048)):
+        rows += decode_case(num_seqs, seq_len, configs)
+    print("num_seqs x len | splits | block_n warps stages | ms | TB/s | of copy")
+    for r in rows:
+        print(
+            f"{r['num_seqs']:4d} x {r['seq_len']:5d} | {r['splits']:2d} | {r['block_n']:3d} "
+            f"{r['num_warps']} {r['num_stages']} | {r['ms']:.4f} | {r['tb_per_s']:.3f} | "
+            f"{r['tb_per_s'] * 1e12 / copy:.0%}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, copy_tb_per_s=copy / 1e12, decode=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

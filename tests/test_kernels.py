@@ -1,0 +1,372 @@
+"""Triton kernels against the torch reference backend and the PyTorch layers.
+
+On a CUDA machine they run natively (bfloat16 and float16, the real shapes); on a CPU they run
+under the Triton interpreter when TRITON_INTERPRET=1 is set (as CI does), at tiny shapes and in
+float16/float32 (the interpreter's tl.dot is wrong on bfloat16 operands); otherwise they skip.
+Every case draws fresh random data (never zeros), and outputs are poisoned with NaN first, so an
+element the kernel fails to write shows.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.kernels import HAS_TRITON
+from nanovllm.utils.context import AttentionMetadata
+
+CUDA = torch.cuda.is_available() and HAS_TRITON
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+pytestmark = pytest.mark.skipif(
+    not (CUDA or INTERPRET), reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter"
+)
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float16, torch.float32]
+# (num_heads, num_kv_heads, head_dim): GQA ratios 1, 2, 4, 8; head_dim 64 and 128 (and odd ones
+# on the interpreter, which also keeps its shapes small)
+HEADS = (
+    [(8, 8, 128), (16, 8, 128), (16, 4, 64), (32, 4, 128), (8, 1, 64), (4, 2, 96)]
+    if CUDA
+    else [(2, 2, 32), (4, 2, 64), (4, 1, 16), (8, 1, 24)]
+)
+BLOCK_SIZES = [16, 256]
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (NaN anywhere gives NaN, which fails every comparison)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+class Case:
+    """A random paged cache and one step's batch: sequence i has ctx_lens[i] cached tokens and
+    computes q_lens[i] new ones, its blocks scattered through the pool in random order."""
+
+    def __init__(
+        self,
+        q_lens: list[int],
+        ctx_lens: list[int],
+        heads: tuple[int, int, int],
+        block_size: int,
+        dtype: torch.dtype,
+        seed: int,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        num_heads, num_kv_heads, head_dim = heads
+        seq_lens = [q + c for q, c in zip(q_lens, ctx_lens, strict=True)]
+        blocks = [math.ceil(n / block_size) for n in seq_lens]
+        num_blocks = sum(blocks) + 3
+        perm = torch.randperm(num_blocks, generator=gen)
+        width = max(blocks)
+        # [num_seqs, width], -1 padded
+        self.block_tables = torch.full((len(q_lens), width), -1, dtype=torch.int32)
+        used = 0
+        for i, n in enumerate(blocks):
+            self.block_tables[i, :n] = perm[used : used + n].int()
+            used += n
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen).to(dtype)
+
+        # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+        self.v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+        num_tokens = sum(q_lens)
+        self.q = randn(num_tokens, num_heads, head_dim)
+        self.k = randn(num_tokens, num_kv_heads, head_dim)
+        self.v = randn(num_tokens, num_kv_heads, head_dim)
+        slots = []
+        for i, (q, c) in enumerate(zip(q_lens, ctx_lens, strict=True)):
+            for pos in range(c, c + q):
+                slots.append(
+                    int(self.block_tables[i, pos // block_size]) * block_size + pos % block_size
+                )
+        cu = [0]
+        for q in q_lens:
+            cu.append(cu[-1] + q)
+        self.meta = AttentionMetadata(
+            is_prefill=max(q_lens) > 1 or min(ctx_lens) == 0,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+            block_tables=self.block_tables,
+            max_seqlen_q=max(q_lens),
+            max_seqlen_k=max(seq_lens),
+            seq_lens_list=seq_lens,
+            query_lens_list=list(q_lens),
+        )
+        self.scale = head_dim**-0.5
+
+    def to(self, device: torch.device) -> "Case":
+        for name in ("block_tables", "k_cache", "v_cache", "q", "k", "v"):
+            setattr(self, name, getattr(self, name).to(device))
+        for name in ("slot_mapping", "seq_lens", "cu_seqlens_q", "block_tables"):
+            setattr(self.meta, name, getattr(self.meta, name).to(device))
+        return self
+
+    def run(
+        self, backend: object, meta: AttentionMetadata | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """backend.forward on copies of the caches; returns (out, k_cache, v_cache)."""
+        k_cache, v_cache = self.k_cache.clone(), self.v_cache.clone()
+        out = backend.forward(
+            self.q, self.k, self.v, k_cache, v_cache, meta or self.meta, self.scale
+        )
+        return out, k_cache, v_cache
+
+
+def torch_backend() -> object:
+    from nanovllm.attention.torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()
+
+
+def triton_backend(num_kv_heads: int) -> object:
+    from nanovllm.attention.triton_backend import TritonAttentionBackend
+
+    return TritonAttentionBackend(DEVICE, num_kv_heads)
+
+
+def reference(case: Case) -> tuple[torch.Tensor, ...]:
+    """The torch backend's result, computed in float32 from the same inputs."""
+    ref = Case.__new__(Case)
+    ref.__dict__.update(case.__dict__)
+    for name in ("k_cache", "v_cache", "q", "k", "v"):
+        setattr(ref, name, getattr(case, name).float())
+    return ref.run(torch_backend())
+
+
+# (q_lens, ctx_lens): plain prefill of mixed lengths, prefix hits (whole blocks cached),
+# chunked prefill (an arbitrary cached part), and a mix of all three with a one-token query
+PREFILL_CASES = {
+    "plain": ([1, 7, 33, 70], [0, 0, 0, 0]),
+    "prefix_hit": ([5, 40], [16, 32]),
+    "chunked": ([9, 64, 1], [23, 50, 77]),
+}
+DECODE_CTX = [0, 1, 15, 16, 40, 130]  # keys before the new token
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("name", list(PREFILL_CASES))
+def test_prefill_matches_torch_backend(
+    name: str, block_size: int, heads: tuple[int, int, int], dtype: torch.dtype
+) -> None:
+    q_lens, ctx_lens = PREFILL_CASES[name]
+    if CUDA:  # larger on the GPU: many tiles, and a tile boundary inside the context
+        q_lens = [3 * q + 5 for q in q_lens]
+        ctx_lens = [5 * c for c in ctx_lens]
+    case = Case(q_lens, ctx_lens, heads, block_size, dtype, seed=hash((name, block_size)) % 1000)
+    case.meta.is_prefill = True
+    ref_out, ref_k, ref_v = reference(case)
+    case.to(DEVICE)
+    out, k_cache, v_cache = case.run(triton_backend(heads[1]))
+    assert rel_err(out.cpu(), ref_out) < TOL[dtype]
+    # the new rows were stored, everything else left as it was
+    assert torch.equal(k_cache.cpu().float(), ref_k)
+    assert torch.equal(v_cache.cpu().float(), ref_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_decode_matches_torch_backend(
+    block_size: int, heads: tuple[int, int, int], dtype: torch.dtype
+) -> None:
+    ctx = DECODE_CTX + ([1000, 3000] if CUDA else [])
+    case = Case([1] * len(ctx), ctx, heads, block_size, dtype, seed=block_size + heads[0])
+    case.meta.is_prefill = False
+    ref_out, ref_k, _ = reference(case)
+    case.to(DEVICE)
+    backend = triton_backend(heads[1])
+    for max_len in (case.meta.max_seqlen_k, 64 * case.meta.max_seqlen_k):  # 1 and many splits
+        meta = backend.build_metadata(case.meta, max_len)
+        out, k_cache, _ = case.run(backend, meta)
+        assert rel_err(out.cpu(), ref_out) < TOL[dtype], f"num_splits={meta.num_splits}"
+        assert torch.equal(k_cache.cpu().float(), ref_k)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_writes_every_element_and_zero_length_rows(num_splits: int) -> None:
+    from nanovllm.kernels.decode_attention import decode_attention
+
+    heads = HEADS[1]
+    case = Case([1, 1, 1], [20, 0, 50], heads, 16, DTYPES[0], seed=7)
+    case.meta.is_prefill = False
+    ref_out, ref_k, ref_v = reference(case)
+    case.to(DEVICE)
+    k_cache, v_cache = ref_k.to(DEVICE, DTYPES[0]), ref_v.to(DEVICE, DTYPES[0])
+    seq_lens = case.meta.seq_lens.clone()
+    seq_lens[1] = 0  # a padded CUDA-graph row: no keys at all
+    out = torch.full_like(case.q, float("nan"))
+    decode_attention(
+        case.q, k_cache, v_cache, case.block_tables, seq_lens, case.scale, num_splits, out
+    )
+    out = out.cpu()
+    assert not out.isnan().any()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert rel_err(out[[0, 2]], ref_out[[0, 2]]) < TOL[DTYPES[0]]
+
+
+def test_prefill_writes_every_element() -> None:
+    from nanovllm.kernels.prefill_attention import prefill_attention
+
+    case = Case([17, 1, 30], [0, 9, 3], HEADS[1], 16, DTYPES[0], seed=3)
+    ref_out, ref_k, ref_v = reference(case)
+    case.to(DEVICE)
+    k_cache, v_cache = ref_k.to(DEVICE, DTYPES[0]), ref_v.to(DEVICE, DTYPES[0])
+    out = torch.full_like(case.q, float("nan"))
+    m = case.meta
+    prefill_attention(
+        case.q,
+        k_cache,
+        v_cache,
+        m.block_tables,
+        m.cu_seqlens_q,
+        m.seq_lens,
+        m.max_seqlen_q,
+        case.scale,
+        out,
+    )
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), ref_out) < TOL[DTYPES[0]]
+
+
+def test_prefill_without_cache_matches_dense_causal() -> None:
+    """The memory-profiling run: no cache yet, the fresh K/V act as one-token blocks."""
+    case = Case([12, 5], [0, 0], HEADS[1], 16, DTYPES[0], seed=11)
+    ref_out, _, _ = reference(case)
+    case.to(DEVICE)
+    empty = torch.empty(0, device=DEVICE)
+    out = triton_backend(HEADS[1][1]).forward(
+        case.q, case.k, case.v, empty, empty, case.meta, case.scale
+    )
+    assert rel_err(out.cpu(), ref_out) < TOL[DTYPES[0]]
+
+
+def test_store_kv_skips_negative_slots() -> None:
+    from nanovllm.kernels.store_kv import store_kv
+
+    gen = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(4, 16, 2, 8, generator=gen).to(DEVICE)
+    v_cache = torch.randn(4, 16, 2, 8, generator=gen).to(DEVICE)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    k = torch.randn(3, 2, 8, generator=gen).to(DEVICE)
+    v = torch.randn(3, 2, 8, generator=gen).to(DEVICE)
+    store_kv(k, v, k_cache, v_cache, torch.tensor([5, -1, 63], device=DEVICE))
+    expect_k, expect_v = before_k.view(-1, 2, 8), before_v.view(-1, 2, 8)
+    expect_k[5], expect_k[63] = k[0], k[2]
+    expect_v[5], expect_v[63] = v[0], v[2]
+    assert torch.equal(k_cache.view(-1, 2, 8), expect_k)
+    assert torch.equal(v_cache.view(-1, 2, 8), expect_v)
+
+
+# -- fused layer kernels against the PyTorch layers ------------------------------------------
+
+
+def _exact_or_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    # one rounding of the model dtype apart at most
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert (a.float().cpu() - b.float().cpu()).abs().max().item() <= tol * max(
+        1.0, b.float().abs().max().item()
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ([torch.float32] if CUDA else []))
+@pytest.mark.parametrize("hidden", [64, 200])
+def test_rms_norm_kernel(dtype: torch.dtype, hidden: int) -> None:
+    from nanovllm.kernels.norm_rope import rms_norm
+    from nanovllm.layers.layernorm import RMSNorm
+
+    gen = torch.Generator().manual_seed(hidden)
+    norm = RMSNorm(hidden, eps=1e-6).to(dtype)
+    norm.weight.data = torch.randn(hidden, generator=gen).to(dtype)
+    x = torch.randn(9, hidden, generator=gen).to(dtype)
+    res = torch.randn(9, hidden, generator=gen).to(dtype)
+    w = norm.weight.to(DEVICE)
+    out = torch.full_like(x, float("nan"))
+    _exact_or_close(rms_norm(x.to(DEVICE), w, 1e-6), norm._norm(x), dtype)
+    y, r = rms_norm(x.to(DEVICE), w, 1e-6, res.to(DEVICE))
+    ref_y, ref_r = norm._norm(x + res), x + res
+    assert not y.isnan().any() and out.isnan().all()
+    _exact_or_close(y, ref_y, dtype)
+    assert torch.equal(r.cpu(), ref_r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ([torch.float32] if CUDA else []))
+@pytest.mark.parametrize("heads", [(4, 2, 16), (8, 1, 64), (2, 2, 24)])
+def test_qk_norm_rope_kernel(dtype: torch.dtype, heads: tuple[int, int, int]) -> None:
+    from nanovllm.kernels.norm_rope import qk_norm_rope
+    from nanovllm.layers.layernorm import RMSNorm
+    from nanovllm.layers.rotary_embedding import RotaryEmbedding
+
+    num_heads, num_kv_heads, head_dim = heads
+    gen = torch.Generator().manual_seed(head_dim)
+    rope = RotaryEmbedding(head_dim, 512, {"rope_theta": 10000.0, "rope_type": "default"})
+    q_norm, k_norm = RMSNorm(head_dim).to(dtype), RMSNorm(head_dim).to(dtype)
+    q_norm.weight.data = torch.randn(head_dim, generator=gen).to(dtype)
+    k_norm.weight.data = torch.randn(head_dim, generator=gen).to(dtype)
+    qkv = torch.randn(7, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    positions = torch.tensor([0, 1, 5, 77, 300, 511, 2])
+    q, k = qk_norm_rope(
+        qkv.to(DEVICE),
+        positions.to(DEVICE),
+        q_norm.weight.to(DEVICE),
+        k_norm.weight.to(DEVICE),
+        rope.cos.to(DEVICE),
+        rope.sin.to(DEVICE),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        1e-6,
+    )
+    q0, k0, _ = qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim] * 1 + [num_kv_heads * head_dim], -1
+    )
+    ref_q, ref_k = rope(
+        positions,
+        q_norm(q0.reshape(-1, num_heads, head_dim)),
+        k_norm(k0.reshape(-1, num_kv_heads, head_dim)),
+    )
+    # the reference rounds after each product of the rotation, the kernel once: a few ulps
+    _exact_or_close(q, ref_q, dtype)
+    _exact_or_close(k, ref_k, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_kernel(dtype: torch.dtype) -> None:
+    from nanovllm.kernels.norm_rope import silu_and_mul
+
+    x = torch.randn(5, 2 * 1500, generator=torch.Generator().manual_seed(1)).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    _exact_or_close(silu_and_mul(x.to(DEVICE)), F.silu(gate) * up, dtype)
+
+
+def test_sampling_kernel_greedy_rows_and_distribution() -> None:
+    """Greedy rows are the argmax; sampled rows follow softmax(logits / T) (chi-square)."""
+    from nanovllm.kernels.sampling import sample_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 6
+    logits = torch.randn(2, vocab, generator=gen) * 2
+    draws = 400 if INTERPRET and not CUDA else 20000
+    # row 0 greedy, the other rows copies of row 1 at temperature 0.8
+    rows = torch.cat([logits[:1], logits[1:].expand(draws, vocab)]).to(DEVICE)
+    temps = torch.tensor([0.0] + [0.8] * draws, device=DEVICE)
+    counts = torch.zeros(vocab)
+    for seed in range(5):
+        tokens = sample_temperature(rows, temps, seed).cpu()
+        assert tokens[0].item() == logits[0].argmax().item()
+        counts += torch.bincount(tokens[1:], minlength=vocab).float()
+    expected = (logits[1] / 0.8).softmax(-1) * counts.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    # 5 degrees of freedom: P(chi2 > 30) is about 1.5e-5
+    assert chi2 < 30, (counts, expected)
+    # different seeds give different draws
+    a = sample_temperature(rows, temps, 1).cpu()
+    b = sample_temperature(rows, temps, 2).cpu()
+    assert not torch.equal(a, b)
