@@ -76,12 +76,12 @@ class ModelRunner:
         self._sample_rng = random.Random(config.seed)
         self.inputs = InputBuilder(self.device, self.block_size)
         self.startup_seconds = {"load": time.perf_counter() - start}
+        self.graphs: CUDAGraphRunner | None = None
         start = time.perf_counter()
         self.num_kvcache_blocks = allocate_kv_cache(
             config, self.attention_layers, self.device, self.world_size, self._profile_run
         )
         self.startup_seconds["kv_cache"] = time.perf_counter() - start
-        self.graphs: CUDAGraphRunner | None = None
         if (
             self.device.type == "cuda"
             and not config.enforce_eager
