@@ -101,8 +101,8 @@ def teacher_forced_logits(llm: LLM, prompts: list[list[int]], forced: list[list[
         Sequence(p, SamplingParams(temperature=0), llm.config.kvcache_block_size) for p in prompts
     ]
     for seq in seqs:
-        engine.block_manager.allocate(seq)
-        seq.num_scheduled_tokens = len(seq)
+        engine.block_manager.allocate(seq)  # the prompt may hit the prefix cache
+        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
     steps = [engine.runner.execute(plan_step(seqs, True)).float().cpu()]
     for step in range(len(forced[0])):
         for seq, tokens in zip(seqs, forced, strict=True):

@@ -85,41 +85,56 @@ def _qk_norm_rope_kernel(
     stride_t,
     eps,
     NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
 ):
+    # One program per token: rows 0..NUM_HEADS-1 of the tile are its query heads, the next
+    # NUM_KV_HEADS its key heads; each row is split in the two halves RoPE rotates.
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)  # 0..NUM_HEADS-1 are query heads, the rest key heads
-    is_q = head < NUM_HEADS
+    heads = tl.arange(0, HEADS_PAD)
     offs = tl.arange(0, HALF_PAD)
-    mask = offs < HALF
-    base = qkv_ptr + token * stride_t + head * HEAD_DIM
-    x1 = tl.load(base + offs, mask=mask, other=0.0)
-    x2 = tl.load(base + HALF + offs, mask=mask, other=0.0)
+    is_q = heads < NUM_HEADS
+    row_mask = heads < NUM_HEADS + NUM_KV_HEADS
+    mask = row_mask[:, None] & (offs < HALF)[None, :]
+    # [HEADS_PAD, HALF_PAD] each
+    base = qkv_ptr + token * stride_t + heads[:, None] * HEAD_DIM + offs[None, :]
+    x1 = tl.load(base, mask=mask, other=0.0)
+    x2 = tl.load(base + HALF, mask=mask, other=0.0)
     dtype = x1.dtype
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / HEAD_DIM + eps)
-    w_ptr = tl.where(is_q, q_w_ptr, k_w_ptr)
-    w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    y1 = ((a * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-    y2 = ((b * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / HEAD_DIM + eps)
+    half_mask = offs < HALF
+    # [1, HALF_PAD] weights, the query or the key norm's by row
+    qw1 = tl.load(q_w_ptr + offs, mask=half_mask, other=0.0).to(tl.float32)[None, :]
+    qw2 = tl.load(q_w_ptr + HALF + offs, mask=half_mask, other=0.0).to(tl.float32)[None, :]
+    kw1 = tl.load(k_w_ptr + offs, mask=half_mask, other=0.0).to(tl.float32)[None, :]
+    kw2 = tl.load(k_w_ptr + HALF + offs, mask=half_mask, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.where(is_q[:, None], qw1, kw1)
+    w2 = tl.where(is_q[:, None], qw2, kw2)
+    y1 = ((a * rstd[:, None]).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+    y2 = ((b * rstd[:, None]).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     pos = tl.load(pos_ptr + token).to(tl.int64)
-    cos1 = tl.load(cos_ptr + pos * HEAD_DIM + offs, mask=mask).to(dtype).to(tl.float32)
-    cos2 = tl.load(cos_ptr + pos * HEAD_DIM + HALF + offs, mask=mask).to(dtype).to(tl.float32)
-    sin1 = tl.load(sin_ptr + pos * HEAD_DIM + offs, mask=mask).to(dtype).to(tl.float32)
-    sin2 = tl.load(sin_ptr + pos * HEAD_DIM + HALF + offs, mask=mask).to(dtype).to(tl.float32)
+    table = pos * HEAD_DIM + offs
+    cos1 = tl.load(cos_ptr + table, mask=half_mask).to(dtype).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_ptr + table + HALF, mask=half_mask).to(dtype).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_ptr + table, mask=half_mask).to(dtype).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_ptr + table + HALF, mask=half_mask).to(dtype).to(tl.float32)[None, :]
     # rotate_half(y) = (-y2, y1)
-    o1 = y1 * cos1 - y2 * sin1
-    o2 = y2 * cos2 + y1 * sin2
-    if is_q:
-        dst = q_out_ptr + (token * NUM_HEADS + head) * HEAD_DIM
-    else:
-        num_kv = tl.num_programs(1) - NUM_HEADS
-        dst = k_out_ptr + (token * num_kv + head - NUM_HEADS) * HEAD_DIM
-    tl.store(dst + offs, o1.to(dtype), mask=mask)
-    tl.store(dst + HALF + offs, o2.to(dtype), mask=mask)
+    o1 = (y1 * cos1 - y2 * sin1).to(dtype)
+    o2 = (y2 * cos2 + y1 * sin2).to(dtype)
+    q_dst = q_out_ptr + (token * NUM_HEADS + heads[:, None]) * HEAD_DIM + offs[None, :]
+    q_mask = mask & is_q[:, None]
+    tl.store(q_dst, o1, mask=q_mask)
+    tl.store(q_dst + HALF, o2, mask=q_mask)
+    k_dst = (
+        k_out_ptr + (token * NUM_KV_HEADS + heads[:, None] - NUM_HEADS) * HEAD_DIM + offs[None, :]
+    )
+    k_mask = mask & ~is_q[:, None]
+    tl.store(k_dst, o1, mask=k_mask)
+    tl.store(k_dst + HALF, o2, mask=k_mask)
 
 
 def qk_norm_rope(
@@ -147,7 +162,7 @@ def qk_norm_rope(
     k = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if num_tokens > 0:
         half = head_dim // 2
-        _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
+        _qk_norm_rope_kernel[(num_tokens,)](
             qkv,
             q_weight,
             k_weight,
@@ -159,10 +174,12 @@ def qk_norm_rope(
             qkv.stride(0),
             eps,
             NUM_HEADS=num_heads,
+            NUM_KV_HEADS=num_kv_heads,
+            HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
             HEAD_DIM=head_dim,
             HALF=half,
             HALF_PAD=triton.next_power_of_2(half),
-            num_warps=1,
+            num_warps=4,
         )
     return q, k
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _sample_kernel(logits_ptr, temps_ptr, out_ptr, seed, stride, V, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     t = tl.load(temps_ptr + row)

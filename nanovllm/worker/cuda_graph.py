@@ -52,7 +52,8 @@ class CUDAGraphRunner:
         self.batch_sizes = graph_batch_sizes(max_batch)
         # One int64 buffer: [ids | positions | slots | seq_lens | cu_seqlens | block tables]
         b = max_batch
-        self._sizes = [b, b, b, b, b + 1, b * self.max_blocks]
+        # each part 64-byte aligned (Triton specialises kernels on pointer alignment)
+        self._sizes = [(n + 7) // 8 * 8 for n in (b, b, b, b, b + 1, b * self.max_blocks)]
         total = sum(self._sizes)
         self._host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
         self._buf = torch.zeros(total, dtype=torch.int64, device=device)
@@ -62,9 +63,9 @@ class CUDAGraphRunner:
         self._h = [host_views[offsets[i] : offsets[i + 1]] for i in range(len(self._sizes))]
         ids, pos, slots, lens, cu, tables = self._buf.split(self._sizes)
         self.input_ids, self.positions, self.slots, self.seq_lens = ids, pos, slots, lens
-        self.block_tables = tables.view(b, self.max_blocks)
+        self.block_tables = tables[: b * self.max_blocks].view(b, self.max_blocks)
         self.cu_seqlens = cu
-        self._h[4][:] = np.arange(b + 1)
+        self._h[4][: b + 1] = np.arange(b + 1)
         self._h[2][:] = -1
         self._buf.copy_(self._host)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -119,7 +120,7 @@ class CUDAGraphRunner:
         pos[:n] = context
         lens[:n] = context + 1
         lens[n:batch] = 0
-        table = tables.reshape(self.max_batch, self.max_blocks)
+        table = tables[: self.max_batch * self.max_blocks].reshape(self.max_batch, self.max_blocks)
         for i, row in enumerate(plan.block_tables):
             table[i, : len(row)] = row
         # [n]: the new token's slot

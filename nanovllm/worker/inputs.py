@@ -101,12 +101,18 @@ class InputBuilder:
             last_rows,
             tables.ravel(),
         ]
+        # Each part starts at a multiple of 8 elements (64 bytes): Triton specialises kernels on
+        # 16-byte pointer alignment, so unaligned views would compile extra kernel variants.
         sizes = [p.size for p in parts]
-        host, dev = self._buffers(sum(sizes))
-        np.concatenate(parts, out=host.numpy()[: sum(sizes)])
+        starts = np.concatenate([[0], np.cumsum([(n + 7) // 8 * 8 for n in sizes])])
+        total = int(starts[-1])
+        host, dev = self._buffers(total)
+        host_np = host.numpy()
+        for part, start in zip(parts, starts, strict=False):
+            host_np[start : start + part.size] = part
         if dev is not host:
-            dev[: sum(sizes)].copy_(host[: sum(sizes)], non_blocking=True)
-        views = list(dev[: sum(sizes)].split(sizes))
+            dev[:total].copy_(host[:total], non_blocking=True)
+        views = [dev[start : start + n] for start, n in zip(starts, sizes, strict=False)]
         input_ids, pos, slots, lens, cu, rows, flat_tables = views
         seq_lens_list = seq_lens.tolist()
         meta = AttentionMetadata(

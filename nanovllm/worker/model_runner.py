@@ -21,6 +21,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler, SamplingBatch
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.context import set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.worker.cuda_graph import CUDAGraphRunner
@@ -74,6 +75,7 @@ class ModelRunner:
         self.vocab_size = hf.vocab_size
         self.sampler = Sampler()
         self._sample_rng = random.Random(config.seed)
+        self._plain_cache: dict[int, float | None] = {}
         self.inputs = InputBuilder(self.device, self.block_size)
         self.startup_seconds = {"load": time.perf_counter() - start}
         self.graphs: CUDAGraphRunner | None = None
@@ -115,6 +117,22 @@ class ModelRunner:
         plan = StepPlan(True, [0] * num_tokens, lens, [0] * num_seqs, [[] for _ in lens], [])
         self.execute(plan)
 
+    def _plain_temperatures(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """[num_seqs] float32 temperatures (pinned) when every sequence samples with temperature
+        alone (see kernels/sampling.py), else None. Verdicts are kept per sequence id."""
+        cache = self._plain_cache
+        if len(cache) > 4 * self.config.max_num_seqs:
+            cache.clear()
+        temps = []
+        for seq in seqs:
+            t = cache.get(seq.seq_id, cache)
+            if t is cache:
+                t = cache[seq.seq_id] = _plain_temperature(seq.sampling_params, self.vocab_size)
+            if t is None:
+                return None
+            temps.append(t)
+        return torch.tensor(temps, dtype=torch.float32).pin_memory()
+
     # -- one step ----------------------------------------------------------------------------
 
     def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -147,11 +165,35 @@ class ModelRunner:
 
         Sequences that ask for logprobs also get them recorded (see record_logprobs).
         """
-        batch = SamplingBatch.from_sequences(seqs, self.vocab_size, eos_token_ids, logits.device)
-        tokens = self.sampler(logits, batch, self._sample_rng)
+        temperatures = self._plain_temperatures(seqs) if logits.is_cuda else None
+        if temperatures is not None:  # the common case on CUDA: one fused kernel, no sync
+            from nanovllm.kernels.sampling import sample_temperature
+
+            temps = temperatures.to(logits.device, non_blocking=True)
+            tokens = sample_temperature(logits, temps, self._sample_rng.getrandbits(31))
+        else:
+            batch = SamplingBatch.from_sequences(
+                seqs, self.vocab_size, eos_token_ids, logits.device
+            )
+            tokens = self.sampler(logits, batch, self._sample_rng)
         if any(seq.sampling_params.logprobs is not None for seq in seqs):
             record_logprobs(seqs, logits, tokens)
         return tokens.tolist()
+
+
+def _plain_temperature(params: SamplingParams, vocab_size: int) -> float | None:
+    """The temperature of params if sampling with them needs nothing else, else None."""
+    plain = (
+        (params.top_k <= 0 or params.top_k >= vocab_size)
+        and params.top_p >= 1
+        and params.min_p <= 0
+        and params.repetition_penalty == 1
+        and params.presence_penalty == 0
+        and params.frequency_penalty == 0
+        and params.min_tokens == 0
+        and (params.seed is None or params.temperature == 0)
+    )
+    return float(params.temperature) if plain else None
 
 
 def record_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> None:
