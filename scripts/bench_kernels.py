@@ -16,6 +16,7 @@ import torch
 import triton
 
 from nanovllm.kernels.decode_attention import choose_num_splits, decode_attention
+from nanovllm.kernels.sampling import sample_temperature
 
 
 def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
@@ -86,9 +87,19 @@ def main() -> None:
             f"{r['num_warps']} {r['num_stages']} | {r['ms']:.4f} | {r['tb_per_s']:.3f} | "
             f"{r['tb_per_s'] * 1e12 / copy:.0%}"
         )
+    logits = torch.randn(256, 151936, device="cuda").bfloat16()
+    temps = torch.full((256,), 0.6, device="cuda")
+    ms = triton.testing.do_bench(
+        lambda: sample_temperature(logits, temps, 1234), warmup=25, rep=200, return_mode="median"
+    )
+    print(f"fused sampler, 256 x 151936 bf16 logits: {ms * 1e3:.1f} us")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, copy_tb_per_s=copy / 1e12, decode=rows), f, indent=1)
+            json.dump(
+                dict(device=name, copy_tb_per_s=copy / 1e12, decode=rows, sampler_us=ms * 1e3),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -90,8 +90,9 @@ class ModelRunner:
             and self.attn_backend.supports_cuda_graphs
         ):
             start = time.perf_counter()
+            model = self.model  # the graph runner must not hold the runner (no cycle)
             self.graphs = CUDAGraphRunner(
-                self._forward_logits,
+                lambda ids, pos: model.compute_logits(model(ids, pos)),
                 self.attn_backend,
                 self.device,
                 min(config.max_num_seqs, 512),
@@ -134,10 +135,6 @@ class ModelRunner:
         return torch.tensor(temps, dtype=torch.float32).pin_memory()
 
     # -- one step ----------------------------------------------------------------------------
-
-    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits of every row (decode: every row is a sequence's last token)."""
-        return self.model.compute_logits(self.model(input_ids, positions))
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
