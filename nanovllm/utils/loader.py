@@ -88,14 +88,21 @@ def load_safetensors(model: nn.Module, path: str) -> None:
 
 
 def load_dummy(model: nn.Module, seed: int = 0) -> None:
-    """Random weights of the right shapes: norms 1, everything else N(0, 0.02)."""
-    generator = torch.Generator(device=next(model.parameters()).device)
+    """Random weights of the right shapes: norms 1, everything else N(0, 0.02).
+
+    Drawn in float32 and rounded to the model's dtype, so a bfloat16 and a float32 engine with
+    the same seed hold the same weights (up to that rounding).
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         else:
-            param.data.normal_(0.0, 0.02, generator=generator)
+            # [*param.shape] float32
+            values = torch.empty(param.shape, dtype=torch.float32, device=device)
+            param.data.copy_(values.normal_(0.0, 0.02, generator=generator))
 
 
 def load_model(model: nn.Module, path: str, load_format: str = "auto", seed: int = 0) -> None:
