@@ -19,13 +19,14 @@ import triton.language as tl
 def _sample_kernel(logits_ptr, temps_ptr, out_ptr, seed, stride, V, BLOCK: tl.constexpr):
     # Each Philox call yields four 32-bit draws, so a chunk is four sub-blocks of BLOCK tokens
     # sharing one call per lane: the counter of lane j of chunk c is row * V + c * BLOCK + j.
+    # Every lane keeps its own best value and index; one reduction at the end picks the row's.
     row = tl.program_id(0)
     t = tl.load(temps_ptr + row)
     sampled = t > 0
     inv_t = 1.0 / tl.where(sampled, t, 1.0)
-    best_val = float("-inf")
-    best_idx = 0
     lanes = tl.arange(0, BLOCK)
+    best_val = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK], dtype=tl.int32)
     base = logits_ptr + row.to(tl.int64) * stride
     for start in range(0, V, 4 * BLOCK):
         r0, r1, r2, r3 = tl.randint4x(seed, row * V + start // 4 + lanes)
@@ -44,13 +45,13 @@ def _sample_kernel(logits_ptr, temps_ptr, out_ptr, seed, stride, V, BLOCK: tl.co
             # uniform in (0, 1) from the top 24 bits
             u = ((r.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
             x = tl.where(sampled, x - tl.log(-tl.log(u)), x)
-            x = tl.where(mask, x, float("-inf"))
-            m = tl.max(x, 0)
-            idx = tl.argmax(x, 0)
-            better = m > best_val
-            best_idx = tl.where(better, start + k * BLOCK + idx, best_idx)
-            best_val = tl.where(better, m, best_val)
-    tl.store(out_ptr + row, best_idx)
+            better = mask & (x > best_val)
+            best_idx = tl.where(better, offs, best_idx)
+            best_val = tl.where(better, x, best_val)
+    # the lane holding the largest value; ties go to the smallest token id
+    top = tl.max(best_val, 0)
+    winner = tl.min(tl.where(best_val == top, best_idx, V), 0)
+    tl.store(out_ptr + row, winner)
 
 
 def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
