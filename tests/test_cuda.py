@@ -56,15 +56,19 @@ def test_fp32_greedy_matches_transformers(tiny_model_dir: str, hf_model: torch.n
 GREEDY_LENGTHS = [1, 3, 16, 17, 40, 100, 255, 256, 257, 600]
 
 
-def greedy_tokens(path: str, **kwargs: object) -> list[list[int]]:
+def greedy_tokens(path: str, num_kvcache_blocks: int = 400, **kwargs: object) -> list[list[int]]:
     prompts = prompts_of(GREEDY_LENGTHS, seed=2)
-    with LLM(path, device="cuda", num_kvcache_blocks=400, **kwargs) as llm:
-        # twice: the second pass hits the prefix cache
-        params = SamplingParams(temperature=0, max_tokens=24)
+    with LLM(path, device="cuda", num_kvcache_blocks=num_kvcache_blocks, **kwargs) as llm:
+        # twice: the second pass hits the prefix cache; requests end at different steps
+        params = [SamplingParams(temperature=0, max_tokens=1 + (7 * i) % 24) for i in range(10)]
         first = llm.generate(prompts, params, use_tqdm=False)
         second = llm.generate(prompts, params, use_tqdm=False)
+        ahead = llm.engine.stats.steps_ahead
     a = [o.outputs[0].token_ids for o in first]
     assert a == [o.outputs[0].token_ids for o in second]
+    graphs = kwargs.get("attention_backend") != "torch" and not kwargs.get("enforce_eager")
+    # decode steps run ahead exactly when CUDA graphs are on
+    assert (ahead > 0) == graphs, ahead
     return a
 
 
@@ -78,6 +82,13 @@ def test_fp32_triton_equals_torch_backend(tiny_model_dir: str, block_size: int) 
     eager = greedy_tokens(tiny_model_dir, attention_backend="triton", enforce_eager=True, **common)
     assert graphs == reference
     assert eager == reference
+
+
+def test_preemption_with_graphs_equals_torch_backend(tiny_model_dir: str) -> None:
+    """A pool too small for every sequence at once: preemption (and no room to run ahead)."""
+    common = dict(dtype="float32", kvcache_block_size=16, num_kvcache_blocks=60)
+    reference = greedy_tokens(tiny_model_dir, attention_backend="torch", **common)
+    assert greedy_tokens(tiny_model_dir, attention_backend="triton", **common) == reference
 
 
 def test_cuda_graphs_are_used(tiny_model_dir: str) -> None:

@@ -197,13 +197,19 @@ class BlockManager:
         seq.num_cached_tokens = 0
         seq.num_cached_blocks = 0
 
+    def blocks_to_append(self, seq: Sequence, lookahead: int = 0) -> int:
+        """New blocks seq needs to hold its tokens plus `lookahead` more."""
+        needed = (len(seq) + lookahead + self.block_size - 1) // self.block_size
+        return max(0, needed - len(seq.block_table))
+
     def can_append(self, seq: Sequence) -> bool:
         """True if the blocks for seq's current tokens can be had (at most one new one per step)."""
         return seq.num_blocks - len(seq.block_table) <= self.num_free_blocks
 
-    def may_append(self, seq: Sequence) -> None:
-        """Grow seq's block table to cover all its tokens (a new block when one was crossed)."""
-        while len(seq.block_table) < seq.num_blocks:
+    def may_append(self, seq: Sequence, lookahead: int = 0) -> None:
+        """Grow seq's block table to cover all its tokens (a new block when one was crossed),
+        and `lookahead` tokens not appended yet (a step computed before its input is known)."""
+        while self.blocks_to_append(seq, lookahead) > 0:
             if not self.free_block_ids:
                 raise RuntimeError(f"no free block left to grow {seq}")
             seq.block_table.append(self._take_free_block())

@@ -15,7 +15,8 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_plan import plan_step
 from nanovllm.engine.tp_workers import TPWorkers, threads_per_rank
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.worker.model_runner import ModelRunner
+from nanovllm.worker.inputs import StepPlan
+from nanovllm.worker.model_runner import ModelRunner, PendingTokens
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class EngineStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     steps: int = 0
+    steps_ahead: int = 0  # decode steps launched before the previous step's tokens were known
 
 
 class LLMEngine:
@@ -43,6 +45,8 @@ class LLMEngine:
         self.workers: TPWorkers | None = None
         self._closed = False
         self.stats = EngineStats()
+        # a decode step launched but not postprocessed: (its sequences, their pending tokens)
+        self._ahead: tuple[list[Sequence], PendingTokens] | None = None
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config)
             if config.device.type == "cpu":
@@ -90,6 +94,7 @@ class LLMEngine:
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop unfinished sequences, freeing their blocks."""
+        self.finish_pending()
         for seq in seqs:
             if seq in self.scheduler.running:
                 self.scheduler.running.remove(seq)
@@ -98,10 +103,18 @@ class LLMEngine:
                 self.scheduler.waiting.remove(seq)
 
     def step(self) -> tuple[list[Sequence], int, bool]:
-        """Run one step; returns (sequences finished in it, tokens computed, was it a prefill)."""
+        """Run one step; returns (sequences finished in it, tokens it completed, was it a prefill).
+
+        A decode step may be left running ahead (see _step_ahead): its tokens then count in the
+        call that applies them.
+        """
         if self._closed:
             raise RuntimeError("this engine was shut down")
         start = time.perf_counter()
+        if self._ahead is not None:
+            finished, num_tokens = self._step_ahead()
+            self._record(False, num_tokens, time.perf_counter() - start)
+            return finished, num_tokens, False
         seqs, is_prefill = self.scheduler.schedule()
         plan = plan_step(seqs, is_prefill)
         if self.workers is not None:
@@ -109,21 +122,93 @@ class LLMEngine:
         logits = self.runner.execute(plan)
         token_ids: list[int | None] = [None] * len(seqs)
         if plan.sample_rows:
-            sampled = self.runner.sample(
-                [seqs[i] for i in plan.sample_rows], logits, self.config.eos_token_ids
-            )
+            sample_seqs = [seqs[i] for i in plan.sample_rows]
+            eos = self.config.eos_token_ids
+            if not is_prefill and self.runner.can_run_ahead(plan):
+                if self.runner.can_sample_async(sample_seqs):
+                    # leave the tokens on their way: the next step runs ahead (_step_ahead)
+                    self._ahead = (seqs, self.runner.sample_async(sample_seqs, logits, eos))
+                    self._record(False, 0, time.perf_counter() - start)
+                    return [], 0, False
+            sampled = self.runner.sample(sample_seqs, logits, eos)
             for row, token in zip(plan.sample_rows, sampled, strict=True):
                 token_ids[row] = token
         finished = self.scheduler.postprocess(seqs, token_ids)
-        elapsed, stats = time.perf_counter() - start, self.stats
+        self._record(is_prefill, len(plan.input_ids), time.perf_counter() - start)
+        return finished, len(plan.input_ids), is_prefill
+
+    # Running one decode step ahead. The GPU would idle while the host applies a step's tokens
+    # (postprocess) and plans the next one. Instead, when a decode step's tokens are left on the
+    # device (step() above), the next call launches the following decode step of the same
+    # sequences at once, its input ids taken from the device, and only then waits for the
+    # previous tokens and postprocesses them while the GPU works. A sequence that finishes in
+    # the waited-for step was computed one token too far; that token is dropped (its K/V went to
+    # the sequence's own next slot, freed with it). Running ahead needs: one rank, a CUDA-graph
+    # decode, the fused sampler, no request waiting for a prefill (they go first), and a free
+    # block for every sequence that may cross into a new one; otherwise the pending step is
+    # completed on its own and the next call schedules as usual.
+
+    def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
+        bm = self.block_manager
+        needed = sum(bm.blocks_to_append(seq, 1) for seq in seqs)
+        return (
+            not self.scheduler.waiting
+            and needed <= bm.num_free_blocks
+            and self.runner.can_sample_async(seqs)
+        )
+
+    def _step_ahead(self) -> tuple[list[Sequence], int]:
+        """Postprocess the pending decode step, launching the next one first when possible."""
+        seqs, pending = self._ahead
+        self._ahead = None
+        launched = None
+        if self._can_run_ahead(seqs):
+            for seq in seqs:
+                self.block_manager.may_append(seq, lookahead=1)
+            # The pending token of each sequence sits at position len(seq).
+            plan = StepPlan(
+                is_prefill=False,
+                input_ids=[0] * len(seqs),
+                query_lens=[1] * len(seqs),
+                context_lens=[len(seq) for seq in seqs],
+                block_tables=[seq.block_table for seq in seqs],
+                sample_rows=list(range(len(seqs))),
+            )
+            if self.runner.can_run_ahead(plan):
+                logits = self.runner.execute(plan, device_input_ids=pending.tokens)
+                launched = self.runner.sample_async(seqs, logits, self.config.eos_token_ids)
+                self.stats.steps_ahead += 1
+        finished = self.scheduler.postprocess(seqs, pending.result())
+        if launched is not None:
+            done = {seq.seq_id for seq in finished}
+            keep = [i for i, seq in enumerate(seqs) if seq.seq_id not in done]
+            survivors = [seqs[i] for i in keep]
+            for seq in survivors:  # the launched step computes their pending token
+                seq.num_scheduled_tokens = 1
+            if survivors:
+                if len(keep) < len(seqs):
+                    index = torch.tensor(keep, device=launched.tokens.device)
+                    launched = PendingTokens.start(launched.tokens.index_select(0, index))
+                self._ahead = (survivors, launched)
+        return finished, len(seqs)
+
+    def finish_pending(self) -> list[Sequence]:
+        """Wait for and apply a decode step left running ahead; returns what finished in it."""
+        if self._ahead is None:
+            return []
+        seqs, pending = self._ahead
+        self._ahead = None
+        return self.scheduler.postprocess(seqs, pending.result())
+
+    def _record(self, is_prefill: bool, num_tokens: int, elapsed: float) -> None:
+        stats = self.stats
         stats.steps += 1
         if is_prefill:
-            stats.prefill_tokens += len(plan.input_ids)
+            stats.prefill_tokens += num_tokens
             stats.prefill_seconds += elapsed
         else:
-            stats.decode_tokens += len(plan.input_ids)
+            stats.decode_tokens += num_tokens
             stats.decode_seconds += elapsed
-        return finished, len(plan.input_ids), is_prefill
 
     @property
     def closed(self) -> bool:

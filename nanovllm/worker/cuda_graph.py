@@ -5,7 +5,8 @@ their launch cost. Graphs are captured at batch sizes 1, 2, 4, 8, then every 16 
 decode batch (max_num_seqs, at most 512), largest first, all sharing one memory pool and one set
 of static input buffers; a step runs the smallest graph that holds its batch. The static inputs
 live in one int64 device buffer (input ids, positions, slots, sequence lengths, block tables)
-filled by a single copy from a pinned host mirror. Padded rows get slot -1 (their K/V is not
+filled by a single copy from one of two pinned host mirrors; the input ids may instead come from
+the device (the previous step's sampled tokens, when the engine runs a step ahead). Padded rows get slot -1 (their K/V is not
 stored) and length 0 (their attention output is zero), so they touch nothing real. The graph
 covers the model and the LM head; sampling runs after it, eagerly.
 """
@@ -55,19 +56,26 @@ class CUDAGraphRunner:
         # each part 64-byte aligned (Triton specialises kernels on pointer alignment)
         self._sizes = [(n + 7) // 8 * 8 for n in (b, b, b, b, b + 1, b * self.max_blocks)]
         total = sum(self._sizes)
-        self._host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
+        # Two pinned host mirrors used in turn: a step may be staged while the previous step's
+        # copy is still queued behind the GPU's work (the engine runs one decode step ahead).
+        self._hosts = [torch.zeros(total, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
         self._buf = torch.zeros(total, dtype=torch.int64, device=device)
-        host_views = self._host.numpy()
         offsets = np.cumsum([0] + self._sizes)
         self._tables_offset = int(offsets[-2])
-        self._h = [host_views[offsets[i] : offsets[i + 1]] for i in range(len(self._sizes))]
+        self._views = [
+            [h.numpy()[offsets[i] : offsets[i + 1]] for i in range(len(self._sizes))]
+            for h in self._hosts
+        ]
         ids, pos, slots, lens, cu, tables = self._buf.split(self._sizes)
         self.input_ids, self.positions, self.slots, self.seq_lens = ids, pos, slots, lens
         self.block_tables = tables[: b * self.max_blocks].view(b, self.max_blocks)
         self.cu_seqlens = cu
-        self._h[4][: b + 1] = np.arange(b + 1)
-        self._h[2][:] = -1
-        self._buf.copy_(self._host)
+        for views in self._views:
+            views[4][: b + 1] = np.arange(b + 1)
+            views[2][:] = -1
+        self._buf.copy_(self._hosts[0])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor | None] = {}
 
@@ -110,11 +118,19 @@ class CUDAGraphRunner:
         """True for decode steps that fit the largest captured batch."""
         return not plan.is_prefill and 0 < len(plan.query_lens) <= self.max_batch
 
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """Replay the graph for a decode plan; returns logits [num_seqs, vocab] (None off rank 0)."""
+    def run(
+        self, plan: StepPlan, device_input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Replay the graph for a decode plan; returns logits [num_seqs, vocab] (None off rank 0).
+
+        device_input_ids ([num_seqs] on the device), when given, replaces plan.input_ids.
+        """
         n = len(plan.query_lens)
         batch = next(b for b in self.batch_sizes if b >= n)
-        ids, pos, slots, lens, _, tables = self._h
+        turn = self._turn
+        self._turn ^= 1
+        self._copied[turn].synchronize()  # this mirror's last copy has left it
+        ids, pos, slots, lens, _, tables = self._views[turn]
         ids[:n] = plan.input_ids
         context = np.asarray(plan.context_lens, dtype=np.int64)
         pos[:n] = context
@@ -128,7 +144,10 @@ class CUDAGraphRunner:
         slots[:n] = blocks * self.block_size + context % self.block_size
         slots[n:batch] = -1
         used = self._tables_offset + batch * self.max_blocks
-        self._buf[:used].copy_(self._host[:used], non_blocking=True)
+        self._buf[:used].copy_(self._hosts[turn][:used], non_blocking=True)
+        self._copied[turn].record()
+        if device_input_ids is not None:
+            self.input_ids[:n].copy_(device_input_ids)
         self.graphs[batch].replay()
         out = self.outputs[batch]
         return out[:n] if out is not None else None

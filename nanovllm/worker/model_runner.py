@@ -10,6 +10,7 @@ eagerly. Rank 0 then samples one token for every sequence whose last token was c
 import logging
 import random
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -136,11 +137,23 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------
 
+    def can_run_ahead(self, plan: StepPlan) -> bool:
+        """True if this decode plan could take its input ids from the device (see execute)."""
+        return self.world_size == 1 and self.graphs is not None and self.graphs.can_run(plan)
+
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run the forward pass of a plan; logits [len(sample_rows), vocab] on rank 0."""
+    def execute(
+        self, plan: StepPlan, device_input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Run the forward pass of a plan; logits [len(sample_rows), vocab] on rank 0.
+
+        device_input_ids ([num_seqs], on the device) replaces plan.input_ids for a decode step
+        that runs before the previous step's tokens reached the host (see can_run_ahead).
+        """
         if self.graphs is not None and self.graphs.can_run(plan):
-            return self.graphs.run(plan)
+            return self.graphs.run(plan, device_input_ids)
+        if device_input_ids is not None:
+            raise RuntimeError("device input ids need a CUDA-graph decode step")
         inputs = self.inputs.build(plan)
         meta = self.attn_backend.build_metadata(inputs.meta, inputs.meta.max_seqlen_k)
         set_context(meta)
@@ -154,13 +167,23 @@ class ModelRunner:
         finally:
             set_context(None)
 
-    @torch.inference_mode()
-    def sample(
-        self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: list[int]
-    ) -> list[int]:
-        """One token per sequence from its logits row (rank 0).
+    def can_sample_async(self, seqs: list[Sequence]) -> bool:
+        """True when sampling seqs needs no host work after the draw (the fused CUDA path, no
+        logprobs to record), so sample_async can leave the tokens on their way to the host."""
+        return (
+            self.device.type == "cuda"
+            and self._plain_temperatures(seqs) is not None
+            and all(seq.sampling_params.logprobs is None for seq in seqs)
+        )
 
-        Sequences that ask for logprobs also get them recorded (see record_logprobs).
+    @torch.inference_mode()
+    def sample_async(
+        self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: list[int]
+    ) -> "PendingTokens":
+        """One token per sequence from its logits row (rank 0), copied to the host without
+        waiting: PendingTokens.result() waits for them.
+
+        Sequences that ask for logprobs also get them recorded (see record_logprobs; that waits).
         """
         temperatures = self._plain_temperatures(seqs) if logits.is_cuda else None
         if temperatures is not None:  # the common case on CUDA: one fused kernel, no sync
@@ -175,7 +198,39 @@ class ModelRunner:
             tokens = self.sampler(logits, batch, self._sample_rng)
         if any(seq.sampling_params.logprobs is not None for seq in seqs):
             record_logprobs(seqs, logits, tokens)
-        return tokens.tolist()
+        return PendingTokens.start(tokens)
+
+    def sample(
+        self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: list[int]
+    ) -> list[int]:
+        """One token per sequence from its logits row (rank 0); see sample_async."""
+        return self.sample_async(seqs, logits, eos_token_ids).result()
+
+
+@dataclass
+class PendingTokens:
+    """Sampled token ids on their way from the device to the host."""
+
+    tokens: torch.Tensor  # [num_seqs] int64 on the device
+    host: torch.Tensor  # [num_seqs] int64, pinned on CUDA
+    event: torch.cuda.Event | None  # recorded after the copy (CUDA only)
+
+    @classmethod
+    def start(cls, tokens: torch.Tensor) -> "PendingTokens":
+        """Begin the device-to-host copy of tokens."""
+        if not tokens.is_cuda:
+            return cls(tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(tokens, host, event)
+
+    def result(self) -> list[int]:
+        """The token ids (waits for the copy)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def _plain_temperature(params: SamplingParams, vocab_size: int) -> float | None:
