@@ -168,6 +168,7 @@ def main(args: argparse.Namespace, work_args: dict | Workload, engine_args: dict
     work_args is a ready Workload, or make_workload's arguments (the vocabulary and seed added).
     """
     path, load_format = model_path(args)
+    start = time.perf_counter()
     llm = LLM(
         path,
         load_format=load_format,
@@ -178,6 +179,8 @@ def main(args: argparse.Namespace, work_args: dict | Workload, engine_args: dict
         enforce_eager=args.enforce_eager,
         **engine_args,
     )
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in llm.engine.runner.startup_seconds.items())
+    print(f"Start-up: {time.perf_counter() - start:.2f} s ({parts})")
     if isinstance(work_args, Workload):
         work = work_args
     else:
