@@ -69,7 +69,11 @@ class ModelRunner:
         load_model(self.model, config.model, config.load_format, config.seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.attn_backend = select_backend(
-            config.attention_backend, self.device, self.attention_layers[0].num_kv_heads
+            config.attention_backend,
+            self.device,
+            self.attention_layers[0].num_kv_heads,
+            self.block_size,
+            config.dtype,
         )
         for layer in self.attention_layers:
             layer.backend = self.attn_backend
