@@ -57,6 +57,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=40960,
         tie_word_embeddings=False,
     ),
+    "qwen3-32b": dict(
+        vocab_size=151936,
+        hidden_size=5120,
+        intermediate_size=25600,
+        num_hidden_layers=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    ),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
