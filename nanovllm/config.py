@@ -48,6 +48,8 @@ class Config:
     attention_backend: str = "auto"
     tokenizer: str | None = None
     seed: int = 0
+    # The most logprobs / prompt_logprobs a request may ask for (vLLM's default; -1: vocabulary).
+    max_logprobs: int = 20
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -110,6 +112,7 @@ class Config:
             "tensor_parallel_size": 1,
             "kvcache_block_size": 16,
             "num_kvcache_blocks": -1,
+            "max_logprobs": -1,
         }
         for name, low in limits.items():
             value = getattr(self, name)

@@ -1,13 +1,15 @@
 """Per-request sampling settings, validated on construction."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
 class SamplingParams:
     """How to pick the tokens of one request (vLLM's names and meanings).
 
+    n: independent completions of the prompt. The prompt's full KV blocks are computed once and
+        shared through the prefix cache. With a seed, completion i uses seed + i.
     temperature: 0 means greedy; otherwise logits are divided by it before sampling.
     top_p: keep the smallest set of tokens whose probability reaches top_p (1 = off).
     top_k: keep the k most likely tokens (-1 or 0 = off).
@@ -18,10 +20,18 @@ class SamplingParams:
     min_tokens: EOS and stop tokens are ignored until this many tokens were generated.
     ignore_eos: keep generating after EOS (benchmarks).
     stop_token_ids: extra token ids that end the request (the token is kept in the output).
+    stop: strings that end the request; the text ends before the first one found, unless
+        include_stop_str_in_output. The token that completed it is the last of token_ids.
     seed: a request-local random generator, so its tokens do not depend on the batch.
     logprobs: also return, for each generated token, the log-probabilities of this many most
         likely tokens plus the chosen one, from the model's raw distribution (None = off).
+    prompt_logprobs: the same for each prompt token (after the first); such a request does not
+        use prefix-cache hits for its prompt, since every position's logits are needed.
+    truncate_prompt_tokens: keep only the last k prompt tokens (-1: the last max_model_len).
     skip_special_tokens: leave special tokens out of the detokenized text.
+    spaces_between_special_tokens: passed to the tokenizer's decode (fast tokenizers, Qwen3's
+        included, ignore it, as in vLLM).
+    detokenize: False leaves text "" and decoded_token None (no stop strings then).
     """
 
     temperature: float = 1.0
@@ -38,6 +48,13 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    n: int = 1
+    stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         self._check_number("temperature", self.temperature)
@@ -79,10 +96,44 @@ class SamplingParams:
             self._check_int("seed", self.seed)
             if not 0 <= self.seed < 2**63:
                 raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.logprobs is not None:
-            self._check_int("logprobs", self.logprobs)
-            if self.logprobs < 0:
-                raise ValueError(f"logprobs must be >= 0 or None, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                self._check_int(name, value)
+                if value < 0:
+                    raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        self._check_int("n", self.n)
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.truncate_prompt_tokens is not None:
+            self._check_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
+            if self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:
+                raise ValueError(
+                    f"truncate_prompt_tokens must be >= 1 or -1 (max_model_len), "
+                    f"got {self.truncate_prompt_tokens}"
+                )
+        for name in (
+            "skip_special_tokens",
+            "include_stop_str_in_output",
+            "spaces_between_special_tokens",
+            "detokenize",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        self.stop = stop
+        if stop and not self.detokenize:
+            raise ValueError(f"stop strings {stop!r} need detokenize=True")
+
+    def for_completion(self, index: int) -> "SamplingParams":
+        """The parameters of completion `index` of an n-completion request: n=1, seed + index."""
+        if self.n == 1:
+            return self
+        seed = None if self.seed is None else (self.seed + index) % 2**63
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import hf_greedy
@@ -153,7 +154,25 @@ INVALID = {
     "too_few_params": (["a", "b", "c"], [greedy()], ["1 sampling params", "3 prompts"]),
     "not_sampling_params": (["a", "b"], [greedy(), {"temperature": 0}], ["sampling_params[1]"]),
     "prompt_int": (123, None, ["int"]),
-    "prompt_dict": ({"prompt": "Hello"}, None, ["dict"]),
+    "prompt_dict_unknown_key": ({"text": "Hello"}, None, ["prompt 0", "'text'"]),
+    "prompt_dict_no_prompt": ([{}], None, ["prompt 0", "'prompt' or 'prompt_token_ids'"]),
+    "prompt_dict_bad_ids": ([{"prompt_token_ids": "abc"}], None, ["prompt 0", "'abc'"]),
+    "prompt_dict_bad_text": ([{"prompt": 5}], None, ["prompt 0", "'prompt' must be a str"]),
+    "bytes": (b"Hello", None, ["bytes", "str"]),
+    "bytes_in_list": (["Hello", b"World"], None, ["prompt 1", "bytes"]),
+    "bytearray_in_list": ([bytearray(b"ab")], None, ["prompt 0", "bytes"]),
+    "float_array": ([np.array([1.0, 2.0])], None, ["prompt 0"]),
+    "logprobs_over_vocab": (
+        [[5, 6]],
+        greedy(logprobs=600),
+        ["logprobs=600", "vocabulary size 512"],
+    ),
+    "logprobs_over_cap": ([[5, 6]], greedy(logprobs=21), ["logprobs=21", "max_logprobs=20"]),
+    "prompt_logprobs_over_cap": (
+        [[5, 6]],
+        greedy(prompt_logprobs=30),
+        ["prompt_logprobs=30", "max_logprobs=20"],
+    ),
     "prompt_float_in_list": ([1.5], None, ["prompt 0", "1.5"]),
     "prompt_none_in_list": (["Hello", None], None, ["prompt 1", "None"]),
     "token_str_in_ids": ([[5, "a", 6]], None, ["prompt 0"]),

@@ -171,7 +171,7 @@ def test_logprobs_match_transformers(tiny_model_dir: str, hf_model: torch.nn.Mod
             top = expected.topk(3)
             assert set(entry) == set(top.indices.tolist()) | {token}
             for t, lp in entry.items():
-                assert abs(lp - expected[t].item()) < 1e-4
+                assert abs(lp.logprob - expected[t].item()) < 1e-4
             total += expected[token].item()
         assert completion.cumulative_logprob == pytest.approx(total, abs=1e-3)
 
@@ -181,7 +181,7 @@ def test_sampled_logprobs_include_the_chosen_token(tiny_model_dir: str) -> None:
     with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
         out = llm.generate(random_prompts([9]), params, use_tqdm=False)[0].outputs[0]
     assert [list(d) for d in out.logprobs] == [[t] for t in out.token_ids]
-    assert all(lp <= 0 for d in out.logprobs for lp in d.values())
+    assert all(lp.logprob <= 0 for d in out.logprobs for lp in d.values())
     assert out.cumulative_logprob == pytest.approx(
-        sum(next(iter(d.values())) for d in out.logprobs)
+        sum(next(iter(d.values())).logprob for d in out.logprobs)
     )

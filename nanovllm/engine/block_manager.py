@@ -116,8 +116,8 @@ class BlockManager:
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks equal to seq's leading full blocks (never its last token)."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
+            return []  # (prompt_logprobs needs every prompt position's logits)
         hits: list[int] = []
         # Only blocks that end before the last token may be hit.
         for i in range((len(seq) - 1) // self.block_size):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.prompt_logprobs import plan_prompt_logprobs, record_prompt_logprobs
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_plan import plan_step
@@ -35,6 +36,7 @@ class EngineStats:
     decode_seconds: float = 0.0
     steps: int = 0
     steps_ahead: int = 0  # decode steps launched before the previous step's tokens were known
+    sampled_tokens: int = 0  # output tokens applied to sequences (progress bars read this)
 
 
 class LLMEngine:
@@ -82,20 +84,38 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
             raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        cap = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is None:
+                continue
+            if k > vocab:
+                raise ValueError(f"{name}={k} exceeds the vocabulary size {vocab}")
+            if cap != -1 and k > cap:
+                raise ValueError(
+                    f"{name}={k} exceeds max_logprobs={cap}; raise it with LLM(..., "
+                    f"max_logprobs={k}) (-1 allows up to the vocabulary size)"
+                )
 
-    def add_request(self, token_ids: list[int], params: SamplingParams) -> Sequence:
-        """Validate and queue one request; returns its Sequence."""
+    def add_request(self, token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """Validate and queue one request; returns its params.n Sequences (completion i is
+        sampled with params.for_completion(i))."""
         if self._closed:
             raise RuntimeError("this engine was shut down")
         self.validate(token_ids, params)
-        seq = Sequence(token_ids, params, self.config.kvcache_block_size)
-        self.scheduler.add(seq)
-        return seq
+        block_size = self.config.kvcache_block_size
+        seqs = [
+            Sequence(token_ids, params.for_completion(i), block_size, index=i)
+            for i in range(params.n)
+        ]
+        self.scheduler.add_group(seqs)
+        return seqs
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop unfinished sequences, freeing their blocks."""
         self.finish_pending()
         for seq in seqs:
+            seq.held_siblings = None  # (siblings still held are in seqs too: never queued)
             if seq in self.scheduler.running:
                 self.scheduler.running.remove(seq)
                 self.block_manager.deallocate(seq)
@@ -117,9 +137,14 @@ class LLMEngine:
             return finished, num_tokens, False
         seqs, is_prefill = self.scheduler.schedule()
         plan = plan_step(seqs, is_prefill)
+        spans = plan_prompt_logprobs(seqs, plan) if is_prefill else None
         if self.workers is not None:
             self.workers.call("execute", plan)
         logits = self.runner.execute(plan)
+        if spans:
+            num_sampled = len(plan.sample_rows)
+            record_prompt_logprobs(spans, logits[num_sampled:])
+            logits = logits[:num_sampled]
         token_ids: list[int | None] = [None] * len(seqs)
         if plan.sample_rows:
             sample_seqs = [seqs[i] for i in plan.sample_rows]
@@ -134,6 +159,7 @@ class LLMEngine:
             for row, token in zip(plan.sample_rows, sampled, strict=True):
                 token_ids[row] = token
         finished = self.scheduler.postprocess(seqs, token_ids)
+        self.stats.sampled_tokens += len(plan.sample_rows)
         self._record(is_prefill, len(plan.input_ids), time.perf_counter() - start)
         return finished, len(plan.input_ids), is_prefill
 
@@ -179,6 +205,7 @@ class LLMEngine:
                 launched = self.runner.sample_async(seqs, logits, self.config.eos_token_ids)
                 self.stats.steps_ahead += 1
         finished = self.scheduler.postprocess(seqs, pending.result())
+        self.stats.sampled_tokens += len(seqs)
         if launched is not None:
             done = {seq.seq_id for seq in finished}
             keep = [i for i, seq in enumerate(seqs) if seq.seq_id not in done]
@@ -198,6 +225,7 @@ class LLMEngine:
             return []
         seqs, pending = self._ahead
         self._ahead = None
+        self.stats.sampled_tokens += len(seqs)
         return self.scheduler.postprocess(seqs, pending.result())
 
     def _record(self, is_prefill: bool, num_tokens: int, elapsed: float) -> None:

@@ -15,8 +15,15 @@ The algorithm, one call of `schedule()` at a time:
    queue and is recomputed later, usually hitting its own cached blocks), possibly itself.
 
 `postprocess()` then records what was computed, registers full blocks in the prefix cache,
-appends sampled tokens and finishes sequences on EOS / stop tokens / max_tokens /
-max_model_len, freeing their blocks.
+appends sampled tokens and finishes sequences on stop strings / EOS / stop tokens /
+max_tokens / max_model_len, freeing their blocks. Stop strings are checked only for sequences
+that carry a detokenizer (those with stop strings), so the others pay one attribute test.
+
+A request with n > 1 completions (`add_group`) queues its first sequence alone; the others
+are held on it and go to the front of the waiting queue when it samples its first token. By
+then its prompt's full blocks are registered, so they hit the prefix cache and compute only the
+prompt's tail: the tokens after its last full block, and always the last prompt token (a hit
+never covers it). Without prefix caching the n sequences are queued together.
 
 Progress is guaranteed because the engine checks at start-up that one sequence of
 max_model_len fits in the cache: with nothing running every block is free.
@@ -52,6 +59,19 @@ class Scheduler:
         """Queue a new sequence."""
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+
+    def add_group(self, seqs: list[Sequence]) -> None:
+        """Queue the n sequences of one request (see the module docstring)."""
+        self.add(seqs[0])
+        if len(seqs) == 1:
+            return
+        if self.block_manager.enable_prefix_caching:
+            for seq in seqs[1:]:
+                seq.status = SequenceStatus.WAITING
+            seqs[0].held_siblings = seqs[1:]
+        else:
+            for seq in seqs[1:]:
+                self.add(seq)
 
     def is_finished(self) -> bool:
         """True when nothing is waiting or running."""
@@ -135,6 +155,9 @@ class Scheduler:
             if token_id is None:
                 continue
             seq.append_token(token_id)
+            if seq.held_siblings:  # its prompt blocks are computed: the others may hit them
+                self.waiting.extendleft(reversed(seq.held_siblings))
+                seq.held_siblings = None
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
                 seq.finish_reason = reason
@@ -146,6 +169,12 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
+        if seq.detokenizer is not None:
+            check = seq.num_completion_tokens >= params.min_tokens
+            stop = seq.detokenizer.add(token_id, check_stop=check)
+            if stop is not None:
+                seq.stop_string = stop
+                return "stop"
         if seq.num_completion_tokens >= params.min_tokens:
             if token_id in params.stop_token_ids:
                 seq.stop_token = token_id

@@ -5,6 +5,8 @@ from itertools import count
 
 import torch
 
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.outputs import Logprob
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -35,6 +37,7 @@ class Sequence:
         token_ids: list[int],
         sampling_params: SamplingParams | None = None,
         block_size: int = 256,
+        index: int = 0,
     ) -> None:
         if not token_ids:
             raise ValueError("a sequence needs at least one prompt token")
@@ -53,11 +56,23 @@ class Sequence:
         self.num_scheduled_tokens = 0
         self.num_prefix_hit_tokens = 0
         self.finish_reason: str | None = None
-        self.stop_token: int | None = None
+        self.stop_token: int | None = None  # the EOS / stop token id that ended it
+        self.stop_string: str | None = None  # the stop string that ended it
         self.generator: torch.Generator | None = None
-        # With sampling_params.logprobs: one {token id: logprob} per generated token.
-        self.output_logprobs: list[dict[int, float]] = []
+        # Completion number within its request (n > 1), and the other completions of the
+        # request, held back until this one's prompt blocks are computed (then they hit them).
+        self.index = index
+        self.held_siblings: list[Sequence] | None = None
+        # Set for sequences with stop strings: the text, one step at a time.
+        self.detokenizer: IncrementalDetokenizer | None = None
+        # With sampling_params.logprobs: one {token id: Logprob} per generated token.
+        self.output_logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
+        # With sampling_params.prompt_logprobs (first completion only): one entry per prompt
+        # token, None for the first; filled as the prefill computes the positions.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+        if self.sampling_params.prompt_logprobs is not None and index == 0:
+            self.prompt_logprobs = [None]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -92,6 +107,17 @@ class Sequence:
     def last_token(self) -> int:
         """The newest token id."""
         return self.token_ids[-1]
+
+    @property
+    def stop_reason(self) -> int | str | None:
+        """The stop string or stop token id that finished this sequence (None otherwise)."""
+        return self.stop_string if self.stop_string is not None else self.stop_token
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """True while some prompt positions' logprobs are still to be computed."""
+        lps = self.prompt_logprobs
+        return lps is not None and len(lps) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -8,7 +8,7 @@ buffer; the step's tensors are views of that buffer. Rank 0 overwrites the host 
 the previous step's sampled tokens came back, which is after that step's copy finished.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ class StepPlan:
     context_lens: list[int]  # tokens already cached per sequence (the new ones follow)
     block_tables: list[list[int]]
     sample_rows: list[int]  # sequences whose last token is computed here (they get a token)
+    # Flat token indices whose logits are also wanted (prompt_logprobs), after the sampled rows.
+    prompt_logit_rows: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from nanovllm.attention import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
+from nanovllm.layers.logprobs import logprob_entries
 from nanovllm.layers.sampler import Sampler, SamplingBatch
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
@@ -149,7 +150,8 @@ class ModelRunner:
     def execute(
         self, plan: StepPlan, device_input_ids: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """Run the forward pass of a plan; logits [len(sample_rows), vocab] on rank 0.
+        """Run the forward pass of a plan; logits on rank 0 of the sampled rows, then of the
+        prompt_logit_rows: [len(sample_rows) + len(prompt_logit_rows), vocab].
 
         device_input_ids ([num_seqs], on the device) replaces plan.input_ids for a decode step
         that runs before the previous step's tokens reached the host (see can_run_ahead).
@@ -164,6 +166,10 @@ class ModelRunner:
         try:
             # [num_tokens, hidden_size]
             hidden = self.model(inputs.input_ids, inputs.positions)
+            if plan.prompt_logit_rows:
+                rows = torch.tensor(plan.prompt_logit_rows, dtype=torch.int64, device=self.device)
+                # [len(sample_rows) + len(prompt_logit_rows), vocab_size]
+                return self.model.compute_logits(hidden[torch.cat([inputs.last_rows, rows])])
             if len(plan.sample_rows) == len(plan.input_ids):  # decode: every row is sampled
                 return self.model.compute_logits(hidden)
             # [len(sample_rows), vocab_size]
@@ -253,21 +259,12 @@ def _plain_temperature(params: SamplingParams, vocab_size: int) -> float | None:
 
 
 def record_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Append each asking sequence's top-k and chosen-token logprobs (raw model distribution)."""
-    # [num_seqs, vocab_size]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    # [num_seqs]
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    k = max(seq.sampling_params.logprobs or 0 for seq in seqs)
-    # [num_seqs, k]
-    top = logprobs.topk(k, dim=-1)
-    top_vals, top_ids = top.values.tolist(), top.indices.tolist()
-    token_list = tokens.tolist()
-    for i, seq in enumerate(seqs):
-        n = seq.sampling_params.logprobs
-        if n is None:
-            continue
-        entry = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True))
-        entry[token_list[i]] = chosen[i]
+    """Append each asking sequence's chosen-token and top-k logprobs (raw model distribution)."""
+    rows = [i for i, seq in enumerate(seqs) if seq.sampling_params.logprobs is not None]
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    ks = [seqs[i].sampling_params.logprobs for i in rows]
+    entries = logprob_entries(logits[index], tokens[index], ks)
+    for i, entry in zip(rows, entries, strict=True):
+        seq = seqs[i]
         seq.output_logprobs.append(entry)
-        seq.cumulative_logprob += chosen[i]
+        seq.cumulative_logprob += next(iter(entry.values())).logprob  # the chosen token's
