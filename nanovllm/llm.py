@@ -17,7 +17,6 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm import std as tqdm_std
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -164,14 +163,14 @@ class _Progress:
         self.prefill_at_start = engine.stats.prefill_tokens
         self.num_admitted = self.num_done = 0
         self.budget = self.unused = self.shown = 0
-        interactive = tqdm is not tqdm_std.tqdm or sys.stderr.isatty()
+        interactive = sys.stderr.isatty() or "ipykernel" in sys.modules  # terminal, notebook
         self.bar = tqdm(
             total=None,
             desc="Generating",
             unit="tok",
             dynamic_ncols=interactive,
             mininterval=0.1 if interactive else 30.0,
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
         )
 
     def admitted(self, req: _Request) -> None:

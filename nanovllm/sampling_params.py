@@ -121,9 +121,8 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        for s in stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty str or a list of them, got {self.stop!r}")
         self.stop = stop
         if stop and not self.detokenize:
             raise ValueError(f"stop strings {stop!r} need detokenize=True")

@@ -24,6 +24,13 @@ def test_defaults() -> None:
     assert p.seed is None
     assert p.skip_special_tokens is True
     assert p.greedy is False
+    assert p.n == 1
+    assert p.stop == []
+    assert p.include_stop_str_in_output is False
+    assert p.prompt_logprobs is None
+    assert p.truncate_prompt_tokens is None
+    assert p.spaces_between_special_tokens is True
+    assert p.detokenize is True
 
 
 def test_default_stop_token_ids_not_shared() -> None:
@@ -100,6 +107,23 @@ INVALID: list[tuple[str, Any, dict[str, Any]]] = [
     ("seed", "42", {}),
     ("logprobs", -1, {}),
     ("logprobs", 2.0, {}),
+    ("prompt_logprobs", -1, {}),
+    ("prompt_logprobs", 1.0, {}),
+    ("n", 0, {}),
+    ("n", -2, {}),
+    ("n", 2.0, {}),
+    ("n", True, {}),
+    ("truncate_prompt_tokens", 0, {}),
+    ("truncate_prompt_tokens", -2, {}),
+    ("truncate_prompt_tokens", 1.5, {}),
+    ("skip_special_tokens", 1, {}),
+    ("include_stop_str_in_output", "yes", {}),
+    ("spaces_between_special_tokens", None, {}),
+    ("detokenize", 0, {}),
+    ("stop", "", {}),
+    ("stop", ["a", ""], {}),
+    ("stop", [5], {}),
+    ("stop", ["x"], {"detokenize": False}),
 ]
 
 
@@ -167,6 +191,16 @@ VALID: list[tuple[str, Any, dict[str, Any]]] = [
     ("logprobs", 0, {}),
     ("logprobs", 20, {}),
     ("stop_token_ids", [0, 1, 151643], {}),
+    ("n", 1, {}),
+    ("n", 64, {}),
+    ("prompt_logprobs", 0, {}),
+    ("prompt_logprobs", 20, {}),
+    ("truncate_prompt_tokens", -1, {}),
+    ("truncate_prompt_tokens", 1, {}),
+    ("stop", ["###", "\n\n"], {}),
+    ("detokenize", False, {}),
+    ("include_stop_str_in_output", True, {}),
+    ("spaces_between_special_tokens", False, {}),
 ]
 
 
@@ -185,3 +219,25 @@ def test_valid_edge_value_accepted(field: str, value: Any, extra: dict[str, Any]
 )
 def test_greedy(temperature: float, greedy: bool) -> None:
     assert SamplingParams(temperature=temperature).greedy is greedy
+
+
+def test_stop_is_normalised_to_a_list() -> None:
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(stop=None).stop == []
+
+
+@pytest.mark.parametrize("name", ["best_of", "logit_bias", "stop_strings", "max_new_tokens"])
+def test_unknown_or_unsupported_argument_is_a_type_error(name: str) -> None:
+    with pytest.raises(TypeError, match=name):
+        SamplingParams(**{name: 1})
+
+
+def test_for_completion_seed_rule() -> None:
+    p = SamplingParams(n=3, seed=2**63 - 2, temperature=0.5, stop="x")
+    children = [p.for_completion(i) for i in range(3)]
+    assert [c.seed for c in children] == [2**63 - 2, 2**63 - 1, 0]  # seed + i, wrapped
+    assert all(c.n == 1 and c.temperature == 0.5 and c.stop == ["x"] for c in children)
+    assert SamplingParams(n=2).for_completion(1).seed is None
+    single = SamplingParams(seed=5)
+    assert single.for_completion(0) is single
