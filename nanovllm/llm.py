@@ -316,8 +316,8 @@ class LLM:
         exception, close()) aborts the requests still in the engine and leaves it usable.
         """
         self._check_usable()
-        num = len(prompts) if isinstance(prompts, SequenceABC) else None
         prompts = _prompt_sequence(prompts)
+        num = len(prompts) if isinstance(prompts, SequenceABC) else None
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_iter: Iterator[object] = itertools.repeat(sampling_params)
         elif isinstance(sampling_params, Iterable):

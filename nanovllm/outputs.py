@@ -8,7 +8,7 @@ from typing import Any
 class Logprob:
     """The log-probability of one token at one position (vLLM's Logprob).
 
-    rank: 1 for the most likely token, k for the k-th most likely (ties share the larger rank).
+    rank: 1 for the most likely token, k for the k-th most likely.
     decoded_token: the token's text on its own (None with detokenize=False or no tokenizer).
     """
 
