@@ -103,6 +103,42 @@ def test_stop_string_cuts_where_greedy_has_it(
     assert out.finish_reason == "stop" and out.stop_reason == stop
 
 
+def split_character(tok: Any, ref: list[int]) -> tuple[str, int] | None:
+    """The first non-ASCII character of ref's text whose UTF-8 bytes span several tokens, and
+    the number of tokens up to the one that completes it; None if there is none."""
+    for m in range(2, len(ref) + 1):
+        text, before = tok.decode(ref[:m]), tok.decode(ref[: m - 1])
+        if before.endswith("\ufffd") and not text.endswith("\ufffd") and ord(text[-1]) > 127:
+            return text[-1], m
+    return None
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_on_a_multibyte_character(
+    llm: LLM, hf_model: torch.nn.Module, include: bool
+) -> None:
+    """A greedy output with a character split over tokens: stopping on it cuts at the token
+    that completes it, and no partial character shows."""
+    tok = llm.get_tokenizer()
+    rng = random.Random(20)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(2, 12))] for _ in range(300)]
+    outs = llm.generate(prompts, greedy(32, ignore_eos=True), use_tqdm=False)
+    prompt, found = next(
+        (p, f)
+        for p, o in zip(prompts, outs, strict=True)
+        if (f := split_character(tok, o.outputs[0].token_ids))
+    )
+    char, m = found
+    ref = hf_greedy(hf_model, prompt, 32, eos_token_id=None)
+    text = tok.decode(ref[:m])
+    params = greedy(32, ignore_eos=True, stop=char, include_stop_str_in_output=include)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref[:m]
+    i = text.index(char)
+    assert out.text == (text[: i + 1] if include else text[:i])
+    assert out.stop_reason == char
+
+
 def test_text_with_and_without_stop_strings_agree(llm: LLM) -> None:
     """The incremental path (any stop string) gives the one-shot decode's text."""
     prompts = random_prompts([5, 9, 14, 3, 7, 11], seed=2)
