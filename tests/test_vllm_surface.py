@@ -443,3 +443,29 @@ def test_get_tokenizer_without_one(tmp_path: Any) -> None:
         out = llm.generate([[5, 6]], greedy(2, logprobs=1), use_tqdm=False)[0].outputs[0]
         assert out.text == "" and len(out.token_ids) == 2
         assert all(lp.decoded_token is None for e in out.logprobs for lp in e.values())
+
+
+# -- tensor parallelism ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(__import__("os").cpu_count() < 2, reason="needs 2 CPU cores")
+def test_logprobs_stop_and_n_under_tensor_parallelism(tiny_model_dir: str) -> None:
+    """prompt_logprobs' extra logits rows, logprobs, stop strings and n with tp=2 (gloo)."""
+    prompts = random_prompts([5, 37], seed=30)
+    params = greedy(8, n=2, logprobs=2, prompt_logprobs=2, stop="e")
+
+    def run(**kwargs: Any) -> tuple[list[Any], list[float]]:
+        with LLM(tiny_model_dir, kvcache_block_size=BLOCK, device="cpu", **kwargs) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        exact, values = [], []
+        for o in outs:
+            entries = o.prompt_logprobs[1:] + [e for c in o.outputs for e in c.logprobs]
+            exact.append([(c.token_ids, c.text, c.stop_reason) for c in o.outputs])
+            exact.append([[(t, lp.rank) for t, lp in e.items()] for e in entries])
+            values.extend(lp.logprob for e in entries for lp in e.values())
+        return exact, values
+
+    single, single_values = run(max_num_batched_tokens=16)
+    double, double_values = run(max_num_batched_tokens=16, tensor_parallel_size=2)
+    assert double == single
+    assert double_values == pytest.approx(single_values, abs=1e-4)
