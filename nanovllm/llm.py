@@ -63,6 +63,8 @@ def _as_token_ids(value: object) -> list[int] | None:
 
     Accepts lists / tuples of ints or numpy integers and 1-D integer numpy arrays or tensors.
     """
+    if type(value) is list and all(type(t) is int for t in value):
+        return value[:]  # the common case, fast
     if isinstance(value, (str, dict, *_BYTES)):
         return None
     if hasattr(value, "ndim") and hasattr(value, "tolist"):  # numpy array, torch tensor
