@@ -153,29 +153,40 @@ def _custom_id(obj: object) -> str | None:
     return cid if isinstance(cid, str) else None
 
 
-def check_duplicates(path: str) -> int:
-    """Raise BatchInputError naming a custom_id that appears twice; returns the line count."""
+def _is_done(n: int, obj: object, done: set[int], done_lines: set[int]) -> bool:
+    cid = _custom_id(obj)
+    return n in done_lines if cid is None else _digest(cid) in done
+
+
+def _todo(path: str, done: set[int], done_lines: set[int]) -> Iterator[tuple[int, str, object]]:
+    """(line number, text, parsed object or None) of each line still to do, read lazily."""
+    for n, text in _lines(path):
+        obj = _loads_or_none(text)
+        if not _is_done(n, obj, done, done_lines):
+            yield n, text, obj
+
+
+def scan(path: str, done: set[int], done_lines: set[int]) -> tuple[int, int]:
+    """One pass over the input: (lines, lines already done). Raises BatchInputError naming a
+    custom_id that appears twice."""
     seen: set[int] = set()
-    count = 0
+    count = skipped = 0
     for n, text in _lines(path):
         count += 1
-        try:
-            cid = _custom_id(json.loads(text))
-        except json.JSONDecodeError:
-            continue
+        obj = _loads_or_none(text)
+        skipped += _is_done(n, obj, done, done_lines)
+        cid = _custom_id(obj)
         if cid is None:
             continue
         h = _digest(cid)
         if h in seen:
-            first = next(
-                m for m, t in _lines(path) if _custom_id(_loads_or_none(t)) == cid and m < n
-            )
+            first = next(m for m, t in _lines(path) if _custom_id(_loads_or_none(t)) == cid)
             raise BatchInputError(
                 f"custom_id {cid!r} appears on lines {first} and {n} of {path}; "
                 f"custom_ids must be unique"
             )
         seen.add(h)
-    return count
+    return count, skipped
 
 
 def _loads_or_none(text: str) -> object:
@@ -252,13 +263,15 @@ def sampling_params(body: dict[str, Any], url: str, room: int) -> tuple[Sampling
 
 
 def _parse(
-    llm: LLM, n: int, text: str, default_model: str
+    llm: LLM, n: int, text: str, obj: object, default_model: str
 ) -> tuple[_Item, list[int], SamplingParams]:
-    """Turn one input line into a request; ValueError says why it cannot be served."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"line {n} is not JSON: {e}") from None
+    """Turn one input line (its text, and obj as parsed or None) into a request; ValueError
+    says why it cannot be served."""
+    if obj is None:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {n} is not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"line {n} must be a JSON object, got {type(obj).__name__}")
     cid = obj.get("custom_id")
@@ -424,11 +437,6 @@ def _spool_stdin() -> str:
     return path
 
 
-def _is_done(n: int, text: str, done: set[int], done_lines: set[int]) -> bool:
-    cid = _custom_id(_loads_or_none(text))
-    return n in done_lines if cid is None else _digest(cid) in done
-
-
 def run_batch(
     input_path: str,
     output_path: str,
@@ -445,16 +453,15 @@ def run_batch(
     spooled = input_path == "-"
     path = _spool_stdin() if spooled else input_path
     try:
-        num_lines = check_duplicates(path)
         done, done_lines = (set(), set()) if output_path == "-" else read_done(output_path)
-        summary = Summary()
-        summary.skipped = sum(1 for n, t in _lines(path) if _is_done(n, t, done, done_lines))
-        if summary.skipped == num_lines:
+        num_lines, skipped = scan(path, done, done_lines)
+        summary = Summary(skipped=skipped)
+        if skipped == num_lines:
             return summary
         out = sys.stdout if output_path == "-" else open(output_path, "a", encoding="utf-8")
         try:
-            todo = ((n, t) for n, t in _lines(path) if not _is_done(n, t, done, done_lines))
-            _run(todo, num_lines - summary.skipped, out, make_llm, model_name, progress, summary)
+            todo = _todo(path, done, done_lines)
+            _run(todo, num_lines - skipped, out, make_llm, model_name, progress, summary)
         finally:
             if out is not sys.stdout:
                 out.close()
@@ -465,7 +472,7 @@ def run_batch(
 
 
 def _run(
-    todo: Iterator[tuple[int, str]],
+    todo: Iterator[tuple[int, str, object]],
     total: int,
     out: IO[str],
     make_llm: Callable[[], LLM],
@@ -488,11 +495,11 @@ def _run(
 
     def prompts() -> Iterator[dict[str, list[int]]]:
         index = 0
-        for n, text in todo:
+        for n, text, obj in todo:
             try:
-                item, ids, params = _parse(llm, n, text, model_name)
+                item, ids, params = _parse(llm, n, text, obj, model_name)
             except ValueError as e:
-                write(error_line(n, _custom_id(_loads_or_none(text)), str(e)))
+                write(error_line(n, _custom_id(obj), str(e)))
                 summary.failed += 1
                 bar.update(1)
                 continue
