@@ -190,6 +190,13 @@ def test_duplicate_custom_ids_refused_before_any_work(tmp_path: Any) -> None:
     with pytest.raises(BatchInputError, match="custom_id 'a' appears on lines 1 and 3"):
         run_batch(src, dst, no_model, "tiny", progress=False)
     assert not os.path.exists(dst)
+    # An earlier output, torn line included, is left as it was.
+    with open(dst, "w") as f:
+        f.write('{"custom_id": "b"}\n{"custom_')
+    with pytest.raises(BatchInputError):
+        run_batch(src, dst, no_model, "tiny", progress=False)
+    with open(dst) as f:
+        assert f.read() == '{"custom_id": "b"}\n{"custom_'
 
 
 def many_lines(count: int, max_tokens: int = 12) -> list[dict[str, Any]]:

@@ -7,10 +7,11 @@ request finishes, in OpenAI's batch output shape: `{"id", "custom_id", "response
 `text_completion` object with `usage`.
 
 The run, in order:
-1. Scan the input once for duplicate custom_ids (an error before any work). Standard input is
-   first copied to a temporary file, so it can be read twice.
-2. Resume: read the output file if it exists. Every complete line's custom_id is done and is
-   skipped; a torn last line (a crash in the middle of a write) is cut off and redone.
+1. Resume: read the output file if it exists. Every complete line's custom_id is done and is
+   skipped; a torn last line (a crash in the middle of a write) will be cut off and redone.
+2. Scan the input once for duplicate custom_ids (an error before any work: nothing is written,
+   no model is loaded). Standard input is first copied to a temporary file, so it can be read
+   again.
 3. Feed the remaining lines lazily to `LLM.generate_iter` (a bounded window of requests in the
    engine). A line that cannot be served (not JSON, unknown url, bad parameter, prompt too long)
    gets an error line with status 400 at once; the batch goes on.
@@ -196,14 +197,15 @@ def _loads_or_none(text: str) -> object:
         return None
 
 
-def read_done(path: str) -> tuple[set[int], set[int]]:
-    """Hashes of the custom_ids complete in an output file, and the input line numbers of its
-    error lines that had no custom_id. A torn last line is cut off the file."""
+def read_done(path: str) -> tuple[set[int], set[int], int]:
+    """Hashes of the custom_ids complete in an output file, the input line numbers of its
+    error lines that had no custom_id, and the byte length of its complete lines (a torn or
+    damaged line and what follows it are to be cut off and redone)."""
     done: set[int] = set()
     lines: set[int] = set()
-    if not os.path.exists(path):
-        return done, lines
     good_end = 0
+    if not os.path.exists(path):
+        return done, lines, good_end
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
@@ -211,18 +213,14 @@ def read_done(path: str) -> tuple[set[int], set[int]]:
             try:
                 obj = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                break  # a damaged line: redo it and what follows
+                break
             cid = _custom_id(obj)
             if cid is not None:
                 done.add(_digest(cid))
             elif isinstance(obj, dict) and str(obj.get("id", "")).startswith("batch_req_"):
                 lines.add(int(obj["id"].removeprefix("batch_req_")))
             good_end += len(raw)
-    if good_end < os.path.getsize(path):
-        logger.warning("cutting a torn line off the end of %s (it is redone)", path)
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return done, lines
+    return done, lines, good_end
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -453,8 +451,13 @@ def run_batch(
     spooled = input_path == "-"
     path = _spool_stdin() if spooled else input_path
     try:
-        done, done_lines = (set(), set()) if output_path == "-" else read_done(output_path)
+        to_stdout = output_path == "-"
+        done, done_lines, good_end = (set(), set(), 0) if to_stdout else read_done(output_path)
         num_lines, skipped = scan(path, done, done_lines)
+        if not to_stdout and os.path.exists(output_path):
+            if good_end < os.path.getsize(output_path):
+                logger.warning("cutting a torn line off the end of %s (redone)", output_path)
+                os.truncate(output_path, good_end)
         summary = Summary(skipped=skipped)
         if skipped == num_lines:
             return summary
