@@ -35,7 +35,8 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
-    kvcache_block_size: int = 256
+    # None: 16 tokens on CPU and MPS (little waste on short contexts), 256 on CUDA.
+    kvcache_block_size: int | None = None
     num_kvcache_blocks: int = -1
     kv_cache_memory_gb: float = 2.0
     # "auto" unless the NANOVLLM_DEVICE environment variable names another default.
@@ -76,10 +77,6 @@ class Config:
             )
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.kvcache_block_size % 16 != 0:
-            raise ValueError(
-                f"kvcache_block_size must be a positive multiple of 16, got {self.kvcache_block_size}"
-            )
 
         with open(config_path) as f:
             architectures = json.load(f).get("architectures") or []
@@ -101,6 +98,12 @@ class Config:
             self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
 
         self.device = resolve_device(self.device)
+        if self.kvcache_block_size is None:
+            self.kvcache_block_size = default_block_size(self.device)
+        if self.kvcache_block_size % 16 != 0:
+            raise ValueError(
+                f"kvcache_block_size must be a positive multiple of 16, got {self.kvcache_block_size}"
+            )
         self.dtype = resolve_dtype(self.dtype, self.device, self.hf_config)
         self._check_tensor_parallel()
 
@@ -110,10 +113,11 @@ class Config:
             "max_num_seqs": 1,
             "max_model_len": 1,
             "tensor_parallel_size": 1,
-            "kvcache_block_size": 16,
             "num_kvcache_blocks": -1,
             "max_logprobs": -1,
         }
+        if self.kvcache_block_size is not None:
+            limits["kvcache_block_size"] = 16
         for name, low in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -165,6 +169,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
     return dev
+
+
+def default_block_size(device: torch.device) -> int:
+    """KV-cache block size when none is given: 256 on CUDA, 16 on CPU and MPS.
+
+    Big blocks suit the CUDA kernels; on CPU and MPS small ones waste less memory on short
+    contexts and let the prefix cache share shorter prefixes.
+    """
+    return 256 if device.type == "cuda" else 16
 
 
 def resolve_dtype(

@@ -7,7 +7,7 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import Sampler, SamplingBatch, apply_penalties
+from nanovllm.layers.sampler import Sampler, SamplingBatch, apply_penalties, pick_by_cdf
 from nanovllm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -308,3 +308,16 @@ def test_min_tokens_bans_eos_and_stop_tokens(ignore_eos: bool, banned: set[int])
         seq.append_token(token)
     assert seq.completion_token_ids[3:] == [4, 4]
     assert seq.completion_token_ids[:3] == ([7] * 3 if not ignore_eos else [4] * 3)
+
+
+# 1e-40: a subnormal total, where u * total rounds up to total for the largest u (the cap).
+@pytest.mark.parametrize("scale", [1.0, 3.0, 1e-30, 1e-40])
+def test_pick_by_cdf_edges(scale: float) -> None:
+    """Interval ends go to the next token; zero-probability tokens are never picked."""
+    almost_one = 1 - 2**-24
+    # [1, 6]: only tokens 1 and 3 can be drawn
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]]) * scale
+    picks = [pick_by_cdf(probs, torch.tensor([[u]])).item() for u in (0.0, 0.49, 0.5, almost_one)]
+    assert picks == [1, 1, 3, 3]
+    # A row whose whole mass sits on the first token.
+    assert pick_by_cdf(probs[:, [1, 0, 2]], torch.tensor([[almost_one]])).tolist() == [0]

@@ -1,14 +1,19 @@
 """Reference attention over the paged KV cache with torch's scaled_dot_product_attention.
 
 Runs on every device (CPU, MPS, CUDA) and is the reference the CUDA kernels are tested against,
-so it favours plain correctness:
+so it favours plain correctness; on CPU and MPS it is also the fast path:
 - New K/V rows are written into their cache slots first (slot_mapping).
 - Prefill (including chunked prefill and prefix-cache hits): per sequence, the queries are the
   last query_len of its seq_len positions. With no cached prefix the fresh K/V are used with a
   plain causal mask; otherwise K/V are gathered from the sequence's blocks and query j (absolute
   position seq_len - query_len + j) may see keys 0..that position.
-- Decode: one query per sequence; K/V of all sequences are gathered from their block tables,
-  padded to the longest, and masked past each sequence's length, in one batched call.
+- Decode: one query per sequence. Once per step (the first layer computes it, the others reuse
+  it from the metadata) every sequence gets the cache slot of each of its keys, padded to the
+  longest sequence: [num_seqs, max_seqlen_k]. Every layer then gathers exactly those rows, in one
+  index_select, and runs one batched SDPA call that masks the padding. Only the tokens in use
+  are copied, never the unused tail of a sequence's last block, so the cost does not grow with
+  the block size (gathering whole 256-token blocks for contexts of about 100 tokens was 1.7 to
+  3x slower on a CPU; see BENCHMARKS.md).
 Grouped-query attention: K/V head h serves query heads h * group .. (h + 1) * group - 1, as in
 transformers' repeat_kv. Prefill uses SDPA's enable_gqa; decode folds each K/V head's query
 heads into its query dimension instead, which reads every K/V row once (4x faster on a CPU).
@@ -127,17 +132,17 @@ class TorchAttentionBackend(AttentionBackend):
         num_seqs, num_heads, head_dim = q.shape
         _, block_size, num_kv_heads, _ = k_cache.shape
         group = num_heads // num_kv_heads
-        max_len = meta.max_seqlen_k
-        num_blocks = (max_len + block_size - 1) // block_size
-        # [num_seqs * num_blocks]; -1 padding points at block 0, masked below
-        blocks = meta.block_tables[:, :num_blocks].clamp(min=0).flatten()
-        padded_len = num_blocks * block_size
-        # [num_seqs, num_kv_heads, padded_len, head_dim]
-        shape = (num_seqs, padded_len, num_kv_heads, head_dim)
-        keys = _gather(k_cache, blocks).view(shape).transpose(1, 2)
-        values = _gather(v_cache, blocks).view(shape).transpose(1, 2)
-        # [num_seqs, 1, 1, padded_len]
-        mask = torch.arange(padded_len, device=q.device)[None, :] < meta.seq_lens[:, None]
+        if meta.decode_slots is None:
+            meta.decode_slots, meta.decode_mask = decode_key_slots(
+                meta.block_tables, meta.seq_lens, block_size, meta.max_seqlen_k
+            )
+        max_len = meta.decode_slots.shape[1]
+        # [num_seqs * max_len, num_kv_heads, head_dim] -> [num_seqs, num_kv_heads, max_len, head_dim]
+        slots = meta.decode_slots.flatten()
+        shape = (num_seqs, max_len, num_kv_heads, head_dim)
+        keys = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+        values = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+        keys, values = keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
         # The query heads sharing a K/V head become that head's `group` queries, so each K/V
         # row is read once for all of them (no expansion of K/V to num_heads).
         # [num_seqs, num_kv_heads, group, head_dim]
@@ -145,8 +150,31 @@ class TorchAttentionBackend(AttentionBackend):
             q.view(num_seqs, num_kv_heads, group, head_dim),
             keys,
             values,
-            attn_mask=mask[:, None, None, :],
+            attn_mask=meta.decode_mask,
             scale=scale,
         )
         # [num_seqs, num_heads, head_dim]
         return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def decode_key_slots(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slots of every key of a decode batch, and which of them are real.
+
+    block_tables: [num_seqs, max_blocks] (-1 padded); seq_lens: [num_seqs] keys per sequence;
+    max_len >= max(seq_lens). Returns slots [num_seqs, max_len] int64, where key j of sequence
+    i lives at block_tables[i, j // block_size] * block_size + j % block_size, and the mask
+    [num_seqs, 1, 1, max_len] bool (True for j < seq_lens[i]). Padding keys point at slot 0,
+    a valid row whose content the mask hides.
+    """
+    device = block_tables.device
+    # [max_len]
+    pos = torch.arange(max_len, device=device)
+    # Column of each position's block; positions past the table (padding only) read its last.
+    column = (pos // block_size).clamp_(max=block_tables.shape[1] - 1)
+    # [num_seqs, max_len]: the block holding each key position (-1 past a sequence's table)
+    blocks = block_tables.long()[:, column]
+    valid = pos[None, :] < seq_lens[:, None]
+    slots = torch.where(valid, blocks * block_size + pos % block_size, 0)
+    return slots, valid[:, None, None, :]

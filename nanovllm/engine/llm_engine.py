@@ -49,10 +49,10 @@ class LLMEngine:
         self.stats = EngineStats()
         # a decode step launched but not postprocessed: (its sequences, their pending tokens)
         self._ahead: tuple[list[Sequence], PendingTokens] | None = None
+        if config.device.type == "cpu":
+            torch.set_num_threads(threads_per_rank(config))
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config)
-            if config.device.type == "cpu":
-                torch.set_num_threads(threads_per_rank(config))
         try:
             self.runner = ModelRunner(config, 0, self.workers.init_method if self.workers else None)
         except BaseException:

@@ -33,9 +33,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on: its affinity mask where the OS has one."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def threads_per_rank(config: Config) -> int:
-    """CPU threads each rank may use so that tp ranks share the cores instead of fighting."""
-    return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
+    """CPU threads of each rank on a CPU device.
+
+    NANOVLLM_CPU_THREADS when set; otherwise the cores this process may use, split evenly over
+    the tensor-parallel ranks so that they share the cores instead of fighting over them.
+    """
+    value = os.environ.get("NANOVLLM_CPU_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"NANOVLLM_CPU_THREADS must be an integer >= 1, got {value!r}")
+        return int(value)
+    return max(1, available_cpus() // config.tensor_parallel_size)
 
 
 def _worker_main(config: Config, rank: int, init_method: str, conn: Connection) -> None:

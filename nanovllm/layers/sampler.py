@@ -15,9 +15,12 @@ Algorithm, per row, in this order (all in float32):
       prefix whose probability reaches top_p (the token crossing top_p is kept, and so is the
       first token always).
   (e) min-p: drop tokens whose probability is below min_p times the row's largest.
-  (f) one draw per row by an exponential race: argmax(probs / q) with q ~ Exp(1) i.i.d. picks
-      token i with probability probs[i]. Seeded rows draw q from their own generator, so their
-      tokens do not depend on the rest of the batch; unseeded rows share one batched draw.
+  (f) one draw per row by the inverse CDF: with u ~ U[0, 1) and cdf the running sum of the
+      row's probabilities, the token is the first i with cdf[i] > u * cdf[-1], so token i is
+      picked with probability probs[i] / sum(probs) and a token of probability 0 never is.
+      One random number per row (an exponential race needs one per vocabulary entry, 4x slower
+      on a CPU). Seeded rows draw their u from their own generator, so their tokens do not
+      depend on the rest of the batch; unseeded rows share one batched draw.
 """
 
 import random
@@ -206,6 +209,25 @@ def apply_top_k_top_p(logits: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def inverse_cdf_draw(probs: Tensor, batch: SamplingBatch) -> Tensor:
+    """One token per row of probs [B, V] (rows need not sum to 1): step (f) of the module doc."""
+    # [B, 1] uniforms in [0, 1); seeded rows take theirs from their own generator
+    u = torch.rand(probs.shape[0], 1, device=probs.device)
+    for i in batch.seeded_rows:
+        u[i] = torch.rand(1, device=probs.device, generator=batch.generators[i])
+    return pick_by_cdf(probs, u)
+
+
+def pick_by_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """For probs [B, V] >= 0 and u [B, 1] in [0, 1): the first i with cdf[i] > u * cdf[-1], [B]."""
+    # [B, V] running sums; non-decreasing, so searchsorted applies
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # [B, 1] target in [0, total); u * total rounds up to total when total is subnormal
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
+
 class Sampler(torch.nn.Module):
     """Picks one token id per row from the logits, following each row's SamplingParams."""
 
@@ -241,14 +263,7 @@ class Sampler(torch.nn.Module):
         if batch.any_min_p:
             threshold = batch.min_ps[:, None] * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
-        # [B, V] exponential noise as -log(U), U uniform in [0, 1): several times faster than
-        # exponential_() on a CPU. Seeded rows redraw theirs from their own generator.
-        u = torch.rand_like(probs)
-        for i in batch.seeded_rows:
-            u[i] = torch.rand(u.shape[1], device=u.device, generator=batch.generators[i])
-        q = u.neg_().log1p_().neg_()
-        # q == 0 would give 0/0 = NaN on dropped tokens, and argmax prefers NaN.
-        tokens = (probs / q.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+        tokens = inverse_cdf_draw(probs, batch)
         if greedy_tokens is not None:
             tokens = torch.where(greedy, greedy_tokens, tokens)
         return tokens

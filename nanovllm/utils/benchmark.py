@@ -88,14 +88,16 @@ def model_path(args: argparse.Namespace) -> tuple[str, str]:
     return write_model_folder(folder, args.shape, tokenizer=False), "dummy"
 
 
-def run_nanovllm(llm: LLM, work: Workload) -> float:
-    """Seconds to generate the workload (after a short warm-up); llm.engine.stats then holds
-    the timed call's prefill and decode tokens and seconds."""
-    warm = SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True)
-    llm.generate([p[:16] for p in work.prompts[:4]], warm, use_tqdm=False)
+def run_nanovllm(llm: LLM, work: Workload, temperature: float = 0.6) -> float:
+    """Seconds to generate the workload (after a short warm-up; temperature 0 is greedy);
+    llm.engine.stats then holds the timed call's prefill and decode tokens and seconds."""
+    warm = SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True)
+    # Reversed prompt tails share no prefix with the workload, so no prefix-cache hit helps it.
+    llm.generate([p[::-1][:16] for p in work.prompts[:4]], warm, use_tqdm=False)
     llm.engine.stats = type(llm.engine.stats)()
     params = [
-        SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in work.output_lens
+        SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True)
+        for n in work.output_lens
     ]
     _sync(llm.config.device)
     t = time.perf_counter()
@@ -115,6 +117,7 @@ def run_transformers(
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int,
+    temperature: float = 0.6,
 ) -> float:
     """Seconds for transformers' padded batched generate on the same workload."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -129,6 +132,10 @@ def run_transformers(
     model.generation_config.eos_token_id = None  # like ignore_eos
     model.generation_config.pad_token_id = 0
     batch_size = batch_size or len(work.prompts)
+    # Greedy (temperature 0) or pure sampling at the temperature, as nano-vllm runs it.
+    sampling = dict(do_sample=False)
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
 
     def generate(prompts: list[list[int]], max_new: int) -> None:
         width = max(len(p) for p in prompts)
@@ -141,10 +148,7 @@ def run_transformers(
                 attention_mask=mask,
                 max_new_tokens=max_new,
                 min_new_tokens=max_new,
-                do_sample=True,
-                temperature=0.6,
-                top_k=0,
-                top_p=1.0,
+                **sampling,
             )
 
     generate([p[:16] for p in work.prompts[:4]], 4)
@@ -162,10 +166,16 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def main(args: argparse.Namespace, work_args: dict | Workload, engine_args: dict) -> None:
-    """Run the benchmark described by args and print its summary lines.
+def main(
+    args: argparse.Namespace,
+    work_args: dict | Workload,
+    engine_args: dict,
+    temperature: float = 0.6,
+) -> tuple[float, float | None]:
+    """Run the benchmark described by args and print its summary lines (temperature 0: greedy).
 
     work_args is a ready Workload, or make_workload's arguments (the vocabulary and seed added).
+    Returns the seconds nano-vllm took, and transformers' with --compare-hf (else None).
     """
     path, load_format = model_path(args)
     start = time.perf_counter()
@@ -185,7 +195,7 @@ def main(args: argparse.Namespace, work_args: dict | Workload, engine_args: dict
         work = work_args
     else:
         work = make_workload(vocab=llm.config.hf_config.vocab_size, seed=args.seed, **work_args)
-    elapsed = run_nanovllm(llm, work)
+    elapsed = run_nanovllm(llm, work, temperature)
     stats = llm.engine.stats
     device, dtype = llm.config.device, llm.config.dtype
     desc = (
@@ -210,9 +220,13 @@ def main(args: argparse.Namespace, work_args: dict | Workload, engine_args: dict
     llm.shutdown()
     del llm
     if args.compare_hf:
-        hf_elapsed = run_transformers(path, load_format, work, device, dtype, args.hf_batch_size)
+        hf_elapsed = run_transformers(
+            path, load_format, work, device, dtype, args.hf_batch_size, temperature
+        )
         hf_tps = work.num_output_tokens / hf_elapsed
         print(
             f"transformers: same workload: {hf_elapsed:.2f}s, {hf_tps:.1f} output tok/s; "
             f"nano-vllm / transformers = {tps / hf_tps:.2f}x"
         )
+        return elapsed, hf_elapsed
+    return elapsed, None

@@ -28,6 +28,12 @@ class AttentionMetadata:
     # Host copies for backends that loop over sequences (the torch backend).
     seq_lens_list: list[int]
     query_lens_list: list[int]
+    # The torch backend's decode gather, computed once per step by its first attention layer
+    # (or ahead of time with attention.torch_backend.decode_key_slots) and reused by the rest.
+    # [num_seqs, max_seqlen_k] int64: the cache slot of each key
+    decode_slots: torch.Tensor | None = None
+    # [num_seqs, 1, 1, max_seqlen_k] bool: True for real keys, False for padding
+    decode_mask: torch.Tensor | None = None
 
 
 _CONTEXT: AttentionMetadata | None = None

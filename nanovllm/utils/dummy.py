@@ -34,6 +34,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     ),
+    # For mini_bench's small-short preset: the kind of model a newcomer tries first on a CPU.
+    "mini": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
     # The real Qwen3 shapes (bench.py).
     "qwen3-0.6b": dict(
         vocab_size=151936,
