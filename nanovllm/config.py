@@ -35,8 +35,8 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
-    # None: 16 tokens on CPU and MPS (little waste on short contexts), 256 on CUDA.
-    kvcache_block_size: int | None = None
+    # 0: 16 tokens on CPU and MPS (little waste on short contexts), 256 on CUDA.
+    kvcache_block_size: int = 0
     num_kvcache_blocks: int = -1
     kv_cache_memory_gb: float = 2.0
     # "auto" unless the NANOVLLM_DEVICE environment variable names another default.
@@ -98,7 +98,7 @@ class Config:
             self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
 
         self.device = resolve_device(self.device)
-        if self.kvcache_block_size is None:
+        if self.kvcache_block_size == 0:
             self.kvcache_block_size = default_block_size(self.device)
         if self.kvcache_block_size % 16 != 0:
             raise ValueError(
@@ -113,11 +113,10 @@ class Config:
             "max_num_seqs": 1,
             "max_model_len": 1,
             "tensor_parallel_size": 1,
+            "kvcache_block_size": 0,
             "num_kvcache_blocks": -1,
             "max_logprobs": -1,
         }
-        if self.kvcache_block_size is not None:
-            limits["kvcache_block_size"] = 16
         for name, low in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

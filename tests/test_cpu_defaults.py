@@ -17,11 +17,12 @@ def test_default_block_size(device: str, expected: int) -> None:
 
 def test_block_size_default_and_explicit(tiny_model_dir: str) -> None:
     assert Config(tiny_model_dir, device="cpu").kvcache_block_size == 16
+    assert Config(tiny_model_dir, device="cpu", kvcache_block_size=0).kvcache_block_size == 16
     assert Config(tiny_model_dir, device="cpu", kvcache_block_size=256).kvcache_block_size == 256
     with pytest.raises(ValueError, match="kvcache_block_size must be a positive multiple of 16"):
         Config(tiny_model_dir, device="cpu", kvcache_block_size=40)
-    with pytest.raises(ValueError, match="kvcache_block_size must be >= 16, got 0"):
-        Config(tiny_model_dir, device="cpu", kvcache_block_size=0)
+    with pytest.raises(ValueError, match="kvcache_block_size must be >= 0, got -16"):
+        Config(tiny_model_dir, device="cpu", kvcache_block_size=-16)
 
 
 def test_available_cpus_follows_affinity() -> None:
