@@ -1,8 +1,35 @@
-"""nano-vllm: a compact offline LLM inference engine with a vLLM-style API."""
+"""nano-vllm: a compact offline LLM inference engine with a vLLM-style API.
 
-from nanovllm.llm import LLM
-from nanovllm.outputs import CompletionOutput, RequestOutput
-from nanovllm.sampling_params import SamplingParams
+The public names load on first use (PEP 562), so `import nanovllm` is cheap; torch comes with
+`LLM`, transformers with the first engine.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nanovllm.llm import LLM
+    from nanovllm.outputs import CompletionOutput, RequestOutput
+    from nanovllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
+
+_MODULES = {
+    "LLM": "nanovllm.llm",
+    "SamplingParams": "nanovllm.sampling_params",
+    "RequestOutput": "nanovllm.outputs",
+    "CompletionOutput": "nanovllm.outputs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module 'nanovllm' has no attribute {name!r}")
+    value = getattr(import_module(_MODULES[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

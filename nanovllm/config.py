@@ -1,12 +1,16 @@
 """Engine configuration: every knob in one place, validated once, device and dtype resolved."""
 
+import difflib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+
+if TYPE_CHECKING:  # transformers loads when the first Config is made (import nanovllm stays light)
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class Config:
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
+    # Independent engine replicas (one per GPU or tp group; on CPU, processes sharing the cores).
+    data_parallel_size: int = 1
     enforce_eager: bool = False
     # 0: 16 tokens on CPU and MPS (little waste on short contexts), 256 on CUDA.
     kvcache_block_size: int = 0
@@ -48,10 +54,12 @@ class Config:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     tokenizer: str | None = None
+    # True: no tokenizer is loaded (token-id prompts only, empty output text), and no warning.
+    skip_tokenizer_init: bool = False
     seed: int = 0
     # The most logprobs / prompt_logprobs a request may ask for (vLLM's default; -1: vocabulary).
     max_logprobs: int = 20
-    hf_config: PretrainedConfig | None = field(default=None, repr=False)
+    hf_config: "PretrainedConfig | None" = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -86,6 +94,8 @@ class Config:
                 f"supported: {list(SUPPORTED_ARCHITECTURES)}"
             )
         if self.hf_config is None:
+            from transformers import AutoConfig
+
             self.hf_config = AutoConfig.from_pretrained(self.model)
         max_positions = self.hf_config.max_position_embeddings
         if self.max_model_len > max_positions:
@@ -113,6 +123,7 @@ class Config:
             "max_num_seqs": 1,
             "max_model_len": 1,
             "tensor_parallel_size": 1,
+            "data_parallel_size": 1,
             "kvcache_block_size": 0,
             "num_kvcache_blocks": -1,
             "max_logprobs": -1,
@@ -135,16 +146,52 @@ class Config:
                 f"tensor_parallel_size {tp} must divide num_key_value_heads {kv_heads} "
                 f"or be a multiple of it"
             )
+        dp = self.data_parallel_size
         if self.device.type == "cuda":
             available = torch.cuda.device_count()
+            if dp > 1 and self.device.index is not None:
+                raise ValueError(
+                    f"device {str(self.device)!r} names one GPU but data_parallel_size {dp} "
+                    f"needs {dp * tp}: pass device='cuda' (CUDA_VISIBLE_DEVICES picks the cards)"
+                )
         elif self.device.type == "cpu":
             available = os.cpu_count() or 1
         else:
             available = 1
+        what = {"cpu": "CPU cores", "cuda": "CUDA GPUs"}.get(self.device.type, "MPS devices")
         if tp > available:
+            raise ValueError(f"tensor_parallel_size {tp} exceeds the {available} {what} present")
+        if tp * dp > available:
             raise ValueError(
-                f"tensor_parallel_size {tp} exceeds the {available} {self.device.type} device(s) present"
+                f"tensor_parallel_size {tp} x data_parallel_size {dp} = {tp * dp} "
+                f"exceeds the {available} {what} present"
             )
+
+
+# Accepted for vLLM compatibility and ignored: nano-vllm runs its own model code and never
+# executes code from a model folder.
+IGNORED_ENGINE_ARGS = ("trust_remote_code",)
+
+
+def check_engine_args(kwargs: dict[str, Any], owner: str = "LLM") -> dict[str, Any]:
+    """The keyword arguments meant for Config; TypeError naming `owner` for an unknown one,
+    with the closest accepted names. vLLM-only arguments in IGNORED_ENGINE_ARGS are dropped."""
+    accepted = [f.name for f in fields(Config) if f.init and f.name != "model"]
+    kept = {}
+    for key, value in kwargs.items():
+        if key in IGNORED_ENGINE_ARGS:
+            logger.info("%s=%r is ignored: nano-vllm runs its own model code", key, value)
+        elif key in accepted:
+            kept[key] = value
+        else:
+            close = difflib.get_close_matches(key, accepted, n=3, cutoff=0.6)
+            hint = (
+                f"did you mean {' or '.join(repr(c) for c in close)}?"
+                if close
+                else f"accepted: {', '.join(accepted)}"
+            )
+            raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}; {hint}")
+    return kept
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -180,7 +227,7 @@ def default_block_size(device: torch.device) -> int:
 
 
 def resolve_dtype(
-    dtype: str | torch.dtype, device: torch.device, hf_config: PretrainedConfig
+    dtype: str | torch.dtype, device: torch.device, hf_config: "PretrainedConfig"
 ) -> torch.dtype:
     """ "auto" is float32 on CPU and the checkpoint's dtype on an accelerator."""
     if isinstance(dtype, torch.dtype):

@@ -6,6 +6,8 @@ engine and yields each RequestOutput as soon as its request finishes. Both run t
 (`_drive`); only one may run at a time on an LLM.
 """
 
+from __future__ import annotations
+
 import itertools
 import logging
 import numbers
@@ -15,17 +17,19 @@ import time
 from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from nanovllm.config import Config
+from nanovllm.config import Config, check_engine_args
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # transformers loads with the first tokenizer (import nanovllm stays light)
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ def _load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
     ):
         logger.warning("no tokenizer in %s: only token-id prompts will work", path)
         return None
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
@@ -233,8 +239,12 @@ class LLM:
     """
 
     def __init__(self, model: str, **kwargs: Any) -> None:
-        self.config = Config(model, **kwargs)
-        self.tokenizer = _load_tokenizer(self.config.tokenizer or self.config.model)
+        self.config = Config(model, **check_engine_args(kwargs, "LLM"))
+        self.tokenizer = (
+            None
+            if self.config.skip_tokenizer_init
+            else _load_tokenizer(self.config.tokenizer or self.config.model)
+        )
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = self.tokenizer.eos_token_id
             if eos not in self.config.eos_token_ids:
@@ -242,7 +252,7 @@ class LLM:
         self.engine = LLMEngine(self.config)
         self._busy = False  # a generate / generate_iter loop is running
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -161,3 +161,168 @@ def test_interpreter_exit_stops_workers(tiny_model_dir: str) -> None:
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
+
+
+def test_worker_error_is_raised_on_rank0(tiny_model_dir: str) -> None:
+    """A worker that raises mid-step: rank 0 raises its error, naming the rank, within seconds;
+    the engine then refuses further steps, and a new engine works in the same process."""
+    import dataclasses
+    import time
+
+    prompt = prompts_of([10])[0]
+    params = SamplingParams(temperature=0, max_tokens=4)
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2, device="cpu")
+    try:
+        expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        workers = llm.engine.workers
+        send = workers.call
+
+        def corrupt(method: str, plan: object) -> None:
+            # Rank 1 gets block ids beyond its cache: it fails inside the first layer, while
+            # rank 0 (with the good plan) waits for it in the first all-reduce.
+            bad = [[10**6] * len(bt) for bt in plan.block_tables]
+            send(method, dataclasses.replace(plan, block_tables=bad))
+
+        workers.call = corrupt
+        start = time.monotonic()
+        with pytest.raises(RuntimeError) as e:
+            llm.generate([prompt], params, use_tqdm=False)
+        assert time.monotonic() - start < 30
+        message = str(e.value)
+        assert message.startswith("tensor-parallel worker rank 1 raised IndexError")
+        assert "--- tensor-parallel worker rank 1 traceback ---" in message
+        assert isinstance(e.value.__cause__, IndexError)
+        with pytest.raises(RuntimeError, match="cannot run more steps: tensor-parallel worker"):
+            llm.generate([prompt], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert not multiprocessing.active_children()
+    with LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2, device="cpu") as llm:
+        assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected
+
+
+_UNGUARDED_SCRIPT = """
+import sys
+from nanovllm import LLM
+llm = LLM(sys.argv[1], kvcache_block_size=16, tensor_parallel_size=2, device="cpu")
+print("created", flush=True)
+"""
+
+
+def test_unguarded_main_fails_fast(tiny_model_dir: str, tmp_path: object) -> None:
+    """A tp script without the __main__ guard: spawned workers cannot start; the parent says
+    why and what to do, and exits instead of hanging."""
+    import subprocess
+    import sys
+    import time
+
+    script = os.path.join(str(tmp_path), "unguarded.py")
+    with open(script, "w") as f:
+        f.write(_UNGUARDED_SCRIPT)
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, script, tiny_model_dir], capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - start < 60
+    assert done.returncode == 1
+    assert "created" not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("nanovllm.engine.tp_workers.WorkerError: tensor-parallel worker rank 1")
+    assert 'move that code under `if __name__ == "__main__":`' in last
+
+
+_SIGINT_SCRIPT = """
+import json, sys, time
+from nanovllm import LLM, SamplingParams
+
+
+def probe_tokens(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    outs = llm.generate([[5, 6, 7, 8], [9, 10, 11, 12, 13]], greedy, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def main():
+    path, rounds = sys.argv[1], int(sys.argv[2])
+    kwargs = dict(kvcache_block_size=16, tensor_parallel_size=2, device="cpu", max_model_len=512)
+    llm = LLM(path, **kwargs)
+    long = SamplingParams(temperature=0.8, max_tokens=300, ignore_eos=True)
+    for _ in range(rounds):
+        sys.stdin.readline()
+        stage = "before"
+        try:
+            print(json.dumps({"go": True}), flush=True)
+            stage = "generate"
+            llm.generate([[i] * 30 for i in range(3, 11)], long, use_tqdm=False)
+            stage = "after"
+            time.sleep(120)  # the interrupt lands here at the latest
+        except KeyboardInterrupt:
+            pass
+        print(json.dumps({"stage": stage, "tokens": probe_tokens(llm)}), flush=True)
+    llm.shutdown()
+    with LLM(path, **kwargs) as fresh:
+        print(json.dumps({"stage": "fresh", "tokens": probe_tokens(fresh)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX signals")
+def test_sigint_during_tp_generate_leaves_a_usable_engine(
+    tiny_model_dir: str, tmp_path: object
+) -> None:
+    """Ctrl-C at several moments of a tp=2 generate (to rank 0, or to the whole process group
+    as a terminal does): the next generate in the same process gives a fresh engine's tokens."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    # (delay after "go" in seconds, send to the whole process group)
+    timings = [(0.0, False), (0.05, False), (0.3, False), (0.8, True), (1.5, False), (2.5, True)]
+    script = os.path.join(str(tmp_path), "interrupt.py")
+    with open(script, "w") as f:
+        f.write(_SIGINT_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, script, tiny_model_dir, str(len(timings))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )
+    # A hung child must fail the test, not hang it.
+    watchdog = threading.Timer(240, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    results = []
+    try:
+        for delay, to_group in timings:
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert json.loads(proc.stdout.readline()) == {"go": True}
+            time.sleep(delay)
+            if to_group:
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                os.kill(proc.pid, signal.SIGINT)
+            line = proc.stdout.readline()
+            assert line, f"exit code {proc.wait()}: {proc.stderr.read()[-3000:]}"
+            results.append(json.loads(line))
+        results.append(json.loads(proc.stdout.readline()))
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with LLM(tiny_model_dir, kvcache_block_size=16, device="cpu", max_model_len=512) as llm:
+        greedy = SamplingParams(temperature=0, max_tokens=8)
+        outs = llm.generate([[5, 6, 7, 8], [9, 10, 11, 12, 13]], greedy, use_tqdm=False)
+        expected = [o.outputs[0].token_ids for o in outs]
+    assert [r["tokens"] for r in results] == [expected] * (len(timings) + 1)
+    stages = [r["stage"] for r in results[:-1]]
+    assert stages.count("generate") >= 3, stages  # most interrupts hit a running generate

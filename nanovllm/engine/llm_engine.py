@@ -1,8 +1,14 @@
-"""The engine: owns the scheduler, the block manager and the model runner(s); runs steps."""
+"""The engine: owns the scheduler, the block manager and the model runner(s); runs steps.
 
-import atexit
+Lifetime: the engine holds the model, the KV cache and (tp > 1) the worker processes. Nothing
+else holds the engine strongly: a `weakref.finalize` stops the workers and leaves the process
+group when the engine is garbage-collected (dropping the last reference to an LLM frees it) or
+at interpreter exit, whichever comes first; shutdown() runs the same finalizer at once.
+"""
+
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +20,11 @@ from nanovllm.engine.prompt_logprobs import plan_prompt_logprobs, record_prompt_
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_plan import plan_step
-from nanovllm.engine.tp_workers import TPWorkers, threads_per_rank
+from nanovllm.engine.tp_workers import (
+    TPWorkers,
+    defer_sigint,
+    threads_per_rank,
+)
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.worker.inputs import StepPlan
 from nanovllm.worker.model_runner import ModelRunner, PendingTokens
@@ -45,7 +55,8 @@ class LLMEngine:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.workers: TPWorkers | None = None
-        self._closed = False
+        # Why the engine can run no more steps (ranks out of step after a failed tp step).
+        self._broken: str | None = None
         self.stats = EngineStats()
         # a decode step launched but not postprocessed: (its sequences, their pending tokens)
         self._ahead: tuple[list[Sequence], PendingTokens] | None = None
@@ -53,8 +64,23 @@ class LLMEngine:
             torch.set_num_threads(threads_per_rank(config))
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config)
+        self._finalizer = weakref.finalize(
+            self, _release, self.workers, config.tensor_parallel_size > 1
+        )
         try:
             self.runner = ModelRunner(config, 0, self.workers.init_method if self.workers else None)
+            if self.workers is not None:
+                self.workers.wait_ready()
+        except Exception as e:
+            # A worker that failed to build its runner reports why; rank 0 then sees only a
+            # broken collective. Rank 0's own error (a user error) wins when it has one.
+            failure = None
+            if self.workers is not None and _is_collective_error(e):
+                failure = self.workers.failure()
+            self.shutdown()
+            if failure is not None:
+                raise failure from failure.__cause__  # the worker's exception
+            raise
         except BaseException:
             self.shutdown()
             raise
@@ -68,7 +94,6 @@ class LLMEngine:
             config.max_model_len,
             config.eos_token_ids,
         )
-        atexit.register(self.shutdown)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request cannot be served; changes nothing."""
@@ -100,8 +125,7 @@ class LLMEngine:
     def add_request(self, token_ids: list[int], params: SamplingParams) -> list[Sequence]:
         """Validate and queue one request; returns its params.n Sequences (completion i is
         sampled with params.for_completion(i))."""
-        if self._closed:
-            raise RuntimeError("this engine was shut down")
+        self._check_usable()
         self.validate(token_ids, params)
         block_size = self.config.kvcache_block_size
         seqs = [
@@ -128,8 +152,7 @@ class LLMEngine:
         A decode step may be left running ahead (see _step_ahead): its tokens then count in the
         call that applies them.
         """
-        if self._closed:
-            raise RuntimeError("this engine was shut down")
+        self._check_usable()
         start = time.perf_counter()
         if self._ahead is not None:
             finished, num_tokens = self._step_ahead()
@@ -138,9 +161,10 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         plan = plan_step(seqs, is_prefill)
         spans = plan_prompt_logprobs(seqs, plan) if is_prefill else None
-        if self.workers is not None:
-            self.workers.call("execute", plan)
-        logits = self.runner.execute(plan)
+        if self.workers is None:
+            logits = self.runner.execute(plan)
+        else:
+            logits = self._execute_on_all_ranks(plan)
         if spans:
             num_sampled = len(plan.sample_rows)
             record_prompt_logprobs(spans, logits[num_sampled:])
@@ -238,24 +262,64 @@ class LLMEngine:
             stats.decode_tokens += num_tokens
             stats.decode_seconds += elapsed
 
+    def _execute_on_all_ranks(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run a plan on every rank as one unit: all ranks finish its collectives, or the engine
+        is marked broken (a rank left inside a collective would pair it with the next step's).
+
+        A Ctrl-C is held back until the step is done (a second one breaks out and breaks the
+        engine); a worker's exception is raised here with its rank named.
+        """
+        assert self.workers is not None
+        with defer_sigint():
+            self._broken = "a tensor-parallel step was interrupted or failed halfway"
+            try:
+                self.workers.call("execute", plan)
+                logits = self.runner.execute(plan)
+            except Exception as e:
+                # A worker that raised reports it and exits, which ends rank 0's collective.
+                failure = self.workers.failure() if _is_collective_error(e) else None
+                if failure is not None:
+                    self._broken = str(failure).partition("\n")[0]
+                    raise failure from failure.__cause__  # the worker's exception
+                raise
+            self._broken = None
+        return logits
+
+    def _check_usable(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError("this LLM was shut down; create a new one")
+        if self._broken is not None:
+            raise RuntimeError(
+                f"this LLM cannot run more steps: {self._broken}; "
+                f"call shutdown() and create a new LLM"
+            )
+
     @property
     def closed(self) -> bool:
         """True after shutdown()."""
-        return self._closed
+        return not self._finalizer.alive
 
     def is_finished(self) -> bool:
         """True when no request is waiting or running."""
         return self.scheduler.is_finished()
 
     def shutdown(self) -> None:
-        """Stop worker processes and leave the process group; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self.shutdown)
-        if self.workers is not None:
-            self.workers.shutdown()
-            self.workers = None
+        """Stop worker processes, leave the process group, free the model; idempotent."""
+        if self._broken is not None and self.workers is not None:
+            self.workers.shutdown(timeout=1.0)  # they may be stuck in a collective
+        self._finalizer()
+        self.workers = None
         self.runner = None  # frees the weights and the KV cache
-        if self.config.tensor_parallel_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def _is_collective_error(e: Exception) -> bool:
+    """Whether rank 0 failed in a collective (a peer left), not on its own."""
+    return isinstance(e, dist.DistError) or "gloo" in str(e).lower() or "nccl" in str(e).lower()
+
+
+def _release(workers: TPWorkers | None, owns_process_group: bool) -> None:
+    """Stop the workers and leave the process group (the engine's finalizer: holds no engine)."""
+    if workers is not None:
+        workers.shutdown()
+    if owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
