@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config, check_engine_args
+from nanovllm.engine.data_parallel import DataParallelEngine
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.sequence import Sequence
@@ -249,7 +250,8 @@ class LLM:
             eos = self.tokenizer.eos_token_id
             if eos not in self.config.eos_token_ids:
                 self.config.eos_token_ids.append(eos)
-        self.engine = LLMEngine(self.config)
+        engine_class = DataParallelEngine if self.config.data_parallel_size > 1 else LLMEngine
+        self.engine = engine_class(self.config)
         self._busy = False  # a generate / generate_iter loop is running
 
     def __enter__(self) -> LLM:

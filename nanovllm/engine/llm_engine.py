@@ -127,11 +127,7 @@ class LLMEngine:
         sampled with params.for_completion(i))."""
         self._check_usable()
         self.validate(token_ids, params)
-        block_size = self.config.kvcache_block_size
-        seqs = [
-            Sequence(token_ids, params.for_completion(i), block_size, index=i)
-            for i in range(params.n)
-        ]
+        seqs = request_sequences(token_ids, params, self.config.kvcache_block_size)
         self.scheduler.add_group(seqs)
         return seqs
 
@@ -310,6 +306,15 @@ class LLMEngine:
         self._finalizer()
         self.workers = None
         self.runner = None  # frees the weights and the KV cache
+
+
+def request_sequences(
+    token_ids: list[int], params: SamplingParams, block_size: int
+) -> list[Sequence]:
+    """The params.n Sequences of one request (completion i sampled with for_completion(i))."""
+    return [
+        Sequence(token_ids, params.for_completion(i), block_size, index=i) for i in range(params.n)
+    ]
 
 
 def _is_collective_error(e: Exception) -> bool:
