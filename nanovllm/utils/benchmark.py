@@ -187,6 +187,7 @@ def main(
         tensor_parallel_size=args.tp,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        skip_tokenizer_init=True,  # token-id workload: no tokenizer, no warning about one
         **engine_args,
     )
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in llm.engine.runner.startup_seconds.items())
