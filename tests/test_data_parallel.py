@@ -3,8 +3,10 @@
 import multiprocessing
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -42,8 +44,21 @@ def test_dp2_matches_one_engine_in_prompt_order(tiny_model_dir: str) -> None:
         # The replicas keep serving: a second call, prompts in another order.
         again = llm.generate(prompts[::-1], params[::-1], use_tqdm=False)
         assert llm.engine.is_finished()
+        # Ctrl-C in the middle of a long generate: the requests are dropped, the replicas live.
+        long = SamplingParams(temperature=0.8, max_tokens=400, ignore_eos=True)
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        returned = []
+        with pytest.raises(KeyboardInterrupt):
+            timer.start()
+            llm.generate([[i] * 30 for i in range(3, 11)], long, use_tqdm=False)
+            returned.append(True)
+            time.sleep(60)  # (the interrupt lands here at the latest)
+        assert not returned  # it did interrupt the generate
+        assert llm.engine.is_finished() and all(p.is_alive() for p in procs)
+        after = llm.generate(prompts, params, use_tqdm=False)
     assert summary(double) == summary(single)
     assert summary(again) == summary(single)[::-1]
+    assert summary(after) == summary(single)
     assert [o.prompt_token_ids for o in double] == prompts
     # Logprobs come back too (equal up to float noise: another batch, other thread counts).
     lp_single, lp_double = single[2].outputs[0].logprobs, double[2].outputs[0].logprobs
