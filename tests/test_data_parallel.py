@@ -41,6 +41,10 @@ def test_dp2_matches_one_engine_in_prompt_order(tiny_model_dir: str) -> None:
         procs = list(llm.engine._procs)
         assert len(procs) == 2 and all(p.is_alive() for p in procs)
         double = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.engine.stats  # both replicas' work together
+        hits = sum(o.num_cached_tokens for o in double)
+        assert stats.prefill_tokens == sum(len(p) for p in prompts) - hits
+        assert stats.decode_tokens == sum(len(o.outputs[0].token_ids) - 1 for o in double)
         # The replicas keep serving: a second call, prompts in another order.
         again = llm.generate(prompts[::-1], params[::-1], use_tqdm=False)
         assert llm.engine.is_finished()

@@ -12,8 +12,9 @@ into the facade's Sequence objects. Replicas step on their own whenever they hav
 never wait for each other, and the facade's results come back in prompt order as usual.
 
 Messages, main process -> replica: ("add", [Sequence]), ("abort", [seq_id]), ("exit", ()).
-Replica -> main process: ("started",), ("ready",), ("step", finished, *step's other results),
-("error", ...). Waits have deadlines and notice a dead replica (tp_workers.receive); sends and
+Replica -> main process: ("started",), ("ready",), ("step", stats, finished, *step's other
+results) with the replica's EngineStats so far, ("error", ...). The main process adds up what
+each step adds to a replica's stats, so `stats` counts the work of all replicas. Waits have deadlines and notice a dead replica (tp_workers.receive); sends and
 receives are shielded from Ctrl-C so a message is never cut in half.
 """
 
@@ -23,6 +24,7 @@ import signal
 import time
 import weakref
 from collections import deque
+from dataclasses import fields
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from nanovllm.config import Config
-from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.llm_engine import EngineStats, LLMEngine
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.tp_workers import (
     GUARD_HINT,
@@ -82,7 +84,7 @@ def _replica_main(config: Config, visible_gpus: str | None, conn: Connection) ->
             for seq in finished:
                 del seqs[seq.seq_id]
                 seq.generator = None  # a seeded request's generator stays here
-            conn.send(("step", finished, *rest))
+            conn.send(("step", engine.stats, finished, *rest))
     except Exception as e:
         report_error(conn, e)
         return
@@ -134,6 +136,9 @@ class DataParallelEngine:
         self._seqs: dict[int, tuple[Sequence, int]] = {}  # handed out: seq_id -> (seq, replica)
         self._load = [0] * config.data_parallel_size  # tokens handed to each replica, unfinished
         self._inbox: deque[tuple[int, tuple]] = deque()  # (replica, step message) not returned
+        # All replicas' work: tokens and replica-seconds (what each step adds, summed).
+        self.stats = EngineStats()
+        self._replica_stats = [EngineStats() for _ in range(config.data_parallel_size)]
         try:
             for i, gpus in enumerate(_replica_gpus(config)):
                 proc, conn = start_process(_replica_main, (config, gpus), f"nanovllm-dp{i}", False)
@@ -222,7 +227,11 @@ class DataParallelEngine:
         except WorkerError as e:
             self._broken = str(e).partition("\n")[0]
             raise
-        i, (_, finished, *rest) = self._inbox.popleft()
+        i, (_, stats, finished, *rest) = self._inbox.popleft()
+        for f in fields(stats):
+            added = getattr(stats, f.name) - getattr(self._replica_stats[i], f.name)
+            setattr(self.stats, f.name, getattr(self.stats, f.name) + added)
+        self._replica_stats[i] = stats
         done = []
         for remote in finished:
             entry = self._seqs.pop(remote.seq_id, None)
