@@ -201,6 +201,38 @@ def test_worker_error_is_raised_on_rank0(tiny_model_dir: str) -> None:
         assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected
 
 
+def test_rank0_error_mid_step_asks_for_a_restart(tiny_model_dir: str) -> None:
+    """Rank 0 fails after the workers got the plan (they wait in a collective that never
+    completes): a clear restart error, then shutdown and re-creation work, without hanging."""
+    import time
+
+    prompt = prompts_of([10])[0]
+    params = SamplingParams(temperature=0, max_tokens=4)
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2, device="cpu")
+    try:
+        expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+
+        def fail(plan: object) -> None:
+            raise MemoryError("rank 0 ran out of memory")
+
+        llm.engine.runner.execute = fail
+        with pytest.raises(MemoryError, match="rank 0 ran out of memory"):
+            llm.generate([prompt], params, use_tqdm=False)
+        with pytest.raises(RuntimeError) as e:
+            llm.generate([prompt], params, use_tqdm=False)
+        assert str(e.value) == (
+            "this LLM cannot run more steps: a tensor-parallel step was interrupted or failed "
+            "halfway; call shutdown() and create a new LLM"
+        )
+    finally:
+        start = time.monotonic()
+        llm.shutdown()
+        assert time.monotonic() - start < 20
+    assert not multiprocessing.active_children()
+    with LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2, device="cpu") as llm:
+        assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected
+
+
 _UNGUARDED_SCRIPT = """
 import sys
 from nanovllm import LLM
