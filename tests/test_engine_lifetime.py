@@ -45,6 +45,10 @@ def test_dropping_a_tp_engine_stops_its_workers(tiny_model_dir: str) -> None:
     llm = LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2)
     expected = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
     procs = list(llm.engine.workers.procs)
+    if os.path.isdir("/proc"):  # workers start with NVLink multicast off (a GPU-host need)
+        with open(f"/proc/{procs[0].pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+        assert b"NCCL_NVLS_ENABLE=0" in env and b"TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in env
     del llm
     gc.collect()
     assert procs and not any(p.is_alive() for p in procs)

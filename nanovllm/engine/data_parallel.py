@@ -12,10 +12,11 @@ into the facade's Sequence objects. Replicas step on their own whenever they hav
 never wait for each other, and the facade's results come back in prompt order as usual.
 
 Messages, main process -> replica: ("add", [Sequence]), ("abort", [seq_id]), ("exit", ()).
-Replica -> main process: ("started",), ("ready",), ("step", stats, finished, *step's other
-results) with the replica's EngineStats so far, ("error", ...). The main process adds up what
-each step adds to a replica's stats, so `stats` counts the work of all replicas. Waits have deadlines and notice a dead replica (tp_workers.receive); sends and
-receives are shielded from Ctrl-C so a message is never cut in half.
+Replica -> main process: ("started",), ("ready",), ("error", ...), and after every step
+("step", its EngineStats so far, finished sequences, *the rest of LLMEngine.step's result). The
+main process adds up what each step adds to a replica's stats, so `stats` counts the work of
+all replicas. Waits have deadlines and notice a dead replica (tp_workers.receive); sends and
+receives are shielded from Ctrl-C, so a message is never cut in half.
 """
 
 import logging
@@ -27,7 +28,6 @@ from collections import deque
 from dataclasses import fields
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 import torch
 
@@ -44,6 +44,7 @@ from nanovllm.engine.tp_workers import (
     start_process,
     threads_per_rank,
 )
+from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +164,14 @@ class DataParallelEngine:
             return receive(self._conns[i], self._procs[i], self._who(i), timeout)
 
     def _send(self, i: int, message: tuple) -> None:
-        with defer_sigint():
-            self._conns[i].send(message)
+        try:
+            with defer_sigint():
+                self._conns[i].send(message)
+        except (BrokenPipeError, OSError):
+            self._procs[i].join(1.0)
+            raise WorkerError(
+                f"{self._who(i)} died (exit code {self._procs[i].exitcode})"
+            ) from None
 
     def _check_usable(self) -> None:
         if not self._finalizer.alive:
@@ -175,7 +182,7 @@ class DataParallelEngine:
                 f"call shutdown() and create a new LLM"
             )
 
-    def add_request(self, token_ids: list[int], params: Any) -> Sequence:
+    def add_request(self, token_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate and queue one request; it goes to a replica at the next step()."""
         self._check_usable()
         self.validate(token_ids, params)
