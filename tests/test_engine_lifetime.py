@@ -49,6 +49,9 @@ def test_dropping_a_tp_engine_stops_its_workers(tiny_model_dir: str) -> None:
         with open(f"/proc/{procs[0].pid}/environ", "rb") as f:
             env = f.read().split(b"\0")
         assert b"NCCL_NVLS_ENABLE=0" in env and b"TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in env
+    # Re-running `llm = LLM(...)` builds the new one before dropping the old: a clear error.
+    with pytest.raises(RuntimeError, match=r"already initialized .* shutdown\(\) or drop it"):
+        LLM(tiny_model_dir, kvcache_block_size=16, tensor_parallel_size=2)
     del llm
     gc.collect()
     assert procs and not any(p.is_alive() for p in procs)

@@ -63,6 +63,12 @@ class LLMEngine:
         if config.device.type == "cpu":
             torch.set_num_threads(threads_per_rank(config))
         if config.tensor_parallel_size > 1:
+            if dist.is_initialized():  # e.g. a notebook cell re-run while the old LLM lives
+                raise RuntimeError(
+                    "torch.distributed is already initialized in this process (another "
+                    "tensor-parallel LLM?): call its shutdown() or drop it (del llm) before "
+                    "creating a new one"
+                )
             self.workers = TPWorkers(config)
         self._finalizer = weakref.finalize(
             self, _release, self.workers, config.tensor_parallel_size > 1
