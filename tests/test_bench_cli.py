@@ -27,12 +27,13 @@ def test_bench_refuses_a_cpu_without_force() -> None:
     assert "`uv run mini_bench.py`" in done.stderr and "--force" in done.stderr
 
 
-def test_benchmark_run_says_nothing_about_tokenizers(
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores")
+def test_benchmark_runs_replicas_and_says_nothing_about_tokenizers(
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     parser = argparse.ArgumentParser()
     add_common_args(parser, shape="tiny")
-    args = parser.parse_args(["--device", "cpu"])
+    args = parser.parse_args(["--device", "cpu", "--dp", "2"])
     with caplog.at_level(logging.INFO):
         main(
             args,
@@ -40,5 +41,5 @@ def test_benchmark_run_says_nothing_about_tokenizers(
             dict(max_model_len=64, kvcache_block_size=16),
         )
     captured = capsys.readouterr()
-    assert "nano-vllm: 2 requests" in captured.out
+    assert "nano-vllm: 2 requests" in captured.out and "tp=1, dp=2:" in captured.out
     assert "tokenizer" not in caplog.text.lower() + captured.err.lower()

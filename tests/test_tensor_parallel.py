@@ -301,6 +301,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX signals")
 def test_sigint_during_tp_generate_leaves_a_usable_engine(
     tiny_model_dir: str, tmp_path: object

@@ -74,6 +74,7 @@ def add_common_args(parser: argparse.ArgumentParser, shape: str) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    parser.add_argument("--dp", type=int, default=1, help="data_parallel_size (replicas)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers")
@@ -185,6 +186,7 @@ def main(
         device=args.device,
         dtype=args.dtype,
         tensor_parallel_size=args.tp,
+        data_parallel_size=args.dp,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         skip_tokenizer_init=True,  # token-id workload: no tokenizer, no warning about one
@@ -202,7 +204,7 @@ def main(
     desc = (
         f"{len(work.prompts)} requests, {work.num_prompt_tokens} prompt + "
         f"{work.num_output_tokens} output tokens, {args.model or args.shape}, {device}, "
-        f"{str(dtype).removeprefix('torch.')}, tp={args.tp}"
+        f"{str(dtype).removeprefix('torch.')}, tp={args.tp}, dp={args.dp}"
     )
     tps = work.num_output_tokens / elapsed
     total = work.num_output_tokens + work.num_prompt_tokens
