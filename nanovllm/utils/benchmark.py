@@ -192,8 +192,9 @@ def main(
         skip_tokenizer_init=True,  # token-id workload: no tokenizer, no warning about one
         **engine_args,
     )
-    parts = ", ".join(f"{k} {v:.2f} s" for k, v in llm.engine.runner.startup_seconds.items())
-    print(f"Start-up: {time.perf_counter() - start:.2f} s ({parts})")
+    runner = getattr(llm.engine, "runner", None)  # data-parallel replicas keep theirs
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in getattr(runner, "startup_seconds", {}).items())
+    print(f"Start-up: {time.perf_counter() - start:.2f} s ({parts or f'{args.dp} replicas'})")
     if isinstance(work_args, Workload):
         work = work_args
     else:
