@@ -52,11 +52,17 @@ def test_dp2_matches_one_engine_in_prompt_order(tiny_model_dir: str) -> None:
         long = SamplingParams(temperature=0.8, max_tokens=400, ignore_eos=True)
         timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
         returned = []
-        with pytest.raises(KeyboardInterrupt):
-            timer.start()
-            llm.generate([[i] * 30 for i in range(3, 11)], long, use_tqdm=False)
-            returned.append(True)
-            time.sleep(60)  # (the interrupt lands here at the latest)
+        # Python's own Ctrl-C handler, as in a terminal (a background job starts with SIGINT
+        # ignored).
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                timer.start()
+                llm.generate([[i] * 30 for i in range(3, 11)], long, use_tqdm=False)
+                returned.append(True)
+                time.sleep(60)  # (the interrupt lands here at the latest)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         assert not returned  # it did interrupt the generate
         assert llm.engine.is_finished() and all(p.is_alive() for p in procs)
         after = llm.generate(prompts, params, use_tqdm=False)

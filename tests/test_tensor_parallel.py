@@ -264,7 +264,7 @@ def test_unguarded_main_fails_fast(tiny_model_dir: str, tmp_path: object) -> Non
 
 
 _SIGINT_SCRIPT = """
-import json, sys, time
+import json, signal, sys, time
 from nanovllm import LLM, SamplingParams
 
 
@@ -275,6 +275,7 @@ def probe_tokens(llm):
 
 
 def main():
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     path, rounds = sys.argv[1], int(sys.argv[2])
     kwargs = dict(kvcache_block_size=16, tensor_parallel_size=2, device="cpu", max_model_len=512)
     llm = LLM(path, **kwargs)
