@@ -6,7 +6,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -50,20 +49,25 @@ def test_dp2_matches_one_engine_in_prompt_order(tiny_model_dir: str) -> None:
         assert llm.engine.is_finished()
         # Ctrl-C in the middle of a long generate: the requests are dropped, the replicas live.
         long = SamplingParams(temperature=0.8, max_tokens=400, ignore_eos=True)
-        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-        returned = []
-        # Python's own Ctrl-C handler, as in a terminal (a background job starts with SIGINT
-        # ignored).
+        # A real SIGINT at the 5th step, with both replicas busy, through Python's own handler
+        # (a background job starts with SIGINT ignored).
+        calls = []
+
+        def step_then_interrupt() -> tuple:
+            calls.append(1)
+            if len(calls) == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+            return type(llm.engine).step(llm.engine)
+
+        llm.engine.step = step_then_interrupt
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             with pytest.raises(KeyboardInterrupt):
-                timer.start()
                 llm.generate([[i] * 30 for i in range(3, 11)], long, use_tqdm=False)
-                returned.append(True)
-                time.sleep(60)  # (the interrupt lands here at the latest)
         finally:
             signal.signal(signal.SIGINT, previous)
-        assert not returned  # it did interrupt the generate
+            del llm.engine.step
+        assert len(calls) == 5
         assert llm.engine.is_finished() and all(p.is_alive() for p in procs)
         after = llm.generate(prompts, params, use_tqdm=False)
     assert summary(double) == summary(single)

@@ -277,9 +277,9 @@ def probe_tokens(llm):
 def main():
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     path, rounds = sys.argv[1], int(sys.argv[2])
-    kwargs = dict(kvcache_block_size=16, tensor_parallel_size=2, device="cpu", max_model_len=512)
+    kwargs = dict(kvcache_block_size=16, tensor_parallel_size=2, device="cpu", max_model_len=2048)
     llm = LLM(path, **kwargs)
-    long = SamplingParams(temperature=0.8, max_tokens=300, ignore_eos=True)
+    long = SamplingParams(temperature=0.8, max_tokens=2000, ignore_eos=True)
     for _ in range(rounds):
         sys.stdin.readline()
         stage = "before"
@@ -321,16 +321,23 @@ def test_sigint_during_tp_generate_leaves_a_usable_engine(
     script = os.path.join(str(tmp_path), "interrupt.py")
     with open(script, "w") as f:
         f.write(_SIGINT_SCRIPT)
+    err_path = os.path.join(str(tmp_path), "stderr.txt")
+    err = open(err_path, "w")  # closed in the finally below
+
+    def log_tail() -> str:
+        with open(err_path) as f:
+            return f.read()[-3000:]
+
     proc = subprocess.Popen(
         [sys.executable, script, tiny_model_dir, str(len(timings))],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=err,  # a file: a full pipe would block the child
         text=True,
         start_new_session=True,  # its own process group, like a terminal's foreground job
     )
     # A hung child must fail the test, not hang it.
-    watchdog = threading.Timer(240, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog = threading.Timer(480, lambda: os.killpg(proc.pid, signal.SIGKILL))
     watchdog.start()
     results = []
     try:
@@ -344,15 +351,16 @@ def test_sigint_during_tp_generate_leaves_a_usable_engine(
             else:
                 os.kill(proc.pid, signal.SIGINT)
             line = proc.stdout.readline()
-            assert line, f"exit code {proc.wait()}: {proc.stderr.read()[-3000:]}"
+            assert line, f"exit code {proc.wait()}: {log_tail()}"
             results.append(json.loads(line))
         results.append(json.loads(proc.stdout.readline()))
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+        assert proc.wait(timeout=120) == 0, log_tail()
     finally:
         watchdog.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        err.close()
     with LLM(tiny_model_dir, kvcache_block_size=16, device="cpu", max_model_len=512) as llm:
         greedy = SamplingParams(temperature=0, max_tokens=8)
         outs = llm.generate([[5, 6, 7, 8], [9, 10, 11, 12, 13]], greedy, use_tqdm=False)
