@@ -16,7 +16,7 @@ from nanovllm.engine.sequence import Sequence
 pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores")
 
 
-def workload() -> tuple[list[list[int]], list[SamplingParams]]:
+def workload() -> tuple[list[list[int] | str], list[SamplingParams]]:
     rng = random.Random(0)
     shared = [rng.randrange(3, 400) for _ in range(40)]
     lengths = [1, 7, 33, 90, 150, 12, 60]
@@ -25,11 +25,16 @@ def workload() -> tuple[list[list[int]], list[SamplingParams]]:
     params = [SamplingParams(temperature=0, max_tokens=m) for m in [5, 20, 3, 16, 9, 30, 2, 8, 8]]
     # A seeded request's tokens do not depend on the batch or the replica it runs in.
     params[2] = SamplingParams(temperature=0.9, seed=7, max_tokens=12, logprobs=2)
+    # n completions of one request stay together (they share the prompt's blocks).
+    params[4] = SamplingParams(temperature=0.9, seed=3, max_tokens=9, n=3)
+    # Stop strings: the replica checks them with the request's detokenizer.
+    prompts.append("Hello, my name is")
+    params.append(SamplingParams(temperature=0, max_tokens=30, stop=["e", "a"]))
     return prompts, params
 
 
 def summary(outs: list) -> list[tuple]:
-    return [(o.prompt_token_ids, o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+    return [(o.prompt_token_ids, [(c.token_ids, c.finish_reason) for c in o.outputs]) for o in outs]
 
 
 def test_dp2_matches_one_engine_in_prompt_order(tiny_model_dir: str) -> None:
@@ -41,9 +46,9 @@ def test_dp2_matches_one_engine_in_prompt_order(tiny_model_dir: str) -> None:
         assert len(procs) == 2 and all(p.is_alive() for p in procs)
         double = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.engine.stats  # both replicas' work together
-        hits = sum(o.num_cached_tokens for o in double)
-        assert stats.prefill_tokens == sum(len(p) for p in prompts) - hits
-        assert stats.decode_tokens == sum(len(o.outputs[0].token_ids) - 1 for o in double)
+        completions = [c for o in double for c in o.outputs]
+        assert stats.sampled_tokens == sum(len(c.token_ids) for c in completions)
+        assert stats.decode_tokens == sum(len(c.token_ids) - 1 for c in completions)
         # The replicas keep serving: a second call, prompts in another order.
         again = llm.generate(prompts[::-1], params[::-1], use_tqdm=False)
         assert llm.engine.is_finished()
@@ -73,13 +78,14 @@ def test_dp2_matches_one_engine_in_prompt_order(tiny_model_dir: str) -> None:
     assert summary(double) == summary(single)
     assert summary(again) == summary(single)[::-1]
     assert summary(after) == summary(single)
-    assert [o.prompt_token_ids for o in double] == prompts
+    assert [o.prompt_token_ids for o in double[:-1]] == prompts[:-1]
+    assert double[-1].outputs[0].finish_reason == "stop"  # the stop string was found
     # Logprobs come back too (equal up to float noise: another batch, other thread counts).
     lp_single, lp_double = single[2].outputs[0].logprobs, double[2].outputs[0].logprobs
     assert len(lp_double) == 12
     for a, b in zip(lp_single, lp_double, strict=True):
         assert a.keys() == b.keys()
-        assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
+        assert all(abs(a[k].logprob - b[k].logprob) < 1e-4 for k in a)
     assert all(not p.is_alive() for p in procs)
     assert not multiprocessing.active_children()
 
@@ -88,7 +94,7 @@ def test_replica_error_names_the_replica(tiny_model_dir: str) -> None:
     llm = LLM(tiny_model_dir, kvcache_block_size=16, data_parallel_size=2)
     try:
         # A token id outside the vocabulary, slipped past validation: the replica's embedding fails.
-        llm.engine._waiting.append(Sequence([10**6], SamplingParams(), 16))
+        llm.engine._waiting.append([Sequence([10**6], SamplingParams(), 16)])
         start = time.monotonic()
         with pytest.raises(RuntimeError) as e:
             llm.engine.step()

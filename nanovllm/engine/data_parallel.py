@@ -6,12 +6,13 @@ model that fits on one GPU this is how an offline job uses a multi-GPU box: no c
 N replicas give close to N times the throughput.
 
 The facade drives DataParallelEngine exactly as it drives an LLMEngine. add_request queues a
-Sequence here; step() hands queued sequences to the least-loaded replicas (by prompt plus
-max_tokens), then returns the outcome of one replica step, its finished sequences copied back
-into the facade's Sequence objects. Replicas step on their own whenever they have work, so they
+request's sequences (its n completions) here; step() hands queued requests, whole, to the
+least-loaded replicas (by prompt plus max_tokens), then returns the outcome of one replica step,
+its finished sequences copied back into the facade's Sequence objects. Replicas step on their own whenever they have work, so they
 never wait for each other, and the facade's results come back in prompt order as usual.
 
-Messages, main process -> replica: ("add", [Sequence]), ("abort", [seq_id]), ("exit", ()).
+Messages, main process -> replica: ("add", [[Sequence]]) (requests), ("abort", [seq_id]),
+("exit", ()).
 Replica -> main process: ("started",), ("ready",), ("error", ...), and after every step
 ("step", its EngineStats so far, finished sequences, *the rest of LLMEngine.step's result). The
 main process adds up what each step adds to a replica's stats, so `stats` counts the work of
@@ -32,7 +33,7 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from nanovllm.config import Config
-from nanovllm.engine.llm_engine import EngineStats, LLMEngine
+from nanovllm.engine.llm_engine import EngineStats, LLMEngine, request_sequences
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.tp_workers import (
     GUARD_HINT,
@@ -75,9 +76,9 @@ def _replica_main(config: Config, visible_gpus: str | None, conn: Connection) ->
                 if kind == "exit":
                     break
                 if kind == "add":
-                    for seq in payload:
-                        seqs[seq.seq_id] = seq
-                        engine.scheduler.add(seq)  # validated by the main process
+                    for group in payload:  # one request's sequences, validated already
+                        seqs.update((seq.seq_id, seq) for seq in group)
+                        engine.scheduler.add_group(group)
                 elif kind == "abort":
                     engine.abort([seqs.pop(i) for i in payload if i in seqs])
                 continue
@@ -85,6 +86,8 @@ def _replica_main(config: Config, visible_gpus: str | None, conn: Connection) ->
             for seq in finished:
                 del seqs[seq.seq_id]
                 seq.generator = None  # a seeded request's generator stays here
+                if seq.detokenizer is not None:  # the main process has the tokenizer
+                    seq.detokenizer.tokenizer = None
             conn.send(("step", engine.stats, finished, *rest))
     except Exception as e:
         report_error(conn, e)
@@ -133,7 +136,7 @@ class DataParallelEngine:
         self._conns: list[Connection] = []
         self._finalizer = weakref.finalize(self, _stop_replicas, self._procs, self._conns)
         self._broken: str | None = None
-        self._waiting: list[Sequence] = []  # added, not yet handed to a replica
+        self._waiting: list[list[Sequence]] = []  # requests added, not yet handed out
         self._seqs: dict[int, tuple[Sequence, int]] = {}  # handed out: seq_id -> (seq, replica)
         self._load = [0] * config.data_parallel_size  # tokens handed to each replica, unfinished
         self._inbox: deque[tuple[int, tuple]] = deque()  # (replica, step message) not returned
@@ -182,26 +185,28 @@ class DataParallelEngine:
                 f"call shutdown() and create a new LLM"
             )
 
-    def add_request(self, token_ids: list[int], params: SamplingParams) -> Sequence:
-        """Validate and queue one request; it goes to a replica at the next step()."""
+    def add_request(self, token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """Validate and queue one request; returns its params.n Sequences. The request goes to
+        a replica, whole, at the next step()."""
         self._check_usable()
         self.validate(token_ids, params)
-        seq = Sequence(token_ids, params, self.config.kvcache_block_size)
-        self._waiting.append(seq)
-        return seq
+        group = request_sequences(token_ids, params, self.config.kvcache_block_size)
+        self._waiting.append(group)
+        return group
 
     @staticmethod
     def _cost(seq: Sequence) -> int:
         return len(seq) + seq.sampling_params.max_tokens
 
     def _dispatch(self) -> None:
-        """Hand every waiting sequence to the replica with the least unfinished work."""
-        batches: list[list[Sequence]] = [[] for _ in self._conns]
-        for seq in self._waiting:
+        """Hand every waiting request to the replica with the least unfinished work."""
+        batches: list[list[list[Sequence]]] = [[] for _ in self._conns]
+        for group in self._waiting:
             i = min(range(len(self._load)), key=self._load.__getitem__)
-            batches[i].append(seq)
-            self._load[i] += self._cost(seq)
-            self._seqs[seq.seq_id] = (seq, i)
+            batches[i].append(group)
+            for seq in group:
+                self._load[i] += self._cost(seq)
+                self._seqs[seq.seq_id] = (seq, i)
         self._waiting = []
         for i, batch in enumerate(batches):
             if batch:
@@ -246,14 +251,18 @@ class DataParallelEngine:
                 continue
             seq = entry[0]
             self._load[i] -= self._cost(seq)
+            detokenizer = seq.detokenizer
             seq.__dict__.update(remote.__dict__)  # tokens, status, finish reason, logprobs, ...
+            if seq.detokenizer is not None and detokenizer is not None:
+                seq.detokenizer.tokenizer = detokenizer.tokenizer
             done.append(seq)
         return (done, *rest)
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop unfinished sequences, here and in their replicas."""
         dropped = {seq.seq_id for seq in seqs}
-        self._waiting = [s for s in self._waiting if s.seq_id not in dropped]
+        groups = ([s for s in group if s.seq_id not in dropped] for group in self._waiting)
+        self._waiting = [group for group in groups if group]
         by_replica: dict[int, list[int]] = {}
         for seq in seqs:
             entry = self._seqs.pop(seq.seq_id, None)
