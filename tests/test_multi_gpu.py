@@ -70,3 +70,65 @@ def test_tp2_bf16_agrees_with_tp1(tmp_path: object) -> None:
     print(f"bf16 tp=2 vs tp=1: first tokens {sum(first)}/32, all tokens {same}/{32 * 32}")
     # the first token comes from the prefill alone: near-ties aside, it must agree
     assert sum(first) >= 28
+
+
+NCCL_WORKER_ERROR_SCRIPT = """
+import dataclasses, sys, time
+from nanovllm import LLM, SamplingParams
+from nanovllm.utils.dummy import write_model_folder
+
+if __name__ == "__main__":
+    path = write_model_folder(sys.argv[1], "tiny", tokenizer=False)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    prompt = list(range(3, 40))
+    kwargs = dict(load_format="dummy", device="cuda", tensor_parallel_size=2,
+                  gpu_memory_utilization=0.3, kvcache_block_size=16, max_model_len=512)
+    llm = LLM(path, **kwargs)
+    expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    send = llm.engine.workers.call
+
+    def corrupt(method, plan):
+        # rank 1's plan names one sequence too many: it raises in Python before any kernel,
+        # while rank 0 (with the good plan) waits for it in the first NCCL all-reduce
+        send(method, dataclasses.replace(plan, query_lens=plan.query_lens + [1]))
+
+    llm.engine.workers.call = corrupt
+    start = time.monotonic()
+    try:
+        llm.generate([prompt], params, use_tqdm=False)
+        raise SystemExit("no error raised")
+    except RuntimeError as e:
+        elapsed = time.monotonic() - start
+        assert str(e).startswith("tensor-parallel worker rank 1 raised"), str(e)[:300]
+    print(f"worker error raised on rank 0 after {elapsed:.1f} s")
+    llm.shutdown()
+    with LLM(path, **kwargs) as llm:
+        again = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == expected, (again, expected)
+    print("OK")
+"""
+
+
+def test_nccl_worker_error_reaches_rank0(tmp_path: object) -> None:
+    """A worker failing mid-step on NCCL: rank 0 raises its error within seconds (not after the
+    600 s collective timeout), and a new engine works in the same process. Run as a script with
+    a deadline, so a hang fails the test instead of stalling the run."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(str(tmp_path), "nccl_worker_error.py")
+    with open(script, "w") as f:
+        f.write(NCCL_WORKER_ERROR_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [sys.executable, script, os.path.join(str(tmp_path), "model")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    print(result.stdout[-2000:], result.stderr[-3000:])
+    assert result.returncode == 0 and "OK" in result.stdout
+    seconds = float(result.stdout.split("after ")[1].split(" s")[0])
+    assert seconds < 30

@@ -49,6 +49,21 @@ class EngineStats:
     sampled_tokens: int = 0  # output tokens applied to sequences (progress bars read this)
 
 
+def abort_process_group() -> None:
+    """Abort the default process group's communicators (NCCL: kernels waiting in a collective
+    return); best effort, as the API differs between torch versions."""
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        abort = getattr(c10d, "_abort_process_group", None)
+        if abort is not None:
+            abort()
+        else:
+            c10d._get_default_group()._get_backend(torch.device("cuda")).abort()
+    except Exception as e:  # the error being raised matters more than this one
+        logger.warning("could not abort the process group: %s", e)
+
+
 class LLMEngine:
     """Accepts token-id requests and advances all of them one step at a time."""
 
@@ -277,6 +292,8 @@ class LLMEngine:
             try:
                 self.workers.call("execute", plan)
                 logits = self.runner.execute(plan)
+                if self.runner.device.type == "cuda":
+                    self._wait_for_ranks()
             except Exception as e:
                 # A worker that raised reports it and exits, which ends rank 0's collective.
                 failure = self.workers.failure() if _is_collective_error(e) else None
@@ -286,6 +303,24 @@ class LLMEngine:
                 raise
             self._broken = None
         return logits
+
+    def _wait_for_ranks(self) -> None:
+        """CUDA: wait for this step's kernels while watching the workers.
+
+        NCCL does not notice a worker that failed before joining a collective: rank 0's kernel
+        would wait for it until the 600 s watchdog. So rank 0 waits here, polling the workers'
+        pipes, and on a worker's report aborts the communicator (which releases the waiting
+        kernel) and raises the worker's error.
+        """
+        assert self.workers is not None
+        done = torch.cuda.Event()
+        done.record()
+        while not done.query():
+            failure = self.workers.failure(timeout=0.0005)
+            if failure is not None:
+                abort_process_group()
+                self._broken = str(failure).partition("\n")[0]
+                raise failure
 
     def _check_usable(self) -> None:
         if not self._finalizer.alive:
@@ -333,4 +368,7 @@ def _release(workers: TPWorkers | None, owns_process_group: bool) -> None:
     if workers is not None:
         workers.shutdown()
     if owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # e.g. after an aborted NCCL communicator
+            logger.warning("destroying the process group failed: %s", e)
