@@ -170,6 +170,10 @@ class ModelRunner:
                 rows = torch.tensor(plan.prompt_logit_rows, dtype=torch.int64, device=self.device)
                 # [len(sample_rows) + len(prompt_logit_rows), vocab_size]
                 return self.model.compute_logits(hidden[torch.cat([inputs.last_rows, rows])])
+            if not plan.sample_rows:
+                # Nothing to sample (a chunk of a long prompt, the memory profile): no LM head,
+                # and no gather of empty tensors across ranks (every rank skips it alike).
+                return None
             if len(plan.sample_rows) == len(plan.input_ids):  # decode: every row is sampled
                 return self.model.compute_logits(hidden)
             # [len(sample_rows), vocab_size]
