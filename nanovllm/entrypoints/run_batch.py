@@ -42,42 +42,6 @@ logger = logging.getLogger(__name__)
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
-# Body fields both endpoints accept (OpenAI's, plus vLLM's extras: top_k, min_p, ...).
-_COMMON_FIELDS = {
-    "model",
-    "user",
-    "stream",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "n",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "min_tokens",
-    "ignore_eos",
-    "skip_special_tokens",
-    "include_stop_str_in_output",
-    "logprobs",
-}
-_FIELDS = {
-    CHAT_URL: _COMMON_FIELDS
-    | {
-        "messages",
-        "max_completion_tokens",
-        "top_logprobs",
-        "add_generation_prompt",
-        "continue_final_message",
-        "chat_template_kwargs",
-        "tools",
-    },
-    COMPLETIONS_URL: _COMMON_FIELDS | {"prompt"},
-}
 # Passed to SamplingParams under the same name.
 _PASSTHROUGH = (
     "temperature",
@@ -96,6 +60,21 @@ _PASSTHROUGH = (
     "skip_special_tokens",
     "include_stop_str_in_output",
 )
+# Body fields both endpoints accept (OpenAI's, plus vLLM's extras: top_k, min_p, ...).
+_COMMON_FIELDS = {*_PASSTHROUGH, "model", "user", "stream", "max_tokens", "logprobs"}
+_FIELDS = {
+    CHAT_URL: _COMMON_FIELDS
+    | {
+        "messages",
+        "max_completion_tokens",
+        "top_logprobs",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template_kwargs",
+        "tools",
+    },
+    COMPLETIONS_URL: _COMMON_FIELDS | {"prompt"},
+}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 
 
