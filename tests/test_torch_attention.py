@@ -10,7 +10,11 @@ import random
 import pytest
 import torch
 
-from nanovllm.attention.torch_backend import TorchAttentionBackend, decode_key_slots
+from nanovllm.attention.torch_backend import (
+    TorchAttentionBackend,
+    decode_gather_rows,
+    decode_key_slots,
+)
 from nanovllm.utils.context import AttentionMetadata
 
 HEAD_DIM = 16
@@ -126,7 +130,7 @@ def test_prefill_with_cached_prefix_matches_dense(block_size: int) -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_slots_are_computed_once_per_step() -> None:
+def test_decode_gather_is_computed_once_per_step() -> None:
     batch = PagedBatch([3, 20, 33], 16, 4, 2, seed=0)
     for i, n in enumerate(batch.lengths):
         batch.fill(i, n - 1)
@@ -135,11 +139,23 @@ def test_decode_slots_are_computed_once_per_step() -> None:
     k, v = torch.randn(3, 2, HEAD_DIM), torch.randn(3, 2, HEAD_DIM)
     backend = TorchAttentionBackend()
     backend.forward(q, k, v, batch.k_cache, batch.v_cache, meta, SCALE)
-    slots = meta.decode_slots
-    assert slots is not None and meta.decode_mask is not None
-    # A second layer (another cache of the same layout) reuses the step's slots.
+    rows = meta.decode_rows
+    assert rows is not None and meta.decode_bias is not None
+    # 3 sequences x 2 K/V heads x 33 keys (the longest), padding included
+    assert rows.shape == (3 * 2 * 33,) and meta.decode_bias.shape == (3 * 2, 1, 33)
+    # A second layer (another cache of the same layout) reuses the step's rows.
     backend.forward(q, k, v, batch.k_cache.clone(), batch.v_cache.clone(), meta, SCALE)
-    assert meta.decode_slots is slots
+    assert meta.decode_rows is rows
+
+
+def test_decode_gather_rows() -> None:
+    slots = torch.tensor([[5, 9, 0], [7, 0, 0]])
+    valid = torch.tensor([[True, True, False], [True, False, False]])[:, None, None, :]
+    rows, bias = decode_gather_rows(slots, valid, 2, torch.float32)
+    # row of (slot s, head h) in a cache viewed [slots * 2, head_dim] is 2 * s + h
+    assert rows.tolist() == [10, 18, 0, 11, 19, 1, 14, 0, 0, 15, 1, 1]
+    inf = float("-inf")
+    assert bias[:, 0].tolist() == [[0, 0, inf], [0, 0, inf], [0, inf, inf], [0, inf, inf]]
 
 
 @pytest.mark.parametrize("block_size", [16, 32])

@@ -8,12 +8,14 @@ so it favours plain correctness; on CPU and MPS it is also the fast path:
   plain causal mask; otherwise K/V are gathered from the sequence's blocks and query j (absolute
   position seq_len - query_len + j) may see keys 0..that position.
 - Decode: one query per sequence. Once per step (the first layer computes it, the others reuse
-  it from the metadata) every sequence gets the cache slot of each of its keys, padded to the
-  longest sequence: [num_seqs, max_seqlen_k]. Every layer then gathers exactly those rows, in one
-  index_select, and runs one batched SDPA call that masks the padding. Only the tokens in use
-  are copied, never the unused tail of a sequence's last block, so the cost does not grow with
-  the block size (gathering whole 256-token blocks for contexts of about 100 tokens was 1.7 to
-  3x slower on a CPU; see BENCHMARKS.md).
+  it from the metadata) every sequence gets the cache row of each of its keys, head by head,
+  padded to the longest sequence: [num_seqs * num_kv_heads, max_seqlen_k]. Every layer then
+  gathers exactly those rows, in one index_select, and computes softmax(scale q k^T + bias) v
+  with two batched matrix products (baddbmm, bmm), the bias hiding the padding. Only the
+  tokens in use are copied, never the unused tail of a sequence's last block, so the cost does
+  not grow with the block size (gathering whole 256-token blocks for contexts of about 100
+  tokens was 1.7 to 3x slower on a CPU; see BENCHMARKS.md). With one or two queries per K/V
+  head the two products take half of SDPA's time on a CPU.
 Grouped-query attention: K/V head h serves query heads h * group .. (h + 1) * group - 1, as in
 transformers' repeat_kv. Prefill uses SDPA's enable_gqa; decode folds each K/V head's query
 heads into its query dimension instead, which reads every K/V row once (4x faster on a CPU).
@@ -132,29 +134,27 @@ class TorchAttentionBackend(AttentionBackend):
         num_seqs, num_heads, head_dim = q.shape
         _, block_size, num_kv_heads, _ = k_cache.shape
         group = num_heads // num_kv_heads
-        if meta.decode_slots is None:
-            meta.decode_slots, meta.decode_mask = decode_key_slots(
+        if meta.decode_rows is None:
+            slots, valid = decode_key_slots(
                 meta.block_tables, meta.seq_lens, block_size, meta.max_seqlen_k
             )
-        max_len = meta.decode_slots.shape[1]
-        # [num_seqs * max_len, num_kv_heads, head_dim] -> [num_seqs, num_kv_heads, max_len, head_dim]
-        slots = meta.decode_slots.flatten()
-        shape = (num_seqs, max_len, num_kv_heads, head_dim)
-        keys = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
-        values = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
-        keys, values = keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
+            meta.decode_rows, meta.decode_bias = decode_gather_rows(
+                slots, valid, num_kv_heads, q.dtype
+            )
+        max_len = meta.decode_bias.shape[-1]
+        # One row per (sequence, K/V head, key): [num_seqs * num_kv_heads, max_len, head_dim]
+        shape = (num_seqs * num_kv_heads, max_len, head_dim)
+        keys = k_cache.view(-1, head_dim).index_select(0, meta.decode_rows).view(shape)
+        values = v_cache.view(-1, head_dim).index_select(0, meta.decode_rows).view(shape)
         # The query heads sharing a K/V head become that head's `group` queries, so each K/V
         # row is read once for all of them (no expansion of K/V to num_heads).
-        # [num_seqs, num_kv_heads, group, head_dim]
-        out = F.scaled_dot_product_attention(
-            q.view(num_seqs, num_kv_heads, group, head_dim),
-            keys,
-            values,
-            attn_mask=meta.decode_mask,
-            scale=scale,
-        )
+        # [num_seqs * num_kv_heads, group, head_dim]
+        q = q.reshape(num_seqs * num_kv_heads, group, head_dim)
+        # [num_seqs * num_kv_heads, group, max_len]: scale * q k^T, -inf at padding keys
+        scores = torch.baddbmm(meta.decode_bias, q, keys.transpose(1, 2), alpha=scale)
+        out = torch.bmm(scores.softmax(-1), values)
         # [num_seqs, num_heads, head_dim]
-        return out.reshape(num_seqs, num_heads, head_dim)
+        return out.view(num_seqs, num_heads, head_dim)
 
 
 def decode_key_slots(
@@ -178,3 +178,26 @@ def decode_key_slots(
     valid = pos[None, :] < seq_lens[:, None]
     slots = torch.where(valid, blocks * block_size + pos % block_size, 0)
     return slots, valid[:, None, None, :]
+
+
+def decode_gather_rows(
+    slots: torch.Tensor, valid: torch.Tensor, num_kv_heads: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode gather of one step, head by head, from decode_key_slots' slots and mask.
+
+    Returns rows [num_seqs * num_kv_heads * max_len] int64: the row of a cache viewed as
+    [num_slots * num_kv_heads, head_dim] holding key j of K/V head h of sequence i, ordered
+    (i, h, j), so the gathered keys are [num_seqs * num_kv_heads, max_len, head_dim] ready for
+    bmm; and bias [num_seqs * num_kv_heads, 1, max_len] of dtype: 0 for real keys, -inf for
+    padding.
+    """
+    num_seqs, max_len = slots.shape
+    heads = torch.arange(num_kv_heads, device=slots.device)
+    # [num_seqs, num_kv_heads, max_len]
+    rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]
+    bias = torch.zeros(valid.shape, dtype=dtype, device=slots.device).masked_fill_(
+        ~valid, float("-inf")
+    )
+    # [num_seqs, 1, 1, max_len] -> [num_seqs * num_kv_heads, 1, max_len]
+    bias = bias.expand(num_seqs, num_kv_heads, 1, max_len).reshape(-1, 1, max_len)
+    return rows.flatten(), bias

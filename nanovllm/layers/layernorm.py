@@ -6,6 +6,19 @@ from torch import nn
 from nanovllm.kernels import use_kernels
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dimension, in float32, as a new float32 tensor.
+
+    The torch path of every norm in the model: three ops besides the float32 conversion, the
+    last two in place on fresh tensors; bit for bit the same as transformers' Qwen3RMSNorm.
+    """
+    # [..., dim]
+    x32 = x.float()
+    # [..., 1]
+    inv_rms = x32.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return x32 * inv_rms
+
+
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), computed in float32 like transformers."""
 
@@ -15,11 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # [..., hidden_size]
-        dtype = x.dtype
-        x32 = x.float()
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(dtype)
+        # [..., hidden_size]; rounded to x's dtype before the weight, as transformers does
+        y = rms_normalize(x, self.eps)
+        y = y.to(x.dtype) if x.dtype != torch.float32 else y
+        return y.mul_(self.weight)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

@@ -91,19 +91,32 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation of each token, for `apply`: cos and sign-folded sin [num_tokens, 1, head_dim].
+
+        Every layer rotates by the same positions, so a model computes these once per step.
+        The sin's first half is negated, so that rotate_half(x) * sin = swap_halves(x) * sin'.
+        """
+        # [num_tokens, head_dim]
+        cos = self.cos[positions].to(dtype)
+        sin = self.sin[positions].to(dtype)
+        sin[:, : sin.shape[1] // 2].neg_()
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
     @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        # [..., head_dim]: (x1, x2) -> (-x2, x1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin for x [num_tokens, heads, head_dim] (cos, sin from
+        `cos_sin`), as a new tensor; bit for bit transformers' apply_rotary_pos_emb."""
+        num_tokens, heads, head_dim = x.shape
+        # [num_tokens, heads, head_dim]: (x1, x2) -> (x2, x1), times (-sin, sin)
+        rotated = x.view(num_tokens, heads, 2, head_dim // 2).flip(2).view(x.shape).mul_(sin)
+        return (x * cos).add_(rotated)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]."""
-        # [num_tokens, 1, head_dim]
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        q = q * cos + self._rotate_half(q) * sin
-        k = k * cos + self._rotate_half(k) * sin
-        return q, k
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)

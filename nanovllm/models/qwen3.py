@@ -16,7 +16,7 @@ from nanovllm.kernels import use_kernels
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.layernorm import RMSNorm, rms_normalize
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_parameters
 
@@ -53,7 +53,33 @@ class Qwen3Attention(nn.Module):
         self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin table per model
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _qk_norm_rope(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Torch path of the q/k norms and the rotation: q and k sit side by side in qkv, so
+        both are normalised and rotated as one tensor (the same numbers as one head at a time).
+        Returns q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim]."""
+        heads = self.num_heads + self.num_kv_heads
+        # [num_tokens, num_heads + num_kv_heads, head_dim], a view of qkv
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim)
+        qk = rms_normalize(qk, self.q_norm.eps)
+        qk = qk.to(qkv.dtype) if qkv.dtype != torch.float32 else qk
+        qk[:, : self.num_heads].mul_(self.q_norm.weight)
+        qk[:, self.num_heads :].mul_(self.k_norm.weight)
+        cos, sin = rope if rope is not None else self.rotary_emb.cos_sin(positions, qkv.dtype)
+        qk = RotaryEmbedding.apply(qk, cos, sin)
+        return qk[:, : self.num_heads], qk[:, self.num_heads :]
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """rope: the step's RotaryEmbedding.cos_sin (torch path; computed here when None)."""
         # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         qkv = self.qkv_proj(hidden_states)
         if use_kernels(qkv):  # one fused kernel for both norms and the rotation
@@ -74,12 +100,8 @@ class Qwen3Attention(nn.Module):
             )
             v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            # [num_tokens, num_heads | num_kv_heads, head_dim]
-            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-            v = v.view(-1, self.num_kv_heads, self.head_dim)
-            q, k = self.rotary_emb(positions, q, k)
+            q, k = self._qk_norm_rope(qkv, positions, rope)
+            v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         # [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads * head_dim]
         out = self.attn(q, k, v).flatten(1)
         # [num_tokens, hidden_size]
@@ -119,14 +141,16 @@ class Qwen3DecoderLayer(nn.Module):
         positions: torch.Tensor,
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rope: the step's RotaryEmbedding.cos_sin on the torch path (see Qwen3Attention)."""
         # [num_tokens, hidden_size] each
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states = self.self_attn(positions, hidden_states, rope)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -149,8 +173,14 @@ class Qwen3Model(nn.Module):
         # [num_tokens] -> [num_tokens, hidden_size]
         hidden_states = self.embed_tokens(input_ids)
         residual = None
+        # The torch path rotates every layer's q/k by the same positions: gather cos/sin once.
+        rope = (
+            None
+            if use_kernels(hidden_states)
+            else self.rotary_emb.cos_sin(positions, hidden_states.dtype)
+        )
         for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+            hidden_states, residual = layer(positions, hidden_states, residual, rope)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 

@@ -29,11 +29,11 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     query_lens_list: list[int]
     # The torch backend's decode gather, computed once per step by its first attention layer
-    # (or ahead of time with attention.torch_backend.decode_key_slots) and reused by the rest.
-    # [num_seqs, max_seqlen_k] int64: the cache slot of each key
-    decode_slots: torch.Tensor | None = None
-    # [num_seqs, 1, 1, max_seqlen_k] bool: True for real keys, False for padding
-    decode_mask: torch.Tensor | None = None
+    # (see attention.torch_backend.decode_gather_rows) and reused by the rest.
+    # [num_seqs * num_kv_heads * max_seqlen_k] int64: the cache row of each (sequence, head, key)
+    decode_rows: torch.Tensor | None = None
+    # [num_seqs * num_kv_heads, 1, max_seqlen_k]: 0 for real keys, -inf for padding
+    decode_bias: torch.Tensor | None = None
 
 
 _CONTEXT: AttentionMetadata | None = None
