@@ -94,7 +94,7 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotation of each token, for `apply`: cos and sign-folded sin [num_tokens, 1, head_dim].
+        """The rotation of each token, for `rotate`: cos and sign-folded sin [num_tokens, 1, head_dim].
 
         Every layer rotates by the same positions, so a model computes these once per step.
         The sin's first half is negated, so that rotate_half(x) * sin = swap_halves(x) * sin'.
@@ -106,7 +106,7 @@ class RotaryEmbedding(nn.Module):
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin for x [num_tokens, heads, head_dim] (cos, sin from
         `cos_sin`), as a new tensor; bit for bit transformers' apply_rotary_pos_emb."""
         num_tokens, heads, head_dim = x.shape
@@ -119,4 +119,4 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]."""
         cos, sin = self.cos_sin(positions, q.dtype)
-        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)

@@ -65,12 +65,12 @@ class Qwen3Attention(nn.Module):
         heads = self.num_heads + self.num_kv_heads
         # [num_tokens, num_heads + num_kv_heads, head_dim], a view of qkv
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim)
-        qk = rms_normalize(qk, self.q_norm.eps)
+        qk = rms_normalize(qk, self.q_norm.eps)  # k_norm has the same eps (the config's)
         qk = qk.to(qkv.dtype) if qkv.dtype != torch.float32 else qk
         qk[:, : self.num_heads].mul_(self.q_norm.weight)
         qk[:, self.num_heads :].mul_(self.k_norm.weight)
         cos, sin = rope if rope is not None else self.rotary_emb.cos_sin(positions, qkv.dtype)
-        qk = RotaryEmbedding.apply(qk, cos, sin)
+        qk = RotaryEmbedding.rotate(qk, cos, sin)
         return qk[:, : self.num_heads], qk[:, self.num_heads :]
 
     def forward(
