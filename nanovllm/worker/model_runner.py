@@ -124,9 +124,9 @@ class ModelRunner:
         plan = StepPlan(True, [0] * num_tokens, lens, [0] * num_seqs, [[] for _ in lens], [])
         self.execute(plan)
 
-    def _plain_temperatures(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """[num_seqs] float32 temperatures (pinned) when every sequence samples with temperature
-        alone (see kernels/sampling.py), else None. Verdicts are kept per sequence id."""
+    def _plain_temperatures(self, seqs: list[Sequence]) -> list[float] | None:
+        """Each sequence's temperature when every one samples with temperature alone (see
+        kernels/sampling.py), else None. Verdicts are kept per sequence id."""
         cache = self._plain_cache
         if len(cache) > 4 * self.config.max_num_seqs:
             cache.clear()
@@ -138,7 +138,7 @@ class ModelRunner:
             if t is None:
                 return None
             temps.append(t)
-        return torch.tensor(temps, dtype=torch.float32).pin_memory()
+        return temps
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -203,7 +203,9 @@ class ModelRunner:
         if temperatures is not None:  # the common case on CUDA: one fused kernel, no sync
             from nanovllm.kernels.sampling import sample_temperature
 
-            temps = temperatures.to(logits.device, non_blocking=True)
+            # [num_seqs] float32, pinned so the copy does not wait for the forward
+            temps = torch.tensor(temperatures, dtype=torch.float32).pin_memory()
+            temps = temps.to(logits.device, non_blocking=True)
             tokens = sample_temperature(logits, temps, self._sample_rng.getrandbits(31))
         else:
             batch = SamplingBatch.from_sequences(
