@@ -47,12 +47,17 @@ COMMON = dict(dtype="float32", kvcache_block_size=16, max_model_len=1024)
 """
 
 
-def run_script(tmp_path: object, name: str, body: str, model: str, timeout: int = 300) -> str:
+# Seconds each case may take (a GPU visit may lower it to save device time).
+TIMEOUT_S = int(os.environ.get("NANOVLLM_MULTI_GPU_TIMEOUT", "300"))
+
+
+def run_script(tmp_path: object, name: str, body: str, model: str, timeout: int = 0) -> str:
     """Run HEADER + body as a script (argv[1] = model folder); returns its output, or fails
     the test with the output (stack dumps included) when it errs or outlives `timeout`."""
+    timeout = timeout or TIMEOUT_S
     script = os.path.join(str(tmp_path), f"{name}.py")
     with open(script, "w") as f:
-        f.write(HEADER.format(dump_after=timeout - 30) + body)
+        f.write(HEADER.format(dump_after=max(10, timeout - 30)) + body)
     log = os.path.join(str(tmp_path), f"{name}.log")
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
@@ -114,12 +119,22 @@ def test_tp2_bf16_agrees_with_tp1(tmp_path: object) -> None:
 from nanovllm.utils.dummy import write_model_folder
 
 if __name__ == "__main__":
+    # Real weights (dummy ones are drawn per rank, so tp=2's would differ from tp=1's).
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     path = write_model_folder(sys.argv[1], "qwen3-0.6b", tokenizer=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = Qwen3ForCausalLM(Qwen3Config.from_pretrained(path)).to(torch.bfloat16)
+    hf.save_pretrained(path)
+    del hf
+    torch.cuda.empty_cache()
     prompts = prompts_of([random.Random(i).randint(20, 300) for i in range(32)], 5, 10000)
     params = SamplingParams(temperature=0, max_tokens=32)
     results = []
     for tp in (1, 2):
-        with LLM(path, load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=1024,
+        with LLM(path, device="cuda", dtype="bfloat16", max_model_len=1024,
                  tensor_parallel_size=tp, gpu_memory_utilization=0.4) as llm:
             outs = llm.generate(prompts, params, use_tqdm=False)
         results.append([o.outputs[0].token_ids for o in outs])

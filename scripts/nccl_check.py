@@ -1,0 +1,93 @@
+"""NCCL sanity check on a multi-GPU host, before the engine's tensor-parallel tests.
+
+    python3 scripts/nccl_check.py [world_size]     (default: every GPU present)
+
+One process per GPU, the same way the engine starts its workers (spawn, a TCP rendezvous, NVLink
+multicast off). Each rank checks, with a printed timing: an all-reduce, a gather to rank 0 (the
+LM head's), an all-reduce of a MIN (the KV pool size), then an all-reduce captured in a CUDA
+graph on a side stream and replayed. Every rank dumps its Python stack after 60 s, so a hang
+shows where it waits.
+"""
+
+import faulthandler
+import os
+import sys
+import time
+from datetime import timedelta
+
+for key, value in {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}.items():
+    os.environ.setdefault(key, value)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+
+def log(rank: int, start: float, what: str) -> None:
+    print(f"[rank {rank} +{time.perf_counter() - start:6.2f}s] {what}", flush=True)
+
+
+def rank_main(rank: int, world: int, init_method: str) -> None:
+    faulthandler.dump_traceback_later(60, exit=False)
+    start = time.perf_counter()
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl", init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=90)
+    )
+    log(rank, start, "process group up")
+    x = torch.full((1024,), float(rank + 1), device="cuda")
+    dist.all_reduce(x)
+    torch.cuda.synchronize()
+    expected = world * (world + 1) / 2
+    assert torch.all(x == expected), x[:4]
+    log(rank, start, "all_reduce ok")
+    y = torch.full((4, 8), float(rank), device="cuda")
+    parts = [torch.empty_like(y) for _ in range(world)] if rank == 0 else None
+    dist.gather(y, parts, dst=0)
+    torch.cuda.synchronize()
+    if rank == 0:
+        assert all(torch.all(p == i) for i, p in enumerate(parts))
+    log(rank, start, "gather ok")
+    t = torch.tensor([100 + rank], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    assert int(t.item()) == 100
+    log(rank, start, "all_reduce MIN ok")
+    static = torch.zeros(4096, device="cuda")
+    stream = torch.cuda.Stream()
+    static.fill_(1.0)
+    dist.all_reduce(static)  # warm-up outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        static.mul_(2.0)
+        dist.all_reduce(static)
+    log(rank, start, "graph captured")
+    static.fill_(float(rank + 1))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.all(static == 2 * expected), static[:4]
+    gparts = [torch.empty_like(y) for _ in range(world)] if rank == 0 else None
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2, stream=stream):
+        dist.gather(y, gparts, dst=0)
+    y.fill_(float(rank + 10))
+    graph2.replay()
+    torch.cuda.synchronize()
+    if rank == 0:
+        assert all(torch.all(p == i + 10) for i, p in enumerate(gparts))
+    log(rank, start, "graph replays ok (all_reduce, gather)")
+    dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+    log(rank, start, "done")
+
+
+if __name__ == "__main__":
+    world = int(sys.argv[1]) if len(sys.argv) > 1 else torch.cuda.device_count()
+    from nanovllm.engine.tp_workers import free_port
+
+    mp.spawn(rank_main, args=(world, f"tcp://127.0.0.1:{free_port()}"), nprocs=world)
+    print(f"NCCL check passed on {world} GPUs")
