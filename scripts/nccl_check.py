@@ -5,8 +5,8 @@
 One process per GPU, the same way the engine starts its workers (spawn, a TCP rendezvous, NVLink
 multicast off). Each rank checks, with a printed timing: an all-reduce, a gather to rank 0 (the
 LM head's), an all-reduce of a MIN (the KV pool size), then an all-reduce captured in a CUDA
-graph on a side stream and replayed. Every rank dumps its Python stack after 60 s, so a hang
-shows where it waits.
+graph on a side stream and replayed; then frees the graphs and leaves the group (timed). Every
+rank dumps its Python stack after 60 s, so a hang shows where it waits.
 """
 
 import faulthandler
@@ -80,6 +80,11 @@ def rank_main(rank: int, world: int, init_method: str) -> None:
     if rank == 0:
         assert all(torch.all(p == i + 10) for i, p in enumerate(gparts))
     log(rank, start, "graph replays ok (all_reduce, gather)")
+    # NCCL's destroy waits while a graph that captured the communicator's collectives exists
+    # (seen: a hang with the graphs alive), so the graphs go first, as in the engine.
+    graph.reset()
+    graph2.reset()
+    torch.cuda.synchronize()
     dist.destroy_process_group()
     faulthandler.cancel_dump_traceback_later()
     log(rank, start, "done")

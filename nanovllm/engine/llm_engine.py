@@ -7,6 +7,7 @@ at interpreter exit, whichever comes first; shutdown() runs the same finalizer a
 """
 
 import logging
+import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from nanovllm.engine.step_plan import plan_step
 from nanovllm.engine.tp_workers import (
     TPWorkers,
     defer_sigint,
+    leave_process_group,
     threads_per_rank,
 )
 from nanovllm.sampling_params import SamplingParams
@@ -75,6 +77,8 @@ class LLMEngine:
         self.stats = EngineStats()
         # a decode step launched but not postprocessed: (its sequences, their pending tokens)
         self._ahead: tuple[list[Sequence], PendingTokens] | None = None
+        # NANOVLLM_RUN_AHEAD=0 turns running ahead off (to measure what it brings)
+        self._run_ahead = os.environ.get("NANOVLLM_RUN_AHEAD", "1") != "0"
         if config.device.type == "cpu":
             torch.set_num_threads(threads_per_rank(config))
         if config.tensor_parallel_size > 1:
@@ -85,11 +89,14 @@ class LLMEngine:
                     "creating a new one"
                 )
             self.workers = TPWorkers(config)
+        # what the finalizer frees, in order (it must not hold the engine itself)
+        self._resources: dict[str, ModelRunner] = {}
         self._finalizer = weakref.finalize(
-            self, _release, self.workers, config.tensor_parallel_size > 1
+            self, _release, self.workers, self._resources, config.tensor_parallel_size > 1
         )
         try:
             self.runner = ModelRunner(config, 0, self.workers.init_method if self.workers else None)
+            self._resources["runner"] = self.runner
             if self.workers is not None:
                 self.workers.wait_ready()
         except Exception as e:
@@ -190,7 +197,7 @@ class LLMEngine:
         if plan.sample_rows:
             sample_seqs = [seqs[i] for i in plan.sample_rows]
             eos = self.config.eos_token_ids
-            if not is_prefill and self.runner.can_run_ahead(plan):
+            if not is_prefill and self._run_ahead and self.runner.can_run_ahead(plan):
                 if self.runner.can_sample_async(sample_seqs):
                     # leave the tokens on their way: the next step runs ahead (_step_ahead)
                     self._ahead = (seqs, self.runner.sample_async(sample_seqs, logits, eos))
@@ -210,8 +217,8 @@ class LLMEngine:
     # sequences at once, its input ids taken from the device, and only then waits for the
     # previous tokens and postprocesses them while the GPU works. A sequence that finishes in
     # the waited-for step was computed one token too far; that token is dropped (its K/V went to
-    # the sequence's own next slot, freed with it). Running ahead needs: one rank, a CUDA-graph
-    # decode, the fused sampler, no request waiting for a prefill (they go first), and a free
+    # the sequence's own next slot, freed with it). Running ahead needs: a CUDA-graph decode (with
+    # tensor parallelism each rank's graph takes rank 0's ids by broadcast), the fused sampler, no request waiting for a prefill (they go first), and a free
     # block for every sequence that may cross into a new one; otherwise the pending step is
     # completed on its own and the next call schedules as usual.
 
@@ -242,10 +249,13 @@ class LLMEngine:
                 sample_rows=list(range(len(seqs))),
             )
             if self.runner.can_run_ahead(plan):
-                logits = self.runner.execute(plan, device_input_ids=pending.tokens)
+                if self.workers is None:
+                    logits = self.runner.execute(plan, device_input_ids=pending.tokens)
+                else:
+                    logits = self._launch_on_all_ranks(plan, pending.tokens)
                 launched = self.runner.sample_async(seqs, logits, self.config.eos_token_ids)
                 self.stats.steps_ahead += 1
-        finished = self.scheduler.postprocess(seqs, pending.result())
+        finished = self.scheduler.postprocess(seqs, self._tokens(pending))
         self.stats.sampled_tokens += len(seqs)
         if launched is not None:
             done = {seq.seq_id for seq in finished}
@@ -267,7 +277,13 @@ class LLMEngine:
         seqs, pending = self._ahead
         self._ahead = None
         self.stats.sampled_tokens += len(seqs)
-        return self.scheduler.postprocess(seqs, pending.result())
+        return self.scheduler.postprocess(seqs, self._tokens(pending))
+
+    def _tokens(self, pending: PendingTokens) -> list[int]:
+        """Wait for sampled tokens; with workers, watching them (see _wait_for_ranks)."""
+        if self.workers is None or self.runner.device.type != "cuda":
+            return pending.result()
+        return pending.result(poll=self._poll_workers)
 
     def _record(self, is_prefill: bool, num_tokens: int, elapsed: float) -> None:
         stats = self.stats
@@ -304,6 +320,27 @@ class LLMEngine:
             self._broken = None
         return logits
 
+    def _launch_on_all_ranks(self, plan: StepPlan, input_ids: torch.Tensor) -> torch.Tensor:
+        """Launch a decode step run ahead on every rank, without waiting for it: rank 0's graph
+        takes input_ids from its device and broadcasts them; the workers' plans carry
+        placeholders. A worker's failure surfaces when the tokens are waited for (_tokens)."""
+        assert self.workers is not None
+        with defer_sigint():  # sent to every rank or to none
+            self._broken = "a tensor-parallel step was interrupted or failed halfway"
+            self.workers.call("execute", plan)
+            logits = self.runner.execute(plan, device_input_ids=input_ids)
+            self._broken = None
+        return logits
+
+    def _poll_workers(self) -> None:
+        """Raise a worker's failure, aborting the communicator first (see _wait_for_ranks)."""
+        assert self.workers is not None
+        failure = self.workers.failure(timeout=0.0005)
+        if failure is not None:
+            abort_process_group()
+            self._broken = str(failure).partition("\n")[0]
+            raise failure
+
     def _wait_for_ranks(self) -> None:
         """CUDA: wait for this step's kernels while watching the workers.
 
@@ -316,11 +353,7 @@ class LLMEngine:
         done = torch.cuda.Event()
         done.record()
         while not done.query():
-            failure = self.workers.failure(timeout=0.0005)
-            if failure is not None:
-                abort_process_group()
-                self._broken = str(failure).partition("\n")[0]
-                raise failure
+            self._poll_workers()
 
     def _check_usable(self) -> None:
         if not self._finalizer.alive:
@@ -344,6 +377,8 @@ class LLMEngine:
         """Stop worker processes, leave the process group, free the model; idempotent."""
         if self._broken is not None and self.workers is not None:
             self.workers.shutdown(timeout=1.0)  # they may be stuck in a collective
+            if self.config.device.type == "cuda" and dist.is_initialized():
+                abort_process_group()  # release rank 0's kernels still waiting in one
         self._finalizer()
         self.workers = None
         self.runner = None  # frees the weights and the KV cache
@@ -363,12 +398,22 @@ def _is_collective_error(e: Exception) -> bool:
     return isinstance(e, dist.DistError) or "gloo" in str(e).lower() or "nccl" in str(e).lower()
 
 
-def _release(workers: TPWorkers | None, owns_process_group: bool) -> None:
-    """Stop the workers and leave the process group (the engine's finalizer: holds no engine)."""
+def _release(
+    workers: TPWorkers | None, resources: dict[str, ModelRunner], owns_process_group: bool
+) -> None:
+    """The engine's finalizer (holds no engine): free the CUDA graphs, then leave the process
+    group on all ranks at once, then stop the workers.
+
+    The order matters on NCCL: a communicator's destroy waits while a CUDA graph that captured
+    its collectives exists, and for the other ranks to destroy theirs.
+    """
     if workers is not None:
-        workers.shutdown()
-    if owns_process_group and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception as e:  # e.g. after an aborted NCCL communicator
-            logger.warning("destroying the process group failed: %s", e)
+        workers.request_exit()  # each worker frees its graphs and leaves the group
+    runner = resources.pop("runner", None)
+    if runner is not None:
+        runner.close()
+    del runner
+    if owns_process_group:
+        leave_process_group()
+    if workers is not None:
+        workers.join()

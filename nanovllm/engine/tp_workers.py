@@ -234,8 +234,31 @@ def _worker_main(config: Config, rank: int, init_method: str, conn: Connection) 
         # collective with us, and our exit is what ends it for them.
         report_error(conn, e)
         return
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    runner.close()  # graphs first: NCCL's destroy waits for graphs that use the communicator
+    leave_process_group()
+
+
+def leave_process_group(timeout: float = 60.0) -> None:
+    """destroy_process_group with a deadline (NCCL's waits for every rank to leave too, so all
+    ranks call it at about the same time). Past the deadline it logs and gives up; the group then
+    stays registered in this process."""
+    if not dist.is_initialized():
+        return
+    errors: list[Exception] = []
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # e.g. after an aborted NCCL communicator
+            errors.append(e)
+
+    thread = threading.Thread(target=destroy, name="nanovllm-leave-group", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        logger.warning("leaving the process group took over %.0f s; gave up waiting", timeout)
+    elif errors:
+        logger.warning("destroying the process group failed: %s", errors[0])
 
 
 class TPWorkers:
@@ -299,11 +322,19 @@ class TPWorkers:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every worker: ask politely, then terminate stragglers."""
+        self.request_exit()
+        self.join(timeout)
+
+    def request_exit(self) -> None:
+        """Ask every worker to leave (without waiting: rank 0 leaves the group meanwhile)."""
         for conn in self.conns:
             try:
                 conn.send(("exit", ()))
             except (BrokenPipeError, OSError):
                 pass
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Wait for the workers to exit, terminating those still there after timeout seconds."""
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))

@@ -114,6 +114,15 @@ class CUDAGraphRunner:
             self.outputs[batch] = out
         torch.cuda.synchronize(self.device)
 
+    def close(self) -> None:
+        """Free the captured graphs. Needed before a tensor-parallel process group is destroyed:
+        NCCL keeps a communicator's resources while a graph that uses it exists, and its
+        destroy waits for them."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def can_run(self, plan: StepPlan) -> bool:
         """True for decode steps that fit the largest captured batch."""
         return not plan.is_prefill and 0 < len(plan.query_lens) <= self.max_batch

@@ -10,6 +10,7 @@ eagerly. Rank 0 then samples one token for every sequence whose last token was c
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -97,8 +98,17 @@ class ModelRunner:
         ):
             start = time.perf_counter()
             model = self.model  # the graph runner must not hold the runner (no cycle)
+            tensor_parallel = self.world_size > 1
+
+            def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+                if tensor_parallel:
+                    # Every rank takes rank 0's input ids: a step run ahead has them only on
+                    # rank 0's device (the tokens it has just sampled).
+                    dist.broadcast(ids, src=0)
+                return model.compute_logits(model(ids, pos))
+
             self.graphs = CUDAGraphRunner(
-                lambda ids, pos: model.compute_logits(model(ids, pos)),
+                forward,
                 self.attn_backend,
                 self.device,
                 min(config.max_num_seqs, 512),
@@ -108,6 +118,14 @@ class ModelRunner:
             self.graphs.capture()
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
         logger.info("runner start-up (s): %s", self.startup_seconds)
+
+    def close(self) -> None:
+        """Free the CUDA graphs and wait for the device (before leaving the process group)."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _block_bytes(self) -> int:
         return block_bytes(self.attention_layers, self.block_size, self.config.dtype)
@@ -143,8 +161,9 @@ class ModelRunner:
     # -- one step ----------------------------------------------------------------------------
 
     def can_run_ahead(self, plan: StepPlan) -> bool:
-        """True if this decode plan could take its input ids from the device (see execute)."""
-        return self.world_size == 1 and self.graphs is not None and self.graphs.can_run(plan)
+        """True if this decode plan could take its input ids from the device (see execute): a
+        CUDA-graph step (with tensor parallelism, the graph broadcasts rank 0's ids first)."""
+        return self.graphs is not None and self.graphs.can_run(plan)
 
     @torch.inference_mode()
     def execute(
@@ -242,10 +261,16 @@ class PendingTokens:
         event.record()
         return cls(tokens, host, event)
 
-    def result(self) -> list[int]:
-        """The token ids (waits for the copy)."""
+    def result(self, poll: Callable[[], None] | None = None) -> list[int]:
+        """The token ids (waits for the copy). With `poll`, waits by calling it until the copy
+        is done (tensor parallelism: it raises if a worker failed, which the copy would wait
+        for until NCCL's timeout)."""
         if self.event is not None:
-            self.event.synchronize()
+            if poll is None:
+                self.event.synchronize()
+            else:
+                while not self.event.query():
+                    poll()
         return self.host.tolist()
 
 
