@@ -2,6 +2,7 @@
 # One multi-GPU visit (issue 11), in stages that each fit one device call (10 min):
 #   bash scripts/multigpu_visit.sh check      # NCCL sanity, then tests/test_multi_gpu.py (-x);
 #                                             # with 3+ GPUs the one-GPU tests run meanwhile
+#   bash scripts/multigpu_visit.sh errors     # NCCL abort check, the worker-error and tp2 graph tests
 #   bash scripts/multigpu_visit.sh small      # Qwen3-0.6B shape: 1 GPU, dp=2, tp=2 (dp=4 on 4 GPUs)
 #   bash scripts/multigpu_visit.sh 8b         # Qwen3-8B shape: tp=1, 2 (also without running
 #                                             # ahead), 4 on 4 GPUs
@@ -47,6 +48,11 @@ for stage in "$@"; do
       cp "$OUT/step.log" "$OUT/multigpu.log"
       wait
       [ -f "$OUT/tests.log" ] && echo "one-GPU tests:" && grep -vE "^\s*$" "$OUT/tests.log" | tail -n 6 ;;
+    errors)  # a rank that leaves mid-collective: NCCL abort, then the engine's worker-error case
+      NCCL_DEBUG=WARN run nccl_abort 90 python3 scripts/nccl_check.py 2 abort
+      SUMMARY="passed|failed|FAILED|Error|OK|tokens|raised" TAILN=20 NANOVLLM_MULTI_GPU_TIMEOUT=${CASE_TIMEOUT:-110} \
+        run multigpu_errors 300 python3 -m pytest -q -s tests/test_multi_gpu.py -k "worker_error or graphs"
+      cp "$OUT/step.log" "$OUT/multigpu.log" ;;
     small)
       bench 150 --tp 1
       bench 150 --dp 2

@@ -1,12 +1,13 @@
 """NCCL sanity check on a multi-GPU host, before the engine's tensor-parallel tests.
 
-    python3 scripts/nccl_check.py [world_size]     (default: every GPU present)
+    python3 scripts/nccl_check.py [world_size] [abort]    (default: every GPU present)
 
 One process per GPU, the same way the engine starts its workers (spawn, a TCP rendezvous, NVLink
 multicast off). Each rank checks, with a printed timing: an all-reduce, a gather to rank 0 (the
 LM head's), an all-reduce of a MIN (the KV pool size), then an all-reduce captured in a CUDA
 graph on a side stream and replayed; then frees the graphs and leaves the group (timed). Every
-rank dumps its Python stack after 60 s, so a hang shows where it waits.
+rank dumps its Python stack after 60 s, so a hang shows where it waits. With `abort`, the last
+rank then leaves, and rank 0 (waiting in an all-reduce) aborts the group as the engine does.
 """
 
 import faulthandler
@@ -31,7 +32,44 @@ def log(rank: int, start: float, what: str) -> None:
     print(f"[rank {rank} +{time.perf_counter() - start:6.2f}s] {what}", flush=True)
 
 
-def rank_main(rank: int, world: int, init_method: str) -> None:
+def check_abort(rank: int, start: float, graphs: list) -> None:
+    """The last rank leaves; rank 0 is left waiting in an all-reduce, frees its graphs, aborts
+    the group (as the engine does when a worker fails) and must get its GPU back."""
+    import threading
+
+    from nanovllm.engine.llm_engine import abort_process_group
+    from nanovllm.engine.tp_workers import free_port
+
+    world = dist.get_world_size()
+    if rank == world - 1:
+        log(rank, start, "leaving without a word")
+        os._exit(0)
+    x = torch.ones(1 << 20, device="cuda")
+    work = dist.all_reduce(x, async_op=True)
+    time.sleep(2.0)
+    log(rank, start, f"all_reduce with a rank gone: completed={work.is_completed()}")
+    for graph in graphs:
+        graph.reset()
+    t0 = time.perf_counter()
+    finished = abort_process_group(timeout=20.0)
+    log(rank, start, f"abort finished={finished} in {time.perf_counter() - t0:.2f} s")
+    done = threading.Event()
+    threading.Thread(target=lambda: (torch.cuda.synchronize(), done.set()), daemon=True).start()
+    log(rank, start, f"device synchronized after the abort: {done.wait(20.0)}")
+    if rank == 0 and done.is_set():
+        dist.init_process_group(
+            "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
+        y = torch.ones(8, device="cuda")
+        dist.all_reduce(y)
+        torch.cuda.synchronize()
+        dist.destroy_process_group()
+        log(rank, start, "a new process group works")
+    faulthandler.cancel_dump_traceback_later()
+    os._exit(0)
+
+
+def rank_main(rank: int, world: int, init_method: str, abort_test: bool = False) -> None:
     faulthandler.dump_traceback_later(60, exit=False)
     start = time.perf_counter()
     torch.cuda.set_device(rank)
@@ -80,6 +118,9 @@ def rank_main(rank: int, world: int, init_method: str) -> None:
     if rank == 0:
         assert all(torch.all(p == i + 10) for i, p in enumerate(gparts))
     log(rank, start, "graph replays ok (all_reduce, gather)")
+    if abort_test:
+        check_abort(rank, start, [graph, graph2])
+        return
     # NCCL's destroy waits while a graph that captured the communicator's collectives exists
     # (seen: a hang with the graphs alive), so the graphs go first, as in the engine.
     graph.reset()
@@ -92,7 +133,8 @@ def rank_main(rank: int, world: int, init_method: str) -> None:
 
 if __name__ == "__main__":
     world = int(sys.argv[1]) if len(sys.argv) > 1 else torch.cuda.device_count()
+    abort_test = "abort" in sys.argv[2:]
     from nanovllm.engine.tp_workers import free_port
 
-    mp.spawn(rank_main, args=(world, f"tcp://127.0.0.1:{free_port()}"), nprocs=world)
-    print(f"NCCL check passed on {world} GPUs")
+    mp.spawn(rank_main, args=(world, f"tcp://127.0.0.1:{free_port()}", abort_test), nprocs=world)
+    print(f"NCCL check {'(abort) ' if abort_test else ''}finished on {world} GPUs")

@@ -8,6 +8,7 @@ at interpreter exit, whichever comes first; shutdown() runs the same finalizer a
 
 import logging
 import os
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -51,19 +52,31 @@ class EngineStats:
     sampled_tokens: int = 0  # output tokens applied to sequences (progress bars read this)
 
 
-def abort_process_group() -> None:
-    """Abort the default process group's communicators (NCCL: kernels waiting in a collective
-    return); best effort, as the API differs between torch versions."""
+def abort_process_group(timeout: float = 20.0) -> bool:
+    """Abort the default process group's communicators, so that kernels waiting in a collective
+    for a rank that is gone return; best effort, as the API differs between torch versions.
+
+    NCCL's abort can block (it waits for resources that captured CUDA graphs hold: free those
+    first), so it runs in a thread and is given up after `timeout` seconds. True if it finished.
+    """
     from torch.distributed import distributed_c10d as c10d
 
-    try:
-        abort = getattr(c10d, "_abort_process_group", None)
-        if abort is not None:
-            abort()
-        else:
-            c10d._get_default_group()._get_backend(torch.device("cuda")).abort()
-    except Exception as e:  # the error being raised matters more than this one
-        logger.warning("could not abort the process group: %s", e)
+    def abort() -> None:
+        try:
+            if hasattr(c10d, "_abort_process_group"):
+                c10d._abort_process_group()
+            else:
+                c10d._get_default_group()._get_backend(torch.device("cuda")).abort()
+        except Exception as e:  # the error being raised matters more than this one
+            logger.warning("could not abort the process group: %s", e)
+
+    thread = threading.Thread(target=abort, name="nanovllm-abort-group", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        logger.warning("aborting the process group took over %.0f s; gave up waiting", timeout)
+        return False
+    return True
 
 
 class LLMEngine:
@@ -337,6 +350,7 @@ class LLMEngine:
         assert self.workers is not None
         failure = self.workers.failure(timeout=0.0005)
         if failure is not None:
+            self.runner.drop_graphs()  # NCCL's abort waits for graphs holding the communicator
             abort_process_group()
             self._broken = str(failure).partition("\n")[0]
             raise failure
@@ -377,6 +391,9 @@ class LLMEngine:
         """Stop worker processes, leave the process group, free the model; idempotent."""
         if self._broken is not None and self.workers is not None:
             self.workers.shutdown(timeout=1.0)  # they may be stuck in a collective
+            runner = self._resources.pop("runner", None)  # no device sync: it could hang
+            if runner is not None:
+                runner.drop_graphs()
             if self.config.device.type == "cuda" and dist.is_initialized():
                 abort_process_group()  # release rank 0's kernels still waiting in one
         self._finalizer()

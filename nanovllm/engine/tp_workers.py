@@ -230,10 +230,12 @@ def _worker_main(config: Config, rank: int, init_method: str, conn: Connection) 
                 break
             getattr(runner, method)(*args)
     except Exception as e:
-        # Leave without tearing down the process group: the other ranks may be inside a
-        # collective with us, and our exit is what ends it for them.
+        # Leave at once, without tearing anything down: the other ranks may be inside a
+        # collective with us (our exit ends it for them on gloo; rank 0 aborts it on NCCL), and
+        # NCCL's clean-up at exit could wait for them.
         report_error(conn, e)
-        return
+        conn.close()
+        os._exit(1)
     runner.close()  # graphs first: NCCL's destroy waits for graphs that use the communicator
     leave_process_group()
 

@@ -119,11 +119,16 @@ class ModelRunner:
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
         logger.info("runner start-up (s): %s", self.startup_seconds)
 
-    def close(self) -> None:
-        """Free the CUDA graphs and wait for the device (before leaving the process group)."""
+    def drop_graphs(self) -> None:
+        """Free the CUDA graphs (graphs still running are freed when they finish); eager steps
+        from now on."""
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+
+    def close(self) -> None:
+        """Free the CUDA graphs and wait for the device (before leaving the process group)."""
+        self.drop_graphs()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
