@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.attention_tile import dot, online_softmax_step, paged_rows
+
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
@@ -87,29 +89,17 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        # [BLOCK_N] element offset of each token's row for this K/V head
-        rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        # [BLOCK_N]
+        rows = paged_rows(
+            table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+        )
         kv_mask = n_mask[:, None] & d_mask[None, :]
         # [BLOCK_N, D_PAD]
         k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
         # [G_PAD, BLOCK_N]
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
+        v_ptrs = v_cache_ptr + rows[:, None] + offs_d[None, :]
+        m_i, l_i, acc = online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE)
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]

@@ -9,14 +9,17 @@ with the offset), so a plain prefill (ctx = 0), a prefix hit and a later chunk a
 Tiling. One program per (query tile of BLOCK_M rows, sequence, query head). Programs whose tile
 starts past the sequence's q_len exit at once (the grid is sized by the longest q_len). The
 program walks key tiles of BLOCK_N tokens from 0 up to the last key its last row can see, finding
-each token's cache row through the block table, and keeps flash-attention's running maximum,
-sum and accumulator per row (see decode_attention.py for the algebra). Only the key tiles that
-cross the diagonal need the causal mask; the others are fully visible.
+each token's cache row through the block table, and keeps flash-attention's running maximum, sum
+and accumulator per row (the step shared with decode is in attention_tile.py; the algebra in
+decode_attention.py). Only the key tiles that cross the diagonal need the causal mask; the others
+are fully visible.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from nanovllm.kernels.attention_tile import dot, online_softmax_step, paged_rows
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -78,33 +81,22 @@ def _prefill_kernel(
         for n0 in range(0, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
-            block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            rows = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+            # [BLOCK_N]
+            rows = paged_rows(
+                table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+            )
             kv_mask = n_mask[:, None] & d_mask[None, :]
             # [BLOCK_N, D_PAD]
             k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
             # [BLOCK_M, BLOCK_N]
-            s = s * qk_scale
+            s = dot(q, tl.trans(k), IEEE) * qk_scale
             if n0 >= diag:
                 visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
                 s = tl.where(visible, s, float("-inf"))
             else:
                 s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            v_ptrs = v_cache_ptr + rows[:, None] + offs_d[None, :]
+            m_i, l_i, acc = online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE)
         out = acc / l_i[:, None]
         tl.store(
             out_ptr

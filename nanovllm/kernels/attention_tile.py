@@ -1,0 +1,42 @@
+"""The key-tile step shared by the prefill and decode attention kernels (Triton inlines these).
+
+Both kernels walk a sequence's keys in tiles of BLOCK_N tokens through its block table and fold
+each tile into flash attention's running maximum, sum and accumulator (the algebra is in
+decode_attention.py's docstring); they differ only in which queries a program holds and in the
+mask of the scores.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """a @ b; IEEE: exact float32 products (the tests' float32 runs), else TF32/bf16 tensor cores."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def paged_rows(
+    table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr
+):
+    """[BLOCK_N] element offset of each token's cache row for one K/V head: block =
+    table[token // BLOCK_SIZE], row = token % BLOCK_SIZE."""
+    block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    return block * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+
+
+@triton.jit
+def online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold one tile into the running state: s [M, BLOCK_N] scores (scaled by scale * log2(e),
+    masked to -inf), V loaded from v_ptrs [BLOCK_N, D_PAD]; returns the new (m, l, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
