@@ -268,6 +268,37 @@ def test_prompt_logprobs_match_transformers(
         assert out2.num_cached_tokens == 0
 
 
+def test_prompt_logprobs_rows_per_step_are_capped(
+    tiny_model_dir: str, hf_model: torch.nn.Module
+) -> None:
+    """Long prompts' logits come in chunks of max_prompt_logprob_rows positions a step (others'
+    prefills share the step), with the same values as transformers'."""
+    prompts = random_prompts([40, 3, 23], seed=15)
+    with LLM(tiny_model_dir, kvcache_block_size=BLOCK) as llm:
+        llm.engine.scheduler.max_prompt_logprob_rows = 7
+        rows_per_step: list[int] = []
+        execute = llm.engine.runner.execute
+
+        def spy(plan, *args):  # noqa: ANN001, ANN202
+            rows_per_step.append(len(plan.prompt_logit_rows))
+            return execute(plan, *args)
+
+        llm.engine.runner.execute = spy
+        params = [greedy(2, prompt_logprobs=1), greedy(2), greedy(2, prompt_logprobs=1)]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert max(rows_per_step) == 7
+    assert sum(rows_per_step) == (40 - 1) + (23 - 1)
+    assert outs[1].prompt_logprobs is None
+    for i in (0, 2):
+        expected = hf_logprobs(hf_model, prompts[i])
+        lps = outs[i].prompt_logprobs
+        assert len(lps) == len(prompts[i]) and lps[0] is None
+        for j in range(1, len(prompts[i])):
+            t = prompts[i][j]
+            assert abs(lps[j][t].logprob - expected[j - 1, t].item()) < 1e-4
+        assert outs[i].outputs[0].token_ids == hf_greedy(hf_model, prompts[i], 2)
+
+
 def test_prompt_logprobs_with_n_prefill_once(llm: LLM, hf_model: torch.nn.Module) -> None:
     prompt = random_prompts([37], seed=14)[0]
     (out,), computed = prefill_tokens(llm, [prompt], greedy(4, n=2, prompt_logprobs=0))

@@ -9,6 +9,8 @@ The algorithm, one call of `schedule()` at a time:
       allocates blocks for every current token (prefix-cache hits count as already computed).
    Each sequence gets min(its uncomputed tokens, budget left): a prompt longer than the budget
    is chunked over several steps and only the step that computes its last token samples.
+   Sequences that want prompt logprobs also share a budget of PROMPT_LOGPROB_ROWS tokens a
+   step (each of their tokens needs a logits row).
 2. Otherwise a decode step: every running sequence computes its one new token. A sequence whose
    new token crosses a block boundary needs a block; if none is free, the most recently admitted
    running sequence is preempted (its blocks freed, it goes back to the front of the waiting
@@ -34,6 +36,10 @@ from collections import deque
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 
+# A step computes the logits of at most this many prompt positions (prompt_logprobs): 1024 rows
+# of a 151,936-token vocabulary are 0.6 GB in float32 (and log_softmax makes one more copy).
+PROMPT_LOGPROB_ROWS = 1024
+
 
 class Scheduler:
     """Waiting and running queues over one BlockManager."""
@@ -51,6 +57,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids or [])
+        # Prompt-logprob rows (logits of prompt positions) computed in one step at most.
+        self.max_prompt_logprob_rows = PROMPT_LOGPROB_ROWS
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -92,25 +100,38 @@ class Scheduler:
 
     def _schedule_prefill(self) -> list[Sequence]:
         budget = self.max_num_batched_tokens
+        # Sequences that want prompt logprobs need a logits row ([vocab] floats) per token:
+        # their chunks share this smaller budget, so a long prompt's logits never fill memory.
+        logit_rows = self.max_prompt_logprob_rows
         scheduled: list[Sequence] = []
         for seq in self.running:
             if budget == 0:
                 break
             if seq.num_uncached_tokens > 1:  # a chunked prefill in progress
-                seq.num_scheduled_tokens = min(seq.num_uncached_tokens, budget)
-                budget -= seq.num_scheduled_tokens
+                n = min(seq.num_uncached_tokens, budget)
+                if seq.needs_prompt_logprobs:
+                    n = min(n, logit_rows)
+                    logit_rows -= n
+                if n == 0:
+                    continue
+                seq.num_scheduled_tokens = n
+                budget -= n
                 scheduled.append(seq)
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not bm.can_allocate(seq):
+            if (seq.needs_prompt_logprobs and logit_rows == 0) or not bm.can_allocate(seq):
                 break
             bm.allocate(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            seq.num_scheduled_tokens = min(seq.num_uncached_tokens, budget)
-            budget -= seq.num_scheduled_tokens
+            n = min(seq.num_uncached_tokens, budget)
+            if seq.needs_prompt_logprobs:
+                n = min(n, logit_rows)
+                logit_rows -= n
+            seq.num_scheduled_tokens = n
+            budget -= n
             scheduled.append(seq)
         return scheduled
 
