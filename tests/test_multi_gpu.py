@@ -102,6 +102,23 @@ if __name__ == "__main__":
     run_script(tmp_path, "tp2_graphs", body, tiny_model_dir)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
+def test_tp4_fp32_greedy_equals_tp1_graphs(tmp_path: object) -> None:
+    """tp=4 (4 KV heads, one per rank) with graphs, against tp=1."""
+    from conftest import write_checkpoint
+
+    model = write_checkpoint(
+        os.path.join(str(tmp_path), "model"), num_attention_heads=8, num_key_value_heads=4
+    )
+    body = """
+if __name__ == "__main__":
+    reference = greedy(sys.argv[1], **COMMON)
+    assert greedy(sys.argv[1], tensor_parallel_size=4, **COMMON) == reference
+    print("OK")
+"""
+    run_script(tmp_path, "tp4_graphs", body, model)
+
+
 def test_dp2_greedy_equals_one_engine(tmp_path: object, tiny_model_dir: str) -> None:
     body = """
 if __name__ == "__main__":
