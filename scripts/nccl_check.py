@@ -37,8 +37,7 @@ def check_abort(rank: int, start: float, graphs: list) -> None:
     the group (as the engine does when a worker fails) and must get its GPU back."""
     import threading
 
-    from nanovllm.engine.llm_engine import abort_process_group
-    from nanovllm.engine.tp_workers import free_port
+    from nanovllm.engine.tp_workers import abort_process_group, free_port
 
     world = dist.get_world_size()
     if rank == world - 1:

@@ -8,7 +8,6 @@ at interpreter exit, whichever comes first; shutdown() runs the same finalizer a
 
 import logging
 import os
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_plan import plan_step
 from nanovllm.engine.tp_workers import (
     TPWorkers,
+    abort_process_group,
     defer_sigint,
     leave_process_group,
     threads_per_rank,
@@ -50,33 +50,6 @@ class EngineStats:
     steps: int = 0
     steps_ahead: int = 0  # decode steps launched before the previous step's tokens were known
     sampled_tokens: int = 0  # output tokens applied to sequences (progress bars read this)
-
-
-def abort_process_group(timeout: float = 20.0) -> bool:
-    """Abort the default process group's communicators, so that kernels waiting in a collective
-    for a rank that is gone return; best effort, as the API differs between torch versions.
-
-    NCCL's abort can block (it waits for resources that captured CUDA graphs hold: free those
-    first), so it runs in a thread and is given up after `timeout` seconds. True if it finished.
-    """
-    from torch.distributed import distributed_c10d as c10d
-
-    def abort() -> None:
-        try:
-            if hasattr(c10d, "_abort_process_group"):
-                c10d._abort_process_group()
-            else:
-                c10d._get_default_group()._get_backend(torch.device("cuda")).abort()
-        except Exception as e:  # the error being raised matters more than this one
-            logger.warning("could not abort the process group: %s", e)
-
-    thread = threading.Thread(target=abort, name="nanovllm-abort-group", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        logger.warning("aborting the process group took over %.0f s; gave up waiting", timeout)
-        return False
-    return True
 
 
 class LLMEngine:
@@ -231,9 +204,10 @@ class LLMEngine:
     # previous tokens and postprocesses them while the GPU works. A sequence that finishes in
     # the waited-for step was computed one token too far; that token is dropped (its K/V went to
     # the sequence's own next slot, freed with it). Running ahead needs: a CUDA-graph decode (with
-    # tensor parallelism each rank's graph takes rank 0's ids by broadcast), the fused sampler, no request waiting for a prefill (they go first), and a free
-    # block for every sequence that may cross into a new one; otherwise the pending step is
-    # completed on its own and the next call schedules as usual.
+    # tensor parallelism each rank's graph takes rank 0's ids by broadcast), the fused sampler,
+    # no request waiting for a prefill (they go first), and a free block for every sequence that
+    # may cross into a new one; otherwise the pending step is completed on its own and the next
+    # call schedules as usual.
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         bm = self.block_manager

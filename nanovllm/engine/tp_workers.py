@@ -244,23 +244,44 @@ def leave_process_group(timeout: float = 60.0) -> None:
     """destroy_process_group with a deadline (NCCL's waits for every rank to leave too, so all
     ranks call it at about the same time). Past the deadline it logs and gives up; the group then
     stays registered in this process."""
-    if not dist.is_initialized():
-        return
+    if dist.is_initialized():
+        _with_deadline(dist.destroy_process_group, timeout, "leaving the process group")
+
+
+def abort_process_group(timeout: float = 20.0) -> bool:
+    """Abort the default process group's communicators, so that kernels waiting in a collective
+    for a rank that is gone return. NCCL's abort can block (it waits for resources that captured
+    CUDA graphs hold: free those first), so it is given up after `timeout` seconds. True if it
+    finished."""
+    from torch.distributed import distributed_c10d as c10d
+
+    if hasattr(c10d, "_abort_process_group"):
+        abort = c10d._abort_process_group
+    else:  # older torch
+        abort = c10d._get_default_group()._get_backend(torch.device("cuda")).abort
+    return _with_deadline(abort, timeout, "aborting the process group")
+
+
+def _with_deadline(fn: Callable[[], object], timeout: float, what: str) -> bool:
+    """Run fn in a daemon thread for at most timeout seconds; log (never raise) if it fails or
+    is still running then. True if it finished."""
     errors: list[Exception] = []
 
-    def destroy() -> None:
+    def run() -> None:
         try:
-            dist.destroy_process_group()
-        except Exception as e:  # e.g. after an aborted NCCL communicator
+            fn()
+        except Exception as e:  # e.g. destroying an aborted NCCL communicator
             errors.append(e)
 
-    thread = threading.Thread(target=destroy, name="nanovllm-leave-group", daemon=True)
+    thread = threading.Thread(target=run, name=f"nanovllm-{fn.__name__}", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        logger.warning("leaving the process group took over %.0f s; gave up waiting", timeout)
-    elif errors:
-        logger.warning("destroying the process group failed: %s", errors[0])
+        logger.warning("%s took over %.0f s; gave up waiting", what, timeout)
+        return False
+    if errors:
+        logger.warning("%s failed: %s", what, errors[0])
+    return True
 
 
 class TPWorkers:
