@@ -216,6 +216,7 @@ def main(
         f"Decode: {stats.decode_tokens} tok in {stats.decode_seconds:.2f} s "
         f"({stats.decode_tokens / max(stats.decode_seconds, 1e-9):.0f} tok/s), "
         f"{stats.steps} steps"
+        + (f" (step seconds and steps summed over {args.dp} replicas)" if args.dp > 1 else "")
     )
     print(
         f"nano-vllm: {desc}: {elapsed:.2f}s, {tps:.1f} output tok/s, "
