@@ -7,7 +7,13 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import Sampler, SamplingBatch, apply_penalties, pick_by_cdf
+from nanovllm.layers.sampler import (
+    Sampler,
+    SamplingBatch,
+    apply_penalties,
+    pick_by_cdf,
+    sample_plain,
+)
 from nanovllm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -115,6 +121,30 @@ def test_all_greedy_and_low_precision_input() -> None:
     assert batch.all_greedy
     tokens = Sampler()(logits, batch)
     assert torch.equal(tokens, logits.float().argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "temperatures",
+    [[0.0] * 5, [0.0, 0.7, 0.0, 1.3, 0.0], [0.6] * 5, [1.0, 0.0, 2.0, 0.5, 0.9]],
+)
+def test_sample_plain_matches_sampler(temperatures: list[float]) -> None:
+    # The runner's shortcut for temperature-only rows gives the Sampler's tokens, draw for draw.
+    torch.manual_seed(2)
+    # [5, 40], flat enough that the draws differ from the argmax
+    logits = torch.randn(len(temperatures), 40)
+    seqs = [make_seq(SamplingParams(temperature=t)) for t in temperatures]
+    batch = make_batch(seqs, vocab_size=40)
+    assert batch.only_temperature
+    differ_from_argmax = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = Sampler()(logits, batch)
+        torch.manual_seed(seed)
+        tokens = sample_plain(logits, temperatures)
+        assert torch.equal(tokens, expected), (seed, tokens.tolist(), expected.tolist())
+        differ_from_argmax += int((tokens != logits.argmax(-1)).sum())
+    # Sampled rows really drew (a shortcut taking the argmax everywhere would fail above).
+    assert (differ_from_argmax > 0) == any(temperatures)
 
 
 def test_temperature_zero_gives_no_nan() -> None:

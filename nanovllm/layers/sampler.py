@@ -228,6 +228,29 @@ def pick_by_cdf(probs: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
+def sample_plain(logits: Tensor, temperatures: list[float]) -> Tensor:
+    """One token per row [B] for rows that use a temperature and nothing else (0: greedy).
+
+    Steps (b) and (f) alone, with the same ops and the same random draw as Sampler on such a
+    batch (no penalties, bans, truncation, min-p or seeded sampled rows), so the two agree
+    token for token; it skips building a SamplingBatch, which is most of a CPU step's sampling
+    time when every row is greedy.
+    """
+    # [B, V]
+    logits = logits.float()
+    if not any(temperatures):
+        return logits.argmax(dim=-1)
+    temps = torch.tensor(temperatures, dtype=torch.float32, device=logits.device)
+    greedy = temps == 0
+    greedy_tokens = logits.argmax(dim=-1) if not all(temperatures) else None
+    probs = (logits / torch.where(greedy, 1.0, temps)[:, None]).softmax(dim=-1)
+    # [B, 1] one shared draw, as inverse_cdf_draw makes it for unseeded rows
+    tokens = pick_by_cdf(probs, torch.rand(probs.shape[0], 1, device=probs.device))
+    if greedy_tokens is not None:
+        tokens = torch.where(greedy, greedy_tokens, tokens)
+    return tokens
+
+
 class Sampler(torch.nn.Module):
     """Picks one token id per row from the logits, following each row's SamplingParams."""
 

@@ -22,7 +22,7 @@ from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.logprobs import logprob_entries
-from nanovllm.layers.sampler import Sampler, SamplingBatch
+from nanovllm.layers.sampler import Sampler, SamplingBatch, sample_plain
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.context import set_context
@@ -223,14 +223,16 @@ class ModelRunner:
 
         Sequences that ask for logprobs also get them recorded (see record_logprobs; that waits).
         """
-        temperatures = self._plain_temperatures(seqs) if logits.is_cuda else None
-        if temperatures is not None:  # the common case on CUDA: one fused kernel, no sync
+        temperatures = self._plain_temperatures(seqs)
+        if temperatures is not None and logits.is_cuda:  # common on CUDA: one fused kernel
             from nanovllm.kernels.sampling import sample_temperature
 
             # [num_seqs] float32, pinned so the copy does not wait for the forward
             temps = torch.tensor(temperatures, dtype=torch.float32).pin_memory()
             temps = temps.to(logits.device, non_blocking=True)
             tokens = sample_temperature(logits, temps, self._sample_rng.getrandbits(31))
+        elif temperatures is not None:  # CPU, MPS: the same tokens as the Sampler, less host work
+            tokens = sample_plain(logits, temperatures)
         else:
             batch = SamplingBatch.from_sequences(
                 seqs, self.vocab_size, eos_token_ids, logits.device
