@@ -231,6 +231,32 @@ def test_rope_scaling_matches_transformers(
     assert not torch.allclose(logits, default, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_is_transformers_bit_for_bit(dtype: torch.dtype) -> None:
+    # The torch path rotates q and k with a sign-folded sin (RotaryEmbedding.cos_sin/rotate);
+    # the bits must be those of transformers' apply_rotary_pos_emb.
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    from nanovllm.layers.rotary_embedding import RotaryEmbedding
+
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(64, 512, {"rope_theta": 1000000.0, "rope_type": "default"})
+    positions = torch.tensor([0, 1, 5, 77, 300, 511])
+    # [tokens, heads, head_dim]
+    q = torch.randn(6, 4, 64).to(dtype)
+    k = torch.randn(6, 2, 64).to(dtype)
+    cos, sin = rope.cos_sin(positions, dtype)
+    # transformers: [batch, heads, tokens, head_dim] with cos/sin [batch, tokens, head_dim]
+    hf_cos = rope.cos[positions].to(dtype)[None]
+    hf_sin = rope.sin[positions].to(dtype)[None]
+    hf_q, hf_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], hf_cos, hf_sin
+    )
+    assert torch.equal(RotaryEmbedding.rotate(q, cos, sin), hf_q[0].transpose(0, 1))
+    assert torch.equal(RotaryEmbedding.rotate(k, cos, sin), hf_k[0].transpose(0, 1))
+    assert not torch.equal(RotaryEmbedding.rotate(q, cos, sin), q)
+
+
 def test_unsupported_rope_type_is_refused(tmp_path: Path) -> None:
     path = write_model_folder(
         str(tmp_path / "dynamic"),

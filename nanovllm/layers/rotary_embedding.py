@@ -109,9 +109,9 @@ class RotaryEmbedding(nn.Module):
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin for x [num_tokens, heads, head_dim] (cos, sin from
         `cos_sin`), as a new tensor; bit for bit transformers' apply_rotary_pos_emb."""
-        num_tokens, heads, head_dim = x.shape
-        # [num_tokens, heads, head_dim]: (x1, x2) -> (x2, x1), times (-sin, sin)
-        rotated = x.view(num_tokens, heads, 2, head_dim // 2).flip(2).view(x.shape).mul_(sin)
+        # [num_tokens, heads, head_dim]: (x1, x2) -> (x2, x1), times (-sin, sin); a roll by half
+        # the head is that swap in one op (faster than a flip of the two halves on a CPU)
+        rotated = x.roll(x.shape[-1] // 2, -1).mul_(sin)
         return (x * cos).add_(rotated)
 
     def forward(
