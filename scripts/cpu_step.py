@@ -1,6 +1,6 @@
 """Where a CPU decode step of a mini_bench preset spends its time (torch path, dummy weights).
 
-    uv run scripts/cpu_step.py [--preset small-short] [--steps 30] [--rounds 5] [--profile]
+    uv run scripts/cpu_step.py [--preset small-short] [--seqs N] [--steps 30] [--rounds 5] [--profile]
 
 Builds the preset's engine, then times one decode step of the preset's batch taken apart the
 way the model runs it: the whole step (ModelRunner.execute + greedy argmax), the same step with
@@ -8,8 +8,9 @@ the decode attention replaced by its query (no K/V reads), and with the LM head 
 differences are what attention and the LM head cost. Context lengths are the workload's prompts
 plus half its output, in consecutive blocks (as a fresh engine allocates them). Each variant
 runs `steps` times per round, rounds alternate; the median of each round's median is printed.
-Threads: the engine's default (NANOVLLM_CPU_THREADS to choose). --profile adds a torch.profiler
-table of one step's ops (self CPU time per step).
+--seqs keeps the first N sequences (1: the fixed cost of a step). Threads: the engine's default
+(NANOVLLM_CPU_THREADS to choose). --profile adds a torch.profiler table of the step's ops (self
+CPU time per step) and the number of aten calls per step.
 """
 
 import argparse
@@ -48,6 +49,7 @@ def without_attention() -> Iterator[None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small-short")
+    parser.add_argument("--seqs", type=int, default=0, help="first N sequences (0: all)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
@@ -62,6 +64,7 @@ def main() -> None:
     work = make_workload(preset.num_seqs, preset.input_range, preset.output_range, vocab, 0)
     # Mid-generation: each sequence holds its prompt and half its output.
     context = [len(p) + n // 2 for p, n in zip(work.prompts, work.output_lens, strict=True)]
+    context = context[: args.seqs or None]
     tables, next_block = [], 0
     for c in context:
         n = (c + 1 + block - 1) // block  # room for the new token too
@@ -106,7 +109,10 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 step()
-        rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:14]
+        events = prof.key_averages()
+        calls = sum(e.count for e in events if e.key.startswith("aten::")) / args.steps
+        print(f"  aten calls per step: {calls:.0f}")
+        rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:14]
         for e in rows:
             per_step = e.self_cpu_time_total / args.steps / 1e3
             print(f"  {e.key:<40} {per_step:6.3f} ms/step  {e.count // args.steps} calls/step")
