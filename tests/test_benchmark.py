@@ -36,6 +36,38 @@ def test_benchmark_main_prints_summary(capsys: pytest.CaptureFixture[str]) -> No
     assert re.search(r"nano-vllm / transformers = [\d.]+x", out), out
 
 
+def test_engine_is_freed_before_transformers_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compare-hf: nothing of the benchmark keeps nano-vllm's model and KV cache alive while
+    transformers runs (on a GPU both would not fit)."""
+    import weakref
+
+    from nanovllm.utils import benchmark
+
+    runners: list[weakref.ref] = []
+    alive_during_hf: list[bool] = []
+    run_nanovllm = benchmark.run_nanovllm
+
+    def spy_nano(llm, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        runners.append(weakref.ref(llm.engine.runner))
+        return run_nanovllm(llm, *args, **kwargs)
+
+    def spy_hf(*args, **kwargs) -> float:  # noqa: ANN002, ANN003
+        import gc
+
+        gc.collect()
+        alive_during_hf.append(runners[0]() is not None)
+        return 1.0
+
+    monkeypatch.setattr(benchmark, "run_nanovllm", spy_nano)
+    monkeypatch.setattr(benchmark, "run_transformers", spy_hf)
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, shape="tiny")
+    args = parser.parse_args(["--device", "cpu", "--compare-hf"])
+    work = dict(num_seqs=2, input_range=(8, 12), output_range=(2, 3))
+    main(args, work, dict(max_model_len=128, kvcache_block_size=16))
+    assert alive_during_hf == [False]
+
+
 def test_standard_workload_is_upstreams_draw() -> None:
     work = standard_workload()
     assert len(work.prompts) == 256

@@ -192,8 +192,9 @@ def main(
         skip_tokenizer_init=True,  # token-id workload: no tokenizer, no warning about one
         **engine_args,
     )
-    runner = getattr(llm.engine, "runner", None)  # data-parallel replicas keep theirs
-    parts = ", ".join(f"{k} {v:.2f} s" for k, v in getattr(runner, "startup_seconds", {}).items())
+    # data-parallel replicas keep their runners (and start-up seconds) to themselves
+    startup = getattr(getattr(llm.engine, "runner", None), "startup_seconds", {})
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in startup.items())
     print(f"Start-up: {time.perf_counter() - start:.2f} s ({parts or f'{args.dp} replicas'})")
     if isinstance(work_args, Workload):
         work = work_args
@@ -224,6 +225,8 @@ def main(
     )
     llm.shutdown()
     del llm
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the engine's KV cache goes back before transformers loads
     if args.compare_hf:
         hf_elapsed = run_transformers(
             path, load_format, work, device, dtype, args.hf_batch_size, temperature
