@@ -82,24 +82,25 @@ def run_script(tmp_path: object, name: str, body: str, model: str, timeout: int 
     return output
 
 
-def test_tp2_fp32_greedy_equals_tp1_eager(tmp_path: object, tiny_model_dir: str) -> None:
-    body = """
+def assert_same_greedy(tmp_path: object, name: str, model: str, engine_args: str) -> None:
+    """One engine with engine_args (Python keyword syntax) gives a plain engine's greedy tokens."""
+    body = f"""
 if __name__ == "__main__":
     reference = greedy(sys.argv[1], **COMMON)
-    assert greedy(sys.argv[1], tensor_parallel_size=2, enforce_eager=True, **COMMON) == reference
+    assert greedy(sys.argv[1], {engine_args}, **COMMON) == reference
     print("OK")
 """
-    run_script(tmp_path, "tp2_eager", body, tiny_model_dir)
+    run_script(tmp_path, name, body, model)
+
+
+def test_tp2_fp32_greedy_equals_tp1_eager(tmp_path: object, tiny_model_dir: str) -> None:
+    assert_same_greedy(
+        tmp_path, "tp2_eager", tiny_model_dir, "tensor_parallel_size=2, enforce_eager=True"
+    )
 
 
 def test_tp2_fp32_greedy_equals_tp1_graphs(tmp_path: object, tiny_model_dir: str) -> None:
-    body = """
-if __name__ == "__main__":
-    reference = greedy(sys.argv[1], **COMMON)
-    assert greedy(sys.argv[1], tensor_parallel_size=2, **COMMON) == reference
-    print("OK")
-"""
-    run_script(tmp_path, "tp2_graphs", body, tiny_model_dir)
+    assert_same_greedy(tmp_path, "tp2_graphs", tiny_model_dir, "tensor_parallel_size=2")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
@@ -110,23 +111,11 @@ def test_tp4_fp32_greedy_equals_tp1_graphs(tmp_path: object) -> None:
     model = write_checkpoint(
         os.path.join(str(tmp_path), "model"), num_attention_heads=8, num_key_value_heads=4
     )
-    body = """
-if __name__ == "__main__":
-    reference = greedy(sys.argv[1], **COMMON)
-    assert greedy(sys.argv[1], tensor_parallel_size=4, **COMMON) == reference
-    print("OK")
-"""
-    run_script(tmp_path, "tp4_graphs", body, model)
+    assert_same_greedy(tmp_path, "tp4_graphs", model, "tensor_parallel_size=4")
 
 
 def test_dp2_greedy_equals_one_engine(tmp_path: object, tiny_model_dir: str) -> None:
-    body = """
-if __name__ == "__main__":
-    reference = greedy(sys.argv[1], **COMMON)
-    assert greedy(sys.argv[1], data_parallel_size=2, **COMMON) == reference
-    print("OK")
-"""
-    run_script(tmp_path, "dp2", body, tiny_model_dir)
+    assert_same_greedy(tmp_path, "dp2", tiny_model_dir, "data_parallel_size=2")
 
 
 def test_tp2_bf16_agrees_with_tp1(tmp_path: object) -> None:
