@@ -74,9 +74,9 @@ class Config:
             raise ValueError(
                 f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}"
             )
-        if self.attention_backend not in ("auto", "triton", "flash", "torch"):
+        if self.attention_backend not in ("auto", "triton", "flash", "cpu", "torch"):
             raise ValueError(
-                f"attention_backend must be 'auto', 'triton', 'flash' or 'torch', "
+                f"attention_backend must be 'auto', 'triton', 'flash', 'cpu' or 'torch', "
                 f"got {self.attention_backend!r}"
             )
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -50,20 +50,20 @@ def main() -> None:
         for layout in ("linear", "x@Wt"):
             if layout == "linear":
 
-                def step() -> None:
+                def step(xs: dict = xs) -> None:
                     for layer in weights:
                         for name, w in layer.items():
                             F.linear(xs[name], w)
 
             else:
 
-                def step() -> None:
+                def step(xs: dict = xs) -> None:
                     for layer in weights_t:
                         for name, w in layer.items():
                             torch.mm(xs[name], w)
 
             ms = graph_time(step)
-            head_ms = graph_time(lambda: F.linear(h, head))
+            head_ms = graph_time(lambda h=h: F.linear(h, head))
             count = 4 * args.layers
             print(
                 f"{m} | {layout} | {ms:.3f} | {nbytes / ms / 1e9:.2f} | {ms * 1e3 / count:.1f} | "

@@ -6,12 +6,62 @@ import types
 import pytest
 import torch
 
-from nanovllm.attention import select_backend
+from nanovllm.attention import cpu_backend, select_backend
 from nanovllm.attention.torch_backend import TorchAttentionBackend
 
 
-def test_auto_is_torch_on_cpu() -> None:
-    assert isinstance(select_backend("auto", torch.device("cpu"), 2), TorchAttentionBackend)
+def test_auto_on_cpu_is_cpu_in_float32_else_torch() -> None:
+    cpu = torch.device("cpu")
+    auto = select_backend("auto", cpu, 2, 16, torch.float32)
+    assert auto.name == ("cpu" if cpu_backend.available() else "torch")
+    for dtype in (torch.bfloat16, torch.float16):
+        assert type(select_backend("auto", cpu, 2, 16, dtype)) is TorchAttentionBackend
+
+
+def test_auto_is_torch_on_mps() -> None:
+    # torch.device("mps") can be named on any machine; selection does not touch it
+    backend = select_backend("auto", torch.device("mps"), 2, 16, torch.float32)
+    assert type(backend) is TorchAttentionBackend
+
+
+def test_cpu_backend_without_a_compiler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
+) -> None:
+    cpu_backend._library.cache_clear()
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
+    try:
+        assert not cpu_backend.available()
+        auto = select_backend("auto", torch.device("cpu"), 2, 16, torch.float32)
+        assert type(auto) is TorchAttentionBackend
+        with pytest.raises(ValueError, match="'cpu' needs a C compiler"):
+            select_backend("cpu", torch.device("cpu"), 2, 16, torch.float32)
+    finally:
+        cpu_backend._library.cache_clear()
+
+
+def test_cpu_backend_refused_off_cpu() -> None:
+    with pytest.raises(ValueError, match="'cpu' needs the CPU device, got mps"):
+        select_backend("cpu", torch.device("mps"), 2)
+
+
+def test_cpu_kernel_is_built_once_per_source_and_cpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
+) -> None:
+    if not cpu_backend.available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
+    cpu_backend._library.cache_clear()
+    try:
+        assert cpu_backend.available()
+        built = list(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].name.startswith("cpu_decode-")
+        stamp = built[0].stat().st_mtime_ns
+        cpu_backend._library.cache_clear()
+        assert cpu_backend.available()  # the cached library is loaded, not rebuilt
+        assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    finally:
+        cpu_backend._library.cache_clear()
 
 
 def test_triton_refused_off_cuda() -> None:

@@ -7,6 +7,7 @@ import torch
 from conftest import hf_greedy, prefill_logits
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.attention import cpu_backend
 
 MAX_TOKENS = 24
 
@@ -33,11 +34,15 @@ def token_ids(outs: list) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # auto: the cpu backend's C decode
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_greedy_matches_transformers(
-    tiny_model_dir: str, reference: list[list[int]], block_size: int
+    tiny_model_dir: str, reference: list[list[int]], block_size: int, backend: str
 ) -> None:
-    with LLM(tiny_model_dir, kvcache_block_size=block_size) as llm:
+    with LLM(tiny_model_dir, kvcache_block_size=block_size, attention_backend=backend) as llm:
+        assert llm.engine.runner.attn_backend.name == (
+            "torch" if backend == "torch" or not cpu_backend.available() else "cpu"
+        )
         outs = llm.generate(MIXED, greedy(), use_tqdm=False)
     assert token_ids(outs) == reference
     for out, ref in zip(outs, reference, strict=True):

@@ -1,8 +1,10 @@
-"""The torch attention backend against dense attention computed here, on a paged cache.
+"""The torch and cpu attention backends against dense attention computed here, on a paged cache.
 
 Each sequence's K/V are written into randomly placed blocks; the backend must give what plain
 softmax(q k^T * scale) v over that sequence's keys gives (GQA heads expanded as transformers'
-repeat_kv does), for decode batches of mixed lengths and prefill with a cached prefix.
+repeat_kv does), for decode batches of mixed lengths and prefill with a cached prefix. The cpu
+backend (its C decode kernel) must also store the new K/V rows exactly where the torch backend
+does.
 """
 
 import random
@@ -10,6 +12,8 @@ import random
 import pytest
 import torch
 
+from nanovllm.attention import cpu_backend
+from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import (
     TorchAttentionBackend,
     decode_gather_rows,
@@ -23,14 +27,14 @@ SCALE = HEAD_DIM**-0.5
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q: [n, heads, d] at the last n positions of k, v: [L, kv_heads, d]; causal. [n, heads, d]."""
-    n, num_heads, _ = q.shape
+    n, num_heads, head_dim = q.shape
     length, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
     # [heads, L, d]: query head h reads K/V head h // group
     k = k.repeat_interleave(group, dim=1).transpose(0, 1)
     v = v.repeat_interleave(group, dim=1).transpose(0, 1)
     # [heads, n, L]
-    scores = q.transpose(0, 1) @ k.transpose(1, 2) * SCALE
+    scores = q.transpose(0, 1) @ k.transpose(1, 2) * head_dim**-0.5
     query_pos = torch.arange(length - n, length)[:, None]
     scores = scores.masked_fill(torch.arange(length)[None, :] > query_pos, float("-inf"))
     # [n, heads, d]
@@ -41,7 +45,13 @@ class PagedBatch:
     """Sequences of given lengths with random K/V in randomly chosen blocks of a shared cache."""
 
     def __init__(
-        self, lengths: list[int], block_size: int, num_heads: int, num_kv_heads: int, seed: int
+        self,
+        lengths: list[int],
+        block_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        seed: int,
+        head_dim: int = HEAD_DIM,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
@@ -52,16 +62,17 @@ class PagedBatch:
         for n in blocks_per_seq:
             self.tables.append(ids[:n])
             ids = ids[n:]
-        shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
+        self.head_dim = head_dim
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
         # Unused slots hold huge values: reading one by mistake would show in the output.
         self.k_cache = torch.full(shape, 1e4)
         self.v_cache = torch.full(shape, 1e4)
         self.lengths = lengths
         self.block_size = block_size
         # Per sequence: [L, kv_heads, d] keys and values, and [L, heads, d] queries.
-        self.keys = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=gen) for n in lengths]
-        self.values = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=gen) for n in lengths]
-        self.queries = [torch.randn(n, num_heads, HEAD_DIM, generator=gen) for n in lengths]
+        self.keys = [torch.randn(n, num_kv_heads, head_dim, generator=gen) for n in lengths]
+        self.values = [torch.randn(n, num_kv_heads, head_dim, generator=gen) for n in lengths]
+        self.queries = [torch.randn(n, num_heads, head_dim, generator=gen) for n in lengths]
 
     def slots(self, i: int, start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -92,10 +103,19 @@ class PagedBatch:
             query_lens_list=list(query_lens),
         )
 
-    def run(self, query_lens: list[int], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        self,
+        query_lens: list[int],
+        is_prefill: bool,
+        backend: AttentionBackend | None = None,
+        strided: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(backend output, dense reference), both [sum(query_lens), heads, d].
 
         The cache holds each sequence's first L - q tokens; the last q are passed as new.
+        backend: the torch backend unless given. strided: q, k, v are passed as views of one
+        packed [tokens, (heads + 2 kv_heads) * d] tensor, as the model's qkv projection makes
+        them.
         """
         rows = range(len(self.lengths))
         for i in rows:
@@ -107,7 +127,15 @@ class PagedBatch:
             return torch.cat([t[self.lengths[i] - query_lens[i] :] for i, t in enumerate(tensors)])
 
         q, k, v = new(self.queries), new(self.keys), new(self.values)
-        out = TorchAttentionBackend().forward(q, k, v, self.k_cache, self.v_cache, meta, SCALE)
+        if strided:
+            packed = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+            q_size, kv_size = q[0].numel(), k[0].numel()
+            q = packed[:, :q_size].view(q.shape)
+            k = packed[:, q_size : q_size + kv_size].view(k.shape)
+            v = packed[:, q_size + kv_size :].view(v.shape)
+        backend = backend or TorchAttentionBackend()
+        scale = self.head_dim**-0.5
+        out = backend.forward(q, k, v, self.k_cache, self.v_cache, meta, scale)
         qs = [self.queries[i][self.lengths[i] - query_lens[i] :] for i in rows]
         ref = torch.cat([dense_attention(qs[i], self.keys[i], self.values[i]) for i in rows])
         return out, ref
@@ -120,6 +148,46 @@ def test_decode_matches_dense(block_size: int, num_heads: int, num_kv_heads: int
     batch = PagedBatch(lengths, block_size, num_heads, num_kv_heads, seed=block_size + num_heads)
     out, ref = batch.run([1] * len(lengths), is_prefill=False)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+needs_cpu_kernel = pytest.mark.skipif(
+    not cpu_backend.available(), reason="the cpu backend's C kernel needs a C compiler"
+)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("block_size", [1, 7, 16, 256])
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim"),
+    [(4, 2, 16), (8, 2, 64), (2, 2, 128), (6, 1, 80), (16, 4, 96)],
+)
+def test_cpu_decode_matches_dense_and_stores_like_torch(
+    block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    # lengths across tile (32 keys) and block boundaries, one key, and long contexts
+    lengths = [1, 31, 32, 33, 100, 257, 300, 2]
+    args = (lengths, block_size, num_heads, num_kv_heads, block_size + num_heads, head_dim)
+    batch = PagedBatch(*args)
+    out, ref = batch.run([1] * len(lengths), False, cpu_backend.CpuAttentionBackend(), True)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    reference = PagedBatch(*args)
+    reference.run([1] * len(lengths), False, TorchAttentionBackend())
+    assert torch.equal(batch.k_cache, reference.k_cache)
+    assert torch.equal(batch.v_cache, reference.v_cache)
+
+
+@needs_cpu_kernel
+def test_cpu_backend_prefill_and_bf16_take_the_torch_path() -> None:
+    lengths, query_lens = [5, 40, 300, 17], [5, 7, 33, 1]
+    out, ref = PagedBatch(lengths, 16, 4, 2, seed=3).run(
+        query_lens, True, cpu_backend.CpuAttentionBackend()
+    )
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="q must be float32 with contiguous heads"):
+        q = torch.zeros(1, 2, 16, dtype=torch.bfloat16)
+        cache = torch.zeros(1, 16, 1, 16)
+        one = torch.zeros(1, dtype=torch.int64)
+        cpu_backend.decode_attention(q, q, q, cache, cache, one, one[:, None], one + 1, 0.25)
 
 
 @pytest.mark.parametrize("block_size", [16, 256])

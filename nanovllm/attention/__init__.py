@@ -2,11 +2,12 @@
 
 import torch
 
+from nanovllm.attention import cpu_backend
 from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import TorchAttentionBackend
 from nanovllm.kernels import HAS_TRITON
 
-BACKENDS = ("auto", "triton", "flash", "torch")
+BACKENDS = ("auto", "triton", "flash", "cpu", "torch")
 
 
 def select_backend(
@@ -16,14 +17,28 @@ def select_backend(
     block_size: int = 256,
     dtype: torch.dtype = torch.bfloat16,
 ) -> AttentionBackend:
-    """The backend for `name`; "auto" is triton on CUDA (when Triton is installed), else torch.
+    """The backend for `name`; "auto" is triton on CUDA (when Triton is installed), cpu on a
+    CPU in float32 (when its C kernel builds; see cpu_backend.py), else torch.
 
     "flash" (flash-attn's paged kernels) is opt-in; see flash_backend.py.
     """
     if name == "auto":
-        name = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+        if device.type == "cuda" and HAS_TRITON:
+            name = "triton"
+        elif device.type == "cpu" and dtype == torch.float32 and cpu_backend.available():
+            name = "cpu"
+        else:
+            name = "torch"
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention_backend 'cpu' needs the CPU device, got {device}")
+        if not cpu_backend.available():
+            raise ValueError(
+                "attention_backend 'cpu' needs a C compiler (cc or $CC) to build its kernel"
+            )
+        return cpu_backend.CpuAttentionBackend()
     if name == "flash":
         from nanovllm.attention.flash_backend import FlashAttentionBackend, check_flash_usable
 
