@@ -6,16 +6,17 @@ import types
 import pytest
 import torch
 
-from nanovllm.attention import cpu_backend, select_backend
+from nanovllm.attention import select_backend
 from nanovllm.attention.torch_backend import TorchAttentionBackend
+from nanovllm.kernels import cpu
 
 
 def test_auto_on_cpu_is_cpu_in_float32_else_torch() -> None:
-    cpu = torch.device("cpu")
-    auto = select_backend("auto", cpu, 2, 16, torch.float32)
-    assert auto.name == ("cpu" if cpu_backend.available() else "torch")
+    device = torch.device("cpu")
+    auto = select_backend("auto", device, 2, 16, torch.float32)
+    assert auto.name == ("cpu" if cpu.available() else "torch")
     for dtype in (torch.bfloat16, torch.float16):
-        assert type(select_backend("auto", cpu, 2, 16, dtype)) is TorchAttentionBackend
+        assert type(select_backend("auto", device, 2, 16, dtype)) is TorchAttentionBackend
 
 
 def test_auto_is_torch_on_mps() -> None:
@@ -27,17 +28,17 @@ def test_auto_is_torch_on_mps() -> None:
 def test_cpu_backend_without_a_compiler(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
 ) -> None:
-    cpu_backend._library.cache_clear()
+    cpu._library.cache_clear()
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
     try:
-        assert not cpu_backend.available()
+        assert not cpu.available()
         auto = select_backend("auto", torch.device("cpu"), 2, 16, torch.float32)
         assert type(auto) is TorchAttentionBackend
-        with pytest.raises(ValueError, match="'cpu' needs a C compiler"):
+        with pytest.raises(ValueError, match="'cpu' needs the CPU kernels: a C compiler"):
             select_backend("cpu", torch.device("cpu"), 2, 16, torch.float32)
     finally:
-        cpu_backend._library.cache_clear()
+        cpu._library.cache_clear()
 
 
 def test_cpu_backend_refused_off_cpu() -> None:
@@ -48,20 +49,20 @@ def test_cpu_backend_refused_off_cpu() -> None:
 def test_cpu_kernel_is_built_once_per_source_and_cpu(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
 ) -> None:
-    if not cpu_backend.available():
+    if not cpu.available():
         pytest.skip("no C compiler")
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
-    cpu_backend._library.cache_clear()
+    cpu._library.cache_clear()
     try:
-        assert cpu_backend.available()
+        assert cpu.available()
         built = list(tmp_path.iterdir())
-        assert len(built) == 1 and built[0].name.startswith("cpu_decode-")
+        assert len(built) == 1 and built[0].name.startswith("cpu-")
         stamp = built[0].stat().st_mtime_ns
-        cpu_backend._library.cache_clear()
-        assert cpu_backend.available()  # the cached library is loaded, not rebuilt
+        cpu._library.cache_clear()
+        assert cpu.available()  # the cached library is loaded, not rebuilt
         assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     finally:
-        cpu_backend._library.cache_clear()
+        cpu._library.cache_clear()
 
 
 def test_triton_refused_off_cuda() -> None:

@@ -7,7 +7,7 @@ import torch
 from conftest import hf_greedy, prefill_logits
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.attention import cpu_backend
+from nanovllm.kernels import cpu
 
 MAX_TOKENS = 24
 
@@ -41,7 +41,7 @@ def test_greedy_matches_transformers(
 ) -> None:
     with LLM(tiny_model_dir, kvcache_block_size=block_size, attention_backend=backend) as llm:
         assert llm.engine.runner.attn_backend.name == (
-            "torch" if backend == "torch" or not cpu_backend.available() else "cpu"
+            "torch" if backend == "torch" or not cpu.available() else "cpu"
         )
         outs = llm.generate(MIXED, greedy(), use_tqdm=False)
     assert token_ids(outs) == reference

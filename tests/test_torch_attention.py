@@ -12,13 +12,14 @@ import random
 import pytest
 import torch
 
-from nanovllm.attention import cpu_backend
 from nanovllm.attention.base import AttentionBackend
+from nanovllm.attention.cpu_backend import CpuAttentionBackend
 from nanovllm.attention.torch_backend import (
     TorchAttentionBackend,
     decode_gather_rows,
     decode_key_slots,
 )
+from nanovllm.kernels import cpu
 from nanovllm.utils.context import AttentionMetadata
 
 HEAD_DIM = 16
@@ -151,7 +152,7 @@ def test_decode_matches_dense(block_size: int, num_heads: int, num_kv_heads: int
 
 
 needs_cpu_kernel = pytest.mark.skipif(
-    not cpu_backend.available(), reason="the cpu backend's C kernel needs a C compiler"
+    not cpu.available(), reason="the cpu backend's C kernel needs a C compiler"
 )
 
 
@@ -168,7 +169,7 @@ def test_cpu_decode_matches_dense_and_stores_like_torch(
     lengths = [1, 31, 32, 33, 100, 257, 300, 2]
     args = (lengths, block_size, num_heads, num_kv_heads, block_size + num_heads, head_dim)
     batch = PagedBatch(*args)
-    out, ref = batch.run([1] * len(lengths), False, cpu_backend.CpuAttentionBackend(), True)
+    out, ref = batch.run([1] * len(lengths), False, CpuAttentionBackend(), True)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     reference = PagedBatch(*args)
     reference.run([1] * len(lengths), False, TorchAttentionBackend())
@@ -179,15 +180,13 @@ def test_cpu_decode_matches_dense_and_stores_like_torch(
 @needs_cpu_kernel
 def test_cpu_backend_prefill_and_bf16_take_the_torch_path() -> None:
     lengths, query_lens = [5, 40, 300, 17], [5, 7, 33, 1]
-    out, ref = PagedBatch(lengths, 16, 4, 2, seed=3).run(
-        query_lens, True, cpu_backend.CpuAttentionBackend()
-    )
+    out, ref = PagedBatch(lengths, 16, 4, 2, seed=3).run(query_lens, True, CpuAttentionBackend())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="q must be float32 with contiguous heads"):
         q = torch.zeros(1, 2, 16, dtype=torch.bfloat16)
         cache = torch.zeros(1, 16, 1, 16)
         one = torch.zeros(1, dtype=torch.int64)
-        cpu_backend.decode_attention(q, q, q, cache, cache, one, one[:, None], one + 1, 0.25)
+        cpu.decode_attention(q, q, q, cache, cache, one, one[:, None], one + 1, 0.25)
 
 
 @pytest.mark.parametrize("block_size", [16, 256])

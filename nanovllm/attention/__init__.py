@@ -2,10 +2,9 @@
 
 import torch
 
-from nanovllm.attention import cpu_backend
 from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import TorchAttentionBackend
-from nanovllm.kernels import HAS_TRITON
+from nanovllm.kernels import HAS_TRITON, cpu
 
 BACKENDS = ("auto", "triton", "flash", "cpu", "torch")
 
@@ -18,14 +17,14 @@ def select_backend(
     dtype: torch.dtype = torch.bfloat16,
 ) -> AttentionBackend:
     """The backend for `name`; "auto" is triton on CUDA (when Triton is installed), cpu on a
-    CPU in float32 (when its C kernel builds; see cpu_backend.py), else torch.
+    CPU in float32 (when the C kernels are available; see kernels/cpu.py), else torch.
 
     "flash" (flash-attn's paged kernels) is opt-in; see flash_backend.py.
     """
     if name == "auto":
         if device.type == "cuda" and HAS_TRITON:
             name = "triton"
-        elif device.type == "cpu" and dtype == torch.float32 and cpu_backend.available():
+        elif device.type == "cpu" and dtype == torch.float32 and cpu.available():
             name = "cpu"
         else:
             name = "torch"
@@ -34,11 +33,14 @@ def select_backend(
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"attention_backend 'cpu' needs the CPU device, got {device}")
-        if not cpu_backend.available():
+        if not cpu.available():
             raise ValueError(
-                "attention_backend 'cpu' needs a C compiler (cc or $CC) to build its kernel"
+                "attention_backend 'cpu' needs the CPU kernels: a C compiler (cc or $CC) and "
+                "NANOVLLM_CPU_KERNELS unset or 1"
             )
-        return cpu_backend.CpuAttentionBackend()
+        from nanovllm.attention.cpu_backend import CpuAttentionBackend
+
+        return CpuAttentionBackend()
     if name == "flash":
         from nanovllm.attention.flash_backend import FlashAttentionBackend, check_flash_usable
 

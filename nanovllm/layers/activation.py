@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.kernels import use_kernels
+from nanovllm.kernels import fused_ops
 
 
 class SiluAndMul(nn.Module):
@@ -12,9 +12,8 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, 2 * d] -> [num_tokens, d]
-        if use_kernels(x):
-            from nanovllm.kernels.norm_rope import silu_and_mul
-
-            return silu_and_mul(x)
+        ops = fused_ops(x) if x.dim() == 2 else None
+        if ops is not None:
+            return ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from nanovllm.kernels import use_kernels
+from nanovllm.kernels import fused_ops
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,10 +37,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
-        if x.dim() == 2 and use_kernels(x):
-            from nanovllm.kernels.norm_rope import rms_norm
-
-            return rms_norm(x, self.weight, self.eps, residual)
+        ops = fused_ops(x) if x.dim() == 2 else None
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         # [num_tokens, hidden_size]

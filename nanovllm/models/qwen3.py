@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanovllm.kernels import use_kernels
+from nanovllm.kernels import fused_ops
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -82,11 +82,10 @@ class Qwen3Attention(nn.Module):
         """rope: the step's RotaryEmbedding.cos_sin (torch path; computed here when None)."""
         # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         qkv = self.qkv_proj(hidden_states)
-        if use_kernels(qkv):  # one fused kernel for both norms and the rotation
-            from nanovllm.kernels.norm_rope import qk_norm_rope
-
+        ops = fused_ops(qkv)
+        if ops is not None:  # one fused kernel for both norms and the rotation
             # [num_tokens, num_heads | num_kv_heads, head_dim]
-            q, k = qk_norm_rope(
+            q, k = ops.qk_norm_rope(
                 qkv,
                 positions,
                 self.q_norm.weight,
@@ -176,7 +175,7 @@ class Qwen3Model(nn.Module):
         # The torch path rotates every layer's q/k by the same positions: gather cos/sin once.
         rope = (
             None
-            if use_kernels(hidden_states)
+            if fused_ops(hidden_states) is not None
             else self.rotary_emb.cos_sin(positions, hidden_states.dtype)
         )
         for layer in self.layers:

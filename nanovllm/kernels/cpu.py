@@ -1,0 +1,269 @@
+"""The CPU fast path's kernels (cpu.c), float32, built on first use and called through ctypes.
+
+At decode sizes a CPU step is mostly dispatch: the torch path of a decoder layer is about 150
+aten calls on tensors of a few kilobytes. The C functions here each replace a chain of them with
+one call and the same arithmetic (see cpu.c): `rms_norm`, `qk_norm_rope` and `silu_and_mul` have
+the signatures of the Triton kernels in norm_rope.py, and `decode_attention` is the "cpu"
+attention backend's decode. Results equal the torch path's up to float32 rounding (sums in
+another order, an exp within 2 ulp).
+
+Building: cpu.c is compiled once per machine with the system's C compiler (`$CC`, else `cc`;
+`-O3 -march=native -fopenmp`, about a second) into a cache folder (`$NANOVLLM_CACHE_DIR`, else
+`~/.cache/nanovllm`), under a name hashed from the source, the flags and the CPU. The library
+links the libgomp that torch has already loaded, so both share one thread pool. Without a
+compiler (or if the build fails) `available()` is False and every caller takes the torch path;
+`NANOVLLM_CPU_KERNELS=0` chooses the torch path too.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.c")
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-march=native"],  # a compiler without OpenMP (Apple clang): one thread
+)
+_P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+SIGNATURES = {
+    "decode_attention": [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _P, _P]
+    + [_I64] * 5
+    + [_F32, _INT],
+    "rms_norm": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _INT],
+    "qk_norm_rope": [_P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _F32, _INT],
+    "silu_and_mul": [_P, _I64, _P, _I64, _I64, _INT],
+}
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(
+                line for line in f if line.startswith(("model name", "flags", "Features"))
+            )
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NANOVLLM_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "nanovllm"
+    )
+    return Path(root)
+
+
+def _build(compiler: str, flags: list[str]) -> Path | None:
+    """The shared library built from SOURCE with these flags (cached), or None on failure."""
+    parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode()]
+    key = hashlib.sha256(b"\0".join([*parts, _cpu_signature().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes building at once never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, *flags, "-shared", "-fPIC", "-std=c11", str(SOURCE), "-o", tmp, "-lm"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            logger.info("building %s failed: %s", SOURCE.name, result.stderr.strip()[-500:])
+            return None
+        os.replace(tmp, target)
+        return target
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.info("building %s failed: %s", SOURCE.name, e)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        logger.info("no C compiler (%s): the CPU kernels are unavailable", compiler)
+        return None
+    for flags in FLAG_SETS:
+        path = _build(compiler, flags)
+        if path is not None:
+            break
+    else:
+        return None
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def available() -> bool:
+    """True when the C kernels are built (or were already) and loaded, and not switched off."""
+    return os.environ.get("NANOVLLM_CPU_KERNELS", "1") != "0" and _library() is not None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels could not be built (see the log)")
+    return lib
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(
+            f"{name} must be a 2-D float32 CPU tensor with unit-stride rows, got "
+            f"{t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """norm(x) of x [num_tokens, n], or with a residual: (norm(x + residual), x + residual)."""
+    _check_rows("x", x)
+    rows, n = x.shape
+    # [num_tokens, n] each
+    out = torch.empty(rows, n, dtype=torch.float32)
+    res_out = None
+    if residual is not None:
+        _check_rows("residual", residual)
+        res_out = torch.empty(rows, n, dtype=torch.float32)
+    _lib().rms_norm(
+        x.data_ptr(),
+        x.stride(0),
+        None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0),
+        None if res_out is None else res_out.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        rows,
+        n,
+        eps,
+        torch.get_num_threads(),
+    )
+    return out if res_out is None else (out, res_out)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorm of q and k followed by the rotary embedding, in one pass.
+
+    qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]; positions [num_tokens];
+    cos/sin: [max_position, head_dim] float32 tables. Returns new contiguous q [num_tokens,
+    num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim].
+    """
+    _check_rows("qkv", qkv)
+    if head_dim % 2 != 0:
+        raise ValueError(f"qk_norm_rope needs an even head_dim, got {head_dim}")
+    tokens = qkv.shape[0]
+    positions = positions.to(torch.int64).contiguous()
+    q = torch.empty(tokens, num_heads, head_dim, dtype=torch.float32)
+    k = torch.empty(tokens, num_kv_heads, head_dim, dtype=torch.float32)
+    _lib().qk_norm_rope(
+        qkv.data_ptr(),
+        qkv.stride(0),
+        positions.data_ptr(),
+        q_weight.data_ptr(),
+        k_weight.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+        tokens,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        eps,
+        torch.get_num_threads(),
+    )
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] of shape [num_tokens, 2 * n]; returns [num_tokens, n]."""
+    _check_rows("x", x)
+    rows, n = x.shape[0], x.shape[1] // 2
+    out = torch.empty(rows, n, dtype=torch.float32)
+    _lib().silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), rows, n, torch.get_num_threads())
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Store k, v (one new row per sequence) in their slots, then attend; float32.
+
+    q: [num_seqs, num_heads, head_dim]; k, v: [num_seqs, num_kv_heads, head_dim] (rows may be
+    strided, heads and head_dim contiguous); caches [num_blocks, block_size, num_kv_heads,
+    head_dim] contiguous; slot_mapping, seq_lens [num_seqs]; block_tables [num_seqs, width].
+    Returns [num_seqs, num_heads, head_dim].
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != head_dim:
+            raise ValueError(f"{name} must be float32 with contiguous heads, got {t.dtype}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the K/V caches must be contiguous")
+    if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+        raise ValueError(f"the K/V caches must be float32, got {k_cache.dtype}")
+    slots, tables, lens = (
+        t.to(torch.int64).contiguous() for t in (slot_mapping, block_tables, seq_lens)
+    )
+    # [num_seqs, num_heads, head_dim]
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float32)
+    _lib().decode_attention(
+        q.data_ptr(),
+        q.stride(0),
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        slots.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        tables.stride(0),
+        lens.data_ptr(),
+        out.data_ptr(),
+        num_seqs,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        torch.get_num_threads(),
+    )
+    return out
