@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels import cpu
 from nanovllm.layers.linear import check_full_shape, read_slice
 from nanovllm.utils.dist import all_reduce, gather_last_dim, tp_rank, tp_size
 
@@ -53,9 +54,16 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; full logits end up on rank 0 only."""
 
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(vocab_size, hidden_size)
+        self.packed: torch.Tensor | None = None  # the CPU fast path's copy of weight
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         # [num_seqs, hidden_size] -> [num_seqs, rows_per_rank]
-        logits = F.linear(hidden_states, self.weight)
+        if self.packed is not None and hidden_states.dtype == torch.float32:
+            logits = cpu.packed_linear(hidden_states, self.packed)
+        else:
+            logits = F.linear(hidden_states, self.weight)
         if self.tp_size == 1:
             return logits
         # [num_seqs, rows_per_rank * tp] on rank 0, trimmed to the real vocabulary

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels import cpu
 from nanovllm.utils.dist import all_reduce, tp_rank, tp_size
 
 
@@ -51,6 +52,7 @@ class LinearBase(nn.Module):
         self.tp_size = tp_size()
         self.weight = nn.Parameter(torch.empty(out_local, in_local), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.packed: torch.Tensor | None = None  # the CPU fast path's copy of weight
         if bias:
             self.bias = nn.Parameter(torch.empty(out_local), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -61,9 +63,16 @@ class LinearBase(nn.Module):
         """Copy this rank's part of a checkpoint tensor into param."""
         raise NotImplementedError
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ bias): oneDNN's pre-packed product for float32 on a CPU when the weight has
+        been packed (kernels.cpu.pack_linear_weights), else F.linear."""
+        if self.packed is not None and x.dim() == 2 and x.dtype == torch.float32:
+            return cpu.packed_linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, in_local] -> [num_tokens, out_local]
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -179,4 +188,4 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, in_local] -> [num_tokens, out_features], bias added once (rank 0)
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(F.linear(x, self.weight, bias))
+        return all_reduce(self.matmul(x, bias))

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from nanovllm.attention import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels import cpu
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.logprobs import logprob_entries
 from nanovllm.layers.sampler import Sampler, SamplingBatch, sample_plain
@@ -69,6 +70,8 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         self.model.eval()
         load_model(self.model, config.model, config.load_format, config.seed)
+        if self.device.type == "cpu" and cpu.enabled():
+            cpu.pack_linear_weights(self.model)  # float32 only; see kernels/cpu.py
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.attn_backend = select_backend(
             config.attention_backend,
