@@ -29,21 +29,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mini_bench import PRESETS  # noqa: E402
 from nanovllm import LLM  # noqa: E402
-from nanovllm.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from nanovllm.attention.base import AttentionBackend  # noqa: E402
 from nanovllm.utils.benchmark import make_workload  # noqa: E402
 from nanovllm.utils.dummy import write_model_folder  # noqa: E402
 from nanovllm.worker.inputs import StepPlan  # noqa: E402
 
 
 @contextlib.contextmanager
-def without_attention() -> Iterator[None]:
-    """Decode attention returns its query: the step without any K/V read."""
-    original = TorchAttentionBackend._decode
-    TorchAttentionBackend._decode = lambda self, q, *args: q
+def without_attention(backend: AttentionBackend) -> Iterator[None]:
+    """Attention (K/V store included) returns its query: the step without any K/V access."""
+    backend.forward = lambda q, *args: q  # the instance attribute hides the class's method
     try:
         yield
     finally:
-        TorchAttentionBackend._decode = original
+        del backend.forward
 
 
 def main() -> None:
@@ -75,7 +74,8 @@ def main() -> None:
     model = runner.model
     print(
         f"{args.preset}: {num} sequences, context {min(context)}..{max(context)}, "
-        f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}"
+        f"{torch.get_num_threads()} threads, attention backend {runner.attn_backend.name}, "
+        f"load {os.getloadavg()[0]:.1f}"
     )
 
     def step() -> None:
@@ -88,7 +88,7 @@ def main() -> None:
 
     variants: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
         "whole step": contextlib.nullcontext,
-        "without attention": without_attention,
+        "without attention": lambda: without_attention(runner.attn_backend),
         "without LM head": no_lm_head,
     }
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -103,3 +103,41 @@ def test_fused_ops_by_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fused_ops(torch.zeros(2, 2, dtype=torch.bfloat16)) is None
     monkeypatch.setenv("NANOVLLM_CPU_KERNELS", "0")
     assert fused_ops(torch.zeros(2, 2)) is None and not cpu.available()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 256, 257, 300])
+def test_packed_linear_matches_f_linear(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(rows, 40, generator=gen)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w)
+    out = cpu.packed_linear(x, packed, b)
+    assert out.shape == (rows, 96) and out.is_contiguous()
+    close(out, F.linear(x, w, b), tol=1e-5)
+
+
+def test_pack_linear_weights_packs_every_linear_of_the_model() -> None:
+    from nanovllm.layers.embed_head import ParallelLMHead
+    from nanovllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+    model = torch.nn.ModuleList(
+        [
+            MergedColumnParallelLinear(16, [24, 24], bias=False),
+            RowParallelLinear(24, 16, bias=True),
+            ParallelLMHead(50, 16),
+        ]
+    )
+    for p in model.parameters():
+        p.data.normal_()
+    x = torch.randn(5, 16)
+    before = [model[0](x), model[1](x.repeat(1, 3)[:, :24]), model[2](x)]
+    assert cpu.pack_linear_weights(model) == 3
+    assert all(m.packed is not None for m in model)
+    after = [model[0](x), model[1](x.repeat(1, 3)[:, :24]), model[2](x)]
+    for a, b in zip(after, before, strict=True):
+        close(a, b, tol=1e-5)
+    # bfloat16 weights are left to F.linear
+    assert (
+        cpu.pack_linear_weights(torch.nn.ModuleList([RowParallelLinear(8, 8, False).bfloat16()]))
+        == 0
+    )

@@ -10,7 +10,6 @@ the module of fused elementwise kernels (rms_norm, qk_norm_rope, silu_and_mul, o
 both devices) for a tensor, or None where the torch path runs (MPS, other dtypes, no compiler).
 """
 
-import importlib
 import importlib.util
 from types import ModuleType
 
@@ -30,7 +29,9 @@ def fused_ops(x: torch.Tensor) -> ModuleType | None:
     """The fused elementwise kernels for x: Triton's (norm_rope) on CUDA, the C ones (cpu) for
     float32 on a CPU when they are available, else None: the caller takes its torch path."""
     if use_kernels(x):
-        return importlib.import_module("nanovllm.kernels.norm_rope")
+        from nanovllm.kernels import norm_rope
+
+        return norm_rope
     if x.device.type == "cpu" and x.dtype == torch.float32 and cpu.available():
         return cpu
     return None

@@ -14,7 +14,8 @@ blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, once at start-up), an
 `packed_linear` multiplies with it (`torch.ops.mkldnn._linear_pointwise`): 2.3-2.6x faster than
 `F.linear` from 1 to 1082 rows on the 2-core AMD EPYC of BENCHMARKS.md, float32 throughout,
 results equal up to summation order. The copy doubles the memory of those weights, so it is
-made only while they take under a quarter of the machine's memory.
+made only while they take under a quarter of the machine's memory. oneDNN compiles a kernel
+for each new number of rows, so `packed_linear` pads rows to a few bucket sizes.
 
 Building: cpu.c is compiled once per machine with the system's C compiler (`$CC`, else `cc`;
 `-O3 -march=native -fopenmp`, about a second) into a cache folder (`$NANOVLLM_CACHE_DIR`, else
@@ -156,11 +157,30 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def _bucket(rows: int) -> int:
+    """Rows rounded up to a multiple of 8 (up to 256 rows) or of 64 (beyond)."""
+    step = 8 if rows <= 256 else 64
+    return -(-rows // step) * step
+
+
 def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [rows, in] @ W^T (+ bias) with W pre-packed by pack_linear_weights: [rows, out]."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+    """x [rows, in] @ W^T (+ bias) with W pre-packed by pack_linear_weights: [rows, out].
+
+    oneDNN builds (JIT-compiles) a kernel for every new number of rows, about 0.3 ms at decode
+    sizes and a few ms at prefill sizes, so rows are padded to a bucket (see _bucket): a run
+    meets a few dozen sizes at most instead of one per batch size and prefill length.
+    """
+    rows = x.shape[0]
+    bucket = _bucket(rows)
+    if bucket != rows:
+        # [bucket, in]: the padding rows are never read back (rows of a product are independent)
+        padded = x.new_zeros(bucket, x.shape[1])
+        padded[:rows] = x
+        x = padded
+    out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+    return out[:rows] if bucket != rows else out
 
 
 def _lib() -> ctypes.CDLL:
