@@ -100,3 +100,21 @@ def test_flash_selected_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     backend = select_backend("flash", torch.device("cuda"), 2, 512, torch.float16)
     assert backend.name == "flash" and backend.supports_cuda_graphs
+
+
+def test_cpu_kernels_fall_back_to_a_temp_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
+) -> None:
+    if not cpu.available():
+        pytest.skip("no C compiler")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(blocker / "cache"))  # cannot be created
+    monkeypatch.setattr(cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cpu._library.cache_clear()
+    try:
+        assert cpu.available()
+        (folder,) = (tmp_path / "tmp").iterdir()
+        assert [p.name.startswith("cpu-") for p in folder.iterdir()] == [True]
+    finally:
+        cpu._library.cache_clear()

@@ -41,9 +41,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
-FLAG_SETS = (
+FLAG_SETS = (  # tried in order; the first that builds is used
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-march=native"],  # a compiler without OpenMP (Apple clang): one thread
+    ["-O3", "-fopenmp"],  # a compiler without -march=native
+    ["-O3"],
 )
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
@@ -67,23 +69,26 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("NANOVLLM_CACHE_DIR") or os.path.join(
+def _cache_dirs() -> list[Path]:
+    """Where built libraries go: $NANOVLLM_CACHE_DIR or ~/.cache/nanovllm, else a temp folder."""
+    first = os.environ.get("NANOVLLM_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "nanovllm"
     )
-    return Path(root)
+    user = getattr(os, "getuid", lambda: 0)()
+    return [Path(first), Path(tempfile.gettempdir()) / f"nanovllm-{user}"]
 
 
-def _build(compiler: str, flags: list[str]) -> Path | None:
-    """The shared library built from SOURCE with these flags (cached), or None on failure."""
+def _build(compiler: str, flags: list[str], folder: Path) -> Path | None:
+    """The shared library built from SOURCE with these flags in folder (or found there), or
+    None if the compiler fails. Raises OSError if the folder cannot be written."""
     parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode()]
     key = hashlib.sha256(b"\0".join([*parts, _cpu_signature().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"cpu-{key}.so"
+    target = folder / f"cpu-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: processes building at once never load half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     cmd = [compiler, *flags, "-shared", "-fPIC", "-std=c11", str(SOURCE), "-o", tmp, "-lm"]
     try:
@@ -93,12 +98,27 @@ def _build(compiler: str, flags: list[str]) -> Path | None:
             return None
         os.replace(tmp, target)
         return target
-    except (OSError, subprocess.SubprocessError) as e:
+    except subprocess.SubprocessError as e:
         logger.info("building %s failed: %s", SOURCE.name, e)
         return None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _load(compiler: str) -> ctypes.CDLL | None:
+    """Build (or find) and load the library: each flag set in turn, in the first cache folder
+    that can be written and loaded from."""
+    for folder in _cache_dirs():
+        try:
+            for flags in FLAG_SETS:
+                path = _build(compiler, flags, folder)
+                if path is not None:
+                    return ctypes.CDLL(str(path))
+            return None  # the compiler failed with every flag set
+        except OSError as e:  # an unwritable folder, or one whose files cannot be loaded
+            logger.info("CPU kernels in %s: %s", folder, e)
+    return None
 
 
 @functools.cache
@@ -107,13 +127,9 @@ def _library() -> ctypes.CDLL | None:
     if shutil.which(compiler) is None:
         logger.info("no C compiler (%s): the CPU kernels are unavailable", compiler)
         return None
-    for flags in FLAG_SETS:
-        path = _build(compiler, flags)
-        if path is not None:
-            break
-    else:
+    lib = _load(compiler)
+    if lib is None:
         return None
-    lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
