@@ -53,6 +53,9 @@ class Config:
     load_format: str = "auto"
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
+    # "auto": the model dtype; "fp8" (or "fp8_e4m3"): K/V stored as float8 e4m3 with a scale
+    # of 1, as vLLM's kv_cache_dtype without calibrated scales (CUDA, Triton backend).
+    kv_cache_dtype: str | torch.dtype = "auto"
     tokenizer: str | None = None
     # True: no tokenizer is loaded (token-id prompts only, empty output text), and no warning.
     skip_tokenizer_init: bool = False
@@ -115,7 +118,24 @@ class Config:
                 f"kvcache_block_size must be a positive multiple of 16, got {self.kvcache_block_size}"
             )
         self.dtype = resolve_dtype(self.dtype, self.device, self.hf_config)
+        self.kv_cache_dtype = self._resolve_kv_cache_dtype()
         self._check_tensor_parallel()
+
+    def _resolve_kv_cache_dtype(self) -> torch.dtype:
+        """The dtype the KV cache is stored in; float8 e4m3 needs CUDA and the Triton kernels."""
+        value = self.kv_cache_dtype
+        if value == "auto" or value == self.dtype:
+            return self.dtype
+        if value not in ("fp8", "fp8_e4m3", torch.float8_e4m3fn):
+            raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3', got {value!r}")
+        if self.device.type != "cuda":
+            raise ValueError(f"kv_cache_dtype {value!r} needs a CUDA device, got {self.device}")
+        if self.attention_backend not in ("auto", "triton"):
+            raise ValueError(
+                f"kv_cache_dtype {value!r} needs attention_backend 'auto' or 'triton', "
+                f"got {self.attention_backend!r}"
+            )
+        return torch.float8_e4m3fn
 
     def _check_ints(self) -> None:
         limits = {

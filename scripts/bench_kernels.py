@@ -28,18 +28,22 @@ def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
 
 
 def decode_case(
-    num_seqs: int, seq_len: int, configs: list[dict], block_size: int = 256
+    num_seqs: int,
+    seq_len: int,
+    configs: list[dict],
+    block_size: int = 256,
+    kv_dtype: torch.dtype = torch.bfloat16,
 ) -> list[dict]:
     heads, kv_heads, head_dim = 16, 8, 128
     blocks_per_seq = (seq_len + block_size - 1) // block_size
     num_blocks = num_seqs * blocks_per_seq
     # several caches in rotation would defeat L2 for small cases; these are all >> 50 MB
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda").bfloat16()
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda").to(kv_dtype)
+    v_cache = torch.randn(k_cache.shape, device="cuda").to(kv_dtype)
     tables = torch.randperm(num_blocks, device="cuda").view(num_seqs, blocks_per_seq).int()
     lens = torch.full((num_seqs,), seq_len, device="cuda", dtype=torch.int32)
     q = torch.randn(num_seqs, heads, head_dim, device="cuda").bfloat16()
-    kv_bytes = num_seqs * seq_len * kv_heads * head_dim * 2 * 2
+    kv_bytes = num_seqs * seq_len * kv_heads * head_dim * 2 * k_cache.element_size()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for cfg in configs:
@@ -66,10 +70,12 @@ def decode_case(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
     args = parser.parse_args()
+    kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16
     name = torch.cuda.get_device_name(0)
     copy = copy_bandwidth()
-    print(f"device: {name}; copy bandwidth {copy / 1e12:.3f} TB/s (read + write)")
+    print(f"device: {name}; copy bandwidth {copy / 1e12:.3f} TB/s (read + write); K/V {kv_dtype}")
     configs = [
         dict(block_n=64, num_warps=4, num_stages=2),
         dict(block_n=64, num_warps=4, num_stages=3),
@@ -77,9 +83,16 @@ def main() -> None:
         dict(block_n=128, num_warps=8, num_stages=2),
         dict(block_n=32, num_warps=2, num_stages=3),
     ]
+    if args.kv_dtype == "fp8":  # half the bytes a tile: larger tiles and deeper pipelines too
+        configs += [
+            dict(block_n=128, num_warps=4, num_stages=3),
+            dict(block_n=128, num_warps=4, num_stages=4),
+            dict(block_n=256, num_warps=8, num_stages=2),
+            dict(block_n=64, num_warps=4, num_stages=4),
+        ]
     rows = []
     for num_seqs, seq_len in ((256, 1024), (64, 4096), (8, 8192), (256, 2048)):
-        rows += decode_case(num_seqs, seq_len, configs)
+        rows += decode_case(num_seqs, seq_len, configs, kv_dtype=kv_dtype)
     print("num_seqs x len | splits | block_n warps stages | ms | TB/s | of copy")
     for r in rows:
         print(

@@ -197,6 +197,40 @@ def test_bf16_teacher_forced_logits_agree(tmp_path: object) -> None:
     report("bf16 greedy tokens before first divergence", f"{prefix}/{total}")
 
 
+def test_fp8_kv_cache_logits_stay_close(tmp_path: object) -> None:
+    """kv_cache_dtype="fp8": twice the cache blocks, and teacher-forced logits close to a
+    bfloat16 cache's (float8 e4m3 keeps 3 mantissa bits; attention averages the rounding)."""
+    path = write_model_folder(str(tmp_path), "qwen3-0.6b", tokenizer=False)
+    prompts = prompts_of(
+        [random.Random(i).randint(20, 300) for i in range(16)], seed=7, vocab=10000
+    )
+    common = dict(load_format="dummy", device="cuda", dtype="bfloat16")
+    params = SamplingParams(temperature=0, max_tokens=32)
+    with LLM(path, gpu_memory_utilization=0.3, **common) as llm:
+        blocks = llm.engine.runner.num_kvcache_blocks
+        ref_tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        forced = [t[:8] for t in ref_tokens]
+        ref_logits = teacher_forced_logits(llm, prompts, forced)
+    torch.cuda.empty_cache()
+    with LLM(path, gpu_memory_utilization=0.3, kv_cache_dtype="fp8", **common) as llm:
+        assert llm.engine.runner.num_kvcache_blocks >= 1.5 * blocks  # 438 -> 804 seen
+        assert llm.engine.runner.attention_layers[0].k_cache.dtype == torch.float8_e4m3fn
+        out = llm.generate(prompts, params, use_tqdm=False)
+        logits = teacher_forced_logits(llm, prompts, forced)
+    errors = [
+        round(((a - b).norm() / b.norm()).item(), 4)
+        for a, b in zip(logits, ref_logits, strict=True)
+    ]
+    report("fp8 KV vs bf16 KV logit rel err (prefill, 8 decode steps)", errors)
+    same = sum(
+        x == y
+        for o, r in zip(out, ref_tokens, strict=True)
+        for x, y in zip(o.outputs[0].token_ids, r, strict=False)
+    )
+    report("fp8 KV greedy token agreement (16 prompts x 32 tokens)", f"{same}/{16 * 32}")
+    assert max(errors) < 0.15
+
+
 def test_gpu_memory_utilization_sizes_cache(tmp_path: object) -> None:
     # The real Qwen3-0.6B shape: blocks are large, so the fraction of memory (not the cap of
     # max_num_seqs full-length sequences) decides the pool size.

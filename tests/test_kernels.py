@@ -190,6 +190,33 @@ def test_decode_matches_torch_backend(
         assert torch.equal(k_cache.cpu().float(), ref_k)
 
 
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_fp8_kv_cache(block_size: int, kind: str) -> None:
+    """float8 e4m3 caches (kv_cache_dtype="fp8"): with K/V values that float8 holds exactly,
+    storing and attending must give what float32 caches give."""
+    fp8 = torch.float8_e4m3fn
+    if kind == "decode":
+        ctx = DECODE_CTX
+        case = Case([1] * len(ctx), ctx, HEADS[1], block_size, torch.float32, seed=block_size)
+        case.meta.is_prefill = False
+    else:
+        q_lens, ctx_lens = PREFILL_CASES["chunked"]
+        case = Case(q_lens, ctx_lens, HEADS[1], block_size, torch.float32, seed=block_size)
+    for name in ("k_cache", "v_cache", "k", "v"):
+        setattr(case, name, getattr(case, name).to(fp8).float())
+    ref_out, ref_k, ref_v = reference(case)
+    case.k_cache, case.v_cache = case.k_cache.to(fp8), case.v_cache.to(fp8)
+    case.to(DEVICE)
+    backend = triton_backend(HEADS[1][1])
+    out, k_cache, v_cache = case.run(
+        backend, backend.build_metadata(case.meta, case.meta.max_seqlen_k)
+    )
+    assert k_cache.dtype == fp8
+    assert torch.equal(k_cache.cpu().float(), ref_k) and torch.equal(v_cache.cpu().float(), ref_v)
+    assert rel_err(out.cpu(), ref_out) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_writes_every_element_and_zero_length_rows(num_splits: int) -> None:
     from nanovllm.kernels.decode_attention import decode_attention

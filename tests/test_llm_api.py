@@ -374,6 +374,11 @@ BAD_CONFIGS = {
     "tensor_parallel_size": ({"tensor_parallel_size": 3}, ["tensor_parallel_size 3", "4"]),
     "load_format": ({"load_format": "xyz"}, ["load_format", "xyz"]),
     "attention_backend": ({"attention_backend": "xyz"}, ["attention_backend", "xyz"]),
+    "kv_cache_dtype": ({"kv_cache_dtype": "int4"}, ["kv_cache_dtype", "'int4'"]),
+    "kv_cache_dtype_fp8_cpu": (
+        {"kv_cache_dtype": "fp8", "device": "cpu"},
+        ["kv_cache_dtype 'fp8'", "CUDA", "cpu"],
+    ),
 }
 
 

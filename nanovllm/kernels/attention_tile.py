@@ -32,11 +32,14 @@ def paged_rows(
 @triton.jit
 def online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
     """Fold one tile into the running state: s [M, BLOCK_N] scores (scaled by scale * log2(e),
-    masked to -inf), V loaded from v_ptrs [BLOCK_N, D_PAD]; returns the new (m, l, acc)."""
+    masked to -inf), V loaded from v_ptrs [BLOCK_N, D_PAD] (a float8 cache is widened to
+    bfloat16 for the product); returns the new (m, l, acc)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if v.dtype.is_fp8():
+        v = v.to(tl.float32) if IEEE else v.to(tl.bfloat16)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i, acc

@@ -87,7 +87,9 @@ def _prefill_kernel(
             )
             kv_mask = n_mask[:, None] & d_mask[None, :]
             # [BLOCK_N, D_PAD]
-            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(
+                q.dtype
+            )
             # [BLOCK_M, BLOCK_N]
             s = dot(q, tl.trans(k), IEEE) * qk_scale
             if n0 >= diag:

@@ -30,8 +30,9 @@ def _store_kv_kernel(
         mask = offs < ROW
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
-        tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
-        tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
+        # cast to the cache's dtype (float8 e4m3 caches round here, scale 1)
+        tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(

@@ -73,6 +73,7 @@ def add_common_args(parser: argparse.ArgumentParser, shape: str) -> None:
     parser.add_argument("--shape", default=shape, help="dummy Qwen3 shape (see utils/dummy.py)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8 (CUDA)")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--dp", type=int, default=1, help="data_parallel_size (replicas)")
     parser.add_argument("--seed", type=int, default=0)
@@ -185,6 +186,7 @@ def main(
         load_format=load_format,
         device=args.device,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         tensor_parallel_size=args.tp,
         data_parallel_size=args.dp,
         seed=args.seed,
@@ -208,6 +210,8 @@ def main(
         f"{work.num_output_tokens} output tokens, {args.model or args.shape}, {device}, "
         f"{str(dtype).removeprefix('torch.')}, tp={args.tp}, dp={args.dp}"
     )
+    if llm.config.kv_cache_dtype != dtype:
+        desc += f", KV cache {str(llm.config.kv_cache_dtype).removeprefix('torch.')}"
     tps = work.num_output_tokens / elapsed
     total = work.num_output_tokens + work.num_prompt_tokens
     print(f"Total: {total} tok, Time: {elapsed:.2f} s, Throughput: {tps:.2f} tok/s (output)")

@@ -55,7 +55,7 @@ def allocate_kv_cache(
 ) -> int:
     """Size the pool, give every attention layer its K and V cache; returns the block count."""
     block_size = config.kvcache_block_size
-    nbytes = block_bytes(layers, block_size, config.dtype)
+    nbytes = block_bytes(layers, block_size, config.kv_cache_dtype)
     blocks_per_seq = (config.max_model_len + block_size - 1) // block_size
     if config.num_kvcache_blocks > 0:
         num_blocks = config.num_kvcache_blocks
@@ -81,8 +81,8 @@ def allocate_kv_cache(
     shape = layer.backend.kv_cache_shape(num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
     for layer in layers:
         # zeroed: masked reads of never-written slots must be finite
-        layer.k_cache = torch.zeros(shape, dtype=config.dtype, device=device)
-        layer.v_cache = torch.zeros(shape, dtype=config.dtype, device=device)
+        layer.k_cache = torch.zeros(shape, dtype=config.kv_cache_dtype, device=device)
+        layer.v_cache = torch.zeros(shape, dtype=config.kv_cache_dtype, device=device)
     logger.info(
         "KV cache: %d blocks x %d tokens (%.2f GiB) on %s",
         num_blocks,

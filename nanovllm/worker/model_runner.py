@@ -80,6 +80,11 @@ class ModelRunner:
             self.block_size,
             config.dtype,
         )
+        if config.kv_cache_dtype != config.dtype and self.attn_backend.name != "triton":
+            raise ValueError(
+                f"kv_cache_dtype {config.kv_cache_dtype} needs the triton attention backend, "
+                f"got {self.attn_backend.name!r}"
+            )
         for layer in self.attention_layers:
             layer.backend = self.attn_backend
         self.vocab_size = hf.vocab_size
@@ -136,7 +141,7 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def _block_bytes(self) -> int:
-        return block_bytes(self.attention_layers, self.block_size, self.config.dtype)
+        return block_bytes(self.attention_layers, self.block_size, self.config.kv_cache_dtype)
 
     def _profile_run(self) -> None:
         """A forward over the largest prefill batch, before the cache exists (memory profile)."""
