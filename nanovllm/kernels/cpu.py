@@ -191,8 +191,9 @@ def packed_linear(
     rows = x.shape[0]
     bucket = _bucket(rows)
     if bucket != rows:
-        # [bucket, in]: the padding rows are never read back (rows of a product are independent)
-        padded = x.new_zeros(bucket, x.shape[1])
+        # [bucket, in]: the padding rows are left unset and never read back (the rows of a
+        # product are independent)
+        padded = x.new_empty(bucket, x.shape[1])
         padded[:rows] = x
         x = padded
     out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
