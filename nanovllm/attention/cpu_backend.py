@@ -22,7 +22,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     name = "cpu"
 
-    def forward(
+    def _store_and_decode(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -32,20 +32,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if meta.is_prefill or k_cache.numel() == 0 or q.dtype != torch.float32:
-            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
-        if q.shape[1] % k.shape[1] != 0:
-            raise ValueError(
-                f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
-            )
+        if q.dtype != torch.float32:
+            return super()._store_and_decode(q, k, v, k_cache, v_cache, meta, scale)
         return cpu.decode_attention(
-            q,
-            k,
-            v,
-            k_cache,
-            v_cache,
-            meta.slot_mapping,
-            meta.block_tables,
-            meta.seq_lens,
-            scale,
+            q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale
         )

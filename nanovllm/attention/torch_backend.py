@@ -71,10 +71,24 @@ class TorchAttentionBackend(AttentionBackend):
             raise ValueError(
                 f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
             )
-        if k_cache.numel() > 0:
-            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_prefill:
+        if meta.is_prefill or k_cache.numel() == 0:
+            if k_cache.numel() > 0:
+                store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
             return self._prefill(q, k, v, k_cache, v_cache, meta, scale)
+        return self._store_and_decode(q, k, v, k_cache, v_cache, meta, scale)
+
+    def _store_and_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """A decode step: the new K/V rows into their slots, then one query per sequence."""
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         return self._decode(q, k_cache, v_cache, meta, scale)
 
     def _prefill(
