@@ -51,6 +51,19 @@ def test_greedy_matches_transformers(
         assert out.finished
 
 
+def test_pytorch_path_without_cpu_kernels(
+    tiny_model_dir: str, reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NANOVLLM_CPU_KERNELS=0 (or no C compiler): every layer on PyTorch ops, same tokens."""
+    monkeypatch.setenv("NANOVLLM_CPU_KERNELS", "0")
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        runner = llm.engine.runner
+        assert runner.attn_backend.name == "torch"
+        assert all(getattr(m, "packed", None) is None for m in runner.model.modules())
+        outs = llm.generate(MIXED, greedy(), use_tqdm=False)
+    assert token_ids(outs) == reference
+
+
 @pytest.mark.parametrize("budget,max_seqs", [(32, 4), (7, 256), (100, 2)])
 def test_chunked_prefill_matches(
     tiny_model_dir: str, reference: list[list[int]], budget: int, max_seqs: int
