@@ -87,8 +87,6 @@ def main() -> None:
         configs += [
             dict(block_n=128, num_warps=4, num_stages=3),
             dict(block_n=128, num_warps=4, num_stages=4),
-            dict(block_n=256, num_warps=8, num_stages=2),
-            dict(block_n=64, num_warps=4, num_stages=4),
         ]
     rows = []
     for num_seqs, seq_len in ((256, 1024), (64, 4096), (8, 8192), (256, 2048)):
