@@ -2,7 +2,8 @@
  * The CPU fast path's kernels, float32 (see cpu.py, which compiles this file once per machine
  * and calls it through ctypes). Each replaces a chain of small PyTorch ops of the decoder
  * layer, whose dispatch costs more than their arithmetic at decode sizes:
- *   rms_norm          y = w * x / sqrt(mean(x^2) + eps), optionally after residual += x
+ *   rms_norm          y = w * v / sqrt(mean(v^2) + eps) of v = x, or of v = x + residual
+ *                     (the sum also written out, as the residual of the next layer)
  *   qk_norm_rope      Qwen3's per-head RMSNorm of q and k, then the rotary embedding
  *   silu_and_mul      silu(gate) * up
  *   decode_attention  store each sequence's new K/V row, then attend over its paged cache
@@ -121,11 +122,11 @@ static void attend_one(const float *q, const float *k_cache, const float *v_cach
 }
 
 void decode_attention(const float *q, int64_t q_stride, const float *k_new, int64_t k_stride,
-                          const float *v_new, int64_t v_stride, const int64_t *slots,
-                          float *k_cache, float *v_cache, const int64_t *tables,
-                          int64_t table_stride, const int64_t *lens, float *out,
-                          int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                          int64_t head_dim, int64_t block_size, float scale, int num_threads) {
+                      const float *v_new, int64_t v_stride, const int64_t *slots, float *k_cache,
+                      float *v_cache, const int64_t *tables, int64_t table_stride,
+                      const int64_t *lens, float *out, int64_t num_seqs, int64_t num_heads,
+                      int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                      int num_threads) {
     const int64_t group = num_heads / num_kv_heads, D = head_dim;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t s = 0; s < num_seqs; s++) {

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.kernels import cpu
-from nanovllm.layers.linear import check_full_shape, read_slice
+from nanovllm.layers.linear import check_full_shape, linear, read_slice
 from nanovllm.utils.dist import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
@@ -60,10 +59,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         # [num_seqs, hidden_size] -> [num_seqs, rows_per_rank]
-        if self.packed is not None and hidden_states.dtype == torch.float32:
-            logits = cpu.packed_linear(hidden_states, self.packed)
-        else:
-            logits = F.linear(hidden_states, self.weight)
+        logits = linear(hidden_states, self.weight, self.packed)
         if self.tp_size == 1:
             return logits
         # [num_seqs, rows_per_rank * tp] on rank 0, trimmed to the real vocabulary

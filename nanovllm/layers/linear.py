@@ -43,6 +43,19 @@ def check_full_shape(loaded: Any, expected: tuple[int, ...]) -> None:
         raise ValueError(f"expected shape {tuple(expected)}, got {loaded_shape(loaded)}")
 
 
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x W^T (+ bias): oneDNN's pre-packed product for float32 on a CPU when the weight has been
+    packed (`packed`, from kernels.cpu.pack_linear_weights), else F.linear."""
+    if packed is not None and x.dim() == 2 and x.dtype == torch.float32:
+        return cpu.packed_linear(x, packed, bias)
+    return F.linear(x, weight, bias)
+
+
 class LinearBase(nn.Module):
     """y = x W^T (+ b), with W of shape [out_features_on_this_rank, in_features_on_this_rank]."""
 
@@ -64,11 +77,8 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x W^T (+ bias): oneDNN's pre-packed product for float32 on a CPU when the weight has
-        been packed (kernels.cpu.pack_linear_weights), else F.linear."""
-        if self.packed is not None and x.dim() == 2 and x.dtype == torch.float32:
-            return cpu.packed_linear(x, self.packed, bias)
-        return F.linear(x, self.weight, bias)
+        """x W^T (+ bias), through `linear`."""
+        return linear(x, self.weight, self.packed, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, in_local] -> [num_tokens, out_local]
