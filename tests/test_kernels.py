@@ -461,3 +461,21 @@ def test_penalize_kernel(dtype: torch.dtype, with_repetition: bool) -> None:
     want = x - params[:, FREQUENCY, None] * c - params[:, PRESENCE, None] * (c > 0).float()
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logsumexp_and_rank_kernel(dtype: torch.dtype) -> None:
+    """One pass: log-sum-exp in float32 and the count of entries >= the chosen one's."""
+    from nanovllm.kernels.sampling import logsumexp_and_rank
+
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 5000, generator=gen) * 4).to(dtype)
+    logits[1, 100:] = float("-inf")
+    logits[2, ::2] = 1.0  # many ties at the chosen value
+    tokens = torch.tensor([7, 3, 0, 4999, 2500])
+    lse, rank = logsumexp_and_rank(logits.to(DEVICE), tokens.to(DEVICE))
+    x = logits.float()
+    want_lse = torch.logsumexp(x.double(), dim=-1)
+    chosen = x.gather(1, tokens[:, None])
+    assert torch.allclose(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-6)
+    assert torch.equal(rank.cpu(), (x >= chosen).sum(dim=-1))

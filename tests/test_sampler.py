@@ -12,7 +12,7 @@ import nanovllm.sample.sampler as sampler_module
 import nanovllm.sample.state as state_module
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sample import SamplingState, gather_logprobs, sample, to_entries
-from nanovllm.sample.sampler import TOP_P_CANDIDATES, apply_penalties, pick_by_cdf
+from nanovllm.sample.sampler import TOP_P_CANDIDATES, apply_penalties, pick_by_cdf, topk_rows
 from nanovllm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -539,3 +539,16 @@ def test_pick_by_cdf_edges(scale: float) -> None:
     assert picks == [1, 1, 3, 3]
     # A row whose whole mass sits on the first token.
     assert pick_by_cdf(probs[:, [1, 0, 2]], torch.tensor([[almost_one]])).tolist() == [0]
+
+
+@pytest.mark.parametrize(("vocab", "k"), [(151936, 20), (151936, 256), (20000, 50), (3000, 7)])
+def test_topk_rows_equals_torch_topk(vocab: int, k: int) -> None:
+    """The two-stage top-k gives torch.topk's values, and ids that hold them."""
+    gen = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(3, vocab, generator=gen)
+    x[1, ::5] = 2.5  # ties across chunks
+    vals, ids = topk_rows(x, k)
+    want = x.topk(k, dim=-1).values
+    assert torch.equal(vals, want)
+    assert torch.equal(x.gather(1, ids), vals)
+    assert all(len(set(row)) == k for row in ids.tolist())

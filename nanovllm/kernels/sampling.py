@@ -175,3 +175,50 @@ def penalize(
         num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _lse_rank_kernel(logits_ptr, tokens_ptr, lse_ptr, rank_ptr, stride, V, BLOCK: tl.constexpr):
+    # One pass over a row: an online log-sum-exp (running max m and sum s of exp(x - m) per
+    # lane, merged at the end) and the count of entries >= the chosen token's logit.
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride
+    chosen = tl.load(base + tl.load(tokens_ptr + row)).to(tl.float32)
+    lanes = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + lanes
+        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        new_m = tl.maximum(m, x)
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - safe) + tl.exp(x - safe)
+        m = new_m
+        count += (x >= chosen).to(tl.int32)
+    top = tl.max(m, 0)
+    total = tl.sum(s * tl.exp(m - top), 0)
+    tl.store(lse_ptr + row, top + tl.log(total))
+    tl.store(rank_ptr + row, tl.sum(count, 0).to(tl.int64))
+
+
+def logsumexp_and_rank(
+    logits: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For logits [B, V] and tokens [B]: each row's log-sum-exp [B] float32 (in float32 from
+    any input dtype) and the number of entries >= the token's logit [B] int64, in one pass."""
+    num_rows, vocab = logits.shape
+    lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    rank = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows > 0:
+        _lse_rank_kernel[(num_rows,)](
+            logits,
+            tokens,
+            lse,
+            rank,
+            logits.stride(0),
+            vocab,
+            BLOCK=min(2048, triton.next_power_of_2(vocab)),
+            num_warps=8,
+        )
+    return lse, rank

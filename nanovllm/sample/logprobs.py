@@ -14,22 +14,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nanovllm.kernels import use_kernels
 from nanovllm.outputs import Logprob
+from nanovllm.sample.sampler import topk_rows
 
 
 def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> Tensor:
-    """[R, 2 + 2k] float64 packed rows for logits [R, V] and chosen token_ids [R] (see above)."""
-    # [R, V] float32
-    x = logits.float()
-    # [R, 1]
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    chosen = x.gather(1, token_ids[:, None])
-    rank = (x >= chosen).sum(dim=-1, keepdim=True)
+    """[R, 2 + 2k] float64 packed rows for logits [R, V] and chosen token_ids [R] (see above).
+
+    Works on the logits as they are (bf16 on a GPU: its values are exact in float32): the
+    log-sum-exp in float32 and the rank in one pass (a kernel on CUDA), the top k by
+    sampler.topk_rows, no [R, V] float32 copy.
+    """
+    if use_kernels(logits):
+        from nanovllm.kernels.sampling import logsumexp_and_rank
+
+        lse, rank = logsumexp_and_rank(logits, token_ids)
+        lse, rank = lse[:, None], rank[:, None]
+    else:
+        # [R, 1]
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        rank = (x >= x.gather(1, token_ids[:, None])).sum(dim=-1, keepdim=True)
+    chosen = logits.gather(1, token_ids[:, None]).float()
     parts = [(chosen - lse).double(), rank.double()]
     if k > 0:
         # [R, k]
-        vals, ids = x.topk(k, dim=-1)
-        parts += [(vals - lse).double(), ids.double()]
+        vals, ids = topk_rows(logits, k)
+        parts += [(vals.float() - lse).double(), ids.double()]
     return torch.cat(parts, dim=1)
 
 

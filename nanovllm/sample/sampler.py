@@ -115,25 +115,27 @@ def sample(logits: Tensor, rows: SamplingRows) -> Tensor:
         if rows.all_greedy:
             return logits.float().argmax(dim=-1)
         return _draw_full_rows(logits.float(), rows, None)
-    # [B, V] float32
-    x = apply_penalties(logits, rows)
+    # [B, V]: float32 when penalised, else the logits as they are
+    x = apply_penalties(logits, rows) if rows.any_penalty or rows.any_ban else logits
     if rows.all_greedy:
         return x.argmax(dim=-1)
+    truncated = _sample_truncated(x, rows) if rows.any_truncate else None
+    if truncated is not None and rows.all_truncate:
+        return truncated
     temps = rows.params[:, TEMPERATURE]
     # [B] floor on the scaled logits for min-p: max / T + log(min_p) (-inf where off)
     floor = None
     if rows.any_min_p:
         scale = torch.where(temps > 0, temps, 1.0)
         min_p = rows.params[:, MIN_P]
-        floor = x.amax(dim=-1) / scale + torch.log(min_p)  # log(0) = -inf: no floor
+        floor = x.amax(dim=-1).float() / scale + torch.log(min_p)  # log(0) = -inf: no floor
     if use_kernels(x):
         from nanovllm.kernels.sampling import sample_full_rows
 
         tokens = sample_full_rows(x, temps, floor, rows.keys)
     else:
-        tokens = _draw_full_rows(x, rows, floor)
-    if rows.any_truncate:
-        truncated = _sample_truncated(x, rows)
+        tokens = _draw_full_rows(x.float(), rows, floor)
+    if truncated is not None:
         tokens = torch.where(rows.truncate_rows, truncated, tokens)
     return tokens
 
@@ -162,7 +164,7 @@ def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
     k = max(rows.max_top_k, TOP_P_CANDIDATES if rows.any_top_p_only else 1)
     k = min(k, vocab)
     # [B, K] best candidates, sorted descending, on the scaled logits
-    vals, ids = x.topk(k, dim=-1)
+    vals, ids = topk_rows(x, k)
     vals = vals / temps[:, None]
     ranks = torch.arange(k, device=x.device)
     has_top_k = top_k < vocab
@@ -191,6 +193,37 @@ def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
             redo = _sample_sorted(x.index_select(0, index), rows, index)
             tokens = tokens.index_copy(0, index, redo)
     return tokens
+
+
+def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row of x [B, V] and their ids, sorted descending: [B, k].
+
+    For long rows in two stages, which is much faster on a GPU than one torch.topk over the row
+    (one thread block per row): the top-k of each chunk of `chunk` entries (many short rows),
+    then the top-k of those candidates. Exact: a row's top k are among its chunks' top k.
+    """
+    num_rows, vocab = x.shape
+    chunk = max(1024, 16 * _next_pow2(k))
+    if vocab < 4 * chunk or k > 1024:
+        return x.topk(k, dim=-1)
+    whole = vocab // chunk
+    # [B, whole, chunk] view of the leading whole chunks, then the tail
+    vals, ids = x[:, : whole * chunk].view(num_rows, whole, chunk).topk(k, dim=-1)
+    ids = ids + (torch.arange(whole, device=x.device) * chunk)[None, :, None]
+    vals, ids = vals.flatten(1), ids.flatten(1)
+    if vocab > whole * chunk:
+        tail = x[:, whole * chunk :]
+        t_vals, t_ids = tail.topk(min(k, tail.shape[1]), dim=-1)
+        vals = torch.cat([vals, t_vals], dim=1)
+        ids = torch.cat([ids, t_ids + whole * chunk], dim=1)
+    # [B, k]
+    best, pos = vals.topk(k, dim=-1)
+    return best, ids.gather(1, pos)
+
+
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 def _sample_sorted(x: Tensor, rows: SamplingRows, index: Tensor) -> Tensor:

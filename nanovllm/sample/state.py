@@ -90,6 +90,7 @@ class SamplingRows:
     any_presence_frequency: bool
     any_ban: bool
     any_truncate: bool  # some sampled row uses top-k or top-p
+    all_truncate: bool  # every row is sampled and uses top-k or top-p
     max_top_k: int  # largest top-k among sampled rows that have one (0 if none)
     any_top_p_only: bool  # some sampled row uses top-p without top-k
     any_min_p: bool
@@ -321,6 +322,7 @@ class SamplingState:
             any_presence_frequency=any_pf,
             any_ban=any_ban,
             any_truncate=bool(trunc_infos),
+            all_truncate=len(trunc_infos) == len(infos),
             max_top_k=max((i.top_k for i in trunc_infos if i.top_k < self.vocab_size), default=0),
             any_top_p_only=any(i.top_k >= self.vocab_size for i in trunc_infos),
             any_min_p=any(i.min_p for i in sampled),

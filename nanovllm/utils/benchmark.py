@@ -132,9 +132,9 @@ def run_nanovllm(
     the SAMPLING setting named; llm.engine.stats then holds the timed call's prefill and decode
     tokens and seconds."""
     make = SAMPLING[sampling]
-    warm = [make(i, temperature, 4) for i in range(4)]
     # Reversed prompt tails share no prefix with the workload, so no prefix-cache hit helps it.
-    llm.generate([p[::-1][:16] for p in work.prompts[:4]], warm, use_tqdm=False)
+    warm = [p[::-1][:16] for p in work.prompts[:4]]
+    llm.generate(warm, [make(i, temperature, 4) for i in range(len(warm))], use_tqdm=False)
     llm.engine.stats = type(llm.engine.stats)()
     params = [make(i, temperature, n) for i, n in enumerate(work.output_lens)]
     _sync(llm.config.device)
