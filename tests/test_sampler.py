@@ -552,3 +552,22 @@ def test_topk_rows_equals_torch_topk(vocab: int, k: int) -> None:
     assert torch.equal(vals, want)
     assert torch.equal(x.gather(1, ids), vals)
     assert all(len(set(row)) == k for row in ids.tolist())
+
+
+def test_sequence_logprob_rows_of_different_widths() -> None:
+    """A step's packed width is the batch's largest k: a sequence's rows may differ."""
+    seq = make_seq(SamplingParams(logprobs=1))
+    torch.manual_seed(9)
+    logits = torch.randn(2, 30)
+    tokens = torch.tensor([3, 4])
+    narrow = gather_logprobs(logits[:1], tokens[:1], 1).numpy()[0]
+    wide = gather_logprobs(logits[1:], tokens[1:], 5).numpy()[0]
+    seq.add_logprob_row(narrow, 3)
+    seq.add_logprob_row(wide, 4)
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    assert [len(e) <= 2 for e in seq.output_logprobs] == [True, True]
+    assert seq.output_logprobs[1][4].logprob == pytest.approx(ref[1, 4].item(), abs=1e-5)
+    top = int(ref[1].argmax())
+    assert seq.output_logprobs[1][top].rank == 1
+    want = ref[0, 3].item() + ref[1, 4].item()
+    assert seq.cumulative_logprob == pytest.approx(want, abs=1e-5)
