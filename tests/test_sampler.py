@@ -377,9 +377,11 @@ def test_large_vocabulary_truncation(
         df = len(pooled) - 1
     if df > 0:
         assert chi2_sf(stat, df) > 1e-6, (stat, df)
-    # The sort ran exactly when the nucleus of a top-p-only row is larger than the candidates.
+    # On a CPU the sort ran exactly when the nucleus of a top-p-only row is larger than the
+    # candidates (on CUDA a kernel searches the nucleus's floor instead, and nothing sorts).
     nucleus = len(reference_dist(row, 0.9, top_k, top_p, 0.0))
-    assert sorted_rows == ([draws] if top_k <= 0 and nucleus > TOP_P_CANDIDATES else [])
+    redone = top_k <= 0 and nucleus > TOP_P_CANDIDATES and device.type == "cpu"
+    assert sorted_rows == ([draws] if redone else [])
 
 
 def run_steps(driver: Driver, seqs: list[Sequence], logits: torch.Tensor, steps: int) -> None:
