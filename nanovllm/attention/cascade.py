@@ -60,11 +60,17 @@ def find_cascade_groups(
     block_tables: Sequence[Sequence[int]],
     seq_lens: Sequence[int],
     block_size: int,
-    min_shared_tokens: int = CASCADE_MIN_SHARED_TOKENS,
+    min_shared_tokens: int | None = None,
     max_groups: int = MAX_CASCADE_GROUPS,
 ) -> CascadeGroups | None:
     """Groups of sequences (block_tables[i], seq_lens[i] keys each, the newest last) that share
-    leading blocks and pay for the cascade path; None when no group does."""
+    leading blocks and pay for the cascade path; None when no group does.
+
+    min_shared_tokens: the threshold on shared tokens x group size (None: the module's
+    CASCADE_MIN_SHARED_TOKENS, read at each call).
+    """
+    if min_shared_tokens is None:
+        min_shared_tokens = CASCADE_MIN_SHARED_TOKENS
     num_seqs = len(seq_lens)
     # Blocks wholly before each sequence's newest token.
     usable = [

@@ -121,9 +121,9 @@ def _prefix_kernel(
             )
             kv_mask = n_mask[:, None] & d_mask[None, :]
             # [BLOCK_N, D_PAD]
-            k = tl.load(
-                k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
-            ).to(q.dtype)
+            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(
+                q.dtype
+            )
             # [BLOCK_M, BLOCK_N]
             s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
             v_ptrs = v_cache_ptr + rows[:, None] + offs_d[None, :]

@@ -91,7 +91,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self._sample_rng = random.Random(config.seed)
         self._plain_cache: dict[int, float | None] = {}
-        self.inputs = InputBuilder(self.device, self.block_size)
+        # Cascade attention (shared prefixes read once per group) where the backend has it.
+        cascade = self.attn_backend.supports_cascade and not config.disable_cascade_attn
+        self.inputs = InputBuilder(self.device, self.block_size, cascade)
         self.startup_seconds = {"load": time.perf_counter() - start}
         self.graphs: CUDAGraphRunner | None = None
         start = time.perf_counter()
@@ -122,6 +124,7 @@ class ModelRunner:
                 min(config.max_num_seqs, 512),
                 config.max_model_len,
                 self.block_size,
+                cascade,
             )
             self.graphs.capture()
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
