@@ -7,10 +7,12 @@ float16/float32 (see test_kernels.py); the grouping tests run everywhere.
 
 import math
 import os
+import random
 
 import pytest
 import torch
 
+from nanovllm import LLM, SamplingParams
 from nanovllm.attention.cascade import find_cascade_groups
 from nanovllm.kernels import HAS_TRITON
 
@@ -164,6 +166,7 @@ class SharedCase:
             found.max_prefix_len,
             kw.get("num_sms", 4),
             out,
+            prefix_block_m=kw.get("prefix_block_m", 64),
         ).cpu()
 
     def plain(self) -> torch.Tensor:
@@ -191,35 +194,42 @@ LAYOUTS = {
     "one_group": ([(2, [1, 5, 17, 40])], []),
     "several_groups_and_lone": ([(1, [3, 33]), (3, [1, 2, 20]), (2, [7])], [5, 50]),
     "prefix_of_one_block": ([(1, [1, 1, 9])], [1]),
-    "big_group": ([(2, [1 + (7 * i) % 37 for i in range(40)])], [3]),
+    "big_group": ([(2, [1 + (7 * i) % 37 for i in range(20)])], [3]),
 }
 HEADS = (
     [(16, 8, 128), (32, 8, 128), (8, 8, 64), (4, 1, 128)]
     if CUDA
     else [(2, 2, 32), (4, 2, 16), (4, 1, 16), (3, 1, 24)]
 )
-# (layout, block size, heads): every layout and GQA ratio at block size 16, the small layouts at
-# 256 (the interpreter's time grows with the block size)
-KERNEL_CASES = [(name, 16, heads) for name in LAYOUTS for heads in HEADS[:3]] + [
-    (name, 256, HEADS[i]) for i, name in enumerate(["one_group", "several_groups_and_lone"])
+# (layout, block size, heads, query rows per prefix tile): every layout and GQA ratio at block
+# size 16, tiles of 16 rows (several tiles per group) and of 64, a few cases at block size 256
+KERNEL_CASES = [
+    ("one_group", 16, HEADS[0], 64),
+    ("one_group", 16, HEADS[2], 16),
+    ("several_groups_and_lone", 16, HEADS[1], 16),
+    ("several_groups_and_lone", 16, HEADS[3], 64),
+    ("prefix_of_one_block", 16, HEADS[2], 64),
+    ("big_group", 16, HEADS[1], 16),
+    ("big_group", 16, HEADS[3], 64),
+    ("one_group", 256, HEADS[1], 16),
+    ("several_groups_and_lone", 256, HEADS[0], 64),
 ]
 if CUDA:
-    KERNEL_CASES += [(name, 256, heads) for name in LAYOUTS for heads in HEADS]
-    KERNEL_CASES += [(name, 16, HEADS[3]) for name in LAYOUTS]
-else:
-    KERNEL_CASES += [("several_groups_and_lone", 16, HEADS[3])]
+    KERNEL_CASES += [
+        (name, size, heads, 64) for name in LAYOUTS for heads in HEADS for size in (16, 256)
+    ]
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("layout", "block_size", "heads"), KERNEL_CASES)
+@pytest.mark.parametrize(("layout", "block_size", "heads", "block_m"), KERNEL_CASES)
 def test_cascade_matches_plain_decode(
-    layout: str, block_size: int, heads: tuple[int, int, int], dtype: torch.dtype
+    layout: str, block_size: int, heads: tuple[int, int, int], block_m: int, dtype: torch.dtype
 ) -> None:
     groups, lone = LAYOUTS[layout]
     case = SharedCase(groups, lone, heads, block_size, dtype, seed=block_size + heads[0])
     ref = case.reference()
-    out = case.cascade()
+    out = case.cascade(prefix_block_m=block_m)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(out, case.plain()) < TOL[dtype]
@@ -246,3 +256,115 @@ def test_cascade_fp8_cache() -> None:
     ref = case.reference()
     case.k_cache, case.v_cache = case.k_cache.to(fp8), case.v_cache.to(fp8)
     assert rel_err(case.cascade(), ref) < TOL[torch.float32]
+
+
+# -- whole engine ------------------------------------------------------------------------------
+
+
+def shared_prefix_workload(
+    small: bool = False, seed: int = 0
+) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Prompts that share a 100-token prefix (ragged own suffixes), two that share another
+    prefix, and lone ones; output lengths differ, so sequences leave their groups at different
+    steps. small: fewer and shorter (for the interpreter)."""
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, 500) for _ in range(n)]
+
+    shared, other = tokens(100), tokens(40)
+    own = (1, 17, 40) if small else (1, 4, 15, 16, 17, 40, 90)
+    prompts = [shared + tokens(n) for n in own]
+    prompts += [other + tokens(n) for n in (3, 30)] + [tokens(n) for n in (5, 70)][: 1 + small]
+    params = [
+        SamplingParams(
+            temperature=0, max_tokens=2 + (5 * i) % (7 if small else 13), ignore_eos=True
+        )
+        for i in range(len(prompts))
+    ]
+    return prompts, params
+
+
+def engine_tokens(llm: LLM, small: bool = False) -> list[list[int]]:
+    """Greedy tokens of the workload run twice (the second run hits the prefix cache from its
+    first step), then of a request with n=4 (its completions share the prompt's blocks)."""
+    prompts, params = shared_prefix_workload(small)
+    out = []
+    for _ in range(2):
+        out += [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    parallel = SamplingParams(temperature=0, max_tokens=4 if small else 6, n=4, ignore_eos=True)
+    out += [c.token_ids for c in llm.generate(prompts[1], parallel, use_tqdm=False)[0].outputs]
+    return out
+
+
+@pytest.fixture
+def count_cascade_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every group pays (threshold 1); returns a counter of cascade kernel calls."""
+    import nanovllm.kernels.cascade_attention as kernels
+
+    monkeypatch.setattr("nanovllm.attention.cascade.CASCADE_MIN_SHARED_TOKENS", 1)
+    calls = [0]
+    original = kernels.cascade_decode_attention
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "cascade_decode_attention", counting)
+    return calls
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("enforce_eager", [False, True])
+@pytest.mark.parametrize("num_kvcache_blocks", [400, 40])
+def test_engine_cascade_on_equals_off(
+    tiny_model_dir: str,
+    count_cascade_calls: list[int],
+    enforce_eager: bool,
+    num_kvcache_blocks: int,
+) -> None:
+    """float32 greedy tokens with the cascade path on and off are identical, with CUDA graphs
+    and eagerly; 40 blocks of 16 tokens force preemption and recompute."""
+    common = dict(
+        device="cuda",
+        dtype="float32",
+        kvcache_block_size=16,
+        num_kvcache_blocks=num_kvcache_blocks,
+        enforce_eager=enforce_eager,
+        max_num_batched_tokens=256,
+    )
+    with LLM(tiny_model_dir, disable_cascade_attn=True, **common) as llm:
+        off = engine_tokens(llm)
+    assert count_cascade_calls[0] == 0
+    with LLM(tiny_model_dir, **common) as llm:
+        on = engine_tokens(llm)
+        if not enforce_eager:
+            assert any(cascade for _, cascade in llm.engine.runner.graphs.graphs)
+    assert count_cascade_calls[0] > 0
+    assert on == off
+
+
+@pytest.mark.slow
+@needs_triton
+def test_engine_cascade_under_interpreter(
+    tiny_model_dir: str, count_cascade_calls: list[int]
+) -> None:
+    """The same on a CPU: the engine's runner switched to the Triton backend with cascade (the
+    interpreter) against the torch backend's tokens."""
+    from nanovllm.attention.triton_backend import TritonAttentionBackend
+
+    def run(cascade: bool) -> list[list[int]]:
+        with LLM(tiny_model_dir, device=DEVICE, dtype="float32", kvcache_block_size=16) as llm:
+            runner = llm.engine.runner
+            if cascade:
+                runner.attn_backend = TritonAttentionBackend(DEVICE, 2)
+                for layer in runner.attention_layers:
+                    layer.backend = runner.attn_backend
+                runner.inputs.cascade = True
+            return engine_tokens(llm, small=True)
+
+    reference = run(False)
+    assert count_cascade_calls[0] == 0
+    assert run(True) == reference
+    assert count_cascade_calls[0] > 0

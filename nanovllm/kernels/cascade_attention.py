@@ -173,6 +173,7 @@ def cascade_decode_attention(
     num_sms: int,
     out: torch.Tensor | None = None,
     block_n: int = 64,
+    prefix_block_m: int = PREFIX_BLOCK_M,
 ) -> torch.Tensor:
     """Decode attention (one query per sequence) with shared prefixes attended once per group.
 
@@ -181,7 +182,8 @@ def cascade_decode_attention(
     prefix_lens: [num_seqs] shared keys of each sequence (0: in no group); members: sequence
     indices group after group; groups: [num_groups, 3] (member_begin, member_end, prefix_len),
     rows with member_begin == member_end are unused; num_splits: splits of each suffix;
-    max_prefix_len bounds the prefixes (it picks the prefix split count with num_sms).
+    max_prefix_len bounds the prefixes (it picks the prefix split count with num_sms);
+    prefix_block_m: query rows per prefix tile.
     Returns [num_seqs, num_heads, head_dim] in q's dtype, equal to decode_attention's.
     """
     group = check_shapes(q, k_cache, v_cache, "cascade_decode_attention")
@@ -192,7 +194,7 @@ def cascade_decode_attention(
     if num_seqs == 0:
         return out
     num_groups = groups.shape[0]
-    members_per_tile, block_m = prefix_tiling(group)
+    members_per_tile, block_m = prefix_tiling(group, prefix_block_m)
     # Every group may end in a partial tile: this bounds the tiles for any grouping.
     max_tiles = math.ceil(members.shape[0] / members_per_tile) + num_groups
     prefix_splits = choose_prefix_splits(max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n)
