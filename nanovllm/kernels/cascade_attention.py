@@ -17,7 +17,8 @@ The merge is exact: softmax over the union of disjoint key sets is the lse-weigh
 parts' softmax outputs, out = sum_j 2^(lse_j - M) o_j / sum_j 2^(lse_j - M) with M = max_j lse_j,
 since 2^lse_j is part j's softmax denominator. A part with no keys has lse = -inf and weight 0.
 The combine kernel of decode_attention.py does it, reading the prefix parts only for sequences
-with a shared prefix.
+with a shared prefix; with one suffix split, the paged kernel writes the output of sequences in
+no group itself (they need no merge).
 
 Prefix tiling. One program per (tile, K/V head, prefix split). A tile holds MEMBERS consecutive
 members of one group (MEMBERS * GROUP <= BLOCK_M rows: row r is member r // GROUP, query head
@@ -209,8 +210,8 @@ def cascade_decode_attention(
         prefix_lens,
         scale,
         num_splits,
+        out,
         (part_out, part_lse),
-        parts,
         block_n,
     )
     _prefix_kernel[(max_tiles, num_kv_heads, prefix_splits)](

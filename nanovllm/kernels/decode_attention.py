@@ -22,6 +22,10 @@ sum_j 2^(lse_j - M), M = max_j lse_j. A split with no keys writes lse = -inf and
 The ranges are computed from each sequence's length inside the kernel, so a fixed num_splits
 works for any lengths (CUDA graphs capture it once per batch size). A sequence of length 0 (a
 padded row of a graph batch) produces zeros.
+
+Cascade (kernels/cascade_attention.py) runs the same kernel from a per-sequence first key
+(`starts`, the end of its group's shared prefix) and leaves partials for the shared prefix's
+to join in the combine kernel.
 """
 
 import math
@@ -112,15 +116,32 @@ def _decode_kernel(
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     store_mask = g_mask[:, None] & d_mask[None, :]
+    o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
     if PARTS == 0:
-        o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         # partials: out [num_seqs, num_heads, PARTS, D_PAD], lse [num_seqs, num_heads, PARTS]
+        part_rows = g_mask
+        if HAS_STARTS:
+            if NUM_SPLITS == 1:
+                # A cascade step's sequence without a shared prefix has its whole result here.
+                # [G_PAD] (masks built from vectors: the interpreter rejects scalar operands)
+                firsts = tl.zeros([G_PAD], dtype=tl.int32) + first
+                solo = g_mask & (firsts == 0)
+                tl.store(
+                    o_ptrs,
+                    out.to(out_ptr.dtype.element_ty),
+                    mask=solo[:, None] & d_mask[None, :],
+                )
+                part_rows = g_mask & (firsts > 0)
         row = (seq * num_heads + heads) * PARTS + split
-        tl.store(part_out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=store_mask)
+        tl.store(
+            part_out_ptr + row[:, None] * D_PAD + offs_d[None, :],
+            out,
+            mask=part_rows[:, None] & d_mask[None, :],
+        )
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        tl.store(part_lse_ptr + row, lse, mask=part_rows)
 
 
 @triton.jit
@@ -138,15 +159,22 @@ def _combine_kernel(
     S_PAD: tl.constexpr,
 ):
     # Partials 0..NUM_SPLITS-1 are the paged kernel's; a cascade adds PARTS - NUM_SPLITS more
-    # (the shared prefix's), written only for sequences with a shared prefix (starts > 0).
+    # (the shared prefix's), written only for sequences with a shared prefix (starts > 0). With
+    # one paged split, the paged kernel wrote the output of the other sequences itself.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D_PAD)
     num_parts = NUM_SPLITS
+    write = offs_d < HEAD_DIM
     if PARTS > NUM_SPLITS:
-        num_parts = tl.where(tl.load(starts_ptr + seq) > 0, PARTS, NUM_SPLITS)
+        start = tl.load(starts_ptr + seq)
+        num_parts = tl.where(start > 0, PARTS, NUM_SPLITS)
+        if NUM_SPLITS == 1:
+            num_parts = tl.where(start > 0, PARTS, 0)
+            # [D_PAD] (from a vector: the interpreter rejects scalar mask operands)
+            write = write & ((tl.zeros([D_PAD], dtype=start.dtype) + start) > 0)
     s_mask = offs_s < num_parts
     base = (seq * num_heads + head) * PARTS
     # [S_PAD]
@@ -164,7 +192,7 @@ def _combine_kernel(
     tl.store(
         out_ptr + seq * stride_os + head * stride_oh + offs_d,
         out.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
+        mask=write,
     )
 
 
@@ -205,8 +233,8 @@ def decode_attention(
         out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
-    # [num_seqs, num_heads, head_dim], or the partials of each split
-    target = out if num_splits == 1 else partials(q, num_splits)
+    # the partial results of each split, when there are several
+    partial = partials(q, num_splits) if num_splits > 1 else None
     launch_decode(
         q,
         k_cache,
@@ -216,14 +244,14 @@ def decode_attention(
         None,
         scale,
         num_splits,
-        target,
-        None,
+        out,
+        partial,
         block_n,
         num_warps,
         num_stages,
     )
-    if num_splits > 1:
-        combine(*target, None, out, num_splits)
+    if partial is not None:
+        combine(*partial, None, out, num_splits)
     return out
 
 
@@ -258,25 +286,25 @@ def launch_decode(
     starts: torch.Tensor | None,
     scale: float,
     num_splits: int,
-    out: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-    parts: int | None = None,
+    out: torch.Tensor,
+    partial: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> None:
     """Run the paged decode kernel over keys starts[i]..seq_lens[i]-1 of each sequence (all of
-    them without starts). `out` is the output tensor (one split, no starts) or the partial
-    buffers (see `partials`), of which the kernel fills slots 0..num_splits-1 of `parts`."""
+    them without starts). Without `partial` (one split, no starts) it writes `out`; else it
+    fills slots 0..num_splits-1 of the partial buffers (see `partials`), except that with
+    starts and one split a sequence whose start is 0 gets its output written to `out`."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    if isinstance(out, tuple):
-        part_out, part_lse = out
-        out = q  # not written
-        parts = parts or num_splits
-    else:
-        part_out = part_lse = out  # unused placeholders: the kernel stores the output itself
+    if partial is None:
+        part_out = part_lse = out  # unused placeholders
         parts = 0
+    else:
+        part_out, part_lse = partial
+        parts = part_out.shape[2]
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
