@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 # Shared tokens x group size from which the cascade path is taken (see BENCHMARKS.md).
-CASCADE_MIN_SHARED_TOKENS = 8192
+CASCADE_MIN_SHARED_TOKENS = 4096
 # The most groups one step cascades (fixed-size metadata under CUDA graphs).
 MAX_CASCADE_GROUPS = 8
 
