@@ -333,6 +333,8 @@ def test_engine_cascade_on_equals_off(
         num_kvcache_blocks=num_kvcache_blocks,
         enforce_eager=enforce_eager,
         max_num_batched_tokens=256,
+        max_num_seqs=32,
+        max_model_len=512,
     )
     with LLM(tiny_model_dir, disable_cascade_attn=True, **common) as llm:
         off = engine_tokens(llm)
