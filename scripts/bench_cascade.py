@@ -4,6 +4,7 @@ and whole runs with the cascade path on and off (CUDA only).
     python3 scripts/bench_cascade.py kernel       # 512 x (2000 shared + 48..176 own), Qwen3-0.6B heads
     python3 scripts/bench_cascade.py sweep        # group size x shared blocks: plain vs cascade
     python3 scripts/bench_cascade.py e2e          # 512 x (2000 shared + 48) -> 128, on and off
+    python3 scripts/bench_cascade.py e2e --block-size 64   # finer sharing: 1984 of 2000 shared
     python3 scripts/bench_cascade.py parallel     # 64 prompts x n=8 -> 128, on and off
     python3 scripts/bench_cascade.py standard     # bench.py's workload, on and off
 
@@ -163,7 +164,7 @@ def sweep(args: argparse.Namespace) -> None:
             )
 
 
-def dummy_llm(max_num_seqs: int) -> "object":
+def dummy_llm(max_num_seqs: int, block_size: int = 0) -> "object":
     from nanovllm import LLM
     from nanovllm.utils.dummy import write_model_folder
 
@@ -171,6 +172,7 @@ def dummy_llm(max_num_seqs: int) -> "object":
     path = write_model_folder(folder, "qwen3-0.6b", tokenizer=False)
     return LLM(
         path, load_format="dummy", max_num_seqs=max_num_seqs, skip_tokenizer_init=True,
+        kvcache_block_size=block_size,
     )  # fmt: skip
 
 
@@ -219,7 +221,7 @@ def compare(llm: "object", make: "object", params: "object", label: str) -> None
 def e2e(args: argparse.Namespace) -> None:
     from nanovllm import SamplingParams
 
-    llm = dummy_llm(512)
+    llm = dummy_llm(512, args.block_size)
     bw = copy_bandwidth()
 
     def make(seed: int) -> list[list[int]]:
@@ -279,6 +281,7 @@ def main() -> None:
     )
     parser.add_argument("what", choices=["kernel", "sweep", "e2e", "parallel", "standard"])
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
+    parser.add_argument("--block-size", type=int, default=0, help="e2e: KV block size (0: 256)")
     args = parser.parse_args()
     globals()[args.what](args)
 

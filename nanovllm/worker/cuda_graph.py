@@ -15,8 +15,8 @@ cascade.py); a step with a group replays a second graph of its batch size, captu
 cascade path the first time one is needed, its metadata in the same static buffer: each
 sequence's prefix length, the members group after group, and MAX_CASCADE_GROUPS rows of groups
 (unused rows empty). A step without a group replays the plain graph, unchanged. Capturing in the
-middle of a run computes the step's K/V twice more before the replay: the same values into the
-same slots, so nothing changes.
+middle of a run computes the step once more before the replay (the warm-up forward): the same
+K/V into the same slots, so nothing changes.
 """
 
 import logging
