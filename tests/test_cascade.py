@@ -348,7 +348,7 @@ def test_engine_cascade_on_equals_off(
 
 
 @pytest.mark.slow
-@needs_triton
+@pytest.mark.skipif(not INTERPRET or CUDA, reason="the interpreter on a CPU (CUDA: see above)")
 def test_engine_cascade_under_interpreter(
     tiny_model_dir: str, count_cascade_calls: list[int]
 ) -> None:
