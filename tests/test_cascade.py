@@ -79,6 +79,55 @@ def test_threshold_and_group_limit() -> None:
     assert find_cascade_groups([], [], 4, min_shared_tokens=1) is None
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_grouping_invariants_on_random_tries(seed: int) -> None:
+    """Random block tables that branch like a trie: every group's members share their first
+    prefix_len // block_size blocks, keep their newest token out of the prefix, belong to one
+    group, and the grouping saves at least what one group per first block would."""
+    rng = random.Random(seed)
+    block_size, next_block = 16, iter(range(10**6))
+    roots = [[next(next_block) for _ in range(6)] for _ in range(3)]
+    # [root][branch]: blocks that continue a whole root, shared by some of its sequences
+    branches = [[[next(next_block) for _ in range(4)] for _ in range(2)] for _ in roots]
+    tables, lens = [], []
+    for _ in range(40):
+        r = rng.randrange(3)
+        table = roots[r][: rng.randint(1, 6)]
+        if len(table) == 6 and rng.random() < 0.7:
+            table = table + rng.choice(branches[r])[: rng.randint(1, 4)]
+        table += [next(next_block) for _ in range(rng.randint(0, 3))]
+        tables.append(table)
+        lens.append(rng.randint((len(table) - 1) * block_size + 1, len(table) * block_size))
+    found = find_cascade_groups(tables, lens, block_size, min_shared_tokens=1, max_groups=100)
+    assert found is not None
+    seen = set()
+    saved = 0
+    for begin, end, prefix in found.groups.tolist():
+        members = found.members[begin:end].tolist()
+        assert len(members) >= 2 and prefix % block_size == 0 and prefix > 0
+        blocks = prefix // block_size
+        for i in members:
+            assert tables[i][:blocks] == tables[members[0]][:blocks]
+            assert prefix < lens[i] and found.prefix_lens[i] == prefix
+            assert i not in seen
+            seen.add(i)
+        saved += (len(members) - 1) * blocks
+    assert all(found.prefix_lens[i] == 0 for i in range(len(tables)) if i not in seen)
+    # the naive grouping: sequences by first block, their longest common usable prefix
+    naive = 0
+    by_first: dict[int, list[int]] = {}
+    for i, t in enumerate(tables):
+        if (lens[i] - 1) // block_size > 0:
+            by_first.setdefault(t[0], []).append(i)
+    for members in by_first.values():
+        if len(members) > 1:
+            common = min((lens[i] - 1) // block_size for i in members)
+            while any(tables[i][:common] != tables[members[0]][:common] for i in members):
+                common -= 1
+            naive += (len(members) - 1) * common
+    assert saved >= naive
+
+
 # -- kernels ----------------------------------------------------------------------------------
 
 
