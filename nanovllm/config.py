@@ -52,6 +52,9 @@ class Config:
     dtype: str | torch.dtype = "auto"
     load_format: str = "auto"
     enable_prefix_caching: bool = True
+    # True: decode never takes the cascade path (shared prefixes read once per group; CUDA,
+    # Triton backend), as vLLM's disable_cascade_attn.
+    disable_cascade_attn: bool = False
     attention_backend: str = "auto"
     # "auto": the model dtype; "fp8" (or "fp8_e4m3"): K/V stored as float8 e4m3 with a scale
     # of 1, as vLLM's kv_cache_dtype without calibrated scales (CUDA, Triton backend).

@@ -89,7 +89,9 @@ class ModelRunner:
         self.sampling = SamplingState(
             config.max_num_seqs, hf.vocab_size, config.eos_token_ids, self.device
         )
-        self.inputs = InputBuilder(self.device, self.block_size)
+        # Cascade attention (shared prefixes read once per group) where the backend has it.
+        cascade = self.attn_backend.supports_cascade and not config.disable_cascade_attn
+        self.inputs = InputBuilder(self.device, self.block_size, cascade)
         self.startup_seconds = {"load": time.perf_counter() - start}
         self.graphs: CUDAGraphRunner | None = None
         start = time.perf_counter()
@@ -120,6 +122,7 @@ class ModelRunner:
                 min(config.max_num_seqs, 512),
                 config.max_model_len,
                 self.block_size,
+                cascade,
             )
             self.graphs.capture()
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
