@@ -2,13 +2,16 @@
 
 Checkpoint names map to parameters one to one, except packed projections (the model's
 `packed_modules_mapping`: q/k/v_proj -> qkv_proj with shard "q"/"k"/"v", gate/up_proj ->
-gate_up_proj with shard 0/1). Each parameter's `weight_loader` copies this rank's slice out of a
+gate_up_proj with shard 0/1; a mixture of experts' `expert_modules_mapping`:
+experts.{e}.gate/up/down_proj -> the stacked experts.w13_weight / w2_weight with shard
+(e, "gate"/"up"/"down")). Each parameter's `weight_loader` copies this rank's slice out of a
 lazily opened safetensors slice, so a tensor-parallel rank reads only what it keeps.
 Missing, unexpected and mis-shaped tensors are refused with the tensor's name.
 """
 
 import glob
 import os
+import re
 from typing import Any
 
 import torch
@@ -19,14 +22,24 @@ from nanovllm.layers.linear import copy_checked, read_slice
 
 # Checkpoint tensors that carry no weights of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# One expert's matrix in a checkpoint: (prefix).experts.(expert).(projection).weight
+_EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
 def _default_weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
     copy_checked(param, read_slice(loaded))
 
 
-def _map_name(name: str, mapping: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
+def _map_name(
+    name: str,
+    mapping: dict[str, tuple[str, Any]],
+    experts: dict[str, tuple[str, str]] | None = None,
+) -> tuple[str, Any]:
     """Checkpoint name -> (parameter name, shard id or None)."""
+    match = _EXPERT_NAME.match(name) if experts else None
+    if match and match.group(3) in experts:
+        param, kind = experts[match.group(3)]
+        return f"{match.group(1)}.{param}", (int(match.group(2)), kind)
     for ckpt_part, (param_part, shard_id) in mapping.items():
         if f".{ckpt_part}." in name:
             return name.replace(f".{ckpt_part}.", f".{param_part}."), shard_id
@@ -39,10 +52,17 @@ def _expected_shards(model: nn.Module) -> set[tuple[str, Any]]:
     shards_of: dict[str, list[Any]] = {}
     for param_part, shard_id in mapping.values():
         shards_of.setdefault(param_part, []).append(shard_id)
+    kinds_of: dict[str, list[str]] = {}
+    for param_part, kind in getattr(model, "expert_modules_mapping", {}).values():
+        kinds_of.setdefault(param_part, []).append(kind)
     expected = set()
-    for name, _ in model.named_parameters():
+    for name, param in model.named_parameters():
         packed = [p for p in shards_of if f".{p}." in name]
-        if packed:
+        stacked = [p for p in kinds_of if name.endswith(f".experts.{p}")]
+        if stacked:  # every expert's every matrix (dimension 0 is the expert)
+            kinds = kinds_of[stacked[0]]
+            expected.update((name, (e, k)) for e in range(param.shape[0]) for k in kinds)
+        elif packed:
             expected.update((name, s) for s in shards_of[packed[0]])
         else:
             expected.add((name, None))
@@ -57,6 +77,7 @@ def load_safetensors(model: nn.Module, path: str) -> None:
             f"no *.safetensors files in {path!r} (use load_format='dummy' for random weights)"
         )
     mapping = getattr(model, "packed_modules_mapping", {})
+    experts = getattr(model, "expert_modules_mapping", None)
     params = dict(model.named_parameters())
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[tuple[str, Any]] = set()
@@ -66,7 +87,7 @@ def load_safetensors(model: nn.Module, path: str) -> None:
             for name in f.keys():
                 if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
-                param_name, shard_id = _map_name(name, mapping)
+                param_name, shard_id = _map_name(name, mapping, experts)
                 param = params.get(param_name)
                 if param is None:
                     unexpected.append(name)

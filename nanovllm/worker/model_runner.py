@@ -24,7 +24,7 @@ from nanovllm.kernels import cpu
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.logprobs import logprob_entries
 from nanovllm.layers.sampler import Sampler, SamplingBatch, sample_plain
-from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.registry import build_model
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.context import set_context
 from nanovllm.utils.loader import load_model
@@ -65,7 +65,7 @@ class ModelRunner:
         torch.set_default_dtype(config.dtype)
         try:
             with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(hf)
+                self.model = build_model(hf)
         finally:
             torch.set_default_dtype(default_dtype)
         self.model.eval()
