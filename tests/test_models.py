@@ -6,6 +6,7 @@ mapping."""
 import json
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -130,16 +131,30 @@ def write_arch_checkpoint(path: str, name: str, seed: int = 0) -> str:
     return path
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
-def arch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One architecture: its checkpoint folder and transformers' greedy tokens for PROMPTS."""
-    name = request.param
-    path = write_arch_checkpoint(str(tmp_path_factory.mktemp(name.replace("-", "_"))), name)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    if name == "llama":
-        assert hf.config.rope_parameters["rope_type"] == "llama3"  # legacy keys understood
-    expected = {tuple(p): hf_greedy(hf, p, MAX_TOKENS) for p in PROMPTS + PREEMPT_PROMPTS}
-    return dict(name=name, path=path, expected=expected)
+@pytest.fixture(scope="session")
+def arch_cache(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+    """name -> its checkpoint folder and transformers' greedy tokens (built once per session)."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            folder = str(tmp_path_factory.mktemp(name.replace("-", "_")))
+            path = write_arch_checkpoint(folder, name)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            if name == "llama":  # the legacy keys are understood
+                assert hf.config.rope_parameters["rope_type"] == "llama3"
+            prompts = PROMPTS + PREEMPT_PROMPTS
+            expected = {tuple(p): hf_greedy(hf, p, MAX_TOKENS) for p in prompts}
+            cache[name] = dict(name=name, path=path, expected=expected)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request: pytest.FixtureRequest, arch_cache: Callable[[str], dict]) -> dict:
+    """Each architecture in turn (see arch_cache)."""
+    return arch_cache(request.param)
 
 
 def random_prompts(lengths: list[int], seed: int) -> list[list[int]]:
@@ -163,9 +178,10 @@ def expected_of(arch: dict, prompts: list[list[int]]) -> list[list[int]]:
 
 def test_greedy_and_prefix_hits_match_transformers(arch: dict) -> None:
     with LLM(arch["path"], kvcache_block_size=16, device="cpu") as llm:
-        assert type(llm.engine.runner.model).__name__ == json.load(
-            open(os.path.join(arch["path"], "config.json"))
-        )["architectures"][0]
+        assert (
+            type(llm.engine.runner.model).__name__
+            == json.load(open(os.path.join(arch["path"], "config.json")))["architectures"][0]
+        )
         first = greedy(llm, PROMPTS)
         again = greedy(llm, PROMPTS)  # every full prompt block now hits the prefix cache
         assert llm.engine.block_manager.num_hit_tokens >= 2 * 32
@@ -189,8 +205,21 @@ def test_chunked_prefill_and_preemption_match_transformers(arch: dict) -> None:
     assert outs == expected_of(arch, PREEMPT_PROMPTS)
 
 
+# Two worker processes per case take a while: the MoE (experts sharded) and Qwen2 (biases
+# sharded by head) run by default, the others with the slow tests.
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores")
-def test_tp2_matches_transformers(arch: dict) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "qwen3_moe",
+        "qwen2",
+        pytest.param("qwen3_moe-step2", marks=pytest.mark.slow),
+        pytest.param("llama", marks=pytest.mark.slow),
+        pytest.param("llama-bias", marks=pytest.mark.slow),
+    ],
+)
+def test_tp2_matches_transformers(name: str, arch_cache: Callable[[str], dict]) -> None:
+    arch = arch_cache(name)
     with LLM(
         arch["path"],
         kvcache_block_size=16,
@@ -241,3 +270,37 @@ def test_dummy_shapes_build(shape: str, tmp_path: Any) -> None:
     billions = sum(p.numel() for p in model.parameters()) / 1e9
     expected = {"qwen3-30b-a3b": 30.5, "llama-3.1-8b": 8.0, "qwen2.5-7b": 7.6}[shape]
     assert abs(billions - expected) < 0.1, billions
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_expert_shards_reassemble(
+    tp: int, arch_cache: Callable[[str], dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank's slice of every expert's intermediate dimension, joined, is the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from nanovllm.layers import embed_head, fused_moe, linear
+    from nanovllm.utils.loader import load_model
+
+    path = arch_cache("qwen3_moe")["path"]
+    full = load_file(os.path.join(path, "model.safetensors"))
+    config = AutoConfig.from_pretrained(path)
+    shards = []
+    for rank in range(tp):
+        for module in (linear, embed_head, fused_moe):
+            monkeypatch.setattr(module, "tp_rank", lambda rank=rank: rank)
+            monkeypatch.setattr(module, "tp_size", lambda: tp)
+        model = model_class(config.architectures)(config)
+        load_model(model, path)
+        shards.append(dict(model.named_parameters()))
+    inter = 32 // tp
+    pre = "model.layers.2.mlp."
+    for e in range(8):
+        w13 = [s[pre + "experts.w13_weight"][e] for s in shards]
+        for kind, rows in (("gate", slice(0, inter)), ("up", slice(inter, 2 * inter))):
+            joined = torch.cat([w[rows] for w in w13])
+            assert torch.equal(joined, full[f"{pre}experts.{e}.{kind}_proj.weight"])
+        joined = torch.cat([s[pre + "experts.w2_weight"][e] for s in shards], dim=1)
+        assert torch.equal(joined, full[f"{pre}experts.{e}.down_proj.weight"])
+    for s in shards:  # the router is replicated
+        assert torch.equal(s[pre + "gate.weight"], full[pre + "gate.weight"])

@@ -44,11 +44,17 @@ def random_moe(
     w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5
     ids = skewed_ids(num_tokens, num_experts, top_k, seed)
     weights = torch.rand(num_tokens, top_k, generator=g)
-    return tuple(t.to(device) for t in (x.to(dtype), w13.to(dtype), w2.to(dtype), weights.to(dtype), ids))
+    return tuple(
+        t.to(device) for t in (x.to(dtype), w13.to(dtype), w2.to(dtype), weights.to(dtype), ids)
+    )
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 4, 2, 16), (37, 8, 2, 16), (90, 6, 3, 32)])
-def test_align_pairs_invariants(num_tokens: int, num_experts: int, top_k: int, block_m: int) -> None:
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,block_m", [(1, 4, 2, 16), (37, 8, 2, 16), (90, 6, 3, 32)]
+)
+def test_align_pairs_invariants(
+    num_tokens: int, num_experts: int, top_k: int, block_m: int
+) -> None:
     ids = skewed_ids(num_tokens, num_experts, top_k, seed=num_tokens)
     sorted_pairs, block_experts = align_pairs(ids, num_experts, block_m)
     num_pairs = num_tokens * top_k

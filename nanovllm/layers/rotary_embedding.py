@@ -66,7 +66,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Te
     """Llama 3.1's scaling: wavelengths longer than the original context / low_freq_factor are
     divided by factor, shorter than context / high_freq_factor are kept, and the band in
     between blends the two linearly in context / wavelength."""
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+    for key in (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ):
         if params.get(key) is None:
             raise ValueError(f"rope type 'llama3' needs {key!r} in the rope parameters")
     factor = float(params["factor"])
