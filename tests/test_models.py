@@ -304,3 +304,23 @@ def test_expert_shards_reassemble(
         assert torch.equal(joined, full[f"{pre}experts.{e}.down_proj.weight"])
     for s in shards:  # the router is replicated
         assert torch.equal(s[pre + "gate.weight"], full[pre + "gate.weight"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_cuda_float32_matches_transformers(name: str, arch_cache: Callable[[str], dict]) -> None:
+    """The CUDA path (Triton MoE, attention and fused kernels, CUDA graphs in decode) in
+    float32 gives transformers' greedy tokens, with and without chunked prefill."""
+    arch = arch_cache(name)
+    for budget in (16384, 24):
+        with LLM(
+            arch["path"],
+            device="cuda",
+            dtype="float32",
+            kvcache_block_size=16,
+            max_num_batched_tokens=budget,
+        ) as llm:
+            assert llm.engine.runner.graphs is not None
+            outs = greedy(llm, PROMPTS + PREEMPT_PROMPTS)
+        assert outs == expected_of(arch, PROMPTS + PREEMPT_PROMPTS), budget

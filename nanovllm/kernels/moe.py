@@ -80,6 +80,7 @@ def _grouped_gemm_kernel(
     A_ROW_DIV: tl.constexpr,
     GATED: tl.constexpr,
     WEIGHTED: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -115,9 +116,10 @@ def _grouped_gemm_kernel(
         # [BLOCK_K, BLOCK_N] the expert's weight tile, transposed (W is [N, K], K contiguous)
         w_mask = k_mask[:, None] & n_mask[None, :]
         w_tile = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        acc += tl.dot(a, tl.load(w_tile, mask=w_mask, other=0.0))
+        acc += tl.dot(a, tl.load(w_tile, mask=w_mask, other=0.0), input_precision=PRECISION)
         if GATED:
-            acc_up += tl.dot(a, tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0))
+            w_up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0)
+            acc_up += tl.dot(a, w_up, input_precision=PRECISION)
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if WEIGHTED:
@@ -168,6 +170,8 @@ def _launch(
         A_ROW_DIV=a_row_div,
         GATED=gated,
         WEIGHTED=pair_weights is not None,
+        # float32 products in full precision (tl.dot would round them to tf32)
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
