@@ -18,7 +18,7 @@ also measures it):
     bytes(step) = expert weights touched + dense weights + KV cache read and written
       expert weights touched = moe_layers * E * (1 - (1 - k/E)^B) * 3 * I * H * 2
           (B tokens each pick k of E experts; the expected number of distinct experts is
-          E (1 - (1 - k/E)^B): 5.9 of 128 at B = 1, 126 at B = 64, all 128 at B >= 128)
+          E (1 - (1 - k/E)^B): 8 of 128 at B = 1, 126 at B = 64, all 128 at B >= 128)
       dense weights = layers * (q/k/v/o projections + router) + LM head, each read once
       KV = (sum of the batch's context lengths + B) * layers * 2 * kv_heads * head_dim * 2
     floor = sum over decode steps of bytes(step) / BW;  share = floor / measured decode time
