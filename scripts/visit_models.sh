@@ -11,8 +11,8 @@ echo "=== info ($(date +%T))"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null || true
 echo "=== CUDA tests ($(date +%T))"
-timeout 100 python3 -m pytest -q -m cuda tests/test_moe_kernel.py tests/test_models.py 2>&1 \
+timeout 90 python3 -m pytest -q -m cuda tests/test_moe_kernel.py tests/test_models.py 2>&1 \
   | tee "$OUT/tests.log" | grep -vE "^\s*$" | tail -20
 echo "=== bench_moe ($(date +%T))"
-timeout 170 python3 scripts/bench_moe.py 2>&1 | grep -v Warning | tee "$OUT/bench_moe.log"
+timeout 140 python3 scripts/bench_moe.py 2>&1 | grep -v Warning | tee "$OUT/bench_moe.log"
 echo "=== done ($(date +%T))"
