@@ -146,7 +146,8 @@ def bench_engine(num_seqs: int) -> None:
     mean_batch = sum(b for b, _ in decode) / max(len(decode), 1)
     print(
         f"Workload: {num_seqs} requests, {work.num_prompt_tokens} prompt + "
-        f"{work.num_output_tokens} output tokens, qwen3-30b-a3b dummy, bf16"
+        f"{work.num_output_tokens} output tokens, qwen3-30b-a3b dummy, "
+        f"{str(llm.config.dtype).removeprefix('torch.')}"
     )
     print(
         f"Throughput: {work.num_output_tokens / elapsed:.1f} output tok/s "
