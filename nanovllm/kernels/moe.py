@@ -13,8 +13,9 @@ ceil(n / BLOCK_M) times (once in decode, where n is small).
     launch 2: y[p] = weight[p] * (h[p] @ W_down[e]^T)                     [num_pairs, hidden]
     then      out[t] = sum_j y[t * top_k + j]                              [num_tokens, hidden]
 
-Invariants of the alignment (`align_pairs`): sorted_pairs has a static length (num_pairs plus
-the most padding any routing can need), so the whole thing can be captured in a CUDA graph;
+Invariants of the alignment (`align_pairs`, two small kernels): sorted_pairs has a static length
+(num_pairs plus the most padding any routing can need), so the whole thing can be captured in a
+CUDA graph;
 padding entries hold num_pairs (masked out by the kernels); block_experts[b] is the expert of
 block b, or num_experts for blocks past the last expert's run (those programs return at once).
 Accumulation is in float32; the result is rounded once to the activation dtype.
@@ -25,39 +26,93 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _rank_pairs_kernel(ids_ptr, counts_ptr, ranks_ptr, num_pairs, BLOCK: tl.constexpr):
+    # Each pair takes the next free slot of its expert: counts[e] ends as the expert's load.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    expert = tl.load(ids_ptr + offs, mask=mask, other=0)
+    rank = tl.atomic_add(counts_ptr + expert, 1, mask=mask)
+    tl.store(ranks_ptr + offs, rank, mask=mask)
+
+
+@triton.jit
+def _place_pairs_kernel(
+    ids_ptr,
+    ranks_ptr,
+    counts_ptr,
+    sorted_pairs_ptr,
+    block_experts_ptr,
+    num_pairs,
+    num_blocks,
+    NUM_EXPERTS: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Every program recomputes the padded runs from the counts ([E_PAD], cheap), then places
+    # BLOCK pairs at run start + rank, and names the expert of BLOCK row blocks.
+    experts = tl.arange(0, E_PAD)
+    valid = experts < NUM_EXPERTS
+    counts = tl.load(counts_ptr + experts, mask=valid, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    expert = tl.load(ids_ptr + offs, mask=mask, other=0)
+    rank = tl.load(ranks_ptr + offs, mask=mask, other=0)
+    # [BLOCK, E_PAD] one-hot of each pair's expert selects its run's start
+    onehot = expert[:, None] == experts[None, :]
+    start = tl.sum(tl.where(onehot, padded_start[None, :], 0), axis=1)
+    tl.store(sorted_pairs_ptr + start + rank, offs, mask=mask)
+    # block b's expert: how many runs end at or before its first row (num_experts past the end)
+    first_rows = offs * BLOCK_M
+    ended = (padded_end[None, :] <= first_rows[:, None]) & valid[None, :]
+    tl.store(block_experts_ptr + offs, tl.sum(ended.to(tl.int32), axis=1), mask=offs < num_blocks)
+
+
 def align_pairs(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort (token, expert) pairs by expert, each expert's run padded to a multiple of block_m.
+    """Group (token, expert) pairs by expert, each expert's run padded to a multiple of block_m.
 
     topk_ids: [num_tokens, top_k] expert ids. Returns sorted_pairs [max_padded] int32 (pair
     indices, num_pairs where padding) and block_experts [max_padded / block_m] int32.
-    Only device ops of static shapes (no host sync), so it can run inside a CUDA graph.
+    Within a run pairs come in any order (slots are taken with atomics): a row's result does
+    not depend on the other rows of its block. Four launches of static shapes, no host sync,
+    so it can run inside a CUDA graph.
     """
     device = topk_ids.device
     # [num_pairs]
-    flat = topk_ids.flatten().to(torch.int64)
+    flat = topk_ids.flatten()
     num_pairs = flat.numel()
     # Each non-empty expert adds at most block_m - 1 padding rows.
     max_padded = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
     max_padded = -(-max_padded // block_m) * block_m
-    # [num_experts] pairs per expert, and each run's padded length, end and start
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)
-    padded_start = padded_end - padded
-    start = counts.cumsum(0) - counts
-    # [num_pairs] pair indices in expert order (stable: token order within an expert)
-    order = torch.argsort(flat, stable=True)
-    expert_of = flat[order]
-    rank = torch.arange(num_pairs, device=device) - start[expert_of]
-    dest = padded_start[expert_of] + rank
+    num_blocks = max_padded // block_m
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    ranks = torch.empty(num_pairs, dtype=torch.int32, device=device)
     sorted_pairs = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
-    sorted_pairs[dest] = order.to(torch.int32)
-    # [max_padded / block_m] the expert whose run covers each block's first row
-    block_starts = torch.arange(0, max_padded, block_m, device=device)
-    block_experts = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
+    block_experts = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    block = 128
+    _rank_pairs_kernel[(triton.cdiv(num_pairs, block),)](
+        flat, counts, ranks, num_pairs, BLOCK=block
+    )
+    _place_pairs_kernel[(triton.cdiv(max(num_pairs, num_blocks), block),)](
+        flat,
+        ranks,
+        counts,
+        sorted_pairs,
+        block_experts,
+        num_pairs,
+        num_blocks,
+        NUM_EXPERTS=num_experts,
+        E_PAD=triton.next_power_of_2(num_experts),
+        BLOCK_M=block_m,
+        BLOCK=block,
+        num_warps=4,
+    )
     return sorted_pairs, block_experts
 
 
