@@ -205,14 +205,14 @@ def test_chunked_prefill_and_preemption_match_transformers(arch: dict) -> None:
     assert outs == expected_of(arch, PREEMPT_PROMPTS)
 
 
-# Two worker processes per case take a while: the MoE (experts sharded) and Qwen2 (biases
-# sharded by head) run by default, the others with the slow tests.
+# Two worker processes per case take a while: the MoE (experts sharded) runs by default, the
+# others with the slow tests (test_qkv_bias_shards_reassemble checks Qwen2's bias shards).
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores")
 @pytest.mark.parametrize(
     "name",
     [
         "qwen3_moe",
-        "qwen2",
+        pytest.param("qwen2", marks=pytest.mark.slow),
         pytest.param("qwen3_moe-step2", marks=pytest.mark.slow),
         pytest.param("llama", marks=pytest.mark.slow),
         pytest.param("llama-bias", marks=pytest.mark.slow),
@@ -272,18 +272,13 @@ def test_dummy_shapes_build(shape: str, tmp_path: Any) -> None:
     assert abs(billions - expected) < 0.1, billions
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_expert_shards_reassemble(
-    tp: int, arch_cache: Callable[[str], dict], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each rank's slice of every expert's intermediate dimension, joined, is the checkpoint's."""
-    from safetensors.torch import load_file
-
+def load_shards(
+    path: str, tp: int, monkeypatch: pytest.MonkeyPatch
+) -> list[dict[str, torch.Tensor]]:
+    """Every rank's parameters out of tp ranks, loaded in this process (no workers)."""
     from nanovllm.layers import embed_head, fused_moe, linear
     from nanovllm.utils.loader import load_model
 
-    path = arch_cache("qwen3_moe")["path"]
-    full = load_file(os.path.join(path, "model.safetensors"))
     config = AutoConfig.from_pretrained(path)
     shards = []
     for rank in range(tp):
@@ -293,6 +288,37 @@ def test_expert_shards_reassemble(
         model = model_class(config.architectures)(config)
         load_model(model, path)
         shards.append(dict(model.named_parameters()))
+    return shards
+
+
+def test_qkv_bias_shards_reassemble(
+    arch_cache: Callable[[str], dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen2 at tp=2: each rank holds its heads' q, k and v biases; o_proj has none."""
+    from safetensors.torch import load_file
+
+    path = arch_cache("qwen2")["path"]
+    full = load_file(os.path.join(path, "model.safetensors"))
+    shards = load_shards(path, 2, monkeypatch)
+    pre = "model.layers.1.self_attn."
+    q, kv = 2 * 16, 16  # per rank: 2 of 4 query heads, 1 of 2 K/V heads, head_dim 16
+    for name, lo, hi in (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)):
+        joined = torch.cat([s[pre + "qkv_proj.bias"][lo:hi] for s in shards])
+        assert torch.equal(joined, full[f"{pre}{name}_proj.bias"])
+        assert full[f"{pre}{name}_proj.bias"].abs().sum() > 0  # the biases are not zeros
+    assert all(pre + "o_proj.bias" not in s for s in shards)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_expert_shards_reassemble(
+    tp: int, arch_cache: Callable[[str], dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank's slice of every expert's intermediate dimension, joined, is the checkpoint's."""
+    from safetensors.torch import load_file
+
+    path = arch_cache("qwen3_moe")["path"]
+    full = load_file(os.path.join(path, "model.safetensors"))
+    shards = load_shards(path, tp, monkeypatch)
     inter = 32 // tp
     pre = "model.layers.2.mlp."
     for e in range(8):
