@@ -1,9 +1,9 @@
 """Grouped mixture-of-experts MLP in Triton: every expert in one launch for gate/up and one for down.
 
 The idea: each token picks top_k experts, giving num_pairs = num_tokens * top_k (token, expert)
-pairs; pair p = t * top_k + j is token t's j-th choice. The pairs are sorted by expert and each
+pairs; pair p = t * top_k + j is token t's j-th choice. The pairs are grouped by expert and each
 expert's run is padded to a multiple of BLOCK_M (`align_pairs`), so every BLOCK_M rows of the
-sorted list belong to one expert. A program of the grouped GEMM then takes one such block and one
+grouped list belong to one expert. A program of the grouped GEMM then takes one such block and one
 tile of output columns: it gathers its rows' activations, multiplies them by that one expert's
 weight tile, and scatters the results back to the rows of their pairs. An expert with no tokens
 owns no block, so its weights are never read; an expert with n tokens reads each weight byte
@@ -15,10 +15,9 @@ ceil(n / BLOCK_M) times (once in decode, where n is small).
 
 Invariants of the alignment (`align_pairs`, two small kernels): sorted_pairs has a static length
 (num_pairs plus the most padding any routing can need), so the whole thing can be captured in a
-CUDA graph;
-padding entries hold num_pairs (masked out by the kernels); block_experts[b] is the expert of
-block b, or num_experts for blocks past the last expert's run (those programs return at once).
-Accumulation is in float32; the result is rounded once to the activation dtype.
+CUDA graph; padding entries hold num_pairs (masked out by the kernels); block_experts[b] is the
+expert of block b, or num_experts for blocks past the last expert's run (those programs return
+at once). Products accumulate in float32; h and y are stored in the activation dtype.
 """
 
 import torch
