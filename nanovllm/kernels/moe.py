@@ -195,7 +195,8 @@ def _block_sizes(num_pairs: int, num_experts: int, n: int, k: int) -> tuple[int,
     block_m = 16 if need <= 16 else 32 if need <= 32 else 64
     block_n = min(64 if block_m < 64 else 128, max(16, triton.next_power_of_2(n)))
     block_k = min(128 if block_m < 64 else 64, max(16, triton.next_power_of_2(k)))
-    return block_m, block_n, block_k, 4
+    # two [64, 128] float32 accumulators (gate and up) need 8 warps' registers
+    return block_m, block_n, block_k, 8 if block_m == 64 else 4
 
 
 def _launch(
