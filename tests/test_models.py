@@ -103,9 +103,12 @@ LLAMA3_LEGACY = dict(
 )
 
 
-def write_arch_checkpoint(path: str, name: str, seed: int = 0) -> str:
+def write_arch_checkpoint(
+    path: str, name: str, seed: int = 0, save_original_format: bool = True
+) -> str:
     """A tiny checkpoint of ARCHS[name] with random weights saved by transformers, a tokenizer,
-    and its config.json rewritten as Hub checkpoints often have it."""
+    and its config.json rewritten as Hub checkpoints often have it. save_original_format=False
+    keeps transformers 5's fused expert tensors (experts.gate_up_proj, experts.down_proj)."""
     keys, drop = ARCHS[name]
     write_model_folder(path, "tiny", **{**TINY, **keys})
     config = AutoConfig.from_pretrained(path)
@@ -119,7 +122,7 @@ def write_arch_checkpoint(path: str, name: str, seed: int = 0) -> str:
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.nn.Parameter):
                 bias.normal_(0.0, 0.08)
-    model.save_pretrained(path)
+    model.save_pretrained(path, save_original_format=save_original_format)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     for key in drop:
@@ -257,6 +260,18 @@ def test_missing_expert_is_named(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="1 tensor\\(s\\) missing") as e:
         LLM(path, kvcache_block_size=16, device="cpu")
     assert "model.layers.2.mlp.experts.w13_weight[(5, 'up')]" in str(e.value)
+
+
+def test_fused_expert_checkpoint_loads(tmp_path: Any, arch_cache: Callable[[str], dict]) -> None:
+    """A checkpoint in transformers 5's fused expert layout gives the same tokens."""
+    from safetensors import safe_open
+
+    path = write_arch_checkpoint(str(tmp_path / "fused"), "qwen3_moe", save_original_format=False)
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys()
+    with LLM(path, kvcache_block_size=16, device="cpu") as llm:
+        outs = greedy(llm, PROMPTS)
+    assert outs == expected_of(arch_cache("qwen3_moe"), PROMPTS)
 
 
 @pytest.mark.parametrize("shape", ["qwen3-30b-a3b", "llama-3.1-8b", "qwen2.5-7b"])

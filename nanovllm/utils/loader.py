@@ -4,7 +4,9 @@ Checkpoint names map to parameters one to one, except packed projections (the mo
 `packed_modules_mapping`: q/k/v_proj -> qkv_proj with shard "q"/"k"/"v", gate/up_proj ->
 gate_up_proj with shard 0/1; a mixture of experts' `expert_modules_mapping`:
 experts.{e}.gate/up/down_proj -> the stacked experts.w13_weight / w2_weight with shard
-(e, "gate"/"up"/"down")). Each parameter's `weight_loader` copies this rank's slice out of a
+(e, "gate"/"up"/"down"); checkpoints saved in transformers 5's fused layout, experts.gate_up_proj
+[E, 2 * inter, hidden] and experts.down_proj [E, hidden, inter], are read one expert at a time
+into the same shards). Each parameter's `weight_loader` copies this rank's slice out of a
 lazily opened safetensors slice, so a tensor-parallel rank reads only what it keeps.
 Missing, unexpected and mis-shaped tensors are refused with the tensor's name.
 """
@@ -24,6 +26,8 @@ from nanovllm.layers.linear import copy_checked, read_slice
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # One expert's matrix in a checkpoint: (prefix).experts.(expert).(projection).weight
 _EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+# Every expert of a layer in one tensor (transformers 5's own layout)
+_FUSED_EXPERTS_NAME = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 
 
 def _default_weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
@@ -44,6 +48,27 @@ def _map_name(
         if f".{ckpt_part}." in name:
             return name.replace(f".{ckpt_part}.", f".{param_part}."), shard_id
     return name, None
+
+
+def _checkpoint_tensors(f: Any, name: str, experts: dict | None) -> list[tuple[str, Any]]:
+    """(name, lazy tensor) pairs of one checkpoint tensor: itself, or for a fused experts
+    tensor one per-expert matrix each, under the per-expert name it would have on the Hub."""
+    match = _FUSED_EXPERTS_NAME.match(name) if experts else None
+    if match is None:
+        return [(name, f.get_slice(name))]
+    fused = f.get_slice(name)
+    prefix, num_experts = match.group(1), fused.get_shape()[0]
+    parts = []
+    for e in range(num_experts):
+        # [2 * inter, hidden] or [hidden, inter]
+        matrix = fused[e : e + 1][0]
+        if match.group(2) == "down_proj":
+            parts.append((f"{prefix}.{e}.down_proj.weight", matrix))
+        else:
+            inter = matrix.shape[0] // 2
+            parts.append((f"{prefix}.{e}.gate_proj.weight", matrix[:inter]))
+            parts.append((f"{prefix}.{e}.up_proj.weight", matrix[inter:]))
+    return parts
 
 
 def _expected_shards(model: nn.Module) -> set[tuple[str, Any]]:
@@ -84,20 +109,24 @@ def load_safetensors(model: nn.Module, path: str) -> None:
     unexpected: list[str] = []
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            for file_name in f.keys():
+                if file_name.endswith(_IGNORED_SUFFIXES) or (
+                    tied and file_name == "lm_head.weight"
+                ):
                     continue
-                param_name, shard_id = _map_name(name, mapping, experts)
-                param = params.get(param_name)
-                if param is None:
-                    unexpected.append(name)
-                    continue
-                loader = getattr(param, "weight_loader", _default_weight_loader)
-                try:
-                    loader(param, f.get_slice(name), shard_id)
-                except ValueError as e:
-                    raise ValueError(f"tensor {name!r} in {os.path.basename(file)}: {e}") from e
-                loaded.add((param_name, shard_id))
+                for name, tensor in _checkpoint_tensors(f, file_name, experts):
+                    param_name, shard_id = _map_name(name, mapping, experts)
+                    param = params.get(param_name)
+                    if param is None:
+                        unexpected.append(name)
+                        continue
+                    loader = getattr(param, "weight_loader", _default_weight_loader)
+                    try:
+                        loader(param, tensor, shard_id)
+                    except ValueError as e:
+                        where = os.path.basename(file)
+                        raise ValueError(f"tensor {name!r} in {where}: {e}") from e
+                    loaded.add((param_name, shard_id))
     if unexpected:
         raise ValueError(
             f"{len(unexpected)} unexpected tensor(s) in {path!r}: {sorted(unexpected)[:10]}"
