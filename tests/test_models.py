@@ -122,7 +122,8 @@ def write_arch_checkpoint(
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.nn.Parameter):
                 bias.normal_(0.0, 0.08)
-    model.save_pretrained(path, save_original_format=save_original_format)
+    # (the keyword only when needed: older transformers 5 releases lack it)
+    model.save_pretrained(path, **({} if save_original_format else {"save_original_format": False}))
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     for key in drop:
