@@ -110,7 +110,7 @@ def align_pairs(
         E_PAD=triton.next_power_of_2(num_experts),
         BLOCK_M=block_m,
         BLOCK=block,
-        num_warps=4,
+        num_warps=8,  # [BLOCK, E_PAD] one-hot tiles
     )
     return sorted_pairs, block_experts
 

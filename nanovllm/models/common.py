@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanovllm.kernels import fused_ops
+from nanovllm.kernels import fused_ops, use_kernels
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -92,9 +92,11 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
 
     def needs_torch_rope(self, x: torch.Tensor) -> bool:
-        """True when this layer rotates q/k on the torch path for activations like x (no fused
-        kernel: the fused one exists only together with the q/k norms)."""
-        return self.q_norm is None or fused_ops(x) is None
+        """True when this layer rotates q/k on the torch path for activations like x: no fused
+        kernel (with q/k norms: Triton on CUDA or C on a CPU in float32; without: Triton)."""
+        if self.q_norm is None:
+            return not use_kernels(x)
+        return fused_ops(x) is None
 
     def _qk_rope(self, qkv: torch.Tensor, positions: torch.Tensor, rope: Rope | None) -> Rope:
         """Torch path of the optional q/k norms and the rotation: q and k sit side by side in
@@ -132,6 +134,18 @@ class DecoderAttention(nn.Module):
                 self.num_kv_heads,
                 self.head_dim,
                 self.q_norm.eps,
+            )
+        elif self.q_norm is None and use_kernels(qkv):  # one Triton kernel for the rotation
+            from nanovllm.kernels.rope import rope as rope_kernel
+
+            q, k = rope_kernel(
+                qkv,
+                positions,
+                self.rotary_emb.cos,
+                self.rotary_emb.sin,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
             )
         else:
             q, k = self._qk_rope(qkv, positions, rope)
