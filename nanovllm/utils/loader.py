@@ -14,6 +14,7 @@ Missing, unexpected and mis-shaped tensors are refused with the tensor's name.
 import glob
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,25 +51,24 @@ def _map_name(
     return name, None
 
 
-def _checkpoint_tensors(f: Any, name: str, experts: dict | None) -> list[tuple[str, Any]]:
+def _checkpoint_tensors(f: Any, name: str, experts: dict | None) -> Iterator[tuple[str, Any]]:
     """(name, lazy tensor) pairs of one checkpoint tensor: itself, or for a fused experts
-    tensor one per-expert matrix each, under the per-expert name it would have on the Hub."""
+    tensor each expert's matrix in turn (read when reached), under its per-expert Hub name."""
     match = _FUSED_EXPERTS_NAME.match(name) if experts else None
     if match is None:
-        return [(name, f.get_slice(name))]
+        yield name, f.get_slice(name)
+        return
     fused = f.get_slice(name)
-    prefix, num_experts = match.group(1), fused.get_shape()[0]
-    parts = []
-    for e in range(num_experts):
+    prefix = match.group(1)
+    for e in range(fused.get_shape()[0]):
         # [2 * inter, hidden] or [hidden, inter]
         matrix = fused[e : e + 1][0]
         if match.group(2) == "down_proj":
-            parts.append((f"{prefix}.{e}.down_proj.weight", matrix))
+            yield f"{prefix}.{e}.down_proj.weight", matrix
         else:
             inter = matrix.shape[0] // 2
-            parts.append((f"{prefix}.{e}.gate_proj.weight", matrix[:inter]))
-            parts.append((f"{prefix}.{e}.up_proj.weight", matrix[inter:]))
-    return parts
+            yield f"{prefix}.{e}.gate_proj.weight", matrix[:inter]
+            yield f"{prefix}.{e}.up_proj.weight", matrix[inter:]
 
 
 def _expected_shards(model: nn.Module) -> set[tuple[str, Any]]:
