@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nanovllm.models.registry import resolve_architecture
+
 if TYPE_CHECKING:  # transformers loads when the first Config is made (import nanovllm stays light)
     from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -93,12 +94,7 @@ class Config:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
         with open(config_path) as f:
-            architectures = json.load(f).get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-            raise ValueError(
-                f"unsupported architecture {architectures} in {config_path}; "
-                f"supported: {list(SUPPORTED_ARCHITECTURES)}"
-            )
+            resolve_architecture(json.load(f).get("architectures"), config_path)
         if self.hf_config is None:
             from transformers import AutoConfig
 

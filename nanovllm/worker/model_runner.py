@@ -21,7 +21,7 @@ from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import cpu
 from nanovllm.layers.attention import Attention
-from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.registry import build_model
 from nanovllm.sample import SamplingState, gather_logprobs, sample
 from nanovllm.sample.state import to_device
 from nanovllm.utils.context import set_context
@@ -63,7 +63,7 @@ class ModelRunner:
         torch.set_default_dtype(config.dtype)
         try:
             with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(hf)
+                self.model = build_model(hf)
         finally:
             torch.set_default_dtype(default_dtype)
         self.model.eval()
