@@ -119,7 +119,8 @@ def parse_prompt(prompt: object) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, str):
         return prompt, None
     if isinstance(prompt, dict):
-        unknown = sorted(set(prompt) - _PROMPT_KEYS)
+        # vLLM's other keys (multi_modal_data, cache_salt, ...) are accepted only when None
+        unknown = sorted(k for k, v in prompt.items() if k not in _PROMPT_KEYS and v is not None)
         if unknown:
             raise ValueError(
                 f"prompt dict keys {unknown} are not supported; use 'prompt' or 'prompt_token_ids'"

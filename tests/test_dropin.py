@@ -176,11 +176,13 @@ def test_tokens_and_text_prompts(tiny_model_dir: str) -> None:
             TextPrompt(prompt=text),
             TokensPrompt(prompt_token_ids=ids),
             TokensPrompt(prompt_token_ids=ids, prompt=text),
-            text,
+            {"prompt": text, "multi_modal_data": None},  # vLLM's unused keys, left None
         ]
         outs = llm.generate(prompts, params, use_tqdm=False)
         streamed = sorted(llm.generate_iter(iter(prompts), params, use_tqdm=False), key=_index)
         (single,) = llm.generate(TokensPrompt(prompt_token_ids=ids), params, use_tqdm=False)
+        with pytest.raises(ValueError, match=r"prompt 0: prompt dict keys \['cache_salt'\]"):
+            llm.generate([{"prompt": text, "cache_salt": "x"}], params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]
     assert tokens == [tokens[0]] * 4 and len(tokens[0]) == 4
     assert [o.outputs[0].token_ids for o in streamed] == tokens
