@@ -8,11 +8,20 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from nanovllm.inputs import PromptType, TextPrompt, TokensPrompt
     from nanovllm.llm import LLM
     from nanovllm.outputs import CompletionOutput, RequestOutput
     from nanovllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "TextPrompt",
+    "TokensPrompt",
+    "PromptType",
+]
 __version__ = "0.1.0"
 
 _MODULES = {
@@ -20,6 +29,9 @@ _MODULES = {
     "SamplingParams": "nanovllm.sampling_params",
     "RequestOutput": "nanovllm.outputs",
     "CompletionOutput": "nanovllm.outputs",
+    "TextPrompt": "nanovllm.inputs",
+    "TokensPrompt": "nanovllm.inputs",
+    "PromptType": "nanovllm.inputs",
 }
 
 
