@@ -28,12 +28,14 @@ How run-batch on Ray keeps its guarantees:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 # Replicas run in the driver's own Python environment (the same install on every node). Ray's
@@ -164,7 +166,8 @@ class LLMPredictor:
                         f"row {i}: 'sampling_params' must be a dict of SamplingParams fields, "
                         f"got {row!r:.80}"
                     )
-                fields = {k: _plain(v) for k, v in row.items() if v is not None}
+                fields = {k: _plain(k, v) for k, v in row.items()}
+                fields = {k: v for k, v in fields.items() if v is not None}
                 try:
                     params.append(replace(base, **fields))
                 except TypeError as e:  # an unknown field
@@ -198,12 +201,27 @@ class LLMPredictor:
         return {**batch, **new}
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars and arrays (as Ray hands them over) as Python values."""
+# SamplingParams fields that hold an int: Arrow hands an int column with nulls to numpy as
+# floats (1.0, NaN), so those come back to int here.
+_INT_FIELDS = {
+    f.name
+    for f in dataclass_fields(SamplingParams)
+    if "int" in str(f.type) and "float" not in str(f.type) and "list" not in str(f.type)
+}
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A per-row override as Ray hands it over (numpy scalars and arrays, ints as floats) as the
+    Python value SamplingParams expects; None where it is missing (null or NaN)."""
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if name in _INT_FIELDS and value.is_integer():
+            return int(value)
     return value
 
 
