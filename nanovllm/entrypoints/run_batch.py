@@ -494,6 +494,7 @@ class BatchProgress:
         self.start = self._drawn = time.perf_counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._poll: Callable[[], Counters] | None = None
         if not enabled:
             return
         interactive = sys.stderr.isatty()
@@ -526,6 +527,8 @@ class BatchProgress:
             return
         if counters is not None:
             self.counters = counters
+        elif self._poll is not None:
+            self.counters = self._poll()
         self.done += done
         self.bar.set_postfix_str(self.postfix(), refresh=False)
         if done:
@@ -535,13 +538,16 @@ class BatchProgress:
             self._drawn = time.perf_counter()
 
     def watch(self, poll: Callable[[], Counters]) -> None:
-        """Poll `poll` from a background thread, every redraw interval, until close()."""
+        """Take counters from `poll` at every update, and from a background thread every redraw
+        interval until close() (the local engine loop returns only when a request finishes)."""
         if not self.enabled:
             return
 
+        self._poll = poll
+
         def loop() -> None:
             while not self._stop.wait(self.interval):
-                self.update(poll())
+                self.update()
 
         self._thread = threading.Thread(target=loop, name="run-batch-progress", daemon=True)
         self._thread.start()
@@ -552,6 +558,8 @@ class BatchProgress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._poll is not None:
+            self.counters = self._poll()
         self.bar.set_postfix_str(self.postfix(), refresh=False)
         self.bar.close()
 
