@@ -277,6 +277,7 @@ class BatchReplica:
         self._inbox: deque[tuple[int, str]] = deque()
         self._outbox: list[tuple[int, dict[str, Any]]] = []
         self._error: BaseException | None = None
+        self._closing = False
         self._ready = threading.Event()
         self._worker: BatchWorker | None = None
         # The engine lives in one thread from creation on (CUDA's current device is per thread).
@@ -299,7 +300,9 @@ class BatchReplica:
         try:
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: bool(self._inbox))
+                    self._cond.wait_for(lambda: bool(self._inbox) or self._closing)
+                    if self._closing:
+                        return
                 # Serve until the inbox runs dry; the engine finishes what it holds, then the
                 # next lines start a new pass (the driver keeps the inbox stocked meanwhile).
                 self._worker.serve(self._take(), self._emit)
@@ -322,6 +325,14 @@ class BatchReplica:
         with self._cond:
             self._outbox.append((line, obj))
             self._cond.notify_all()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop taking lines and shut the engine down (its worker processes too) once the lines
+        it holds are served; the driver calls it when all lines are answered."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
 
     def capacity(self) -> int:
         """The most lines the driver should leave with this replica at once."""
@@ -439,6 +450,8 @@ class _Driver:
                 slot.capacity = capacity
             sink.progress.begin()
             self._loop(sink)
+            # All answered: let the engines shut down their worker processes, then end them.
+            ray.wait([slot.actor.close.remote() for slot in self.slots], timeout=60.0)
         finally:
             for slot in self.slots:
                 ray.kill(slot.actor, no_restart=True)

@@ -164,6 +164,30 @@ def test_ray_data_two_replicas_equal_one_engine(
             )
 
 
+@pytest.mark.slow
+def test_ray_data_tensor_parallel_replica(
+    cluster: str, tiny_model_dir: str, predictor: Any
+) -> None:
+    """tensor_parallel_size=2 inside one replica (gloo on a CPU; Ray gives it 2 CPUs)."""
+    prompts = [[5 + i, 6, 7, 8 + i] for i in range(8)]
+    ds = ray.data.from_items([{"id": i, "prompt_token_ids": p} for i, p in enumerate(prompts)])
+    ds = ds.map_batches(
+        nray.LLMPredictor,
+        fn_constructor_kwargs={
+            "model": tiny_model_dir,
+            "sampling_params": {"temperature": 0, "max_tokens": 6},
+            "tensor_parallel_size": 2,
+            **ENGINE,
+        },
+        concurrency=1,
+        num_cpus=2,
+        batch_size=8,
+    )
+    got = sorted(ds.take_all(), key=lambda r: r["id"])
+    refs = predictor.llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6), False)
+    assert [list(r["generated_token_ids"]) for r in got] == [r.outputs[0].token_ids for r in refs]
+
+
 # -- run-batch on Ray --------------------------------------------------------------------------
 
 
