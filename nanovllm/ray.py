@@ -520,7 +520,10 @@ def run_batch_on_ray(
     def execute(todo: Iterator[Line], sink: Sink) -> None:
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init(address=ray_address, include_dashboard=False)
+            if ray_address == "local":
+                ray.init(address="local", include_dashboard=False)
+            else:
+                ray.init(address=ray_address)
         try:
             options = _actor_options(
                 replicas, llm_kwargs, num_cpus_per_replica, num_gpus_per_replica, ray_address

@@ -339,3 +339,19 @@ def test_bad_replica_count_refused_before_any_work(tiny_model_dir: str, tmp_path
     with pytest.raises(ValueError, match="replicas must be >= 1, got 0"):
         nray.run_batch_on_ray(src, dst, tiny_model_dir, "tiny", replicas=0)
     assert not os.path.exists(dst)
+
+
+@pytest.mark.slow
+def test_local_cluster_too_small_is_refused(tiny_model_dir: str, tmp_path: Any) -> None:
+    """--ray-address local starts a cluster of this machine's cores and refuses replicas it
+    cannot hold (in a subprocess: this module's cluster is connected here)."""
+    src = write_input(str(tmp_path / "in.jsonl"), 2)
+    dst = str(tmp_path / "out.jsonl")
+    argv = ["run-batch", "-i", src, "-o", dst, "--model", tiny_model_dir, *FLAGS]
+    argv += ["--ray-address", "local", "--replicas", "2", "--num-cpus-per-replica", "4096"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanovllm.cli", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "2 replicas x 4096 CPU need 8192 but the Ray cluster has" in proc.stderr
+    assert not os.path.exists(dst) or os.path.getsize(dst) == 0
