@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 import uuid
 from collections import deque
@@ -41,15 +42,21 @@ from typing import Any
 # Replicas run in the driver's own Python environment (the same install on every node). Ray's
 # uv hook would instead rebuild an environment for the workers whenever the driver runs under
 # `uv run`, without this extra unless the command named it. RAY_ENABLE_UV_RUN_RUNTIME_ENV=1
-# brings the hook back; it is read when Ray is first imported.
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# brings the hook back. Ray reads the variable when it is first imported; if that was before
+# this module, its constant is set too (it is looked up again at ray.init).
+if "RAY_ENABLE_UV_RUN_RUNTIME_ENV" not in os.environ:
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    _constants = sys.modules.get("ray._private.ray_constants")
+    if _constants is not None:
+        _constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
 
 try:
     import ray
 except ImportError as e:  # pragma: no cover - the extra is installed in CI
-    raise ImportError(
+    raise ModuleNotFoundError(
         "nanovllm.ray needs Ray: install the extra (`uv sync --extra ray` or "
-        "`pip install 'nano-vllm[ray]'`)"
+        "`pip install 'nano-vllm[ray]'`)",
+        name="ray",
     ) from e
 
 import numpy as np

@@ -20,8 +20,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.cli import main
 from nanovllm.entrypoints.run_batch import run_batch
 
-nray = pytest.importorskip("nanovllm.ray", reason="needs the ray extra (uv sync --extra ray)")
-ray = pytest.importorskip("ray")
+ray = pytest.importorskip("ray", reason="needs the ray extra (uv sync --extra ray)")
+nray = pytest.importorskip("nanovllm.ray")
 
 ENGINE: dict[str, Any] = {
     "kvcache_block_size": 16,
