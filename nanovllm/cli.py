@@ -51,6 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name", default=None, help="the 'model' of the results (default: folder)"
     )
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray_group = batch.add_argument_group(
+        "Ray (replicas on a cluster; needs the extra: uv sync --extra ray)"
+    )
+    ray_group.add_argument(
+        "--ray-address",
+        default=None,
+        help="run on a Ray cluster: its address (host:port, auto, ray://...), or local to "
+        "start one on this machine",
+    )
+    ray_group.add_argument(
+        "--replicas", type=int, default=None, help="replica actors (one LLM each; default 1)"
+    )
+    ray_group.add_argument(
+        "--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica"
+    )
+    ray_group.add_argument(
+        "--num-gpus-per-replica",
+        type=float,
+        default=None,
+        help="Ray GPUs per replica (default: one per rank when the cluster has GPUs)",
+    )
     _add_engine_flags(batch)
     return parser
 
@@ -71,14 +92,40 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     summary = Summary()
     try:
-        summary = run_batch(
-            args.input_file,
-            args.output_file,
-            lambda: LLM(args.model, **kwargs),
-            name,
-            progress=not args.no_progress,
-        )
-    except (ValueError, OSError) as e:  # duplicate custom_ids (BatchInputError), options, paths
+        if args.ray_address is None:
+            if args.replicas is not None:
+                raise ValueError(
+                    "--replicas needs --ray-address (local starts a cluster on this machine; "
+                    "--data-parallel-size runs replicas in one process without Ray)"
+                )
+            summary = run_batch(
+                args.input_file,
+                args.output_file,
+                lambda: LLM(args.model, **kwargs),
+                name,
+                progress=not args.no_progress,
+            )
+        else:
+            from nanovllm.ray import ReplicasFailed, run_batch_on_ray
+
+            try:
+                summary = run_batch_on_ray(
+                    args.input_file,
+                    args.output_file,
+                    args.model,
+                    name,
+                    replicas=1 if args.replicas is None else args.replicas,
+                    ray_address=args.ray_address,
+                    llm_kwargs=kwargs,
+                    num_cpus_per_replica=args.num_cpus_per_replica,
+                    num_gpus_per_replica=args.num_gpus_per_replica,
+                    progress=not args.no_progress,
+                )
+            except ReplicasFailed as e:
+                print(f"nanovllm run-batch: {e}", file=sys.stderr)
+                return 1
+    # Duplicate custom_ids (BatchInputError), options, paths, Ray not installed.
+    except (ValueError, OSError, ImportError) as e:
         print(f"nanovllm run-batch: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

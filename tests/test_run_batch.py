@@ -4,6 +4,7 @@ and flat memory as the batch grows."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.cli import build_parser, main
-from nanovllm.entrypoints.run_batch import BatchInputError, run_batch
+from nanovllm.entrypoints.run_batch import BatchInputError, Counters, eta_seconds, run_batch
 
 ENGINE = {"kvcache_block_size": 16, "max_model_len": 128, "max_num_seqs": 8}
 FLAGS = [
@@ -360,3 +361,92 @@ def test_memory_flat_from_1000_to_20000_requests(tiny_model_dir: str, tmp_path: 
         assert len(read_jsonl(dst)) == count
     # 20x the requests; holding them or their results would add tens of MB.
     assert peaks[20000] < peaks[1000] + 40 * 1024, peaks
+
+
+def test_results_written_as_requests_finish(
+    tiny_model_dir: str, tmp_path: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Before each engine step, every request finished so far is already in the file."""
+    lines = [
+        completion_line(f"w{i}", [5 + i, 6, 7], temperature=0, max_tokens=1 + (i * 7) % 30)
+        for i in range(40)
+    ]
+    src = write_jsonl(str(tmp_path / "in.jsonl"), lines)
+    dst = str(tmp_path / "out.jsonl")
+    log: list[tuple[int, int]] = []  # (lines in the file, requests finished) before each step
+    finished = [0]
+
+    def make() -> LLM:
+        llm = LLM(tiny_model_dir, **ENGINE)
+        step = llm.engine.step
+
+        def recording_step() -> Any:
+            with open(dst) as f:
+                log.append((sum(1 for _ in f), finished[0]))
+            result = step()
+            finished[0] += len(result[0])
+            return result
+
+        llm.engine.step = recording_step
+        return llm
+
+    summary = run_batch(src, dst, make, "tiny", progress=True)
+    assert summary.done == 40 and finished[0] == 40
+    assert all(written >= done for written, done in log), log
+    first = next(k for k, (written, _) in enumerate(log) if written)
+    assert first <= 3 and len(log) > 40  # the first line after the first steps, not the last
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "40/40 req" in bar and "ETA 0:00" in bar and "out tok/s" in bar, bar
+
+
+def simulate(lengths: list[int], slots: int) -> tuple[list[tuple[Counters, int]], int]:
+    """Continuous batching of requests of these output lengths, one token per running request
+    per 1-second step, 2 x slots admitted at a time (like generate_iter): the counters and
+    the requests done after each step, and the steps in all."""
+    c = Counters(slots=slots)
+    waiting: list[int] = []
+    running: list[list[int]] = []  # [length, tokens so far]
+    fed = done = 0
+    snaps = []
+    while done < len(lengths):
+        while fed < len(lengths) and len(running) + len(waiting) < 2 * slots:
+            waiting.append(lengths[fed])
+            c.admitted += 1
+            c.budget += 1000
+            fed += 1
+        while waiting and len(running) < slots:
+            running.append([waiting.pop(0), 0])
+        for r in running:
+            r[1] += 1
+        c.sampled += len(running)
+        for r in [r for r in running if r[1] >= r[0]]:
+            running.remove(r)
+            c.finished += 1
+            c.finished_tokens += r[1]
+            done += 1
+        snaps.append((Counters(**vars(c)), done))
+    return snaps, len(snaps)
+
+
+@pytest.mark.parametrize("shape", ["uniform", "fixed", "short-with-long-tail"])
+def test_eta_is_sane_early(shape: str) -> None:
+    rng = random.Random(0)
+    lengths = {
+        "uniform": [rng.randint(10, 300) for _ in range(3000)],
+        "fixed": [200] * 3000,  # finishes in waves: no request is done for 200 steps
+        "short-with-long-tail": [min(1000, int(rng.expovariate(1 / 60)) + 1) for _ in range(3000)],
+    }[shape]
+    snaps, steps = simulate(lengths, 64)
+    for fraction in (0.05, 0.1, 0.2, 0.4, 0.6):
+        t = int(fraction * steps)
+        counters, done = snaps[t - 1]
+        eta = eta_seconds(float(t), len(lengths) - done, counters)
+        assert eta is not None and 1 / 3 < eta / (steps - t) < 3, (fraction, eta, steps - t)
+    assert eta_seconds(5.0, 10, Counters(admitted=3, budget=30)) is None  # no token yet
+    assert eta_seconds(5.0, 0, snaps[-1][0]) == 0.0
+
+
+def test_replicas_need_a_ray_address(capsys: pytest.CaptureFixture) -> None:
+    argv = ["run-batch", "-i", "in.jsonl", "-o", "out.jsonl", "--model", "m", "--replicas", "2"]
+    assert main(argv) == 2
+    assert "--replicas needs --ray-address" in capsys.readouterr().err

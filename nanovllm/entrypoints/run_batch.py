@@ -14,9 +14,16 @@ The run, in order:
    again.
 3. Feed the remaining lines lazily to `LLM.generate_iter` (a bounded window of requests in the
    engine). A line that cannot be served (not JSON, unknown url, bad parameter, prompt too long)
-   gets an error line with status 400 at once; the batch goes on.
+   gets an error line with status 400 at once; the batch goes on. Each result line is written
+   and flushed the moment its request finishes, never held back for the rest of its batch.
 Memory: the input is streamed and results leave as they finish; what grows with the input is
 one 64-bit hash per custom_id (the duplicate check and the resume set).
+
+Steps 1, 2 and the output file are `run_batch_file`'s; step 3 is an executor's: `run_batch`
+serves the lines with one local LLM (a `BatchWorker`), `nanovllm.ray` spreads them over
+replicas on a Ray cluster, each replica a `BatchWorker` of its own.
+
+Progress: requests done/total, output tok/s, and an ETA from `eta_seconds` (see there).
 """
 
 import json
@@ -25,10 +32,11 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
 from typing import IO, Any
 
 import xxhash
@@ -96,13 +104,15 @@ class Summary:
     prompt_tokens: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
+    replica_failures: int = 0  # Ray replicas lost mid-run (their requests were redone)
 
     def __str__(self) -> str:
         rate = self.output_tokens / self.seconds if self.seconds else 0.0
+        lost = f"; {self.replica_failures} replica(s) lost" if self.replica_failures else ""
         return (
             f"run-batch: {self.done} done, {self.failed} failed, {self.skipped} skipped "
             f"(already done); {self.prompt_tokens} prompt + {self.output_tokens} output tokens "
-            f"in {self.seconds:.1f}s ({rate:.1f} output tok/s)"
+            f"in {self.seconds:.1f}s ({rate:.1f} output tok/s){lost}"
         )
 
 
@@ -138,10 +148,14 @@ def _is_done(n: int, obj: object, done: set[int], done_lines: set[int]) -> bool:
     return n in done_lines if cid is None else _digest(cid) in done
 
 
-def _todo(path: str, done: set[int], done_lines: set[int]) -> Iterator[tuple[int, str, object]]:
+# One input line on its way: (1-based line number, text, the parsed object or None).
+Line = tuple[int, str, object]
+
+
+def _todo(path: str, done: set[int], done_lines: set[int]) -> Iterator[Line]:
     """(line number, text, parsed object or None) of each line still to do, read lazily."""
     for n, text in _lines(path):
-        obj = _loads_or_none(text)
+        obj = loads_or_none(text)
         if not _is_done(n, obj, done, done_lines):
             yield n, text, obj
 
@@ -153,14 +167,14 @@ def scan(path: str, done: set[int], done_lines: set[int]) -> tuple[int, int]:
     count = skipped = 0
     for n, text in _lines(path):
         count += 1
-        obj = _loads_or_none(text)
+        obj = loads_or_none(text)
         skipped += _is_done(n, obj, done, done_lines)
         cid = _custom_id(obj)
         if cid is None:
             continue
         h = _digest(cid)
         if h in seen:
-            first = next(m for m, t in _lines(path) if _custom_id(_loads_or_none(t)) == cid)
+            first = next(m for m, t in _lines(path) if _custom_id(loads_or_none(t)) == cid)
             raise BatchInputError(
                 f"custom_id {cid!r} appears on lines {first} and {n} of {path}; "
                 f"custom_ids must be unique"
@@ -169,7 +183,8 @@ def scan(path: str, done: set[int], done_lines: set[int]) -> tuple[int, int]:
     return count, skipped
 
 
-def _loads_or_none(text: str) -> object:
+def loads_or_none(text: str) -> object:
+    """The JSON value of a line, or None where it is not JSON."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -403,7 +418,235 @@ def error_line(line: int, custom_id: str | None, message: str) -> dict[str, Any]
     }
 
 
+# -- progress --------------------------------------------------------------------------------
+
+
+@dataclass
+class Counters:
+    """What the engine(s) serving a run have done so far: the inputs of the ETA."""
+
+    admitted: int = 0  # requests handed to an engine (error lines excluded)
+    budget: int = 0  # their output-token budget: n x max_tokens, capped by max_model_len
+    finished: int = 0  # admitted requests that finished
+    finished_tokens: int = 0  # output tokens of the finished requests
+    sampled: int = 0  # output tokens sampled, finished requests and those in flight
+    slots: int = 0  # sequences the engine(s) run at once (max_num_seqs x replicas)
+
+    def __add__(self, other: "Counters") -> "Counters":
+        return Counters(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+def eta_seconds(elapsed: float, unfinished: int, c: Counters) -> float | None:
+    """Seconds until `unfinished` more requests are done (None until there is a rate).
+
+    Requests finish in waves (a batch of equal lengths ends together), so a rate of requests
+    per second says little early on, while output tokens come at a steady rate from the first
+    step. The ETA is the output tokens still to come over the output-token rate so far:
+    - L, the expected tokens of a request: every token sampled (in flight too) over the
+      finished requests plus half of those running (in a steady state a running request is
+      half done on average, which makes L exact there; before anything finishes L is twice
+      what the running requests have so far). L never exceeds the mean token budget
+      (max_tokens) of the requests admitted: exact for fixed-length batches.
+    - A request not yet running still needs L tokens; a running one, aged `age` tokens on
+      average, needs L - age, but at least age again (those still running late are the long
+      ones: without a better guess, a request is taken to be half way through).
+    - Once fewer requests are left than the engines have slots, the token rate falls with
+      them (a lone long request decodes one token a step): the time grows by slots / left.
+    The result is a guess, within about 2x after the first few percent of a large run (see
+    tests/test_run_batch.py, which simulates continuous batching).
+    """
+    if unfinished <= 0:
+        return 0.0
+    if c.sampled <= 0 or elapsed <= 0:
+        return None
+    in_flight = max(0, c.admitted - c.finished)
+    slots = max(1, c.slots)
+    running = min(in_flight, slots, unfinished)
+    in_flight_tokens = max(0, c.sampled - c.finished_tokens)
+    age = in_flight_tokens / running if running else 0.0
+    per_request = (c.finished_tokens + in_flight_tokens) / (c.finished + running / 2 or 1)
+    if c.admitted:
+        per_request = min(per_request, c.budget / c.admitted)
+    remaining = (unfinished - running) * per_request + running * max(per_request - age, age)
+    return remaining * elapsed / c.sampled * slots / min(slots, unfinished)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class BatchProgress:
+    """The progress bar of a run: requests done/total, output tok/s and the ETA (eta_seconds).
+
+    Counters come from `update` (the Ray driver, after each exchange with a replica) or from a
+    `watch`ed function polled by a background thread (the local run, whose engine loop only
+    returns when a request finishes). Redrawn at most every second on a terminal, every 30
+    seconds into a file or pipe.
+    """
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.done = 0
+        self.counters = Counters()
+        self.start = self._drawn = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll: Callable[[], Counters] | None = None
+        if not enabled:
+            return
+        interactive = sys.stderr.isatty()
+        self.interval = 1.0 if interactive else 30.0
+        self.bar = tqdm(
+            total=total,
+            desc="run-batch",
+            unit="req",
+            dynamic_ncols=interactive,
+            mininterval=0.1 if interactive else 30.0,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} req "
+            "[{elapsed}{postfix}]",
+        )
+        self.bar.set_postfix_str("ETA ?", refresh=False)
+
+    def begin(self) -> None:
+        """Start the rate's clock (the engines are ready: loading them is not output time)."""
+        self.start = time.perf_counter()
+
+    def postfix(self) -> str:
+        """ETA and output tok/s so far."""
+        elapsed = time.perf_counter() - self.start
+        eta = eta_seconds(elapsed, self.total - self.done, self.counters)
+        rate = self.counters.sampled / elapsed if elapsed > 0 else 0.0
+        return f"ETA {'?' if eta is None else _duration(eta)}, {rate:.1f} out tok/s"
+
+    def update(self, counters: Counters | None = None, done: int = 0) -> None:
+        """New counters and/or `done` more requests written."""
+        if not self.enabled:
+            return
+        if counters is not None:
+            self.counters = counters
+        elif self._poll is not None:
+            self.counters = self._poll()
+        self.done += done
+        self.bar.set_postfix_str(self.postfix(), refresh=False)
+        if done:
+            self.bar.update(done)  # redraws when mininterval has passed
+        elif time.perf_counter() - self._drawn >= self.bar.mininterval:
+            self.bar.refresh()
+            self._drawn = time.perf_counter()
+
+    def watch(self, poll: Callable[[], Counters]) -> None:
+        """Take counters from `poll` at every update, and from a background thread every redraw
+        interval until close() (the local engine loop returns only when a request finishes)."""
+        if not self.enabled:
+            return
+
+        self._poll = poll
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                self.update()
+
+        self._thread = threading.Thread(target=loop, name="run-batch-progress", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._poll is not None:
+            self.counters = self._poll()
+        self.bar.set_postfix_str(self.postfix(), refresh=False)
+        self.bar.close()
+
+
+# -- serving lines with one engine -------------------------------------------------------------
+
+
+class BatchWorker:
+    """Serves input lines with one LLM: parse, generate, format. The local run uses one; each
+    Ray replica holds one of its own."""
+
+    def __init__(self, llm: LLM, model_name: str) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        self.created = int(time.time())
+        self._sampled_at_start = llm.engine.stats.sampled_tokens
+        self._counters = Counters()
+
+    def counters(self) -> Counters:
+        """A copy of what this worker has done (safe to call from another thread)."""
+        c = self._counters
+        sampled = self.llm.engine.stats.sampled_tokens - self._sampled_at_start
+        slots = self.llm.config.max_num_seqs * self.llm.config.data_parallel_size
+        return Counters(c.admitted, c.budget, c.finished, c.finished_tokens, sampled, slots)
+
+    def serve(self, lines: Iterable[Line], emit: Callable[[int, dict[str, Any]], None]) -> None:
+        """Serve `lines` (read lazily, a bounded window in the engine) and call
+        emit(line number, output object) for each the moment it is ready: an error line at
+        once, a result line when its request finishes."""
+        llm, c = self.llm, self._counters
+        items: dict[str, _Item] = {}  # generate_iter's request id -> item, while in flight
+        # generate_iter reads one sampling_params entry right after each prompt: hand them over.
+        params_queue: deque[SamplingParams] = deque()
+
+        def prompts() -> Iterator[dict[str, list[int]]]:
+            index = 0
+            for n, text, obj in lines:
+                try:
+                    item, ids, params = _parse(llm, n, text, obj, self.model_name)
+                except ValueError as e:
+                    emit(n, error_line(n, _custom_id(obj), str(e)))
+                    continue
+                items[str(index)] = item
+                index += 1
+                params_queue.append(params)
+                c.admitted += 1
+                c.budget += params.n * min(params.max_tokens, llm.config.max_model_len - len(ids))
+                yield {"prompt_token_ids": ids}
+
+        params_iter = iter(params_queue.popleft, None)
+        for result in llm.generate_iter(prompts(), params_iter, use_tqdm=False):
+            item = items.pop(result.request_id)
+            c.finished += 1
+            c.finished_tokens += sum(len(out.token_ids) for out in result.outputs)
+            emit(item.line, result_line(item, result, self.created))
+
+
 # -- the run ---------------------------------------------------------------------------------
+
+
+class Sink:
+    """Where output objects go: the output file (each line flushed at once), the summary and
+    the progress bar. An executor calls `write` for each output object and may feed
+    `progress` with counters."""
+
+    def __init__(self, out: IO[str], summary: Summary, progress: BatchProgress) -> None:
+        self.out = out
+        self.summary = summary
+        self.progress = progress
+
+    def write(self, obj: dict[str, Any]) -> None:
+        """Write one output line and count it."""
+        self.out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.out.flush()
+        if obj.get("error") is None:
+            usage = obj["response"]["body"]["usage"]
+            self.summary.done += 1
+            self.summary.prompt_tokens += usage["prompt_tokens"]
+            self.summary.output_tokens += usage["completion_tokens"]
+        else:
+            self.summary.failed += 1
+        self.progress.update(done=1)
+
+
+# An executor serves the lines still to do (a lazy iterator) and hands every output object to
+# the sink, each line exactly once. It returns when all lines are written.
+Executor = Callable[[Iterator[Line], Sink], None]
 
 
 def _spool_stdin() -> str:
@@ -414,18 +657,15 @@ def _spool_stdin() -> str:
     return path
 
 
-def run_batch(
-    input_path: str,
-    output_path: str,
-    make_llm: Callable[[], LLM],
-    model_name: str,
-    progress: bool = True,
+def run_batch_file(
+    input_path: str, output_path: str, execute: Executor, progress: bool = True
 ) -> Summary:
-    """Run a batch file (see the module docstring); "-" reads stdin / writes stdout.
+    """Run a batch file with an executor (see the module docstring); "-" reads stdin / writes
+    stdout.
 
-    Raises BatchInputError (duplicate custom_ids) before the model is loaded. On
-    KeyboardInterrupt the results written so far stay; running again resumes. The model is
-    loaded (make_llm) only if some line is left to do.
+    Raises BatchInputError (duplicate custom_ids) before the executor starts. On
+    KeyboardInterrupt the results written so far stay; running again resumes. The executor is
+    called only if some line is left to do.
     """
     spooled = input_path == "-"
     path = _spool_stdin() if spooled else input_path
@@ -440,11 +680,14 @@ def run_batch(
         summary = Summary(skipped=skipped)
         if skipped == num_lines:
             return summary
-        out = sys.stdout if output_path == "-" else open(output_path, "a", encoding="utf-8")
+        out = sys.stdout if to_stdout else open(output_path, "a", encoding="utf-8")
+        start = time.perf_counter()
+        bar = BatchProgress(num_lines - skipped, progress)
         try:
-            todo = _todo(path, done, done_lines)
-            _run(todo, num_lines - skipped, out, make_llm, model_name, progress, summary)
+            execute(_todo(path, done, done_lines), Sink(out, summary, bar))
         finally:
+            bar.close()
+            summary.seconds = time.perf_counter() - start
             if out is not sys.stdout:
                 out.close()
         return summary
@@ -453,55 +696,29 @@ def run_batch(
             os.unlink(path)
 
 
-def _run(
-    todo: Iterator[tuple[int, str, object]],
-    total: int,
-    out: IO[str],
+def run_batch(
+    input_path: str,
+    output_path: str,
     make_llm: Callable[[], LLM],
     model_name: str,
-    progress: bool,
-    summary: Summary,
-) -> None:
-    llm = make_llm()
-    start = time.perf_counter()
-    created = int(time.time())
+    progress: bool = True,
+) -> Summary:
+    """Run a batch file with one local LLM (see the module docstring); "-" reads stdin /
+    writes stdout.
 
-    def write(obj: dict[str, Any]) -> None:
-        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        out.flush()
+    Raises BatchInputError (duplicate custom_ids) before the model is loaded. On
+    KeyboardInterrupt the results written so far stay; running again resumes. The model is
+    loaded (make_llm) only if some line is left to do.
+    """
 
-    bar = tqdm(total=total, desc="run-batch", unit="req", disable=not progress, dynamic_ncols=True)
-    items: dict[str, _Item] = {}  # generate_iter's request id -> item, while in flight
-    # generate_iter reads one sampling_params entry right after each prompt: hand them over.
-    params_queue: deque[SamplingParams] = deque()
+    def execute(todo: Iterator[Line], sink: Sink) -> None:
+        llm = make_llm()
+        try:
+            worker = BatchWorker(llm, model_name)
+            sink.progress.begin()
+            sink.progress.watch(worker.counters)
+            worker.serve(todo, lambda _line, obj: sink.write(obj))
+        finally:
+            llm.shutdown()
 
-    def prompts() -> Iterator[dict[str, list[int]]]:
-        index = 0
-        for n, text, obj in todo:
-            try:
-                item, ids, params = _parse(llm, n, text, obj, model_name)
-            except ValueError as e:
-                write(error_line(n, _custom_id(obj), str(e)))
-                summary.failed += 1
-                bar.update(1)
-                continue
-            items[str(index)] = item
-            index += 1
-            params_queue.append(params)
-            yield {"prompt_token_ids": ids}
-
-    params_iter = iter(params_queue.popleft, None)
-    try:
-        for result in llm.generate_iter(prompts(), params_iter, use_tqdm=False):
-            item = items.pop(result.request_id)
-            write(result_line(item, result, created))
-            summary.done += 1
-            summary.prompt_tokens += len(result.prompt_token_ids)
-            summary.output_tokens += sum(len(c.token_ids) for c in result.outputs)
-            rate = summary.output_tokens / (time.perf_counter() - start)
-            bar.set_postfix_str(f"{rate:.1f} output tok/s", refresh=False)
-            bar.update(1)
-    finally:
-        llm.shutdown()
-        bar.close()
-        summary.seconds = time.perf_counter() - start
+    return run_batch_file(input_path, output_path, execute, progress)
