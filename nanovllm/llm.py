@@ -252,6 +252,7 @@ class LLM:
                 self.config.eos_token_ids.append(eos)
         engine_class = DataParallelEngine if self.config.data_parallel_size > 1 else LLMEngine
         self.engine = engine_class(self.config)
+        self.engine.tokenizer = self.tokenizer  # structured output's vocabulary comes from it
         self._busy = False  # a generate / generate_iter loop is running
 
     def __enter__(self) -> LLM:
@@ -401,6 +402,8 @@ class LLM:
                 ids = ids[-(self.config.max_model_len if k == -1 else k) :]
             if params.stop and self.tokenizer is None:
                 raise ValueError(f"stop strings {params.stop!r} need a tokenizer")
+            if params.structured_outputs is not None and self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer")
             self.engine.validate(ids, params)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None

@@ -8,6 +8,7 @@ import torch
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.outputs import Logprob
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import SequenceGrammar
 
 
 class SequenceStatus(Enum):
@@ -73,6 +74,9 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         if self.sampling_params.prompt_logprobs is not None and index == 0:
             self.prompt_logprobs = [None]
+        # With sampling_params.structured_outputs: the grammar's matcher, advanced by every
+        # generated token (attached by the engine that runs the sequence).
+        self.grammar: SequenceGrammar | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -26,6 +26,7 @@ from nanovllm.layers.logprobs import logprob_entries
 from nanovllm.layers.sampler import Sampler, SamplingBatch, sample_plain
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.masks import GrammarMasks
 from nanovllm.utils.context import set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.worker.cuda_graph import CUDAGraphRunner
@@ -91,6 +92,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._sample_rng = random.Random(config.seed)
         self._plain_cache: dict[int, float | None] = {}
+        self.grammar_masks = GrammarMasks(self.vocab_size, self.device)  # structured output
         self.inputs = InputBuilder(self.device, self.block_size)
         self.startup_seconds = {"load": time.perf_counter() - start}
         self.graphs: CUDAGraphRunner | None = None
@@ -230,7 +232,9 @@ class ModelRunner:
         waiting: PendingTokens.result() waits for them.
 
         Sequences that ask for logprobs also get them recorded (see record_logprobs; that waits).
+        Rows of sequences with a grammar (structured output) are masked first, in place.
         """
+        logits = self.grammar_masks.apply(seqs, logits)  # structured output (no-op without)
         temperatures = self._plain_temperatures(seqs)
         if temperatures is not None and logits.is_cuda:  # common on CUDA: one fused kernel
             from nanovllm.kernels.sampling import sample_temperature
