@@ -404,42 +404,89 @@ def test_sentencepiece_vocabulary() -> None:
     masks = GrammarMasks(len(hf), torch.device("cpu"))
     grammar = compiler.sequence_grammar(StructuredOutputsParams(regex=" ?cat"))
     (allowed,) = _allowed(masks, [grammar], len(hf))
-    pieces = {hf.convert_ids_to_tokens(i) for i in allowed}
-    assert "\u2581cat" in pieces or "\u2581" in pieces  # the leading space is the metaspace
-    assert "<0x63>" in pieces  # "c" as a byte token
-    assert all(
-        p.replace("\u2581", " ")
-        and (
-            " cat".startswith(p.replace("\u2581", " "))
-            or "cat".startswith(p.replace("\u2581", " "))
-            or p.startswith("<0x")
-        )
-        for p in pieces
-    )
+
+    def text(piece: str) -> str:  # a piece as the text it stands for
+        byte = re.fullmatch(r"<0x([0-9A-F]{2})>", piece)
+        return chr(int(byte.group(1), 16)) if byte else piece.replace("\u2581", " ")
+
+    special = set(hf.all_special_ids)
+    expected = {
+        i
+        for i, piece in enumerate(hf.convert_ids_to_tokens(list(range(len(hf)))))
+        if i not in special and any(s.startswith(text(piece)) for s in (" cat", "cat"))
+    }
+    assert allowed == expected
+    assert {"<0x63>", "\u2581cat", "cat"} <= set(hf.convert_ids_to_tokens(sorted(allowed)))
+
+
+def _random_masks(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bits for rows 4, 0 and 2 of a 5-row batch: (logits, bitmask, rows)."""
+    gen = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    # [3, words] int32 of random bits
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), generator=gen, dtype=torch.int32)
+    # [5, vocab]
+    logits = torch.randn(5, vocab, generator=gen)
+    return logits, bitmask, torch.tensor([4, 0, 2])
+
+
+@pytest.mark.parametrize("vocab", [70, 600])
+def test_torch_bitmask_equals_xgrammars_cpu_kernel(vocab: int) -> None:
+    import xgrammar as xgr
+
+    logits, bitmask, rows = _random_masks(vocab)
+    actual = logits.clone()
+    apply_bitmask_torch(actual, bitmask, rows)
+    aligned = torch.full((5, bitmask.shape[1]), -1, dtype=torch.int32)  # rows as logits' rows
+    aligned[rows] = bitmask
+    expected = logits.clone()
+    xgr.apply_token_bitmask_inplace(expected, aligned, indices=rows.tolist())
+    assert torch.equal(actual, expected)
+    assert torch.equal(actual[[1, 3]], logits[[1, 3]])  # untouched rows
+    assert 0 < torch.isinf(actual).sum() < 3 * vocab
 
 
 @pytest.mark.skipif(
     not (torch.cuda.is_available() or (os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON)),
     reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter",
 )
-@pytest.mark.parametrize("vocab", [70, 600])
+@pytest.mark.parametrize("vocab", [70, 600, 5000])
 def test_bitmask_kernel_equals_the_torch_form(vocab: int) -> None:
     from nanovllm.kernels.grammar_mask import apply_bitmask
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gen = torch.Generator().manual_seed(0)
-    words = (vocab + 31) // 32
-    # [3, words] random bits for rows 4, 0 and 2 of a 5-row batch
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), generator=gen, dtype=torch.int32)
-    rows = torch.tensor([4, 0, 2])
-    logits = torch.randn(5, vocab, generator=gen)
+    logits, bitmask, rows = _random_masks(vocab)
     expected = logits.clone()
     apply_bitmask_torch(expected, bitmask, rows)
-    actual = logits.to(device)
-    apply_bitmask(actual, bitmask.to(device), rows.to(device))
-    assert torch.equal(actual.cpu(), expected)
-    assert torch.equal(actual.cpu()[[1, 3]], logits[[1, 3]])  # untouched rows
-    assert torch.isinf(expected).sum() > 0
+    for dtype in (torch.float32, torch.float16):
+        actual = logits.to(device, dtype)
+        apply_bitmask(actual, bitmask.to(device), rows.to(device))
+        assert torch.equal(actual.cpu(), expected.to(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_ahead_with_grammars(tiny_model_dir: str, llm: LLM) -> None:
+    """On CUDA decode steps run ahead; a batch with grammars samples each step after the
+    previous tokens reached the matchers. Greedy tokens equal the CPU engine's (float32)."""
+    specs = [CASES[case][0] for case in sorted(CASES)]
+    greedy = [SamplingParams(temperature=0, max_tokens=64, structured_outputs=s) for s in specs]
+    free = SamplingParams(temperature=0, max_tokens=40)
+    prompts = PROMPTS + PROMPTS[:1]
+    expected = llm.generate(prompts, [*greedy, free], use_tqdm=False)
+    with LLM(tiny_model_dir, device="cuda", dtype="float32", max_model_len=MAX_MODEL_LEN) as gpu:
+        outs = gpu.generate(prompts, [*greedy, free], use_tqdm=False)
+        assert gpu.engine.stats.steps_ahead > 0
+        sampled = [
+            SamplingParams(temperature=1.0, max_tokens=64, n=3, structured_outputs=s)
+            for s in specs  # unseeded: plain temperature, so these steps run ahead too
+        ]
+        sampled_outs = gpu.generate(PROMPTS, sampled, use_tqdm=False)
+    for ref, out in zip(expected, outs, strict=True):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    for case, out in zip(sorted(CASES), sampled_outs, strict=True):
+        for completion in out.outputs:
+            assert completion.finish_reason == "stop" and CASES[case][1](completion.text)
 
 
 # -- run-batch -------------------------------------------------------------------------------

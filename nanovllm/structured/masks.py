@@ -9,7 +9,7 @@ min-p never revive a -inf token), so the sampler needs no knowledge of grammars.
 Per step: xgrammar fills one bitmask row per constrained sequence into a pinned host buffer
 (BatchGrammarMatcher, several threads), typically while the device still runs the step's
 forward; the rows go to the device in one copy and one kernel (kernels/grammar_mask.py on
-CUDA, a few torch ops elsewhere) masks them. The host buffer is reused only after the
+CUDA; xgrammar's C++ kernel on a CPU; a few torch ops elsewhere) masks them. The host buffer is reused only after the
 previous step's copy has finished (an event), so a copy never reads a half-refilled row.
 """
 
@@ -69,32 +69,35 @@ class GrammarMasks:
         import xgrammar as xgr
 
         start = time.perf_counter()
-        grammars = [seqs[i].grammar for i in rows]
-        matchers = [g.matcher for g in grammars]
-        # [R, num_words] int32, bit t set = token t allowed
-        host = self._buffer(len(rows))
+        matchers = [seqs[i].grammar.matcher for i in rows]
+        # On the CPU the bitmask rows line up with the logits rows (xgrammar's C++ kernel
+        # masks them where they are); elsewhere they are packed, one per constrained row, so
+        # only those rows travel to the device. [rows, num_words] int32, bit t = token t allowed
+        on_cpu = logits.device.type == "cpu"
+        host = self._buffer(len(seqs) if on_cpu else len(rows))
+        places = rows if on_cpu else list(range(len(rows)))
         if self._batch is None:
             self._batch = xgr.BatchGrammarMatcher()
         if len(rows) == 1:
-            matchers[0].fill_next_token_bitmask(host, 0)
+            matchers[0].fill_next_token_bitmask(host, places[0])
         else:
-            self._batch.batch_fill_next_token_bitmask(matchers, host)
+            self._batch.batch_fill_next_token_bitmask(matchers, host, places)
         self.stats.steps += 1
         self.stats.rows += len(rows)
         self.stats.fill_seconds += time.perf_counter() - start
-        device = logits.device
-        if device.type == "cuda":
+        if on_cpu:
+            xgr.apply_token_bitmask_inplace(logits, host, vocab_size=logits.shape[1], indices=rows)
+        elif logits.device.type == "cuda":
             from nanovllm.kernels.grammar_mask import apply_bitmask
 
-            bitmask = host.to(device, non_blocking=True)
+            bitmask = host.to(logits.device, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
-            index = torch.tensor(rows, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
-            apply_bitmask(logits, bitmask, index)
-        else:
-            bitmask = host.to(device)
-            index = torch.tensor(rows, dtype=torch.int64, device=device)
-            apply_bitmask_torch(logits, bitmask, index)
+            index = torch.tensor(rows, dtype=torch.int32).pin_memory()
+            apply_bitmask(logits, bitmask, index.to(logits.device, non_blocking=True))
+        else:  # MPS and other devices
+            index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+            apply_bitmask_torch(logits, host.to(logits.device), index)
         return logits
 
 
