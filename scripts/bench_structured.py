@@ -3,11 +3,13 @@
 A Qwen3-0.6B-shaped model with dummy weights and a tokenizer laid out like Qwen3's (151,643
 byte-level BPE entries plus 22 special tokens, EOS <|im_end|> = 151645, inside a model vocabulary
 of 151,936: the ids past the tokenizer are never allowed), built programmatically (no download).
-N requests (default 256, all concurrent) of random prompts, once without a constraint and once
-with one JSON schema, same max_tokens, ignore_eos (a constrained request still ends when its
-JSON is complete). Reports output tokens/s of both and their ratio, the schema's compile time,
-the vocabulary setup time, and the host time filling masks per step; then the constrained run
-again with run-ahead off (what overlapping the masks with the forward brings).
+N requests (default 256, all concurrent) of random prompts with one JSON schema (a request ends
+when its JSON is complete, or at max_tokens), then the same prompts without a constraint, each
+request generating exactly as many tokens as its constrained run did (ignore_eos), so both runs
+have the same batch at every step and their ratio is the cost of the grammars alone. Reports
+output tokens/s of both and their ratio, the schema's compile time, the vocabulary setup time,
+the host time filling masks per step; then the constrained run again with run-ahead off (what
+overlapping the masks with the forward brings) and an unconstrained run of max_tokens each.
 
     python3 scripts/bench_structured.py                  # GPU: the measurement
     python3 scripts/bench_structured.py --shape tiny --num-requests 16 --max-tokens 32  # CPU
@@ -96,19 +98,22 @@ def model_folder(path: str, shape: str) -> str:
     return path
 
 
-def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
-    """Generate; output tokens, seconds, tok/s and the share ended by the grammar."""
+def run(
+    llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+) -> tuple[dict[str, float], list[int]]:
+    """Generate; (output tokens, seconds, tok/s, requests ended by "stop"), output lengths."""
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
     stopped = sum(o.outputs[0].finish_reason == "stop" for o in outs)
-    return {
-        "output_tokens": tokens,
+    summary = {
+        "output_tokens": sum(lengths),
         "seconds": round(seconds, 3),
-        "tok_per_s": round(tokens / seconds, 1),
-        "finished_by_grammar": stopped,
+        "tok_per_s": round(sum(lengths) / seconds, 1),
+        "finished_by_stop": stopped,
     }
+    return summary, lengths
 
 
 def main() -> None:
@@ -157,9 +162,8 @@ def main() -> None:
         "schema_compile_s": round(grammars.stats.compile_seconds, 4),
         "first_constrained_request_s": round(first_constrained, 3),
     }
-    results["unconstrained"] = run(llm, prompts, free)
     before = (masks.stats.steps, masks.stats.rows, masks.stats.fill_seconds)
-    results["constrained"] = run(llm, prompts, constrained)
+    results["constrained"], lengths = run(llm, prompts, constrained)
     steps = masks.stats.steps - before[0]
     results["mask_steps"] = steps
     results["mask_rows_per_step"] = round((masks.stats.rows - before[1]) / max(steps, 1), 1)
@@ -167,13 +171,16 @@ def main() -> None:
         1000 * (masks.stats.fill_seconds - before[2]) / max(steps, 1), 3
     )
     results["grammars_compiled"] = grammars.stats.grammars_compiled
+    matched = [SamplingParams(**{**common, "max_tokens": n}) for n in lengths]
+    results["unconstrained_same_lengths"], _ = run(llm, prompts, matched)
     results["ratio"] = round(
-        results["constrained"]["tok_per_s"] / results["unconstrained"]["tok_per_s"], 3
+        results["constrained"]["tok_per_s"] / results["unconstrained_same_lengths"]["tok_per_s"],
+        3,
     )
     llm.engine._run_ahead = False  # the same constrained run without overlap, for comparison
-    results["constrained_no_run_ahead"] = run(llm, prompts, constrained)
+    results["constrained_no_run_ahead"], _ = run(llm, prompts, constrained)
     llm.engine._run_ahead = True
-    results["unconstrained_again"] = run(llm, prompts, free)
+    results["unconstrained_max_tokens"], _ = run(llm, prompts, free)
     llm.shutdown()
     print(json.dumps(results, indent=2))
     if args.json:
