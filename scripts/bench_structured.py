@@ -149,7 +149,8 @@ def main() -> None:
     # warm-up: kernels, graphs, the vocabulary for xgrammar; the schema compiles here once
     llm.generate(prompts[:8], SamplingParams(**{**common, "max_tokens": 8}), use_tqdm=False)
     start = time.perf_counter()
-    llm.generate(prompts[:1], constrained, use_tqdm=False)
+    first = SamplingParams(**{**common, "max_tokens": 4}, structured_outputs=spec)
+    llm.generate(prompts[:1], first, use_tqdm=False)
     first_constrained = time.perf_counter() - start
     grammars = llm.engine.grammars
     masks = llm.engine.runner.grammar_masks

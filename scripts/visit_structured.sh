@@ -18,7 +18,7 @@ python3 -c 'import torch, triton, transformers, xgrammar; print(torch.__version_
 git log --oneline -1 2>/dev/null || true
 
 echo "=== tests ($(date +%T))"
-timeout 150 python3 -m pytest -q -x tests/test_structured_output.py 2>&1 \
+timeout 150 python3 -m pytest -q -x -m "not slow" tests/test_structured_output.py 2>&1 \
   | tee "$OUT/structured_tests.log" | grep -vE "^\s*$" | tail -15
 
 echo "=== bench ($(date +%T))"

@@ -94,6 +94,8 @@ def llm(tiny_model_dir: str) -> LLM:
         ({"grammar": "root ::= "}, "invalid grammar in structured_outputs.grammar: "),
         ({"grammar": 'start ::= "a"'}, 'root rule with name "root" is not found'),
         ({"json_object": "yes"}, "json_object must be True or None"),
+        ({"regex": "a", "whitespace_pattern": " *"}, "whitespace_pattern is not supported"),
+        ({"regex": "a", "disable_fallback": 1}, "disable_fallback must be a bool"),
     ],
 )
 def test_bad_specs_are_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -325,6 +327,21 @@ def test_bad_request_leaves_the_engine_usable(tiny_model_dir: str, llm: LLM) -> 
         params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"))
         with pytest.raises(ValueError, match="prompt 0: structured_outputs need a tokenizer"):
             bare.generate([[5, 6, 7]], params, use_tqdm=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores")
+def test_data_parallel_replicas_run_grammars(tiny_model_dir: str, llm: LLM) -> None:
+    """Each replica builds its own grammar compiler (its tokenizer from the model folder);
+    greedy results equal one engine's."""
+    specs = [CASES[case][0] for case in sorted(CASES)]
+    params = [SamplingParams(temperature=0, max_tokens=64, structured_outputs=s) for s in specs]
+    expected = llm.generate(PROMPTS, params, use_tqdm=False)
+    with LLM(tiny_model_dir, max_model_len=MAX_MODEL_LEN, data_parallel_size=2) as dp:
+        outs = dp.generate(PROMPTS, params, use_tqdm=False)
+    for ref, out in zip(expected, outs, strict=True):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.outputs[0].finish_reason == "stop"
 
 
 # -- the bitmask -----------------------------------------------------------------------------

@@ -34,6 +34,10 @@ class StructuredOutputsParams:
     json_object: True: the output is any JSON object.
     disable_any_whitespace: JSON kinds only: no free whitespace between JSON tokens (compact
         output; models that like to emit newlines cannot pad the output with them).
+    disable_fallback, disable_additional_properties: vLLM's switches, accepted for its code;
+        both already hold here (one grammar engine, no fallback; a JSON object never gets
+        properties its schema does not name).
+    whitespace_pattern: not supported (xgrammar has none); use disable_any_whitespace.
 
     Exactly one of the five kinds must be given; a malformed one raises ValueError naming it.
     """
@@ -44,6 +48,9 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
     # (kind, canonical text): what the grammar is compiled from, and the compile cache's key
     _key: tuple[str, str] = field(init=False, repr=False, compare=False)
 
@@ -54,9 +61,13 @@ class StructuredOutputsParams:
             raise ValueError(
                 f"StructuredOutputsParams needs exactly one of {', '.join(_KINDS)}; got {what}"
             )
-        if not isinstance(self.disable_any_whitespace, bool):
+        for name in ("disable_any_whitespace", "disable_fallback", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.whitespace_pattern is not None:
             raise ValueError(
-                f"disable_any_whitespace must be a bool, got {self.disable_any_whitespace!r}"
+                "whitespace_pattern is not supported (xgrammar); use disable_any_whitespace=True "
+                "for compact JSON"
             )
         kind = given[0]
         if kind == "json":
