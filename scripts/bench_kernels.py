@@ -16,7 +16,7 @@ import torch
 import triton
 
 from nanovllm.kernels.decode_attention import choose_num_splits, decode_attention
-from nanovllm.kernels.sampling import sample_temperature
+from nanovllm.kernels.sampling import sample_full_rows
 
 
 def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
@@ -100,8 +100,12 @@ def main() -> None:
         )
     logits = torch.randn(256, 151936, device="cuda").bfloat16()
     temps = torch.full((256,), 0.6, device="cuda")
+    keys = torch.arange(256, device="cuda")
     ms = triton.testing.do_bench(
-        lambda: sample_temperature(logits, temps, 1234), warmup=25, rep=200, return_mode="median"
+        lambda: sample_full_rows(logits, temps, None, keys),
+        warmup=25,
+        rep=200,
+        return_mode="median",
     )
     print(f"fused sampler, 256 x 151936 bf16 logits: {ms * 1e3:.1f} us")
     if args.json:

@@ -22,7 +22,6 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.step_plan import plan_step
-from nanovllm.kernels.sampling import sample_temperature
 from nanovllm.utils.benchmark import standard_workload
 from nanovllm.utils.dummy import write_model_folder
 
@@ -60,12 +59,10 @@ def main() -> None:
         start_ev.record()
         logits = runner.execute(plan)
         t2 = time.perf_counter()
-        temps = torch.tensor(runner._plain_temperatures(seqs)).pin_memory()
-        temps = temps.to(logits.device, non_blocking=True)
-        tokens = sample_temperature(logits, temps, runner._sample_rng.getrandbits(31))
+        pending = runner.sample_async(seqs, logits)
         end_ev.record()
         t3 = time.perf_counter()
-        token_ids = tokens.tolist()
+        token_ids = pending.result()
         t4 = time.perf_counter()
         sched.postprocess(seqs, token_ids)
         t5 = time.perf_counter()

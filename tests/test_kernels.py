@@ -374,8 +374,9 @@ def test_silu_and_mul_kernel(dtype: torch.dtype) -> None:
 
 
 def test_sampling_kernel_greedy_rows_and_distribution() -> None:
-    """Greedy rows are the argmax; sampled rows follow softmax(logits / T) (chi-square)."""
-    from nanovllm.kernels.sampling import sample_temperature
+    """Greedy rows are the argmax; sampled rows follow softmax(logits / T) (chi-square); a row's
+    draw depends on its key only."""
+    from nanovllm.kernels.sampling import sample_full_rows
 
     gen = torch.Generator().manual_seed(0)
     vocab = 6
@@ -386,14 +387,95 @@ def test_sampling_kernel_greedy_rows_and_distribution() -> None:
     temps = torch.tensor([0.0] + [0.8] * draws, device=DEVICE)
     counts = torch.zeros(vocab)
     for seed in range(5):
-        tokens = sample_temperature(rows, temps, seed).cpu()
+        keys = torch.arange(draws + 1, device=DEVICE) + seed * (draws + 1)
+        tokens = sample_full_rows(rows, temps, None, keys).cpu()
         assert tokens[0].item() == logits[0].argmax().item()
         counts += torch.bincount(tokens[1:], minlength=vocab).float()
     expected = (logits[1] / 0.8).softmax(-1) * counts.sum()
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     # 5 degrees of freedom: P(chi2 > 30) is about 1.5e-5
     assert chi2 < 30, (counts, expected)
-    # different seeds give different draws
-    a = sample_temperature(rows, temps, 1).cpu()
-    b = sample_temperature(rows, temps, 2).cpu()
-    assert not torch.equal(a, b)
+    # equal keys, equal draws, wherever the row sits; other keys, other draws
+    keys = torch.full((draws + 1,), 12345, device=DEVICE)
+    same = sample_full_rows(rows, temps, None, keys).cpu()
+    assert len(set(same[1:].tolist())) == 1
+    other = sample_full_rows(rows[:2], temps[:2], None, keys[:2] + 1).cpu()
+    alone = sample_full_rows(rows[1:2], temps[1:2], None, keys[1:2]).cpu()
+    assert alone.item() == same[1].item()
+    assert other[0].item() == same[0].item()
+
+
+def test_sampling_kernel_floor() -> None:
+    """A per-row floor on logits / T (min-p) removes exactly the tokens under it."""
+    from nanovllm.kernels.sampling import sample_full_rows
+
+    gen = torch.Generator().manual_seed(1)
+    vocab = 40
+    draws = 200 if INTERPRET and not CUDA else 5000
+    row = torch.randn(vocab, generator=gen) * 2
+    rows = row.expand(draws, vocab).contiguous().to(DEVICE)
+    temps = torch.full((draws,), 0.7, device=DEVICE)
+    scaled = row / 0.7
+    floor_value = scaled.max().item() + math.log(0.2)
+    floor = torch.full((draws,), floor_value, device=DEVICE)
+    tokens = sample_full_rows(rows, temps, floor, torch.arange(draws, device=DEVICE)).cpu()
+    allowed = set((scaled >= floor_value).nonzero().squeeze(1).tolist())
+    assert set(tokens.tolist()) <= allowed
+    assert len(set(tokens.tolist())) > 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_repetition", [True, False])
+def test_penalize_kernel(dtype: torch.dtype, with_repetition: bool) -> None:
+    """The penalties kernel equals the sampler's torch path."""
+    from nanovllm.kernels.sampling import penalize
+    from nanovllm.sample.state import FREQUENCY, PRESENCE, REPETITION
+
+    gen = torch.Generator().manual_seed(2)
+    slots_total, vocab, rows = 6, 3000, 4
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+    logits[:, ::7] = 0
+    counts = torch.randint(0, 3, (slots_total, vocab), generator=gen, dtype=torch.int32)
+    counts[counts == 1] = 0  # plenty of zeros
+    seen = torch.rand(slots_total, vocab, generator=gen) < 0.1
+    slots = torch.tensor([4, 0, 5, 2])
+    params = torch.zeros(rows, 8)
+    params[:, REPETITION] = torch.tensor([1.0, 1.3, 0.7, 2.0])
+    params[:, PRESENCE] = torch.tensor([0.0, 0.5, -0.5, 1.0])
+    params[:, FREQUENCY] = torch.tensor([0.2, 0.0, 0.3, -0.1])
+    got = penalize(
+        logits.to(DEVICE),
+        slots.to(DEVICE),
+        params.to(DEVICE)[:, REPETITION],
+        params.to(DEVICE)[:, PRESENCE],
+        params.to(DEVICE)[:, FREQUENCY],
+        counts.to(DEVICE),
+        seen.to(DEVICE) if with_repetition else None,
+    ).cpu()
+    x = logits.float()
+    c = counts[slots].float()
+    if with_repetition:
+        hit = seen[slots] | (c > 0)
+        pen = params[:, REPETITION, None]
+        x = torch.where(hit, torch.where(x < 0, x * pen, x / pen), x)
+    want = x - params[:, FREQUENCY, None] * c - params[:, PRESENCE, None] * (c > 0).float()
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logsumexp_and_rank_kernel(dtype: torch.dtype) -> None:
+    """One pass: log-sum-exp in float32 and the count of entries >= the chosen one's."""
+    from nanovllm.kernels.sampling import logsumexp_and_rank
+
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 5000, generator=gen) * 4).to(dtype)
+    logits[1, 100:] = float("-inf")
+    logits[2, ::2] = 1.0  # many ties at the chosen value
+    tokens = torch.tensor([7, 3, 0, 4999, 2500])
+    lse, rank = logsumexp_and_rank(logits.to(DEVICE), tokens.to(DEVICE))
+    x = logits.float()
+    want_lse = torch.logsumexp(x.double(), dim=-1)
+    chosen = x.gather(1, tokens[:, None])
+    assert torch.allclose(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-6)
+    assert torch.equal(rank.cpu(), (x >= chosen).sum(dim=-1))

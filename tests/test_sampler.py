@@ -1,22 +1,23 @@
-"""Tests of the sampler: greedy, penalties, truncation, empirical distributions, seeds."""
+"""Tests of the sampler and its per-slot state: greedy, penalties, truncation, empirical
+distributions, seeds, min_tokens, incremental updates, logprobs."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+import nanovllm.sample.sampler as sampler_module
+import nanovllm.sample.state as state_module
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import (
-    Sampler,
-    SamplingBatch,
-    apply_penalties,
-    pick_by_cdf,
-    sample_plain,
-)
+from nanovllm.sample import SamplingState, gather_logprobs, sample, to_entries
+from nanovllm.sample.sampler import TOP_P_CANDIDATES, apply_penalties, pick_by_cdf, topk_rows
 from nanovllm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
+# The sampler's CPU path everywhere; its CUDA path (Triton kernels) too where a GPU is present.
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 EOS = [0]
 # Hand-made distribution over 6 tokens, placed at shuffled ids of an 8-token vocab whose other
 # two tokens have probability 0 (logit -inf).
@@ -31,9 +32,50 @@ def make_seq(params: SamplingParams, prompt: list[int] | None = None) -> Sequenc
     return Sequence(prompt or [1], params, block_size=16)
 
 
-def make_batch(seqs: list[Sequence], vocab_size: int = VOCAB) -> SamplingBatch:
-    """The step's SamplingBatch for `seqs` on the CPU with EOS id 0."""
-    return SamplingBatch.from_sequences(seqs, vocab_size, EOS, CPU)
+class Driver:
+    """What the model runner does each step, on the CPU: slots, rows, sample, record."""
+
+    def __init__(
+        self,
+        vocab: int,
+        max_slots: int = 64,
+        eos: list[int] | None = None,
+        device: torch.device = CPU,
+    ) -> None:
+        self.device = device
+        self.state = SamplingState(max_slots, vocab, EOS if eos is None else eos, device)
+
+    def rows(self, seqs: list[Sequence]):  # noqa: ANN201 (SamplingRows)
+        slots = []
+        for seq in seqs:
+            slot = self.state.lookup(seq.seq_id)
+            if slot is None:
+                slot = self.state.admit(
+                    seq.seq_id, seq.sampling_params, seq.prompt_token_ids, seq.completion_token_ids
+                )
+            slots.append(slot)
+        return self.state.rows(slots)
+
+    def step(self, seqs: list[Sequence], logits: torch.Tensor, append: bool = True) -> torch.Tensor:
+        rows = self.rows(seqs)
+        tokens = sample(logits.to(self.device), rows)
+        self.state.record(rows, tokens)
+        tokens = tokens.cpu()
+        if append:
+            for seq, t in zip(seqs, tokens.tolist(), strict=True):
+                seq.append_token(t)
+        return tokens
+
+    def release(self, seqs: list[Sequence]) -> None:
+        self.state.release([s.seq_id for s in seqs])
+
+
+def draw_once(
+    seqs: list[Sequence], logits: torch.Tensor, device: torch.device = CPU
+) -> torch.Tensor:
+    """One step for fresh sequences (enough slots for all of them)."""
+    driver = Driver(logits.shape[1], max_slots=len(seqs), device=device)
+    return driver.step(seqs, logits, append=False)
 
 
 def base_logits() -> torch.Tensor:
@@ -55,10 +97,10 @@ def chi2_sf(stat: float, df: int) -> float:
     return tail
 
 
-def check_frequencies(tokens: torch.Tensor, expected: dict[int, float]) -> None:
+def check_frequencies(tokens: torch.Tensor, expected: dict[int, float], vocab: int = VOCAB) -> None:
     """Tokens outside `expected` never occur; counts inside match it by a chi-square test."""
-    counts = torch.bincount(tokens, minlength=VOCAB)
-    outside = [t for t in range(VOCAB) if t not in expected]
+    counts = torch.bincount(tokens, minlength=vocab)
+    outside = [t for t in range(vocab) if t not in expected]
     assert counts[outside].sum() == 0, f"tokens outside the support: {counts.tolist()}"
     n = len(tokens)
     stat = sum((counts[t].item() - n * p) ** 2 / (n * p) for t, p in expected.items())
@@ -67,10 +109,13 @@ def check_frequencies(tokens: torch.Tensor, expected: dict[int, float]) -> None:
         assert p_value > 1e-6, f"chi2={stat:.1f} p={p_value:.2g} {counts.tolist()}"
 
 
-def expected_dist(temperature: float, top_k: int, top_p: float, min_p: float) -> dict[int, float]:
-    """The reference distribution, computed step by step in float64 over PROBS."""
-    # [6], already sorted descending
-    p = torch.tensor(PROBS, dtype=torch.float64).log().div(temperature).softmax(-1)
+def reference_dist(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+) -> dict[int, float]:
+    """The design's distribution for one row of logits [V], step by step in float64 with a sort."""
+    p = (logits.double() / temperature).softmax(-1)
+    order = p.argsort(descending=True)
+    p = p[order]
     if top_k > 0:
         p[top_k:] = 0
     p = p / p.sum()
@@ -79,7 +124,12 @@ def expected_dist(temperature: float, top_k: int, top_p: float, min_p: float) ->
     p = p / p.sum()
     p[p < min_p * p.max()] = 0
     p = p / p.sum()
-    return {IDS[i]: v for i, v in enumerate(p.tolist()) if v > 0}
+    return {int(order[i]): v for i, v in enumerate(p.tolist()) if v > 0}
+
+
+def expected_dist(temperature: float, top_k: int, top_p: float, min_p: float) -> dict[int, float]:
+    """reference_dist over the hand-made PROBS row."""
+    return reference_dist(base_logits(), temperature, top_k, top_p, min_p)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +140,10 @@ def test_chi2_sf(stat: float, df: int, p_value: float) -> None:
     assert chi2_sf(stat, df) == pytest.approx(p_value, rel=1e-4)
 
 
-def test_greedy_rows_mixed_with_sampled_rows() -> None:
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_greedy_rows_mixed_with_sampled_rows(
+    device: torch.device,
+) -> None:
     torch.manual_seed(0)
     # [6, 50]
     logits = torch.randn(6, 50) * 3
@@ -103,8 +156,7 @@ def test_greedy_rows_mixed_with_sampled_rows() -> None:
         SamplingParams(temperature=0.0, seed=3),
         SamplingParams(temperature=2.0, top_p=0.3, min_p=0.1, seed=4),
     ]
-    batch = make_batch([make_seq(p) for p in params], vocab_size=50)
-    tokens = Sampler()(logits, batch)
+    tokens = draw_once([make_seq(p) for p in params], logits, device)
     assert tokens.dtype == torch.int64 and tokens.shape == (6,)
     assert torch.equal(logits, before)
     argmax = logits.argmax(-1)
@@ -117,42 +169,17 @@ def test_all_greedy_and_low_precision_input() -> None:
     torch.manual_seed(1)
     # [4, 30]
     logits = torch.randn(4, 30).to(torch.bfloat16)
-    batch = make_batch([make_seq(SamplingParams(temperature=0.0)) for _ in range(4)], 30)
-    assert batch.all_greedy
-    tokens = Sampler()(logits, batch)
+    driver = Driver(30)
+    seqs = [make_seq(SamplingParams(temperature=0.0)) for _ in range(4)]
+    assert driver.rows(seqs).all_greedy
+    tokens = driver.step(seqs, logits, append=False)
     assert torch.equal(tokens, logits.float().argmax(-1))
-
-
-@pytest.mark.parametrize(
-    "temperatures",
-    [[0.0] * 5, [0.0, 0.7, 0.0, 1.3, 0.0], [0.6] * 5, [1.0, 0.0, 2.0, 0.5, 0.9]],
-)
-def test_sample_plain_matches_sampler(temperatures: list[float]) -> None:
-    # The runner's shortcut for temperature-only rows gives the Sampler's tokens, draw for draw.
-    torch.manual_seed(2)
-    # [5, 40], flat enough that the draws differ from the argmax
-    logits = torch.randn(len(temperatures), 40)
-    seqs = [make_seq(SamplingParams(temperature=t)) for t in temperatures]
-    batch = make_batch(seqs, vocab_size=40)
-    assert batch.only_temperature
-    differ_from_argmax = 0
-    for seed in range(20):
-        torch.manual_seed(seed)
-        expected = Sampler()(logits, batch)
-        torch.manual_seed(seed)
-        tokens = sample_plain(logits, temperatures)
-        assert torch.equal(tokens, expected), (seed, tokens.tolist(), expected.tolist())
-        differ_from_argmax += int((tokens != logits.argmax(-1)).sum())
-    # Sampled rows really drew (a shortcut taking the argmax everywhere would fail above).
-    assert (differ_from_argmax > 0) == any(temperatures)
 
 
 def test_temperature_zero_gives_no_nan() -> None:
     # [2, VOCAB], with -inf entries that would give NaN if divided by a temperature of 0
     logits = base_logits().repeat(2, 1)
-    batch = make_batch([make_seq(SamplingParams(temperature=t)) for t in (0.0, 1.0)])
-    assert not batch.all_greedy
-    tokens = Sampler()(logits, batch)
+    tokens = draw_once([make_seq(SamplingParams(temperature=t)) for t in (0.0, 1.0)], logits)
     assert tokens[0] == IDS[0]
     assert tokens[1] in IDS
 
@@ -172,7 +199,7 @@ def test_repetition_penalty_matches_transformers() -> None:
         for t in output:
             seq.append_token(t)
         seqs.append(seq)
-    got = apply_penalties(logits.clone(), make_batch(seqs, vocab))
+    got = apply_penalties(logits.clone(), Driver(vocab).rows(seqs))
     for i, seq in enumerate(seqs):
         processor = RepetitionPenaltyLogitsProcessor(penalty=penalties[i])
         want = processor(torch.tensor([seq.token_ids]), logits[i : i + 1].clone())[0]
@@ -196,7 +223,7 @@ def test_presence_frequency_penalty_values(
     other = make_seq(SamplingParams(), prompt=[3, 5])
     # [2, 8]
     logits = torch.tensor([[1.0, 2.0, -2.0, 4.0, 0.5, -1.0, 3.0, 0.0]]).repeat(2, 1)
-    got = apply_penalties(logits.clone(), make_batch([seq, other]))
+    got = apply_penalties(logits.clone(), Driver(VOCAB).rows([seq, other]))
     want = logits[0].clone()
     for t in (1, 2, 3, 5):  # repetition penalty: prompt and output tokens
         want[t] = want[t] / repetition if want[t] > 0 else want[t] * repetition
@@ -204,6 +231,43 @@ def test_presence_frequency_penalty_values(
     want[5] -= presence + 1 * frequency  # 5 once; prompt tokens 1, 2 get no presence/frequency
     assert torch.allclose(got[0], want, atol=1e-6, rtol=0)
     assert torch.equal(got[1], logits[1])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_penalties_follow_sampled_tokens_on_the_device(
+    device: torch.device,
+) -> None:
+    """Counts grow by scattering each step's tokens; a preempted sequence is rebuilt from its
+    token ids on re-admission; a reused slot starts clean."""
+    vocab = 12
+    driver = Driver(vocab, max_slots=2, device=device)
+    params = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3)
+    seq = make_seq(params, prompt=[1, 2, 3])
+    torch.manual_seed(3)
+    logits = torch.randn(1, vocab)
+    for _ in range(6):
+        driver.step([seq], logits)
+    slot = driver.state.lookup(seq.seq_id)
+    want = torch.bincount(torch.tensor(seq.completion_token_ids), minlength=vocab)
+    assert torch.equal(driver.state.counts[slot].long().cpu(), want)
+    # The penalty pushes greedy off a token once it repeats: not all six are equal.
+    assert len(set(seq.completion_token_ids)) > 1
+    # preempted: slot given back, another request takes it, then seq is re-admitted
+    driver.release([seq])
+    other = make_seq(SamplingParams(temperature=0.0, frequency_penalty=1.0), prompt=[4])
+    driver.step([other], logits)
+    other_slot = driver.state.lookup(other.seq_id)
+    assert other_slot == slot
+    assert torch.equal(
+        driver.state.counts[other_slot].long().cpu(),
+        torch.bincount(torch.tensor(other.completion_token_ids), minlength=vocab),
+    )
+    driver.step([seq], logits)
+    slot = driver.state.lookup(seq.seq_id)
+    want = torch.bincount(torch.tensor(seq.completion_token_ids), minlength=vocab)
+    assert torch.equal(driver.state.counts[slot].long().cpu(), want)
+    assert driver.state.prompt_seen is not None
+    assert driver.state.num_used == 2
 
 
 @pytest.mark.parametrize(
@@ -220,8 +284,9 @@ def test_presence_frequency_penalty_values(
         (1.0, 5, 0.9, 0.2, 4),  # all three
     ],
 )
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 def test_empirical_distribution(
-    temperature: float, top_k: int, top_p: float, min_p: float, support: int
+    device: torch.device, temperature: float, top_k: int, top_p: float, min_p: float, support: int
 ) -> None:
     torch.manual_seed(1234)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -229,38 +294,98 @@ def test_empirical_distribution(
     assert len(expected) == support
     # [NUM_DRAWS, VOCAB]
     logits = base_logits().repeat(NUM_DRAWS, 1)
-    seqs = [make_seq(params) for _ in range(NUM_DRAWS)]
-    tokens = Sampler()(logits, make_batch(seqs))
+    tokens = draw_once([make_seq(params) for _ in range(NUM_DRAWS)], logits, device)
     check_frequencies(tokens, expected)
 
 
-def test_empirical_distribution_mixed_rows() -> None:
-    """Rows with and without truncation interleaved: only some rows are sorted."""
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_empirical_distribution_mixed_rows(
+    device: torch.device,
+) -> None:
+    """Rows with and without truncation, min-p and greedy interleaved in one batch."""
     torch.manual_seed(99)
     kinds = [
         (SamplingParams(temperature=1.0), expected_dist(1.0, -1, 1.0, 0.0)),
         (SamplingParams(top_k=3, top_p=0.7), expected_dist(1.0, 3, 0.7, 0.0)),
         (SamplingParams(temperature=0.8, min_p=0.3), expected_dist(0.8, -1, 1.0, 0.3)),
         (SamplingParams(temperature=0.0), {IDS[0]: 1.0}),
+        (SamplingParams(top_p=0.6, seed=5), expected_dist(1.0, -1, 0.6, 0.0)),
     ]
     n = NUM_DRAWS // 2
     seqs = [make_seq(kinds[i % len(kinds)][0]) for i in range(n * len(kinds))]
-    batch = make_batch(seqs)
-    assert batch.truncate_rows is not None
-    # [n * kinds, VOCAB]
-    tokens = Sampler()(base_logits().repeat(len(seqs), 1), batch)
-    for k, (_, expected) in enumerate(kinds):
-        check_frequencies(tokens[k :: len(kinds)], expected)
+    tokens = draw_once(seqs, base_logits().repeat(len(seqs), 1), device)
+    for k, (params, expected) in enumerate(kinds):
+        if params.seed is None:
+            check_frequencies(tokens[k :: len(kinds)], expected)
+        else:  # same seed, same step, same logits: the same token in every such row
+            assert len(set(tokens[k :: len(kinds)].tolist())) == 1
 
 
-def run_steps(seqs: list[Sequence], logits: torch.Tensor, steps: int) -> list[list[int]]:
-    """Sample `steps` tokens for every row from fixed logits [B, V]; returns each row's tokens."""
-    sampler = Sampler()
+@pytest.mark.parametrize(
+    ("scale", "top_k", "top_p", "min_p"),
+    [
+        (6.0, -1, 0.9, 0.0),  # peaked: the nucleus fits in the candidates
+        (0.05, -1, 0.9, 0.0),  # nearly flat: it does not (the sorted fallback)
+        (0.05, -1, 0.5, 0.1),  # fallback with min-p
+        (1.0, 300, 0.95, 0.0),  # top-k above TOP_P_CANDIDATES
+        (3.0, 40, 1.0, 0.05),
+    ],
+)
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_large_vocabulary_truncation(
+    device: torch.device,
+    scale: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Vocabularies larger than the candidate count: the same distribution as a full sort."""
+    sorted_rows: list[int] = []
+    real = sampler_module._sample_sorted
+
+    def counting(x: torch.Tensor, *args: object) -> torch.Tensor:
+        sorted_rows.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(sampler_module, "_sample_sorted", counting)
+    vocab = 1000
+    assert vocab > TOP_P_CANDIDATES
+    gen = torch.Generator().manual_seed(7)
+    # One row whose top tokens are well apart from the rest (so that few tokens carry mass
+    # when scale is large); a mix with a plain row in every other position.
+    row = torch.randn(vocab, generator=gen) * scale
+    params = SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p)
+    expected = reference_dist(row, 0.9, top_k, top_p, min_p)
+    draws = 6000
+    seqs = [make_seq(params if i % 2 == 0 else SamplingParams()) for i in range(2 * draws)]
+    tokens = draw_once(seqs, row.repeat(2 * draws, 1), device)
+    picked = tokens[0::2]
+    support = set(expected)
+    assert set(picked.tolist()) <= support
+    # chi-square on the tokens with enough expected draws, the rest pooled
+    big = [t for t, p in expected.items() if p * draws >= 20]
+    pooled = {t: p for t, p in expected.items() if t in big}
+    rest = 1 - sum(pooled.values())
+    counts = torch.bincount(picked, minlength=vocab)
+    stat = sum((counts[t].item() - draws * p) ** 2 / (draws * p) for t, p in pooled.items())
+    if rest * draws >= 20:
+        other = draws - sum(counts[t].item() for t in big)
+        stat += (other - draws * rest) ** 2 / (draws * rest)
+        df = len(pooled)
+    else:
+        df = len(pooled) - 1
+    if df > 0:
+        assert chi2_sf(stat, df) > 1e-6, (stat, df)
+    # The sort ran exactly when the nucleus of a top-p-only row is larger than the candidates.
+    nucleus = len(reference_dist(row, 0.9, top_k, top_p, 0.0))
+    assert sorted_rows == ([draws] if top_k <= 0 and nucleus > TOP_P_CANDIDATES else [])
+
+
+def run_steps(driver: Driver, seqs: list[Sequence], logits: torch.Tensor, steps: int) -> None:
+    """Sample `steps` tokens for every row from fixed logits [B, V]."""
     for _ in range(steps):
-        tokens = sampler(logits, make_batch(seqs, logits.shape[1]))
-        for seq, t in zip(seqs, tokens.tolist(), strict=True):
-            seq.append_token(t)
-    return [seq.completion_token_ids for seq in seqs]
+        driver.step(seqs, logits)
 
 
 @pytest.mark.parametrize(
@@ -269,19 +394,17 @@ def run_steps(seqs: list[Sequence], logits: torch.Tensor, steps: int) -> list[li
         SamplingParams(temperature=1.0, seed=42),
         SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=42),
         SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.2, seed=42),
+        SamplingParams(temperature=1.1, top_p=0.8, presence_penalty=0.4, seed=42),
     ],
 )
-def test_seeded_request_independent_of_batch(params: SamplingParams) -> None:
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_seeded_request_independent_of_batch(device: torch.device, params: SamplingParams) -> None:
     torch.manual_seed(5)
     vocab, steps = 64, 12
     row = torch.randn(vocab)
-    torch.manual_seed(100)
     alone = make_seq(params)
-    [tokens_alone] = run_steps([alone], row[None], steps)
-    generator = alone.generator
-    assert generator is not None
+    run_steps(Driver(vocab, device=device), [alone], row[None], steps)
 
-    torch.manual_seed(200)
     others = [
         SamplingParams(temperature=1.0),
         SamplingParams(temperature=0.7, top_k=5, seed=7),
@@ -290,31 +413,40 @@ def test_seeded_request_independent_of_batch(params: SamplingParams) -> None:
     seqs = [make_seq(others[0]), make_seq(params), make_seq(others[1]), make_seq(others[2])]
     # [4, vocab]
     logits = torch.cat([torch.randn(1, vocab), row[None], torch.randn(2, vocab)])
-    results = run_steps(seqs, logits, steps)
-    assert results[1] == tokens_alone
-    assert seqs[1].generator is not None and seqs[1].generator is not generator
-
+    driver = Driver(vocab, device=device)
+    driver.step([seqs[2]], logits[2:3])  # slots taken in another order than alone
+    run_steps(driver, seqs, logits, steps)
+    assert seqs[1].completion_token_ids == alone.completion_token_ids
     different = make_seq(SamplingParams(**{**vars(params), "seed": 43}))
-    [tokens_other_seed] = run_steps([different], row[None], steps)
-    assert tokens_other_seed != tokens_alone
+    run_steps(Driver(vocab, device=device), [different], row[None], steps)
+    assert different.completion_token_ids != alone.completion_token_ids
 
 
-def test_generator_created_once() -> None:
-    seq = make_seq(SamplingParams(seed=1))
-    make_batch([seq])
-    generator = seq.generator
-    assert generator is not None
-    make_batch([seq])
-    assert seq.generator is generator
-    unseeded = make_seq(SamplingParams())
-    assert make_batch([unseeded]).generators == [None] and unseeded.generator is None
+def test_seeded_request_after_preemption_continues_its_stream() -> None:
+    """Re-admitted with its tokens so far, a seeded request draws what it would have drawn."""
+    torch.manual_seed(6)
+    vocab = 40
+    row = torch.randn(1, vocab)
+    params = SamplingParams(temperature=1.0, top_k=10, seed=11)
+    straight = make_seq(params)
+    run_steps(Driver(vocab), [straight], row, 10)
+    interrupted = make_seq(params)
+    driver = Driver(vocab)
+    run_steps(driver, [interrupted], row, 4)
+    driver.release([interrupted])
+    run_steps(driver, [make_seq(SamplingParams())], row, 2)
+    run_steps(driver, [interrupted], row, 6)
+    assert interrupted.completion_token_ids == straight.completion_token_ids
 
 
 @pytest.mark.parametrize(
     ("ignore_eos", "banned"),
     [(False, {0, 4, 1, 6}), (True, {1, 6})],
 )
-def test_min_tokens_bans_eos_and_stop_tokens(ignore_eos: bool, banned: set[int]) -> None:
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_min_tokens_bans_eos_and_stop_tokens(
+    device: torch.device, ignore_eos: bool, banned: set[int]
+) -> None:
     eos = [0, 4]
     params = SamplingParams(
         temperature=0.0, min_tokens=3, stop_token_ids=[1, 6], ignore_eos=ignore_eos
@@ -323,21 +455,77 @@ def test_min_tokens_bans_eos_and_stop_tokens(ignore_eos: bool, banned: set[int])
     free = make_seq(SamplingParams(temperature=0.0))
     # [2, VOCAB]: EOS and stop tokens are the most likely ones
     logits = torch.tensor([[9.0, 8.0, 0.0, 0.0, 10.0, 0.0, 7.0, 1.0]]).repeat(2, 1)
-    sampler = Sampler()
+    driver = Driver(VOCAB, eos=eos, device=device)
     for step in range(5):
-        batch = SamplingBatch.from_sequences([seq, free], VOCAB, eos, CPU)
-        penalised = apply_penalties(logits.clone(), batch)
+        rows = driver.rows([seq, free])
+        penalised = apply_penalties(logits.to(device), rows).cpu()
         if step < 3:
             assert {t for t in range(VOCAB) if penalised[0, t] == float("-inf")} == banned
         else:
             assert torch.equal(penalised[0], logits[0])
         assert torch.equal(penalised[1], logits[1])
-        token = sampler(logits, batch)[0].item()
+        tokens = driver.step([seq, free], logits, append=False)
         if step < 3:
-            assert token not in banned
-        seq.append_token(token)
+            assert tokens[0].item() not in banned
+        seq.append_token(tokens[0].item())
+        free.append_token(tokens[1].item())
     assert seq.completion_token_ids[3:] == [4, 4]
     assert seq.completion_token_ids[:3] == ([7] * 3 if not ignore_eos else [4] * 3)
+
+
+def test_host_work_does_not_grow_with_sequence_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After admission, a step moves the same few host values whatever the sequences' lengths
+    (counted: elements copied from host lists to tensors)."""
+    copied: list[int] = []
+    real = state_module.to_device
+
+    def counting(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = real(values, dtype, device)
+        copied.append(t.numel())
+        return t
+
+    monkeypatch.setattr(state_module, "to_device", counting)
+    vocab = 50
+    params = [
+        SamplingParams(temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.2, seed=3),
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.2, min_tokens=2),
+        SamplingParams(temperature=0.0, logprobs=2),
+    ]
+    per_step = {}
+    for length in (4, 4000):
+        seqs = [make_seq(p, prompt=[i % vocab for i in range(length)]) for p in params]
+        driver = Driver(vocab)
+        logits = torch.randn(len(seqs), vocab)
+        driver.step(seqs, logits)  # admission: O(length) once
+        copied.clear()
+        run_steps(driver, seqs, logits, 5)
+        per_step[length] = sum(copied)
+    assert per_step[4] == per_step[4000]
+    assert per_step[4] <= 5 * 3 * len(params)
+
+
+def test_logprobs_match_log_softmax() -> None:
+    torch.manual_seed(8)
+    logits = torch.randn(3, 30) * 4
+    tokens = torch.tensor([5, 0, 29])
+    packed = gather_logprobs(logits, tokens, 4)
+    entries = to_entries(packed.numpy(), tokens.tolist(), [4, 0, 2])
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    for i, entry in enumerate(entries):
+        t = tokens[i].item()
+        assert abs(entry[t].logprob - ref[i, t].item()) < 1e-5
+        assert entry[t].rank == int((ref[i] >= ref[i, t]).sum())
+        k = [4, 0, 2][i]
+        top = ref[i].topk(k)
+        for j in range(k):
+            token = top.indices[j].item()
+            assert abs(entry[token].logprob - top.values[j].item()) < 1e-5
+            assert entry[token].rank == j + 1 or token == t
+        assert len(entry) <= k + 1
+    assert np.array_equal(
+        packed[:, 1].numpy(),
+        np.array([e[t].rank for e, t in zip(entries, tokens.tolist(), strict=True)]),
+    )
 
 
 # 1e-40: a subnormal total, where u * total rounds up to total for the largest u (the cap).
@@ -351,3 +539,16 @@ def test_pick_by_cdf_edges(scale: float) -> None:
     assert picks == [1, 1, 3, 3]
     # A row whose whole mass sits on the first token.
     assert pick_by_cdf(probs[:, [1, 0, 2]], torch.tensor([[almost_one]])).tolist() == [0]
+
+
+@pytest.mark.parametrize(("vocab", "k"), [(151936, 20), (151936, 256), (20000, 50), (3000, 7)])
+def test_topk_rows_equals_torch_topk(vocab: int, k: int) -> None:
+    """The two-stage top-k gives torch.topk's values, and ids that hold them."""
+    gen = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(3, vocab, generator=gen)
+    x[1, ::5] = 2.5  # ties across chunks
+    vals, ids = topk_rows(x, k)
+    want = x.topk(k, dim=-1).values
+    assert torch.equal(vals, want)
+    assert torch.equal(x.gather(1, ids), vals)
+    assert all(len(set(row)) == k for row in ids.tolist())

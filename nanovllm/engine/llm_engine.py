@@ -173,6 +173,7 @@ class LLMEngine:
             if seq in self.scheduler.running:
                 self.scheduler.running.remove(seq)
                 self.block_manager.deallocate(seq)
+                self.scheduler.released.append(seq.seq_id)
             elif seq in self.scheduler.waiting:
                 self.scheduler.waiting.remove(seq)
 
@@ -202,14 +203,13 @@ class LLMEngine:
         token_ids: list[int | None] = [None] * len(seqs)
         if plan.sample_rows:
             sample_seqs = [seqs[i] for i in plan.sample_rows]
-            eos = self.config.eos_token_ids
             if not is_prefill and self._run_ahead and self.runner.can_run_ahead(plan):
                 if self.runner.can_sample_async(sample_seqs):
                     # leave the tokens on their way: the next step runs ahead (_step_ahead)
-                    self._ahead = (seqs, self.runner.sample_async(sample_seqs, logits, eos))
+                    self._ahead = (seqs, self._sample_async(sample_seqs, logits))
                     self._record(False, 0, time.perf_counter() - start)
                     return [], 0, False
-            sampled = self.runner.sample(sample_seqs, logits, eos)
+            sampled = self._sample_async(sample_seqs, logits).result()
             for row, token in zip(plan.sample_rows, sampled, strict=True):
                 token_ids[row] = token
         finished = self.scheduler.postprocess(seqs, token_ids)
@@ -268,7 +268,7 @@ class LLMEngine:
                 if any(seq.grammar is not None for seq in seqs):
                     unsampled = logits
                 else:
-                    launched = self.runner.sample_async(seqs, logits, self.config.eos_token_ids)
+                    launched = self._sample_async(seqs, logits)
                 self.stats.steps_ahead += 1
         finished = self.scheduler.postprocess(seqs, self._tokens(pending))
         self.stats.sampled_tokens += len(seqs)
@@ -281,14 +281,18 @@ class LLMEngine:
             if survivors and unsampled is not None:  # the matchers have the pending tokens now
                 if len(keep) < len(seqs):
                     unsampled = unsampled[torch.tensor(keep, device=unsampled.device)]
-                eos = self.config.eos_token_ids
-                self._ahead = (survivors, self.runner.sample_async(survivors, unsampled, eos))
+                self._ahead = (survivors, self._sample_async(survivors, unsampled))
             elif survivors:
                 if len(keep) < len(seqs):
-                    index = torch.tensor(keep, device=launched.tokens.device)
-                    launched = PendingTokens.start(launched.tokens.index_select(0, index))
+                    launched = launched.select(keep)
                 self._ahead = (survivors, launched)
         return finished, len(seqs)
+
+    def _sample_async(self, seqs: list[Sequence], logits: torch.Tensor) -> PendingTokens:
+        """Sample seqs' next tokens (rank 0), after giving back the sampling slots of the
+        sequences that left the running set."""
+        self.runner.release_sampling_slots(self.scheduler.take_released())
+        return self.runner.sample_async(seqs, logits)
 
     def finish_pending(self) -> list[Sequence]:
         """Wait for and apply a decode step left running ahead; returns what finished in it."""

@@ -11,7 +11,7 @@ positions whose logits are needed.
 import torch
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.logprobs import logprob_entries
+from nanovllm.sample.logprobs import logprob_entries
 from nanovllm.worker.inputs import StepPlan
 
 # (sequence, first prompt position, number of positions) computed in one step

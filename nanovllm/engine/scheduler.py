@@ -65,6 +65,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        # Ids of sequences that left the running set (finished or preempted) since the engine
+        # last took them: their sampling slots are given back (take_released).
+        self.released: list[int] = []
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
@@ -157,9 +160,15 @@ class Scheduler:
         self.running.extendleft(reversed(scheduled))
         return scheduled
 
+    def take_released(self) -> list[int]:
+        """The ids of sequences that left the running set since the last call."""
+        released, self.released = self.released, []
+        return released
+
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and put it at the front of the waiting queue (recompute later)."""
         self.block_manager.deallocate(seq)
+        self.released.append(seq.seq_id)
         seq.status = SequenceStatus.WAITING
         seq.num_scheduled_tokens = 0
         self.waiting.appendleft(seq)
@@ -188,6 +197,7 @@ class Scheduler:
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
                 self.running.remove(seq)
+                self.released.append(seq.seq_id)
                 finished.append(seq)
         return finished
 

@@ -3,10 +3,11 @@
 from enum import Enum, auto
 from itertools import count
 
-import torch
+import numpy as np
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.outputs import Logprob
+from nanovllm.sample.logprobs import to_entries
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import SequenceGrammar
 
@@ -59,16 +60,17 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_token: int | None = None  # the EOS / stop token id that ended it
         self.stop_string: str | None = None  # the stop string that ended it
-        self.generator: torch.Generator | None = None
         # Completion number within its request (n > 1), and the other completions of the
         # request, held back until this one's prompt blocks are computed (then they hit them).
         self.index = index
         self.held_siblings: list[Sequence] | None = None
         # Set for sequences with stop strings: the text, one step at a time.
         self.detokenizer: IncrementalDetokenizer | None = None
-        # With sampling_params.logprobs: one {token id: Logprob} per generated token.
-        self.output_logprobs: list[dict[int, Logprob]] = []
-        self.cumulative_logprob = 0.0
+        # With sampling_params.logprobs: one {token id: Logprob} per generated token, built
+        # from the packed rows the sampler sent (sample/logprobs.py) when first read.
+        self._output_logprobs: list[dict[int, Logprob]] = []
+        self._logprob_rows: list[tuple[np.ndarray, int]] = []  # (packed row, token id)
+        self._cumulative_logprob = 0.0
         # With sampling_params.prompt_logprobs (first completion only): one entry per prompt
         # token, None for the first; filled as the prefill computes the positions.
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
@@ -77,6 +79,31 @@ class Sequence:
         # With sampling_params.structured_outputs: the grammar's matcher, advanced by every
         # generated token (attached by the engine that runs the sequence).
         self.grammar: SequenceGrammar | None = None
+
+    def add_logprob_row(self, packed: np.ndarray, token_id: int) -> None:
+        """Keep one generated token's packed logprob row (made into a dict when read)."""
+        self._logprob_rows.append((packed, token_id))
+
+    def _build_logprobs(self) -> None:
+        rows, self._logprob_rows = self._logprob_rows, []
+        if rows:
+            k = self.sampling_params.logprobs or 0
+            packed = np.stack([r for r, _ in rows])
+            entries = to_entries(packed, [t for _, t in rows], [k] * len(rows))
+            self._output_logprobs.extend(entries)
+            self._cumulative_logprob += float(packed[:, 0].sum())
+
+    @property
+    def output_logprobs(self) -> list[dict[int, Logprob]]:
+        """One {token id: Logprob} per generated token (with sampling_params.logprobs)."""
+        self._build_logprobs()
+        return self._output_logprobs
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """The sum of the generated tokens' logprobs (with sampling_params.logprobs)."""
+        self._build_logprobs()
+        return self._cumulative_logprob
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -1,13 +1,19 @@
-"""Temperature sampling (and greedy) of a whole batch in one pass over the logits.
+"""Sampling kernels: a whole-row draw in one pass over the logits, and the penalties.
 
-For rows that use no penalty, top-k, top-p, min-p or seed, sampling reduces to an argmax:
-drawing token i with probability softmax(l / T)_i is the same as taking
-argmax_i(l_i / T + g_i) with g_i independent standard Gumbel noise (g = -log(-log(u)),
-u uniform), the Gumbel-max form of the sampler's exponential race. One program per row walks the
-vocabulary in chunks, draws u with Triton's counter-based Philox generator (seed, row * V + i),
-(four draws per generator call) and keeps the running best; greedy rows (T = 0) take the plain
-argmax. Nothing is written but the
-token ids, so the softmax, the noise tensor and the probabilities never touch memory.
+Whole-row draw. Drawing token i with probability softmax(l / T)_i is the same as taking
+argmax_i(l_i / T + g_i) with g_i independent standard Gumbel noise (g = -log(-log(u)), u
+uniform). One program per row walks the vocabulary in chunks, draws u with Triton's
+counter-based Philox generator keyed by the row's own key (counter = the token index; four draws
+per generator call), and keeps the running best; greedy rows (T = 0) take the plain argmax. An
+optional per-row floor on l / T drops the tokens under it (min-p: floor = max / T + log(min_p)).
+Nothing is written but the token ids: the softmax, the noise and the probabilities never touch
+memory. Since the noise depends only on the row's key and the token index, a row's token does
+not depend on the other rows of the batch.
+
+Penalties. One program per (row, chunk of the vocabulary) reads the row's logits and its slot's
+output-token counts and prompt marks (sample/state.py) and writes the penalised float32 logits:
+repetition (divide positive logits of seen tokens by the penalty, multiply negative ones), then
+presence and frequency (minus presence * [count > 0] + frequency * count).
 """
 
 import torch
@@ -15,21 +21,36 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _sample_kernel(logits_ptr, temps_ptr, out_ptr, seed, stride, V, BLOCK: tl.constexpr):
+@triton.jit
+def _sample_kernel(
+    logits_ptr,
+    temps_ptr,
+    floor_ptr,
+    keys_ptr,
+    out_ptr,
+    stride,
+    temp_stride,
+    V,
+    HAS_FLOOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # Each Philox call yields four 32-bit draws, so a chunk is four sub-blocks of BLOCK tokens
-    # sharing one call per lane: the counter of lane j of chunk c is row * V + c * BLOCK + j.
-    # Every lane keeps its own best value and index; one reduction at the end picks the row's.
+    # sharing one call per lane: the counter of lane j of chunk c is c * BLOCK + j. Every lane
+    # keeps its own best value and index; one reduction at the end picks the row's.
     row = tl.program_id(0)
-    t = tl.load(temps_ptr + row)
+    t = tl.load(temps_ptr + row * temp_stride)
+    key = tl.load(keys_ptr + row)
     sampled = t > 0
     inv_t = 1.0 / tl.where(sampled, t, 1.0)
+    floor = float("-inf")
+    if HAS_FLOOR:
+        floor = tl.load(floor_ptr + row)
     lanes = tl.arange(0, BLOCK)
     best_val = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK], dtype=tl.int32)
     base = logits_ptr + row.to(tl.int64) * stride
     for start in range(0, V, 4 * BLOCK):
-        r0, r1, r2, r3 = tl.randint4x(seed, row * V + start // 4 + lanes)
+        r0, r1, r2, r3 = tl.randint4x(key, start // 4 + lanes)
         for k in tl.static_range(4):
             if k == 0:
                 r = r0
@@ -41,7 +62,9 @@ def _sample_kernel(logits_ptr, temps_ptr, out_ptr, seed, stride, V, BLOCK: tl.co
                 r = r3
             offs = start + k * BLOCK + lanes
             mask = offs < V
-            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+            x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+            if HAS_FLOOR:  # (a greedy row's floor never removes its largest logit)
+                x = tl.where(x < floor, float("-inf"), x)
             # uniform in (0, 1) from the top 24 bits
             u = ((r.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
             x = tl.where(sampled, x - tl.log(-tl.log(u)), x)
@@ -51,23 +74,151 @@ def _sample_kernel(logits_ptr, temps_ptr, out_ptr, seed, stride, V, BLOCK: tl.co
     # the lane holding the largest value; ties go to the smallest token id
     top = tl.max(best_val, 0)
     winner = tl.min(tl.where(best_val == top, best_idx, V), 0)
-    tl.store(out_ptr + row, winner)
+    tl.store(out_ptr + row, tl.where(winner < V, winner, 0))
 
 
-def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
-    """One token per row of logits [B, V]: greedy where temperature is 0, else a draw from
-    softmax(logits / temperature). Returns [B] int64."""
+def sample_full_rows(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    floor: torch.Tensor | None,
+    keys: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row of logits [B, V]: greedy where the temperature is 0, else a draw from
+    softmax(logits / T) restricted to logits / T >= floor (when given). temperatures [B] (may be
+    a strided column), floor [B] float32 or None, keys [B] int64 in [0, 2**32). Returns [B]
+    int64."""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows > 0:
         _sample_kernel[(num_rows,)](
             logits,
             temperatures,
+            floor if floor is not None else temperatures,
+            keys,
             out,
-            seed,
             logits.stride(0),
+            temperatures.stride(0),
             vocab,
+            HAS_FLOOR=floor is not None,
             BLOCK=min(1024, triton.next_power_of_2(triton.cdiv(vocab, 4))),
             num_warps=8,
         )
     return out
+
+
+@triton.jit
+def _penalize_kernel(
+    logits_ptr,
+    out_ptr,
+    slots_ptr,
+    rep_ptr,
+    pres_ptr,
+    freq_ptr,
+    counts_ptr,
+    seen_ptr,
+    stride,
+    param_stride,
+    V,
+    HAS_REPETITION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < V
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=mask).to(tl.float32)
+    count = tl.load(counts_ptr + slot * V + offs, mask=mask, other=0).to(tl.float32)
+    if HAS_REPETITION:
+        penalty = tl.load(rep_ptr + row * param_stride)
+        seen = (tl.load(seen_ptr + slot * V + offs, mask=mask, other=0) != 0) | (count > 0)
+        x = tl.where(seen, tl.where(x < 0, x * penalty, x / penalty), x)
+    presence = tl.load(pres_ptr + row * param_stride)
+    frequency = tl.load(freq_ptr + row * param_stride)
+    x = x - frequency * count - presence * (count > 0).to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * V + offs, x, mask=mask)
+
+
+def penalize(
+    logits: torch.Tensor,
+    slots: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    counts: torch.Tensor,
+    prompt_seen: torch.Tensor | None,
+) -> torch.Tensor:
+    """Float32 logits [B, V] with repetition / presence / frequency penalties.
+
+    slots [B] int64 rows of counts [S, V] int32 (output-token counts) and prompt_seen [S, V]
+    bool (prompt tokens; None: no repetition penalty in the batch); repetition, presence,
+    frequency [B] float32, the three with one stride (columns of one table are fine).
+    """
+    num_rows, vocab = logits.shape
+    assert repetition.stride(0) == presence.stride(0) == frequency.stride(0)
+    out = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device)
+    seen = prompt_seen.view(torch.uint8) if prompt_seen is not None else counts
+    block = 2048
+    _penalize_kernel[(num_rows, triton.cdiv(vocab, block))](
+        logits,
+        out,
+        slots,
+        repetition,
+        presence,
+        frequency,
+        counts,
+        seen,
+        logits.stride(0),
+        repetition.stride(0),
+        vocab,
+        HAS_REPETITION=prompt_seen is not None,
+        BLOCK=block,
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _lse_rank_kernel(logits_ptr, tokens_ptr, lse_ptr, rank_ptr, stride, V, BLOCK: tl.constexpr):
+    # One pass over a row: an online log-sum-exp (running max m and sum s of exp(x - m) per
+    # lane, merged at the end) and the count of entries >= the chosen token's logit.
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride
+    chosen = tl.load(base + tl.load(tokens_ptr + row)).to(tl.float32)
+    lanes = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + lanes
+        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        new_m = tl.maximum(m, x)
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - safe) + tl.exp(x - safe)
+        m = new_m
+        count += (x >= chosen).to(tl.int32)
+    top = tl.max(m, 0)
+    total = tl.sum(s * tl.exp(m - top), 0)
+    tl.store(lse_ptr + row, top + tl.log(total))
+    tl.store(rank_ptr + row, tl.sum(count, 0).to(tl.int64))
+
+
+def logsumexp_and_rank(
+    logits: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For logits [B, V] and tokens [B]: each row's log-sum-exp [B] float32 (in float32 from
+    any input dtype) and the number of entries >= the token's logit [B] int64, in one pass."""
+    num_rows, vocab = logits.shape
+    lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    rank = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows > 0:
+        _lse_rank_kernel[(num_rows,)](
+            logits,
+            tokens,
+            lse,
+            rank,
+            logits.stride(0),
+            vocab,
+            BLOCK=min(2048, triton.next_power_of_2(vocab)),
+            num_warps=8,
+        )
+    return lse, rank

@@ -11,6 +11,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,12 @@ def add_common_args(parser: argparse.ArgumentParser, shape: str) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers")
     parser.add_argument("--hf-batch-size", type=int, default=0, help="0: all requests at once")
+    parser.add_argument(
+        "--sampling",
+        default="plain",
+        help=f"sampling settings, comma-separated, or 'all' ({', '.join(SAMPLING)}); each "
+        "runs the workload on the same engine and is compared with the first",
+    )
 
 
 def model_path(args: argparse.Namespace) -> tuple[str, str]:
@@ -90,17 +97,46 @@ def model_path(args: argparse.Namespace) -> tuple[str, str]:
     return write_model_folder(folder, args.shape, tokenizer=False), "dummy"
 
 
-def run_nanovllm(llm: LLM, work: Workload, temperature: float = 0.6) -> float:
-    """Seconds to generate the workload (after a short warm-up; temperature 0 is greedy);
-    llm.engine.stats then holds the timed call's prefill and decode tokens and seconds."""
-    warm = SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True)
+# Sampling settings of `--sampling`: request i's SamplingParams for a temperature and max_tokens.
+# "qwen3" is Qwen3's generation_config.json; "heavy" mixes every setting, with a seed per request.
+SAMPLING: dict[str, Callable[[int, float, int], SamplingParams]] = {
+    "plain": lambda i, t, n: SamplingParams(temperature=t, max_tokens=n, ignore_eos=True),
+    "qwen3": lambda i, t, n: SamplingParams(
+        temperature=t, top_k=20, top_p=0.95, max_tokens=n, ignore_eos=True
+    ),
+    "top-p": lambda i, t, n: SamplingParams(
+        temperature=t, top_p=0.95, max_tokens=n, ignore_eos=True
+    ),
+    "heavy": lambda i, t, n: SamplingParams(
+        temperature=t,
+        top_k=50,
+        top_p=0.9,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=0.3,
+        frequency_penalty=0.2,
+        seed=i,
+        max_tokens=n,
+        ignore_eos=True,
+    ),
+    "logprobs": lambda i, t, n: SamplingParams(
+        temperature=t, logprobs=5, max_tokens=n, ignore_eos=True
+    ),
+}
+
+
+def run_nanovllm(
+    llm: LLM, work: Workload, temperature: float = 0.6, sampling: str = "plain"
+) -> float:
+    """Seconds to generate the workload (after a short warm-up; temperature 0 is greedy) with
+    the SAMPLING setting named; llm.engine.stats then holds the timed call's prefill and decode
+    tokens and seconds."""
+    make = SAMPLING[sampling]
     # Reversed prompt tails share no prefix with the workload, so no prefix-cache hit helps it.
-    llm.generate([p[::-1][:16] for p in work.prompts[:4]], warm, use_tqdm=False)
+    warm = [p[::-1][:16] for p in work.prompts[:4]]
+    llm.generate(warm, [make(i, temperature, 4) for i in range(len(warm))], use_tqdm=False)
     llm.engine.stats = type(llm.engine.stats)()
-    params = [
-        SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True)
-        for n in work.output_lens
-    ]
+    params = [make(i, temperature, n) for i, n in enumerate(work.output_lens)]
     _sync(llm.config.device)
     t = time.perf_counter()
     outs = llm.generate(work.prompts, params, use_tqdm=False)
@@ -202,7 +238,22 @@ def main(
         work = work_args
     else:
         work = make_workload(vocab=llm.config.hf_config.vocab_size, seed=args.seed, **work_args)
-    elapsed = run_nanovllm(llm, work, temperature)
+    settings = list(SAMPLING) if args.sampling == "all" else args.sampling.split(",")
+    unknown = [name for name in settings if name not in SAMPLING]
+    if unknown:
+        raise SystemExit(f"unknown --sampling {unknown[0]!r}; known: {', '.join(SAMPLING)}")
+    extra = []
+    for name in settings[1:]:
+        seconds = run_nanovllm(llm, work, temperature, name)
+        extra.append((name, seconds))
+    elapsed = run_nanovllm(llm, work, temperature, settings[0])
+    if extra:  # the first setting ran last too; run the first again to see the drift
+        for name, seconds in extra:
+            print(
+                f"sampling {name}: {seconds:.2f} s, {work.num_output_tokens / seconds:.1f} "
+                f"output tok/s, {elapsed / seconds:.2f}x of {settings[0]}"
+            )
+        print(f"sampling {settings[0]}: {elapsed:.2f} s (the reference, run last)")
     stats = llm.engine.stats
     device, dtype = llm.config.device, llm.config.dtype
     desc = (

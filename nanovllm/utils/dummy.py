@@ -34,6 +34,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     ),
+    # The "small" model with a 32k vocabulary (sampling benchmarks on a CPU: mini_bench --sampling).
+    "small-32k": dict(
+        vocab_size=32768,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
     # For mini_bench's small-short preset: the kind of model a newcomer tries first on a CPU.
     "mini": dict(
         vocab_size=8192,

@@ -8,7 +8,6 @@ eagerly. Rank 0 then samples one token for every sequence whose last token was c
 """
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import cpu
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.logprobs import logprob_entries
-from nanovllm.layers.sampler import Sampler, SamplingBatch, sample_plain
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sample import SamplingState, gather_logprobs, sample
+from nanovllm.sample.state import to_device
 from nanovllm.structured.masks import GrammarMasks
 from nanovllm.utils.context import set_context
 from nanovllm.utils.loader import load_model
@@ -89,9 +87,9 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = self.attn_backend
         self.vocab_size = hf.vocab_size
-        self.sampler = Sampler()
-        self._sample_rng = random.Random(config.seed)
-        self._plain_cache: dict[int, float | None] = {}
+        self.sampling = SamplingState(
+            config.max_num_seqs, hf.vocab_size, config.eos_token_ids, self.device
+        )
         self.grammar_masks = GrammarMasks(self.vocab_size, self.device)  # structured output
         self.inputs = InputBuilder(self.device, self.block_size)
         self.startup_seconds = {"load": time.perf_counter() - start}
@@ -157,22 +155,6 @@ class ModelRunner:
         plan = StepPlan(True, [0] * num_tokens, lens, [0] * num_seqs, [[] for _ in lens], [])
         self.execute(plan)
 
-    def _plain_temperatures(self, seqs: list[Sequence]) -> list[float] | None:
-        """Each sequence's temperature when every one samples with temperature alone (see
-        kernels/sampling.py), else None. Verdicts are kept per sequence id."""
-        cache = self._plain_cache
-        if len(cache) > 4 * self.config.max_num_seqs:
-            cache.clear()
-        temps = []
-        for seq in seqs:
-            t = cache.get(seq.seq_id, cache)
-            if t is cache:
-                t = cache[seq.seq_id] = _plain_temperature(seq.sampling_params, self.vocab_size)
-            if t is None:
-                return None
-            temps.append(t)
-        return temps
-
     # -- one step ----------------------------------------------------------------------------
 
     def can_run_ahead(self, plan: StepPlan) -> bool:
@@ -216,105 +198,119 @@ class ModelRunner:
             set_context(None)
 
     def can_sample_async(self, seqs: list[Sequence]) -> bool:
-        """True when sampling seqs needs no host work after the draw (the fused CUDA path, no
-        logprobs to record), so sample_async can leave the tokens on their way to the host."""
-        return (
-            self.device.type == "cuda"
-            and self._plain_temperatures(seqs) is not None
-            and all(seq.sampling_params.logprobs is None for seq in seqs)
-        )
+        """True when sampling seqs needs no host work after the draw, so sample_async can leave
+        the tokens on their way to the host (every setting, on CUDA)."""
+        return self.device.type == "cuda"
+
+    def release_sampling_slots(self, seq_ids: list[int]) -> None:
+        """Give back the sampling slots of sequences that left the running set."""
+        self.sampling.release(seq_ids)
 
     @torch.inference_mode()
-    def sample_async(
-        self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: list[int]
-    ) -> "PendingTokens":
+    def sample_async(self, seqs: list[Sequence], logits: torch.Tensor) -> "PendingTokens":
         """One token per sequence from its logits row (rank 0), copied to the host without
-        waiting: PendingTokens.result() waits for them.
+        waiting: PendingTokens.result() waits for them (and hands out logprobs then).
 
-        Sequences that ask for logprobs also get them recorded (see record_logprobs; that waits).
-        Rows of sequences with a grammar (structured output) are masked first, in place.
+        The per-slot sampling state (sample/state.py) is updated on the device, so the step
+        after this one can be sampled before these tokens reach the host. Rows of sequences
+        with a grammar (structured output) are masked first, in place.
         """
         logits = self.grammar_masks.apply(seqs, logits)  # structured output (no-op without)
-        temperatures = self._plain_temperatures(seqs)
-        if temperatures is not None and logits.is_cuda:  # common on CUDA: one fused kernel
-            from nanovllm.kernels.sampling import sample_temperature
+        state = self.sampling
+        slots = []
+        for seq in seqs:
+            slot = state.lookup(seq.seq_id)
+            if slot is None:
+                slot = state.admit(
+                    seq.seq_id,
+                    seq.sampling_params,
+                    seq.prompt_token_ids,
+                    seq.completion_token_ids,
+                )
+            slots.append(slot)
+        rows = state.rows(slots)
+        # [num_seqs] int64
+        tokens = sample(logits, rows)
+        state.record(rows, tokens)
+        ks = rows.logprob_ks
+        asking = [i for i, k in enumerate(ks) if k is not None]
+        packed = None
+        if asking:
+            k = max(ks[i] for i in asking)
+            if len(asking) == len(seqs):
+                packed = gather_logprobs(logits, tokens, k)
+            else:
+                index = to_device(asking, torch.int64, logits.device)
+                packed = gather_logprobs(logits[index], tokens[index], k)
+        return PendingTokens.start(tokens, packed, [(i, seqs[i]) for i in asking])
 
-            # [num_seqs] float32, pinned so the copy does not wait for the forward
-            temps = torch.tensor(temperatures, dtype=torch.float32).pin_memory()
-            temps = temps.to(logits.device, non_blocking=True)
-            tokens = sample_temperature(logits, temps, self._sample_rng.getrandbits(31))
-        elif temperatures is not None:  # CPU, MPS: the same tokens as the Sampler, less host work
-            tokens = sample_plain(logits, temperatures)
-        else:
-            batch = SamplingBatch.from_sequences(
-                seqs, self.vocab_size, eos_token_ids, logits.device
-            )
-            tokens = self.sampler(logits, batch, self._sample_rng)
-        if any(seq.sampling_params.logprobs is not None for seq in seqs):
-            record_logprobs(seqs, logits, tokens)
-        return PendingTokens.start(tokens)
-
-    def sample(
-        self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: list[int]
-    ) -> list[int]:
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token per sequence from its logits row (rank 0); see sample_async."""
-        return self.sample_async(seqs, logits, eos_token_ids).result()
+        return self.sample_async(seqs, logits).result()
 
 
 @dataclass
 class PendingTokens:
-    """Sampled token ids on their way from the device to the host."""
+    """Sampled token ids (and logprob rows) on their way from the device to the host."""
 
     tokens: torch.Tensor  # [num_seqs] int64 on the device
     host: torch.Tensor  # [num_seqs] int64, pinned on CUDA
-    event: torch.cuda.Event | None  # recorded after the copy (CUDA only)
+    event: torch.cuda.Event | None  # recorded after the copies (CUDA only)
+    logprobs: torch.Tensor | None = None  # [R, 2 + 2k] float64 packed rows, host
+    # (row of `tokens`, sequence) for each packed row, in order; None: a sequence not kept
+    logprob_seqs: list[tuple[int, Sequence | None]] | None = None
 
     @classmethod
-    def start(cls, tokens: torch.Tensor) -> "PendingTokens":
-        """Begin the device-to-host copy of tokens."""
+    def start(
+        cls,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor | None = None,
+        logprob_seqs: list[tuple[int, Sequence | None]] | None = None,
+    ) -> "PendingTokens":
+        """Begin the device-to-host copies of tokens and logprob rows."""
         if not tokens.is_cuda:
-            return cls(tokens, tokens, None)
+            host_lp = logprobs.cpu() if logprobs is not None else None
+            return cls(tokens, tokens, None, host_lp, logprob_seqs)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        host_lp = None
+        if logprobs is not None:
+            host_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host_lp.copy_(logprobs, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return cls(tokens, host, event)
+        return cls(tokens, host, event, host_lp, logprob_seqs)
+
+    def select(self, keep: list[int]) -> "PendingTokens":
+        """The pending tokens of rows `keep` only; the logprob rows of the other rows are
+        dropped, the kept ones still go to their sequences."""
+        index = to_device(keep, torch.int64, self.tokens.device)
+        # Its copy is queued after this one's, so its event covers the logprob rows too.
+        selected = PendingTokens.start(self.tokens.index_select(0, index))
+        if self.logprob_seqs is not None:
+            new_row = {row: i for i, row in enumerate(keep)}
+            selected.logprobs = self.logprobs
+            selected.logprob_seqs = [
+                (new_row[row], seq) if row in new_row else (-1, None)
+                for row, seq in self.logprob_seqs
+            ]
+        return selected
 
     def result(self, poll: Callable[[], None] | None = None) -> list[int]:
-        """The token ids (waits for the copy). With `poll`, waits by calling it until the copy
-        is done (tensor parallelism: it raises if a worker failed, which the copy would wait
-        for until NCCL's timeout)."""
+        """The token ids (waits for the copies); logprob rows are handed to their sequences.
+        With `poll`, waits by calling it until the copy is done (tensor parallelism: it raises
+        if a worker failed, which the copy would wait for until NCCL's timeout)."""
         if self.event is not None:
             if poll is None:
                 self.event.synchronize()
             else:
                 while not self.event.query():
                     poll()
-        return self.host.tolist()
-
-
-def _plain_temperature(params: SamplingParams, vocab_size: int) -> float | None:
-    """The temperature of params if sampling with them needs nothing else, else None."""
-    plain = (
-        (params.top_k <= 0 or params.top_k >= vocab_size)
-        and params.top_p >= 1
-        and params.min_p <= 0
-        and params.repetition_penalty == 1
-        and params.presence_penalty == 0
-        and params.frequency_penalty == 0
-        and params.min_tokens == 0
-        and (params.seed is None or params.temperature == 0)
-    )
-    return float(params.temperature) if plain else None
-
-
-def record_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Append each asking sequence's chosen-token and top-k logprobs (raw model distribution)."""
-    rows = [i for i, seq in enumerate(seqs) if seq.sampling_params.logprobs is not None]
-    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    ks = [seqs[i].sampling_params.logprobs for i in rows]
-    entries = logprob_entries(logits[index], tokens[index], ks)
-    for i, entry in zip(rows, entries, strict=True):
-        seq = seqs[i]
-        seq.output_logprobs.append(entry)
-        seq.cumulative_logprob += next(iter(entry.values())).logprob  # the chosen token's
+        tokens = self.host.tolist()
+        if self.logprobs is not None and self.logprob_seqs:
+            packed = self.logprobs.numpy()
+            for i, (row, seq) in enumerate(self.logprob_seqs):
+                if seq is not None:
+                    seq.add_logprob_row(packed[i], tokens[row])
+            self.logprob_seqs = None  # handed out once
+        return tokens

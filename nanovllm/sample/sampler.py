@@ -1,0 +1,256 @@
+"""Turns one step's logits into one token per row, every setting per row, without a sort.
+
+Order per row, all in float32 (the design's order):
+  (a) penalties on the raw logits: repetition (transformers' rule) over the prompt + output
+      tokens: a logit of a token that occurs is divided by the penalty when positive, multiplied
+      when not; presence / frequency (OpenAI / vLLM) over the output tokens:
+      logit -= presence * [count > 0] + frequency * count; min_tokens: until enough tokens were
+      generated, EOS (unless ignore_eos) and the stop tokens get -inf.
+  (b) temperature 0 rows take the argmax of the penalised logits (greedy); the others are divided
+      by their temperature.
+  (c) top-k keeps the k largest; (d) top-p then renormalises what is left and keeps the smallest
+      prefix (in descending order) whose probability reaches top_p: the token crossing top_p is
+      kept, and so is the first; (e) min-p drops tokens whose probability is below min_p times
+      the row's largest; (f) one draw from what is left.
+
+How it avoids a full-vocabulary sort: rows that truncate take only their K best candidates
+(`torch.topk`, K = the batch's largest top-k, or TOP_P_CANDIDATES for rows with top-p alone),
+and (c)-(f) run on those [B, K] candidates. That is exact for top-k rows. For a top-p-only row it
+is exact when the candidates hold at least top_p of the row's probability (the nucleus then lies
+inside them); rows where they do not are redone by a sort of those rows alone. Min-p is a floor
+on the scaled logit, max + log(min_p), so it needs no normalisation at all.
+
+Rows that do not truncate are drawn from the whole row in one pass: on CUDA by a fused kernel
+(Gumbel-max with counter-based random numbers, kernels/sampling.py), elsewhere by the inverse
+CDF with one uniform per row. Either way a row's randomness comes from its key alone (see
+state.py), so a seeded request's tokens do not depend on the batch. Nothing here waits for the
+device, except the check for uncovered top-p-only rows (a host read, made only when such rows
+are in the batch and the vocabulary is larger than TOP_P_CANDIDATES).
+"""
+
+import torch
+from torch import Tensor
+
+from nanovllm.kernels import use_kernels
+from nanovllm.sample.state import (
+    FREQUENCY,
+    MIN_P,
+    MIN_TOKENS,
+    PRESENCE,
+    REPETITION,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    SamplingRows,
+    uniform_from_keys,
+)
+
+# Candidates kept for rows with top-p and no top-k before checking that they hold the nucleus.
+TOP_P_CANDIDATES = 256
+
+
+def apply_penalties(logits: Tensor, rows: SamplingRows) -> Tensor:
+    """Return float32 logits [B, V] with the penalties and min_tokens bans of step (a)."""
+    if rows.any_penalty and use_kernels(logits):
+        from nanovllm.kernels.sampling import penalize
+
+        assert rows.counts is not None
+        p = rows.params
+        x = penalize(
+            logits,
+            rows.slots,
+            p[:, REPETITION],
+            p[:, PRESENCE],
+            p[:, FREQUENCY],
+            rows.counts,
+            rows.prompt_seen,
+        )
+    else:
+        x = logits.float()
+        if rows.any_penalty:
+            x = _penalties_torch(x, rows)
+        else:
+            x = x.clone() if x is logits else x
+    if rows.any_ban:
+        x = apply_bans(x, rows)
+    return x
+
+
+def _penalties_torch(x: Tensor, rows: SamplingRows) -> Tensor:
+    assert rows.counts is not None
+    # [B, V] output-token counts of each row
+    counts = rows.counts.index_select(0, rows.slots)
+    if rows.any_repetition:
+        assert rows.prompt_seen is not None
+        seen = rows.prompt_seen.index_select(0, rows.slots) | (counts > 0)
+        penalty = rows.params[:, REPETITION, None]
+        x = torch.where(seen, torch.where(x < 0, x * penalty, x / penalty), x)
+    if rows.any_presence_frequency:
+        c = counts.float()
+        x = x - rows.params[:, FREQUENCY, None] * c
+        x = x - rows.params[:, PRESENCE, None] * (c > 0).float()
+    return x
+
+
+def apply_bans(x: Tensor, rows: SamplingRows) -> Tensor:
+    """Set the min_tokens bans of rows that have not generated min_tokens yet to -inf, in place."""
+    assert rows.ban_ids is not None
+    num_rows, vocab = x.shape
+    # [B, W]: ids of rows still under min_tokens, else the padding column `vocab`
+    active = rows.generated < rows.params[:, MIN_TOKENS].to(torch.int64)
+    ids = torch.where(active[:, None] & (rows.ban_ids >= 0), rows.ban_ids, vocab)
+    # [B, V + 1] -> [B, V]: the extra column takes the padding
+    padded = torch.cat([x, x.new_zeros(num_rows, 1)], dim=1)
+    padded.scatter_(1, ids, float("-inf"))
+    return padded[:, :vocab]
+
+
+def sample(logits: Tensor, rows: SamplingRows) -> Tensor:
+    """One token id per row of logits [B, V] (any float dtype, left unchanged): [B] int64."""
+    if rows.plain:
+        if use_kernels(logits):
+            from nanovllm.kernels.sampling import sample_full_rows
+
+            return sample_full_rows(logits, rows.params[:, TEMPERATURE], None, rows.keys)
+        if rows.all_greedy:
+            return logits.float().argmax(dim=-1)
+        return _draw_full_rows(logits.float(), rows, None)
+    # [B, V]: float32 when penalised, else the logits as they are
+    x = apply_penalties(logits, rows) if rows.any_penalty or rows.any_ban else logits
+    if rows.all_greedy:
+        return x.argmax(dim=-1)
+    truncated = _sample_truncated(x, rows) if rows.any_truncate else None
+    if truncated is not None and rows.all_truncate:
+        return truncated
+    temps = rows.params[:, TEMPERATURE]
+    # [B] floor on the scaled logits for min-p: max / T + log(min_p) (-inf where off)
+    floor = None
+    if rows.any_min_p:
+        scale = torch.where(temps > 0, temps, 1.0)
+        min_p = rows.params[:, MIN_P]
+        floor = x.amax(dim=-1).float() / scale + torch.log(min_p)  # log(0) = -inf: no floor
+    if use_kernels(x):
+        from nanovllm.kernels.sampling import sample_full_rows
+
+        tokens = sample_full_rows(x, temps, floor, rows.keys)
+    else:
+        tokens = _draw_full_rows(x.float(), rows, floor)
+    if truncated is not None:
+        tokens = torch.where(rows.truncate_rows, truncated, tokens)
+    return tokens
+
+
+def _draw_full_rows(x: Tensor, rows: SamplingRows, floor: Tensor | None) -> Tensor:
+    """Steps (b), (e), (f) over whole rows by the inverse CDF (CPU, MPS): [B] int64."""
+    temps = rows.params[:, TEMPERATURE]
+    greedy = temps == 0
+    # [B, V]
+    scaled = x / torch.where(greedy, 1.0, temps)[:, None]
+    if floor is not None:
+        scaled = scaled.masked_fill(scaled < floor[:, None], float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    tokens = pick_by_cdf(probs, uniform_from_keys(rows.keys)[:, None])
+    return torch.where(greedy, x.argmax(dim=-1), tokens) if rows.any_greedy else tokens
+
+
+def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
+    """Steps (b)-(f) for rows with top-k or top-p, on their best K candidates: [B] int64
+    (rows that do not truncate get some token, which the caller ignores)."""
+    num_rows, vocab = x.shape
+    params = rows.params
+    temps = torch.where(params[:, TEMPERATURE] > 0, params[:, TEMPERATURE], 1.0)
+    top_k = params[:, TOP_K].to(torch.int64)
+    top_p = params[:, TOP_P]
+    k = max(rows.max_top_k, TOP_P_CANDIDATES if rows.any_top_p_only else 1)
+    k = min(k, vocab)
+    # [B, K] best candidates, sorted descending, on the scaled logits
+    vals, ids = topk_rows(x, k)
+    vals = vals / temps[:, None]
+    ranks = torch.arange(k, device=x.device)
+    has_top_k = top_k < vocab
+    vals = vals.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    # Normaliser: top-k rows renormalise over their k; top-p-only rows use the whole row.
+    lse = vals.logsumexp(dim=-1)
+    if rows.any_top_p_only:
+        full_lse = (x / temps[:, None]).logsumexp(dim=-1)
+        lse = torch.where(has_top_k, lse, full_lse)
+    # [B, K]
+    probs = (vals - lse[:, None]).exp()
+    mass_above = probs.cumsum(dim=-1) - probs
+    drop = mass_above >= top_p[:, None]
+    drop[:, 0] = False
+    min_p = params[:, MIN_P]
+    drop |= vals < (vals[:, :1] + torch.log(min_p)[:, None])
+    probs = probs.masked_fill(drop, 0.0)
+    pos = pick_by_cdf(probs, uniform_from_keys(rows.keys)[:, None])
+    tokens = ids.gather(1, pos[:, None]).squeeze(1)
+    if rows.any_top_p_only and k < vocab:
+        # Top-p-only rows whose candidates hold less than top_p: the nucleus reaches past them.
+        total = (vals - lse[:, None]).exp().sum(dim=-1)
+        uncovered = rows.truncate_rows & ~has_top_k & (total < top_p)
+        if bool(uncovered.any()):  # a host read: only with top-p-only rows
+            index = uncovered.nonzero().squeeze(1)
+            redo = _sample_sorted(x.index_select(0, index), rows, index)
+            tokens = tokens.index_copy(0, index, redo)
+    return tokens
+
+
+def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row of x [B, V] and their ids, sorted descending: [B, k].
+
+    For long rows in two stages, which is much faster on a GPU than one torch.topk over the row
+    (one thread block per row): the top-k of each chunk of `chunk` entries (many short rows),
+    then the top-k of those candidates. Exact: a row's top k are among its chunks' top k.
+    """
+    num_rows, vocab = x.shape
+    chunk = max(1024, 16 * _next_pow2(k))
+    if vocab < 4 * chunk or k > 1024:
+        return x.topk(k, dim=-1)
+    whole = vocab // chunk
+    # [B, whole, chunk] view of the leading whole chunks, then the tail
+    vals, ids = x[:, : whole * chunk].view(num_rows, whole, chunk).topk(k, dim=-1)
+    ids = ids + (torch.arange(whole, device=x.device) * chunk)[None, :, None]
+    vals, ids = vals.flatten(1), ids.flatten(1)
+    if vocab > whole * chunk:
+        tail = x[:, whole * chunk :]
+        t_vals, t_ids = tail.topk(min(k, tail.shape[1]), dim=-1)
+        vals = torch.cat([vals, t_vals], dim=1)
+        ids = torch.cat([ids, t_ids + whole * chunk], dim=1)
+    # [B, k]
+    best, pos = vals.topk(k, dim=-1)
+    return best, ids.gather(1, pos)
+
+
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _sample_sorted(x: Tensor, rows: SamplingRows, index: Tensor) -> Tensor:
+    """Steps (b)-(f) by a full sort, for the rows `index` of the batch (top-p-only rows whose
+    nucleus is larger than the candidates); x holds those rows."""
+    params = rows.params.index_select(0, index)
+    temps = params[:, TEMPERATURE]
+    # [R, V] sorted descending
+    vals, order = (x / temps[:, None]).sort(dim=-1, descending=True)
+    probs = vals.softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs
+    drop = mass_above >= params[:, TOP_P, None]
+    drop[:, 0] = False
+    drop |= vals < (vals[:, :1] + torch.log(params[:, MIN_P])[:, None])
+    probs = probs.masked_fill(drop, 0.0)
+    pos = pick_by_cdf(probs, uniform_from_keys(rows.keys.index_select(0, index))[:, None])
+    return order.gather(1, pos[:, None]).squeeze(1)
+
+
+def pick_by_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """For probs [B, V] >= 0 and u [B, 1] in [0, 1): the first i with cdf[i] > u * cdf[-1], [B].
+
+    Token i is picked with probability probs[i] / sum(probs); a token of probability 0 never is.
+    """
+    # [B, V] running sums; non-decreasing, so searchsorted applies
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # [B, 1] target in [0, total); u * total rounds up to total when total is subnormal
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)

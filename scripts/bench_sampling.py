@@ -1,0 +1,80 @@
+"""One decode step's sampling alone, per sampling setting, at a full batch (CUDA or CPU).
+
+    python3 scripts/bench_sampling.py [--rows 256] [--vocab 151936] [--prompt-len 600]
+
+For each setting of nanovllm.utils.benchmark.SAMPLING: `rows` sequences (prompts of prompt_len
+random ids) hold sampling slots; each iteration builds the step's rows, samples random logits
+(bf16 on CUDA, float32 on a CPU), records the tokens on the device and, for logprobs, packs them:
+what ModelRunner.sample_async does after the forward. Prints the device time per step (CUDA
+events over the loop) and the host time to issue one step; on CUDA the host time is what the
+run-ahead loop must hide behind the forward.
+"""
+
+import argparse
+import random
+import time
+
+import torch
+
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sample import SamplingState, gather_logprobs, sample
+from nanovllm.utils.benchmark import SAMPLING
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--prompt-len", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    rng = random.Random(0)
+    logits = (torch.randn(args.rows, args.vocab, device=dev) * 2).to(dtype)
+    print(f"sampling one step: {args.rows} rows x {args.vocab}, {dtype}, {dev}")
+    print(f"{'setting':10s} | device us/step | host us/step")
+    base = None
+    for name, make in SAMPLING.items():
+        state = SamplingState(args.rows, args.vocab, [0], dev)
+        seqs = [
+            Sequence(
+                [rng.randrange(args.vocab) for _ in range(args.prompt_len)], make(i, 0.6, 10**6)
+            )
+            for i in range(args.rows)
+        ]
+        slots = [state.admit(s.seq_id, s.sampling_params, s.prompt_token_ids, []) for s in seqs]
+
+        def step(state: SamplingState = state, slots: list[int] = slots) -> None:
+            rows = state.rows(slots)
+            tokens = sample(logits, rows)
+            state.record(rows, tokens)
+            ks = [k for k in rows.logprob_ks if k is not None]
+            if ks:
+                gather_logprobs(logits, tokens, max(ks))
+
+        for _ in range(3):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            host = (time.perf_counter() - t) / args.steps
+            end.record()
+            torch.cuda.synchronize()
+            device_us = start.elapsed_time(end) * 1e3 / args.steps
+        else:
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            host = (time.perf_counter() - t) / args.steps
+            device_us = host * 1e6
+        base = base or device_us
+        print(f"{name:10s} | {device_us:10.1f} ({device_us / base:4.2f}x) | {host * 1e6:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
