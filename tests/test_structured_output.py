@@ -290,6 +290,18 @@ def test_stop_strings_logprobs_and_chat(llm: LLM) -> None:
     assert reply.outputs[0].text in ("yes", "no")
 
 
+def test_generate_iter_left_early_then_more_work(llm: LLM) -> None:
+    spec, valid = CASES["grammar"]
+    params = SamplingParams(temperature=0.7, max_tokens=64, structured_outputs=spec)
+    iterator = llm.generate_iter(iter(PROMPTS * 4), params, use_tqdm=False)
+    first = next(iterator)
+    iterator.close()  # the other constrained requests are aborted mid-grammar
+    assert valid(first.outputs[0].text)
+    assert llm.engine.is_finished()
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert all(valid(out.outputs[0].text) for out in outs)
+
+
 def test_ignore_eos_still_ends_with_the_grammar(llm: LLM) -> None:
     spec = StructuredOutputsParams(choice=["yes", "no"])
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, structured_outputs=spec)
@@ -495,8 +507,7 @@ def test_cuda_run_ahead_with_grammars(tiny_model_dir: str, llm: LLM) -> None:
         outs = gpu.generate(prompts, [*greedy, free], use_tqdm=False)
         assert gpu.engine.stats.steps_ahead > 0
         sampled = [
-            SamplingParams(temperature=1.0, max_tokens=64, n=3, structured_outputs=s)
-            for s in specs  # unseeded: plain temperature, so these steps run ahead too
+            SamplingParams(temperature=1.0, max_tokens=64, n=3, structured_outputs=s) for s in specs
         ]
         sampled_outs = gpu.generate(PROMPTS, sampled, use_tqdm=False)
     for ref, out in zip(expected, outs, strict=True):
