@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nanovllm.models.registry import resolve_architecture
+
 if TYPE_CHECKING:  # transformers loads when the first Config is made (import nanovllm stays light)
     from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -52,6 +53,9 @@ class Config:
     dtype: str | torch.dtype = "auto"
     load_format: str = "auto"
     enable_prefix_caching: bool = True
+    # True: decode never takes the cascade path (shared prefixes read once per group; CUDA,
+    # Triton backend), as vLLM's disable_cascade_attn.
+    disable_cascade_attn: bool = False
     attention_backend: str = "auto"
     # "auto": the model dtype; "fp8" (or "fp8_e4m3"): K/V stored as float8 e4m3 with a scale
     # of 1, as vLLM's kv_cache_dtype without calibrated scales (CUDA, Triton backend).
@@ -90,12 +94,7 @@ class Config:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
         with open(config_path) as f:
-            architectures = json.load(f).get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-            raise ValueError(
-                f"unsupported architecture {architectures} in {config_path}; "
-                f"supported: {list(SUPPORTED_ARCHITECTURES)}"
-            )
+            resolve_architecture(json.load(f).get("architectures"), config_path)
         if self.hf_config is None:
             from transformers import AutoConfig
 

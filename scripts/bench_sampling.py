@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--prompt-len", type=int, default=600)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--profile", action="store_true", help="top kernels of each setting")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

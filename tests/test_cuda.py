@@ -99,6 +99,54 @@ def test_preemption_with_graphs_equals_torch_backend(tiny_model_dir: str) -> Non
     assert greedy_tokens(tiny_model_dir, attention_backend="triton", **common) == reference
 
 
+def test_every_sampling_setting_runs_ahead(tiny_model_dir: str) -> None:
+    """Penalties, top-k/top-p/min-p, seeds, min_tokens and logprobs all sample on the device
+    and run ahead; a seeded request gives the same tokens alone and in the batch; logprobs
+    agree with a run on the torch path."""
+    prompts = prompts_of([5, 40, 17, 90, 33, 64], seed=4)
+    heavy = SamplingParams(
+        temperature=0.7,
+        top_k=50,
+        top_p=0.9,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=0.3,
+        frequency_penalty=0.2,
+        seed=123,
+        max_tokens=24,
+        min_tokens=4,
+        logprobs=3,
+    )
+    params = [
+        heavy,
+        SamplingParams(temperature=0.6, top_k=20, top_p=0.95, max_tokens=24),
+        SamplingParams(temperature=0.6, top_p=0.8, max_tokens=24, seed=9),
+        SamplingParams(temperature=0, max_tokens=24, logprobs=2, repetition_penalty=1.2),
+        SamplingParams(temperature=1.0, min_p=0.1, max_tokens=24),
+        SamplingParams(temperature=0.6, max_tokens=24, logprobs=5),
+    ]
+    with LLM(tiny_model_dir, device="cuda", dtype="float32", num_kvcache_blocks=64) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.stats.steps_ahead > 0
+        alone = llm.generate(prompts[:1], params[:1], use_tqdm=False)
+    assert alone[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert len(outs[0].outputs[0].logprobs) == 24
+    for o, p in zip(outs, params, strict=True):
+        assert len(o.outputs[0].token_ids) == 24
+        if p.logprobs is not None:
+            for token, entry in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True):
+                assert token in entry and len(entry) <= p.logprobs + 1
+    # the greedy row with a penalty, and its logprobs, equal the CPU engine's
+    with LLM(tiny_model_dir, device="cpu", dtype="float32", num_kvcache_blocks=64) as cpu:
+        ref = cpu.generate(prompts[3:4], params[3:4], use_tqdm=False)[0].outputs[0]
+    got = outs[3].outputs[0]
+    assert got.token_ids == ref.token_ids
+    for a, b in zip(got.logprobs, ref.logprobs, strict=True):
+        assert a.keys() == b.keys()
+        for t in a:
+            assert abs(a[t].logprob - b[t].logprob) < 1e-3 and a[t].rank == b[t].rank
+
+
 def test_cuda_graphs_are_used(tiny_model_dir: str) -> None:
     with LLM(tiny_model_dir, device="cuda", dtype="float32", num_kvcache_blocks=64) as llm:
         graphs = llm.engine.runner.graphs

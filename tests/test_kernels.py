@@ -479,3 +479,47 @@ def test_logsumexp_and_rank_kernel(dtype: torch.dtype) -> None:
     chosen = x.gather(1, tokens[:, None])
     assert torch.allclose(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-6)
     assert torch.equal(rank.cpu(), (x >= chosen).sum(dim=-1))
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.995])
+def test_top_p_floor_kernel_keeps_the_nucleus(top_p: float) -> None:
+    """The searched floor keeps exactly the sorted reference's nucleus (flat and peaked rows);
+    rows not asked for get -inf."""
+    from nanovllm.kernels.sampling import top_p_floor
+
+    gen = torch.Generator().manual_seed(4)
+    vocab = 700
+    x = torch.randn(4, vocab, generator=gen) * torch.tensor([[0.05], [1.0], [4.0], [1.0]])
+    temps = torch.tensor([0.8, 1.0, 0.6, 1.0])
+    scaled = x / temps[:, None]
+    lse = torch.logsumexp(scaled, dim=-1)
+    search = torch.tensor([True, True, True, False])
+    floor = top_p_floor(
+        x.to(DEVICE),
+        temps.to(DEVICE),
+        lse.to(DEVICE),
+        torch.full((4,), top_p, device=DEVICE),
+        scaled.amax(dim=-1).to(DEVICE),
+        search.to(DEVICE),
+    ).cpu()
+    assert floor[3] == float("-inf")
+    for r in range(3):
+        probs = scaled[r].double().softmax(-1)
+        p, order = probs.sort(descending=True)
+        keep = int(((p.cumsum(-1) - p) < top_p).sum())
+        want = set(order[:keep].tolist())
+        got = set((scaled[r] >= floor[r]).nonzero().squeeze(1).tolist())
+        assert got == want, (r, len(got), len(want))
+
+
+def test_logsumexp_with_temperatures() -> None:
+    from nanovllm.kernels.sampling import logsumexp_and_rank
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 900, generator=gen) * 3
+    temps = torch.tensor([0.5, 0.0, 1.7])  # 0 is taken as 1
+    lse, _ = logsumexp_and_rank(
+        x.to(DEVICE), torch.zeros(3, dtype=torch.int64, device=DEVICE), temps.to(DEVICE)
+    )
+    want = torch.logsumexp(x / torch.tensor([[0.5], [1.0], [1.7]]), dim=-1)
+    assert torch.allclose(lse.cpu(), want, atol=1e-4)

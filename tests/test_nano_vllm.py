@@ -123,6 +123,32 @@ def test_repetition_penalty_matches(
     assert token_ids(outs) != token_ids(plain)
 
 
+def test_penalties_and_seeds_survive_preemption(tiny_model_dir: str) -> None:
+    """Penalty counts are rebuilt from the token ids when a preempted sequence comes back, and
+    a seeded request continues its own random stream: the same tokens with and without
+    preemption."""
+    prompts = random_prompts([30, 31, 25, 20, 33, 29, 18, 30], seed=9, vocab=40)
+    params = [
+        SamplingParams(
+            temperature=0,
+            max_tokens=40,
+            repetition_penalty=1.4,
+            presence_penalty=0.5,
+            frequency_penalty=0.3,
+        ),
+        SamplingParams(temperature=0.8, top_k=8, top_p=0.9, max_tokens=40, seed=5),
+    ]
+    params = [params[i % 2] for i in range(len(prompts))]
+    with LLM(tiny_model_dir, kvcache_block_size=16, max_model_len=256) as llm:
+        roomy = llm.generate(prompts, params, use_tqdm=False)
+    with LLM(
+        tiny_model_dir, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=256
+    ) as llm:
+        tight = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert token_ids(tight) == token_ids(roomy)
+
+
 def test_mixed_params_in_one_batch(tiny_model_dir: str, reference: list[list[int]]) -> None:
     params = [
         greedy() if i % 2 == 0 else SamplingParams(temperature=1.0, top_k=5)

@@ -377,9 +377,11 @@ def test_large_vocabulary_truncation(
         df = len(pooled) - 1
     if df > 0:
         assert chi2_sf(stat, df) > 1e-6, (stat, df)
-    # The sort ran exactly when the nucleus of a top-p-only row is larger than the candidates.
+    # On a CPU the sort ran exactly when the nucleus of a top-p-only row is larger than the
+    # candidates (on CUDA a kernel searches the nucleus's floor instead, and nothing sorts).
     nucleus = len(reference_dist(row, 0.9, top_k, top_p, 0.0))
-    assert sorted_rows == ([draws] if top_k <= 0 and nucleus > TOP_P_CANDIDATES else [])
+    redone = top_k <= 0 and nucleus > TOP_P_CANDIDATES and device.type == "cpu"
+    assert sorted_rows == ([draws] if redone else [])
 
 
 def run_steps(driver: Driver, seqs: list[Sequence], logits: torch.Tensor, steps: int) -> None:
@@ -552,3 +554,22 @@ def test_topk_rows_equals_torch_topk(vocab: int, k: int) -> None:
     assert torch.equal(vals, want)
     assert torch.equal(x.gather(1, ids), vals)
     assert all(len(set(row)) == k for row in ids.tolist())
+
+
+def test_sequence_logprob_rows_of_different_widths() -> None:
+    """A step's packed width is the batch's largest k: a sequence's rows may differ."""
+    seq = make_seq(SamplingParams(logprobs=1))
+    torch.manual_seed(9)
+    logits = torch.randn(2, 30)
+    tokens = torch.tensor([3, 4])
+    narrow = gather_logprobs(logits[:1], tokens[:1], 1).numpy()[0]
+    wide = gather_logprobs(logits[1:], tokens[1:], 5).numpy()[0]
+    seq.add_logprob_row(narrow, 3)
+    seq.add_logprob_row(wide, 4)
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    assert [len(e) <= 2 for e in seq.output_logprobs] == [True, True]
+    assert seq.output_logprobs[1][4].logprob == pytest.approx(ref[1, 4].item(), abs=1e-5)
+    top = int(ref[1].argmax())
+    assert seq.output_logprobs[1][top].rank == 1
+    want = ref[0, 3].item() + ref[1, 4].item()
+    assert seq.cumulative_logprob == pytest.approx(want, abs=1e-5)

@@ -6,6 +6,18 @@ A backend is chosen once per engine (see `select_backend`). Each step the runner
 that can run inside a CUDA graph say so (`supports_cuda_graphs`); the graph runner then builds the
 metadata once per captured batch size from static buffers, with `max_seq_len` bounding every
 sequence the graph will ever see (max_model_len), and replays it with new values in those buffers.
+
+Cascade attention (`supports_cascade`). Sequences whose block tables start with the same physical
+blocks (prefix caching shares them) have the same first P keys. For such a group the runner adds
+`AttentionMetadata.cascade` to a decode step (groups, members, each sequence's P; fixed-size under
+CUDA graphs). The backend then splits each member's keys into the shared prefix 0..P-1, attended
+for all members' queries in one pass (its K/V read once per group, not once per sequence), and
+the sequence's own suffix P..n-1, attended per sequence; the two partial results merge exactly:
+with o_x the softmax-normalised output of part x and lse_x = log(sum_k exp(s_k)) over its keys,
+    out = (e^(lse_p - M) o_p + e^(lse_s - M) o_s) / (e^(lse_p - M) + e^(lse_s - M)),
+    M = max(lse_p, lse_s),
+which is softmax attention over the union because e^lse_x is part x's softmax denominator.
+Backends without it never see the cascade field.
 """
 
 from abc import ABC, abstractmethod
@@ -21,6 +33,8 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     supports_cuda_graphs: ClassVar[bool] = False
+    # Decode steps may carry AttentionMetadata.cascade (see the module docstring).
+    supports_cascade: ClassVar[bool] = False
 
     def build_metadata(self, common: AttentionMetadata, max_seq_len: int) -> AttentionMetadata:
         """The metadata `forward` gets this step (the common metadata unless a backend adds to it).

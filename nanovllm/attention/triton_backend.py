@@ -7,6 +7,11 @@ chunked prefill need no special case; a decode step runs the GQA-aware paged dec
 along the context when there are too few sequences to fill the GPU (flash-decoding). The number
 of splits is chosen once per step in `build_metadata` (once per captured batch size under CUDA
 graphs), not per layer.
+
+Cascade. When the step's metadata groups decode sequences by a shared prefix (`meta.cascade`,
+built with the rest of the step's inputs, see attention/cascade.py), decode runs the cascade
+kernels instead (kernels/cascade_attention.py): each group's prefix once for all its members,
+each sequence's own suffix with the paged kernel, merged exactly by log-sum-exp.
 """
 
 from dataclasses import dataclass, fields
@@ -29,6 +34,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     supports_cuda_graphs = True
+    supports_cascade = True
 
     def __init__(self, device: torch.device, num_kv_heads: int) -> None:
         from nanovllm.kernels.decode_attention import choose_num_splits
@@ -79,6 +85,24 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
             )
         num_splits = meta.num_splits if isinstance(meta, TritonMetadata) else 1
+        if meta.cascade is not None:
+            from nanovllm.kernels.cascade_attention import cascade_decode_attention
+
+            c = meta.cascade
+            return cascade_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                c.prefix_lens,
+                c.members,
+                c.groups,
+                scale,
+                num_splits,
+                c.max_prefix_len,
+                self.num_sms,
+            )
         return decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits
         )

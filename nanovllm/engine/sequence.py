@@ -88,10 +88,10 @@ class Sequence:
         rows, self._logprob_rows = self._logprob_rows, []
         if rows:
             k = self.sampling_params.logprobs or 0
-            packed = np.stack([r for r, _ in rows])
+            packed = [r for r, _ in rows]  # widths differ between steps (the batch's largest k)
             entries = to_entries(packed, [t for _, t in rows], [k] * len(rows))
             self._output_logprobs.extend(entries)
-            self._cumulative_logprob += float(packed[:, 0].sum())
+            self._cumulative_logprob += float(sum(r[0] for r in packed))
 
     @property
     def output_logprobs(self) -> list[dict[int, Logprob]]:

@@ -22,6 +22,10 @@ sum_j 2^(lse_j - M), M = max_j lse_j. A split with no keys writes lse = -inf and
 The ranges are computed from each sequence's length inside the kernel, so a fixed num_splits
 works for any lengths (CUDA graphs capture it once per batch size). A sequence of length 0 (a
 padded row of a graph batch) produces zeros.
+
+Cascade (kernels/cascade_attention.py) runs the same kernel from a per-sequence first key
+(`starts`, the end of its group's shared prefix) and leaves partials for the shared prefix's
+to join in the combine kernel.
 """
 
 import math
@@ -40,6 +44,7 @@ def _decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    starts_ptr,
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
@@ -59,6 +64,8 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PARTS: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -67,8 +74,11 @@ def _decode_kernel(
     num_heads = tl.num_programs(1) * GROUP
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-    start = split * tiles_per_split * BLOCK_N
+    first = 0  # the first key this sequence attends to here (cascade: its suffix's)
+    if HAS_STARTS:
+        first = tl.load(starts_ptr + seq).to(tl.int32)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, BLOCK_N), NUM_SPLITS)
+    start = first + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
     offs_g = tl.arange(0, G_PAD)
@@ -106,36 +116,67 @@ def _decode_kernel(
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     store_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
-        o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    if PARTS == 0:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
-        # partials: out [num_seqs, num_heads, NUM_SPLITS, D_PAD], lse [num_seqs, num_heads, NUM_SPLITS]
-        row = (seq * num_heads + heads) * NUM_SPLITS + split
-        tl.store(part_out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=store_mask)
+        # partials: out [num_seqs, num_heads, PARTS, D_PAD], lse [num_seqs, num_heads, PARTS]
+        part_rows = g_mask
+        if HAS_STARTS:
+            if NUM_SPLITS == 1:
+                # A cascade step's sequence without a shared prefix has its whole result here.
+                # [G_PAD] (masks built from vectors: the interpreter rejects scalar operands)
+                firsts = tl.zeros([G_PAD], dtype=tl.int32) + first
+                solo = g_mask & (firsts == 0)
+                tl.store(
+                    o_ptrs,
+                    out.to(out_ptr.dtype.element_ty),
+                    mask=solo[:, None] & d_mask[None, :],
+                )
+                part_rows = g_mask & (firsts > 0)
+        row = (seq * num_heads + heads) * PARTS + split
+        tl.store(
+            part_out_ptr + row[:, None] * D_PAD + offs_d[None, :],
+            out,
+            mask=part_rows[:, None] & d_mask[None, :],
+        )
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        tl.store(part_lse_ptr + row, lse, mask=part_rows)
 
 
 @triton.jit
 def _combine_kernel(
     part_out_ptr,
     part_lse_ptr,
+    starts_ptr,
     out_ptr,
     stride_os,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PARTS: tl.constexpr,
     S_PAD: tl.constexpr,
 ):
+    # Partials 0..NUM_SPLITS-1 are the paged kernel's; a cascade adds PARTS - NUM_SPLITS more
+    # (the shared prefix's), written only for sequences with a shared prefix (starts > 0). With
+    # one paged split, the paged kernel wrote the output of the other sequences itself.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D_PAD)
-    s_mask = offs_s < NUM_SPLITS
-    base = (seq * num_heads + head) * NUM_SPLITS
+    num_parts = NUM_SPLITS
+    write = offs_d < HEAD_DIM
+    if PARTS > NUM_SPLITS:
+        start = tl.load(starts_ptr + seq)
+        num_parts = tl.where(start > 0, PARTS, NUM_SPLITS)
+        if NUM_SPLITS == 1:
+            num_parts = tl.where(start > 0, PARTS, 0)
+            # [D_PAD] (from a vector: the interpreter rejects scalar mask operands)
+            write = write & ((tl.zeros([D_PAD], dtype=start.dtype) + start) > 0)
+    s_mask = offs_s < num_parts
+    base = (seq * num_heads + head) * PARTS
     # [S_PAD]
     lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
@@ -151,7 +192,7 @@ def _combine_kernel(
     tl.store(
         out_ptr + seq * stride_os + head * stride_oh + offs_d,
         out.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
+        mask=write,
     )
 
 
@@ -187,33 +228,90 @@ def decode_attention(
     block_tables: [num_seqs, max_blocks] (int32 or int64); seq_lens: [num_seqs] keys per sequence.
     Returns [num_seqs, num_heads, head_dim] in q's dtype (written into `out` when given).
     """
-    num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    check_shapes(q, k_cache, v_cache, "decode_attention")
+    if out is None:
+        out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    # the partial results of each split, when there are several
+    partial = partials(q, num_splits) if num_splits > 1 else None
+    launch_decode(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        None,
+        scale,
+        num_splits,
+        out,
+        partial,
+        block_n,
+        num_warps,
+        num_stages,
+    )
+    if partial is not None:
+        combine(*partial, None, out, num_splits)
+    return out
+
+
+def check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, name: str) -> int:
+    """The GQA group size (query heads per K/V head); ValueError for layouts the kernels reject."""
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError("decode_attention needs unit-stride head_dim and equal K/V cache strides")
-    group = num_heads // num_kv_heads
+        raise ValueError(f"{name} needs unit-stride head_dim and equal K/V cache strides")
+    return num_heads // num_kv_heads
+
+
+def partials(q: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty float32 buffers for `parts` partial results of every (sequence, query head):
+    outputs [num_seqs, num_heads, parts, d_pad] and log-sum-exps [num_seqs, num_heads, parts]."""
+    num_seqs, num_heads, head_dim = q.shape
     d_pad = triton.next_power_of_2(head_dim)
-    if out is None:
-        out = torch.empty_like(q)
-    if num_seqs == 0:
-        return out
-    part_out = part_lse = out  # unused placeholders when there is one split
-    if num_splits > 1:
-        # [num_seqs, num_heads, num_splits, d_pad] and [num_seqs, num_heads, num_splits], float32
-        part_out = torch.empty(
-            (num_seqs, num_heads, num_splits, d_pad), dtype=torch.float32, device=q.device
-        )
-        part_lse = torch.empty(
-            (num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device
-        )
+    part_out = torch.empty(
+        (num_seqs, num_heads, parts, d_pad), dtype=torch.float32, device=q.device
+    )
+    part_lse = torch.empty((num_seqs, num_heads, parts), dtype=torch.float32, device=q.device)
+    return part_out, part_lse
+
+
+def launch_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    starts: torch.Tensor | None,
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor,
+    partial: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> None:
+    """Run the paged decode kernel over keys starts[i]..seq_lens[i]-1 of each sequence (all of
+    them without starts). Without `partial` (one split, no starts) it writes `out`; else it
+    fills slots 0..num_splits-1 of the partial buffers (see `partials`), except that with
+    starts and one split a sequence whose start is 0 gets its output written to `out`."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if partial is None:
+        part_out = part_lse = out  # unused placeholders
+        parts = 0
+    else:
+        part_out, part_lse = partial
+        parts = part_out.shape[2]
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         seq_lens,
+        starts if starts is not None else seq_lens,
         out,
         part_out,
         part_lse,
@@ -227,26 +325,40 @@ def decode_attention(
         out.stride(0),
         out.stride(1),
         HEAD_DIM=head_dim,
-        D_PAD=d_pad,
+        D_PAD=triton.next_power_of_2(head_dim),
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        PARTS=parts,
+        HAS_STARTS=starts is not None,
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_splits > 1:
-        _combine_kernel[(num_seqs, num_heads)](
-            part_out,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            D_PAD=d_pad,
-            NUM_SPLITS=num_splits,
-            S_PAD=max(2, triton.next_power_of_2(num_splits)),
-        )
-    return out
+
+
+def combine(
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    starts: torch.Tensor | None,
+    out: torch.Tensor,
+    num_splits: int,
+) -> None:
+    """out = the log-sum-exp weighted mean of each (sequence, head)'s partials (see the module
+    docstring): the first num_splits of them, and all of them where starts[seq] > 0."""
+    num_seqs, num_heads, parts, d_pad = part_out.shape
+    _combine_kernel[(num_seqs, num_heads)](
+        part_out,
+        part_lse,
+        starts if starts is not None else part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=out.shape[2],
+        D_PAD=d_pad,
+        NUM_SPLITS=num_splits,
+        PARTS=parts,
+        S_PAD=max(2, triton.next_power_of_2(parts)),
+    )

@@ -178,19 +178,34 @@ def penalize(
 
 
 @triton.jit
-def _lse_rank_kernel(logits_ptr, tokens_ptr, lse_ptr, rank_ptr, stride, V, BLOCK: tl.constexpr):
+def _lse_rank_kernel(
+    logits_ptr,
+    tokens_ptr,
+    temps_ptr,
+    lse_ptr,
+    rank_ptr,
+    stride,
+    temp_stride,
+    V,
+    HAS_TEMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # One pass over a row: an online log-sum-exp (running max m and sum s of exp(x - m) per
     # lane, merged at the end) and the count of entries >= the chosen token's logit.
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
-    chosen = tl.load(base + tl.load(tokens_ptr + row)).to(tl.float32)
+    inv_t = 1.0
+    if HAS_TEMP:
+        t = tl.load(temps_ptr + row * temp_stride)
+        inv_t = 1.0 / tl.where(t > 0, t, 1.0)
+    chosen = tl.load(base + tl.load(tokens_ptr + row)).to(tl.float32) * inv_t
     lanes = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     count = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + lanes
-        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
         new_m = tl.maximum(m, x)
         safe = tl.where(new_m == float("-inf"), 0.0, new_m)
         s = s * tl.exp(m - safe) + tl.exp(x - safe)
@@ -203,10 +218,11 @@ def _lse_rank_kernel(logits_ptr, tokens_ptr, lse_ptr, rank_ptr, stride, V, BLOCK
 
 
 def logsumexp_and_rank(
-    logits: torch.Tensor, tokens: torch.Tensor
+    logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For logits [B, V] and tokens [B]: each row's log-sum-exp [B] float32 (in float32 from
-    any input dtype) and the number of entries >= the token's logit [B] int64, in one pass."""
+    any input dtype) and the number of entries >= the token's logit [B] int64, in one pass;
+    with temperatures [B] (0 taken as 1), of logits / T."""
     num_rows, vocab = logits.shape
     lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     rank = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
@@ -214,11 +230,103 @@ def logsumexp_and_rank(
         _lse_rank_kernel[(num_rows,)](
             logits,
             tokens,
+            temperatures if temperatures is not None else lse,
             lse,
             rank,
             logits.stride(0),
+            temperatures.stride(0) if temperatures is not None else 0,
             vocab,
+            HAS_TEMP=temperatures is not None,
             BLOCK=min(2048, triton.next_power_of_2(vocab)),
             num_warps=8,
         )
     return lse, rank
+
+
+@triton.jit
+def _top_p_floor_kernel(
+    logits_ptr,
+    temps_ptr,
+    lse_ptr,
+    top_p_ptr,
+    hi_ptr,
+    flag_ptr,
+    out_ptr,
+    stride,
+    param_stride,
+    V,
+    PASSES: tl.constexpr,
+    NT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Search for the nucleus's floor t on the scaled logits s = x / T: the largest t with
+    # M(t) = sum of softmax(s) over s >= t at least top_p. M falls as t rises, so t lies in
+    # [hi - 64, hi] (hi = the row's max; below hi - 64 a token's probability is < e^-64). Each
+    # pass evaluates M at NT evenly spaced points of the interval in one read of the row and
+    # keeps the sub-interval where M crosses top_p: PASSES passes narrow 64 to 64 / NT^PASSES.
+    row = tl.program_id(0)
+    floor = float("-inf")
+    if tl.load(flag_ptr + row) != 0:
+        inv_t = 1.0 / tl.load(temps_ptr + row * param_stride)
+        lse = tl.load(lse_ptr + row)
+        top_p = tl.load(top_p_ptr + row * param_stride)
+        hi = tl.load(hi_ptr + row)
+        lo = hi - 64.0
+        idx = tl.arange(0, NT)
+        lanes = tl.arange(0, BLOCK)
+        base = logits_ptr + row.to(tl.int64) * stride
+        for _ in range(PASSES):
+            step = (hi - lo) / NT
+            # [NT] thresholds lo + step, ..., hi (the last one exactly hi)
+            th = tl.where(idx == NT - 1, hi, lo + step * (idx + 1).to(tl.float32))
+            mass = tl.zeros([NT], dtype=tl.float32)
+            for start in range(0, V, BLOCK):
+                offs = start + lanes
+                s = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                s = s * inv_t
+                p = tl.exp(s - lse)
+                # [NT, BLOCK]
+                keep = s[None, :] >= th[:, None]
+                mass += tl.sum(tl.where(keep, p[None, :], 0.0), axis=1)
+            j = tl.max(tl.where(mass >= top_p, idx, -1), 0)  # last threshold still reaching top_p
+            new_lo = tl.where(j == NT - 1, hi, lo + step * (j + 1).to(tl.float32))
+            new_hi = tl.minimum(hi, lo + step * (j + 2).to(tl.float32))
+            lo = tl.where(j >= 0, new_lo, lo)
+            hi = tl.where(j >= 0, new_hi, lo + step)
+        floor = lo
+    tl.store(out_ptr + row, floor)
+
+
+def top_p_floor(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    lse: torch.Tensor,
+    top_p: torch.Tensor,
+    row_max: torch.Tensor,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """[B] float32 floor on logits / T that keeps a row's top-p nucleus (-inf for rows not in
+    `rows`). logits [B, V]; temperatures and top_p [B] with one stride (> 0 where searched);
+    lse [B] the log-sum-exp of logits / T; row_max [B] the largest logits / T; rows [B] bool:
+    which rows to search."""
+    num_rows, vocab = logits.shape
+    out = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    assert temperatures.stride(0) == top_p.stride(0)
+    if num_rows > 0:
+        _top_p_floor_kernel[(num_rows,)](
+            logits,
+            temperatures,
+            lse.float().contiguous(),
+            top_p,
+            row_max.float().contiguous(),
+            rows.to(torch.int8),
+            out,
+            logits.stride(0),
+            temperatures.stride(0),
+            vocab,
+            PASSES=8,
+            NT=16,
+            BLOCK=min(512, triton.next_power_of_2(vocab)),
+            num_warps=8,
+        )
+    return out

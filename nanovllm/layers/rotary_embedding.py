@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE), with the rope scalings Qwen3 checkpoints use.
+"""Rotary position embedding (RoPE), with the rope scalings Qwen3, Qwen2.5 and Llama 3.x use.
 
 cos/sin tables for every position up to max_position are precomputed in float32 (scaled by
 the rope type's attention factor) and indexed by each token's position, so a token's rotation
@@ -62,6 +62,31 @@ def _yarn_inv_freq(
     return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
 
+def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths longer than the original context / low_freq_factor are
+    divided by factor, shorter than context / high_freq_factor are kept, and the band in
+    between blends the two linearly in context / wavelength."""
+    for key in (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ):
+        if params.get(key) is None:
+            raise ValueError(f"rope type 'llama3' needs {key!r} in the rope parameters")
+    factor = float(params["factor"])
+    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    original = float(params["original_max_position_embeddings"])
+    low_freq_wavelen, high_freq_wavelen = original / low, original / high
+    # [head_dim / 2]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
 def compute_inv_freq(
     head_dim: int, params: dict[str, Any], max_position: int
 ) -> tuple[torch.Tensor, float]:
@@ -73,9 +98,12 @@ def compute_inv_freq(
     if rope_type == "linear":
         inv_freq, _ = compute_inv_freq(head_dim, {**params, "rope_type": "default"}, max_position)
         return inv_freq / float(params["factor"]), 1.0
+    if rope_type == "llama3":
+        inv_freq, _ = compute_inv_freq(head_dim, {**params, "rope_type": "default"}, max_position)
+        return _llama3_inv_freq(inv_freq, params), 1.0
     if rope_type == "yarn":
         return _yarn_inv_freq(head_dim, base, params, max_position)
-    raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, yarn)")
+    raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3, yarn)")
 
 
 class RotaryEmbedding(nn.Module):

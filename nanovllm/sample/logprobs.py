@@ -45,18 +45,19 @@ def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
-def to_entries(packed: np.ndarray, token_ids: list[int], ks: list[int]) -> list[dict[int, Logprob]]:
-    """Host side: per packed row [2 + 2K] (K >= ks[i]), {token id: Logprob} of the chosen token
-    (first) and the row's top ks[i] tokens; decoded_token is left None."""
-    if len(token_ids) == 0:
-        return []
-    width = (packed.shape[1] - 2) // 2
-    rows = packed.tolist()
+def to_entries(
+    packed: np.ndarray | list[np.ndarray], token_ids: list[int], ks: list[int]
+) -> list[dict[int, Logprob]]:
+    """Host side: per packed row [2 + 2K] (K >= ks[i]; rows may differ in K), {token id:
+    Logprob} of the chosen token (first) and the row's top ks[i] tokens; decoded_token is left
+    None."""
     entries = []
-    for row, token, k in zip(rows, token_ids, ks, strict=True):
-        entry = {token: Logprob(row[0], int(row[1]))}
+    for row, token, k in zip(packed, token_ids, ks, strict=True):
+        values = row.tolist()
+        width = (len(values) - 2) // 2
+        entry = {token: Logprob(values[0], int(values[1]))}
         for j in range(k):
-            entry.setdefault(int(row[2 + width + j]), Logprob(row[2 + j], j + 1))
+            entry.setdefault(int(values[2 + width + j]), Logprob(values[2 + j], j + 1))
         entries.append(entry)
     return entries
 

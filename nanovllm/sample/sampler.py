@@ -17,15 +17,16 @@ How it avoids a full-vocabulary sort: rows that truncate take only their K best 
 (`torch.topk`, K = the batch's largest top-k, or TOP_P_CANDIDATES for rows with top-p alone),
 and (c)-(f) run on those [B, K] candidates. That is exact for top-k rows. For a top-p-only row it
 is exact when the candidates hold at least top_p of the row's probability (the nucleus then lies
-inside them); rows where they do not are redone by a sort of those rows alone. Min-p is a floor
+inside them); rows where they do not are redone (see below). Min-p is a floor
 on the scaled logit, max + log(min_p), so it needs no normalisation at all.
 
 Rows that do not truncate are drawn from the whole row in one pass: on CUDA by a fused kernel
 (Gumbel-max with counter-based random numbers, kernels/sampling.py), elsewhere by the inverse
 CDF with one uniform per row. Either way a row's randomness comes from its key alone (see
 state.py), so a seeded request's tokens do not depend on the batch. Nothing here waits for the
-device, except the check for uncovered top-p-only rows (a host read, made only when such rows
-are in the batch and the vocabulary is larger than TOP_P_CANDIDATES).
+device. Top-p-only rows whose candidates fall short are redone: on CUDA by a kernel that
+searches the nucleus's floor on the scaled logits (kernels/sampling.py, no host read) and a
+whole-row draw above it; elsewhere by a sort of those rows (after a host read).
 """
 
 import torch
@@ -172,7 +173,12 @@ def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
     # Normaliser: top-k rows renormalise over their k; top-p-only rows use the whole row.
     lse = vals.logsumexp(dim=-1)
     if rows.any_top_p_only:
-        full_lse = (x / temps[:, None]).logsumexp(dim=-1)
+        if use_kernels(x):
+            from nanovllm.kernels.sampling import logsumexp_and_rank
+
+            full_lse, _ = logsumexp_and_rank(x, ids[:, 0], params[:, TEMPERATURE])
+        else:
+            full_lse = (x.float() / temps[:, None]).logsumexp(dim=-1)
         lse = torch.where(has_top_k, lse, full_lse)
     # [B, K]
     probs = (vals - lse[:, None]).exp()
@@ -188,7 +194,15 @@ def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
         # Top-p-only rows whose candidates hold less than top_p: the nucleus reaches past them.
         total = (vals - lse[:, None]).exp().sum(dim=-1)
         uncovered = rows.truncate_rows & ~has_top_k & (total < top_p)
-        if bool(uncovered.any()):  # a host read: only with top-p-only rows
+        if use_kernels(x):  # no host read: search those rows' nucleus floor on the device
+            from nanovllm.kernels.sampling import sample_full_rows, top_p_floor
+
+            temps_all = params[:, TEMPERATURE]
+            floor = top_p_floor(x, temps_all, full_lse, params[:, TOP_P], vals[:, 0], uncovered)
+            floor = torch.maximum(floor, vals[:, 0] + torch.log(min_p))
+            redo = sample_full_rows(x, temps_all, floor, rows.keys)
+            tokens = torch.where(uncovered, redo, tokens)
+        elif bool(uncovered.any()):  # a host read, cheap off the GPU: sort those rows
             index = uncovered.nonzero().squeeze(1)
             redo = _sample_sorted(x.index_select(0, index), rows, index)
             tokens = tokens.index_copy(0, index, redo)

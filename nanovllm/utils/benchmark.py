@@ -71,7 +71,9 @@ def standard_workload(
 def add_common_args(parser: argparse.ArgumentParser, shape: str) -> None:
     """Arguments both benchmark scripts take."""
     parser.add_argument("--model", default=None, help="a model folder (default: dummy weights)")
-    parser.add_argument("--shape", default=shape, help="dummy Qwen3 shape (see utils/dummy.py)")
+    parser.add_argument(
+        "--shape", default=shape, help="dummy model shape (see utils/dummy.py SHAPES)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8 (CUDA)")

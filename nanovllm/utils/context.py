@@ -10,6 +10,18 @@ import torch
 
 
 @dataclass
+class CascadeMetadata:
+    """Decode sequences grouped by shared leading KV blocks (see attention/cascade.py): the
+    groups' shared prefixes are attended once per group, the rest per sequence."""
+
+    prefix_lens: torch.Tensor  # [num_seqs] int64: keys shared with the sequence's group (0: none)
+    members: torch.Tensor  # [num_members] int64: sequence indices, group after group
+    # [num_groups, 3] int64: (member_begin, member_end, prefix_len); begin == end: unused row
+    groups: torch.Tensor
+    max_prefix_len: int  # bounds prefix_len (max_model_len under CUDA graphs)
+
+
+@dataclass
 class AttentionMetadata:
     """Describes one step's flat batch for the attention layers.
 
@@ -34,6 +46,8 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None
     # [num_seqs * num_kv_heads, 1, max_seqlen_k]: 0 for real keys, -inf for padding
     decode_bias: torch.Tensor | None = None
+    # Decode steps whose sequences share prefixes, on backends that support it (cascade).
+    cascade: CascadeMetadata | None = None
 
 
 _CONTEXT: AttentionMetadata | None = None

@@ -1,4 +1,4 @@
-"""Model folders without downloads: Qwen3 configs of known shapes and a small trained tokenizer.
+"""Model folders without downloads: configs of known shapes and a small trained tokenizer.
 
 `write_model_folder(path, "qwen3-0.6b")` writes config.json and tokenizer files; with
 `load_format="dummy"` that is all the engine needs (random weights of the real shapes). Tests
@@ -9,6 +9,45 @@ import json
 import os
 from typing import Any
 
+# config.json keys of each architecture family, before a shape's own.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3": dict(
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        attention_bias=False,
+        use_sliding_window=False,
+    ),
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        attention_bias=False,
+        use_sliding_window=False,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+    "qwen2": dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        use_sliding_window=False,
+    ),
+    "llama": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        attention_bias=False,
+        mlp_bias=False,
+    ),
+}
+
+# A shape's "family" (default qwen3) picks its FAMILIES entry.
 SHAPES: dict[str, dict[str, Any]] = {
     # For tests: a few layers, GQA (2 query heads per KV head).
     "tiny": dict(
@@ -92,6 +131,53 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=40960,
         tie_word_embeddings=False,
     ),
+    # Qwen3-30B-A3B: 128 experts of 768, 8 per token (about 3B of 30B parameters active).
+    "qwen3-30b-a3b": dict(
+        family="qwen3_moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    ),
+    # Llama 3.1 8B: no head_dim key (4096 / 32), llama3 rope scaling in the legacy key.
+    "llama-3.1-8b": dict(
+        family="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        tie_word_embeddings=False,
+    ),
+    # Qwen2.5 7B: biases on q/k/v, no head_dim key (3584 / 28).
+    "qwen2.5-7b": dict(
+        family="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    ),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -113,25 +199,21 @@ _CORPUS = [
 ]
 
 
-def qwen3_config(shape: str = "tiny", **overrides: Any) -> dict[str, Any]:
-    """config.json contents of a Qwen3 of a named shape, with overrides."""
+def model_config(shape: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """config.json contents of a named shape (its family's keys, then its own), with overrides."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+    own = dict(SHAPES[shape])
     cfg: dict[str, Any] = dict(
-        architectures=["Qwen3ForCausalLM"],
-        model_type="qwen3",
-        hidden_act="silu",
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        attention_bias=False,
-        use_sliding_window=False,
-        bos_token_id=0,
-        eos_token_id=2,
-        torch_dtype="bfloat16",
+        hidden_act="silu", bos_token_id=0, eos_token_id=2, torch_dtype="bfloat16"
     )
-    cfg.update(SHAPES[shape])
+    cfg.update(FAMILIES[own.pop("family", "qwen3")])
+    cfg.update(own)
     cfg.update(overrides)
     return cfg
+
+
+qwen3_config = model_config  # the name from when every shape was a Qwen3
 
 
 def train_tokenizer(vocab_size: int = 512) -> Any:
@@ -161,9 +243,9 @@ def train_tokenizer(vocab_size: int = 512) -> Any:
 def write_model_folder(
     path: str, shape: str = "tiny", tokenizer: bool = True, **overrides: Any
 ) -> str:
-    """Write config.json (and tokenizer files) of a Qwen3 shape into path; returns path."""
+    """Write config.json (and tokenizer files) of a named shape into path; returns path."""
     os.makedirs(path, exist_ok=True)
-    cfg = qwen3_config(shape, **overrides)
+    cfg = model_config(shape, **overrides)
     if tokenizer:
         tok = train_tokenizer(min(cfg["vocab_size"], 1024))
         tok.save_pretrained(path)

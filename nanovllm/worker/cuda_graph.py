@@ -9,6 +9,14 @@ filled by a single copy from one of two pinned host mirrors; the input ids may i
 the device (the previous step's sampled tokens, when the engine runs a step ahead). Padded rows get slot -1 (their K/V is not
 stored) and length 0 (their attention output is zero), so they touch nothing real. The graph
 covers the model and the LM head; sampling runs after it, eagerly.
+
+Cascade. With `cascade` on, each step's sequences are grouped by shared prefix blocks (attention/
+cascade.py); a step with a group replays a second graph of its batch size, captured with the
+cascade path the first time one is needed, its metadata in the same static buffer: each
+sequence's prefix length, the members group after group, and MAX_CASCADE_GROUPS rows of groups
+(unused rows empty). A step without a group replays the plain graph, unchanged. Capturing in the
+middle of a run computes the step once more before the replay (the warm-up forward): the same
+K/V into the same slots, so nothing changes.
 """
 
 import logging
@@ -18,7 +26,8 @@ import numpy as np
 import torch
 
 from nanovllm.attention.base import AttentionBackend
-from nanovllm.utils.context import AttentionMetadata, set_context
+from nanovllm.attention.cascade import MAX_CASCADE_GROUPS, find_cascade_groups
+from nanovllm.utils.context import AttentionMetadata, CascadeMetadata, set_context
 from nanovllm.worker.inputs import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -42,8 +51,10 @@ class CUDAGraphRunner:
         max_batch: int,
         max_model_len: int,
         block_size: int,
+        cascade: bool = False,
     ) -> None:
         self.forward = forward
+        self.cascade = cascade
         self.backend = backend
         self.device = device
         self.max_batch = max_batch
@@ -51,10 +62,13 @@ class CUDAGraphRunner:
         self.block_size = block_size
         self.max_blocks = (max_model_len + block_size - 1) // block_size
         self.batch_sizes = graph_batch_sizes(max_batch)
-        # One int64 buffer: [ids | positions | slots | seq_lens | cu_seqlens | block tables]
+        # One int64 buffer: [ids | positions | slots | seq_lens | cu_seqlens | cascade prefix
+        # lengths | cascade members | cascade groups | block tables]
         b = max_batch
+        groups = 3 * MAX_CASCADE_GROUPS
         # each part 64-byte aligned (Triton specialises kernels on pointer alignment)
-        self._sizes = [(n + 7) // 8 * 8 for n in (b, b, b, b, b + 1, b * self.max_blocks)]
+        parts = (b, b, b, b, b + 1, b, b, groups, b * self.max_blocks)
+        self._sizes = [(n + 7) // 8 * 8 for n in parts]
         total = sum(self._sizes)
         # Two pinned host mirrors used in turn: a step may be staged while the previous step's
         # copy is still queued behind the GPU's work (the engine runs one decode step ahead).
@@ -68,18 +82,23 @@ class CUDAGraphRunner:
             [h.numpy()[offsets[i] : offsets[i + 1]] for i in range(len(self._sizes))]
             for h in self._hosts
         ]
-        ids, pos, slots, lens, cu, tables = self._buf.split(self._sizes)
+        ids, pos, slots, lens, cu, prefix, members, groups, tables = self._buf.split(self._sizes)
         self.input_ids, self.positions, self.slots, self.seq_lens = ids, pos, slots, lens
         self.block_tables = tables[: b * self.max_blocks].view(b, self.max_blocks)
         self.cu_seqlens = cu
+        self.prefix_lens, self.members = prefix, members
+        self.groups = groups[: 3 * MAX_CASCADE_GROUPS].view(MAX_CASCADE_GROUPS, 3)
         for views in self._views:
             views[4][: b + 1] = np.arange(b + 1)
             views[2][:] = -1
         self._buf.copy_(self._hosts[0])
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor | None] = {}
+        # keyed by (batch size, cascade)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor | None] = {}
+        self._pool = None
+        self._stream = torch.cuda.Stream(self.device)
 
-    def _meta(self, batch: int) -> AttentionMetadata:
+    def _meta(self, batch: int, cascade: bool) -> AttentionMetadata:
         common = AttentionMetadata(
             is_prefill=False,
             slot_mapping=self.slots[:batch],
@@ -91,28 +110,36 @@ class CUDAGraphRunner:
             seq_lens_list=[],
             query_lens_list=[],
         )
+        if cascade:
+            common.cascade = CascadeMetadata(
+                self.prefix_lens[:batch], self.members[:batch], self.groups, self.max_model_len
+            )
         return self.backend.build_metadata(common, self.max_model_len)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every batch size of the ladder, largest first, in one shared memory pool."""
-        pool = None
-        stream = torch.cuda.Stream(self.device)
+        """Capture every batch size of the ladder, largest first, in one shared memory pool
+        (the cascade graphs are captured when first needed)."""
         for batch in reversed(self.batch_sizes):
-            set_context(self._meta(batch))
-            try:
-                args = (self.input_ids[:batch], self.positions[:batch])
-                self.forward(*args)  # warm-up: autotuning, lazy allocations
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.forward(*args)
-            finally:
-                set_context(None)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[batch] = graph
-            self.outputs[batch] = out
+            self._capture(batch, False)
         torch.cuda.synchronize(self.device)
+
+    def _capture(self, batch: int, cascade: bool) -> None:
+        """Capture the graph of one batch size over the static buffers as they are."""
+        set_context(self._meta(batch, cascade))
+        try:
+            args = (self.input_ids[:batch], self.positions[:batch])
+            self.forward(*args)  # warm-up: autotuning, lazy allocations
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                out = self.forward(*args)
+        finally:
+            set_context(None)
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.graphs[(batch, cascade)] = graph
+        self.outputs[(batch, cascade)] = out
 
     def close(self) -> None:
         """Free the captured graphs. Needed before a tensor-parallel process group is destroyed:
@@ -139,12 +166,21 @@ class CUDAGraphRunner:
         turn = self._turn
         self._turn ^= 1
         self._copied[turn].synchronize()  # this mirror's last copy has left it
-        ids, pos, slots, lens, _, tables = self._views[turn]
+        ids, pos, slots, lens, _, prefix, members, groups, tables = self._views[turn]
         ids[:n] = plan.input_ids
         context = np.asarray(plan.context_lens, dtype=np.int64)
         pos[:n] = context
         lens[:n] = context + 1
         lens[n:batch] = 0
+        found = None
+        if self.cascade:
+            found = find_cascade_groups(plan.block_tables, (context + 1).tolist(), self.block_size)
+        if found is not None:
+            prefix[:n] = found.prefix_lens
+            prefix[n:batch] = 0
+            members[: found.members.size] = found.members
+            groups[:] = 0  # unused rows: no members
+            groups[: found.groups.size] = found.groups.ravel()
         table = tables[: self.max_batch * self.max_blocks].reshape(self.max_batch, self.max_blocks)
         for i, row in enumerate(plan.block_tables):
             table[i, : len(row)] = row
@@ -157,6 +193,10 @@ class CUDAGraphRunner:
         self._copied[turn].record()
         if device_input_ids is not None:
             self.input_ids[:n].copy_(device_input_ids)
-        self.graphs[batch].replay()
-        out = self.outputs[batch]
+        key = (batch, found is not None)
+        if key not in self.graphs:
+            with torch.inference_mode():
+                self._capture(*key)
+        self.graphs[key].replay()
+        out = self.outputs[key]
         return out[:n] if out is not None else None

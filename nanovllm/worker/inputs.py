@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nanovllm.utils.context import AttentionMetadata
+from nanovllm.attention.cascade import find_cascade_groups
+from nanovllm.utils.context import AttentionMetadata, CascadeMetadata
 
 
 @dataclass
@@ -51,9 +52,11 @@ def pad_block_tables(block_tables: list[list[int]], width: int) -> np.ndarray:
 class InputBuilder:
     """Builds StepInputs for one device; keeps its buffers between steps."""
 
-    def __init__(self, device: torch.device, block_size: int) -> None:
+    def __init__(self, device: torch.device, block_size: int, cascade: bool = False) -> None:
+        """cascade: group decode sequences by shared prefix blocks (AttentionMetadata.cascade)."""
         self.device = device
         self.block_size = block_size
+        self.cascade = cascade
         self._host: torch.Tensor | None = None
         self._device_buf: torch.Tensor | None = None
 
@@ -94,6 +97,10 @@ class InputBuilder:
         seq_lens = context_lens + query_lens
         # [len(sample_rows)]
         last_rows = cu_seqlens_q[1:][np.asarray(plan.sample_rows, dtype=np.int64)] - 1
+        seq_lens_list = seq_lens.tolist()
+        groups = None
+        if self.cascade and not plan.is_prefill and width > 0:
+            groups = find_cascade_groups(plan.block_tables, seq_lens_list, self.block_size)
         parts = [
             np.asarray(plan.input_ids, dtype=np.int64),
             positions,
@@ -103,6 +110,8 @@ class InputBuilder:
             last_rows,
             tables.ravel(),
         ]
+        if groups is not None:
+            parts += [groups.prefix_lens, groups.members, groups.groups.ravel()]
         # Each part starts at a multiple of 8 elements (64 bytes): Triton specialises kernels on
         # 16-byte pointer alignment, so unaligned views would compile extra kernel variants.
         sizes = [p.size for p in parts]
@@ -115,8 +124,13 @@ class InputBuilder:
         if dev is not host:
             dev[:total].copy_(host[:total], non_blocking=True)
         views = [dev[start : start + n] for start, n in zip(starts, sizes, strict=False)]
-        input_ids, pos, slots, lens, cu, rows, flat_tables = views
-        seq_lens_list = seq_lens.tolist()
+        input_ids, pos, slots, lens, cu, rows, flat_tables = views[:7]
+        cascade = None
+        if groups is not None:
+            prefix_lens, members, flat_groups = views[7:]
+            cascade = CascadeMetadata(
+                prefix_lens, members, flat_groups.view(-1, 3), groups.max_prefix_len
+            )
         meta = AttentionMetadata(
             is_prefill=plan.is_prefill,
             slot_mapping=slots,
@@ -127,5 +141,6 @@ class InputBuilder:
             max_seqlen_k=max(seq_lens_list, default=0),
             seq_lens_list=seq_lens_list,
             query_lens_list=list(plan.query_lens),
+            cascade=cascade,
         )
         return StepInputs(input_ids, pos, rows, meta)

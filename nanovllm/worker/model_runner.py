@@ -21,7 +21,7 @@ from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import cpu
 from nanovllm.layers.attention import Attention
-from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.registry import build_model
 from nanovllm.sample import SamplingState, gather_logprobs, sample
 from nanovllm.sample.state import to_device
 from nanovllm.structured.masks import GrammarMasks
@@ -64,7 +64,7 @@ class ModelRunner:
         torch.set_default_dtype(config.dtype)
         try:
             with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(hf)
+                self.model = build_model(hf)
         finally:
             torch.set_default_dtype(default_dtype)
         self.model.eval()
@@ -91,7 +91,9 @@ class ModelRunner:
             config.max_num_seqs, hf.vocab_size, config.eos_token_ids, self.device
         )
         self.grammar_masks = GrammarMasks(self.vocab_size, self.device)  # structured output
-        self.inputs = InputBuilder(self.device, self.block_size)
+        # Cascade attention (shared prefixes read once per group) where the backend has it.
+        cascade = self.attn_backend.supports_cascade and not config.disable_cascade_attn
+        self.inputs = InputBuilder(self.device, self.block_size, cascade)
         self.startup_seconds = {"load": time.perf_counter() - start}
         self.graphs: CUDAGraphRunner | None = None
         start = time.perf_counter()
@@ -122,6 +124,7 @@ class ModelRunner:
                 min(config.max_num_seqs, 512),
                 config.max_model_len,
                 self.block_size,
+                cascade,
             )
             self.graphs.capture()
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - start

@@ -1,0 +1,250 @@
+"""Cascade decode attention: a group's shared prefix read once per step, suffixes paged.
+
+The split. Sequences of a group (attention/cascade.py finds them) share their first P keys: the
+same physical blocks. Sequence i's attention over its keys 0..n_i-1 is cut into the prefix
+0..P-1 and its own suffix P..n_i-1:
+- the prefix pass (`_prefix_kernel` below) holds the queries of many sequences of the group at
+  once, all query heads of one K/V head, as the rows of one [BLOCK_M, head_dim] tile, and walks
+  the prefix's keys once for all of them: the products are real matrix products (tensor cores)
+  and the prefix's K/V is read once per tile instead of once per sequence;
+- the suffix pass is the paged decode kernel (decode_attention.py) started at key P of each
+  sequence (P = 0, the whole context, for sequences in no group).
+Both cut their key range into splits when that fills the GPU better, and every split leaves a
+normalised partial output o_j and its log-sum-exp lse_j (base 2) in one buffer
+[num_seqs, num_heads, suffix splits + prefix splits, d_pad].
+
+The merge is exact: softmax over the union of disjoint key sets is the lse-weighted mean of the
+parts' softmax outputs, out = sum_j 2^(lse_j - M) o_j / sum_j 2^(lse_j - M) with M = max_j lse_j,
+since 2^lse_j is part j's softmax denominator. A part with no keys has lse = -inf and weight 0.
+The combine kernel of decode_attention.py does it, reading the prefix parts only for sequences
+with a shared prefix; with one suffix split, the paged kernel writes the output of sequences in
+no group itself (they need no merge).
+
+Prefix tiling. One program per (tile, K/V head, prefix split). A tile holds MEMBERS consecutive
+members of one group (MEMBERS * GROUP <= BLOCK_M rows: row r is member r // GROUP, query head
+kv_head * GROUP + r % GROUP). The tiles of group g follow those of group g - 1; a program finds
+its group from the groups' tile counts (a prefix sum over at most a few groups), so the grid can
+be sized from an upper bound (fixed under CUDA graphs); programs past the last tile exit.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.kernels.attention_tile import dot, online_softmax_step, paged_rows
+from nanovllm.kernels.decode_attention import check_shapes, combine, launch_decode, partials
+
+# Rows of query (sequence, head) pairs per prefix tile.
+PREFIX_BLOCK_M = 64
+
+
+@triton.jit(do_not_specialize=["stride_bt", "num_groups"])
+def _prefix_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    members_ptr,
+    groups_ptr,
+    num_groups,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,
+    stride_qs,
+    stride_qh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    FIRST_PART: tl.constexpr,
+    PARTS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    # Which group this tile belongs to: groups [GROUPS_PAD] of (member_begin, member_end, P).
+    offs_g = tl.arange(0, GROUPS_PAD)
+    g_mask = offs_g < num_groups
+    begins = tl.load(groups_ptr + offs_g * 3, mask=g_mask, other=0).to(tl.int32)
+    ends = tl.load(groups_ptr + offs_g * 3 + 1, mask=g_mask, other=0).to(tl.int32)
+    tiles = tl.cdiv(ends - begins, MEMBERS)
+    tiles_end = tl.cumsum(tiles, 0)  # one past each group's last tile
+    grp = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    if grp < num_groups:
+        mine = offs_g == grp
+        begin = tl.sum(tl.where(mine, begins, 0), 0)
+        end = tl.sum(tl.where(mine, ends, 0), 0)
+        first_tile = tl.sum(tl.where(mine, tiles_end - tiles, 0), 0)
+        prefix_len = tl.load(groups_ptr + grp * 3 + 2).to(tl.int32)
+
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        d_mask = offs_d < HEAD_DIM
+        # [BLOCK_M]: each row's member (position in members) and query head
+        member = begin + (tile - first_tile) * MEMBERS + offs_m // GROUP
+        heads = kv_head * GROUP + offs_m % GROUP
+        m_mask = (offs_m < MEMBERS * GROUP) & (member < end)
+        seqs = tl.load(members_ptr + member, mask=m_mask, other=0)
+        # [BLOCK_M, D_PAD]
+        q = tl.load(
+            q_ptr + seqs[:, None] * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        # Every member's first prefix_len keys live in the same blocks: read the first's table.
+        table = block_tables_ptr + tl.load(members_ptr + begin) * stride_bt
+        tiles_per_split = tl.cdiv(tl.cdiv(prefix_len, BLOCK_N), NUM_SPLITS)
+        start = split * tiles_per_split * BLOCK_N
+        stop = tl.minimum(start + tiles_per_split * BLOCK_N, prefix_len)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        for n0 in range(start, stop, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < stop
+            # [BLOCK_N]
+            rows = paged_rows(
+                table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+            )
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            # [BLOCK_N, D_PAD]
+            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(
+                q.dtype
+            )
+            # [BLOCK_M, BLOCK_N]
+            s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
+            v_ptrs = v_cache_ptr + rows[:, None] + offs_d[None, :]
+            m_i, l_i, acc = online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE)
+
+        has_keys = l_i > 0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        # partials [num_seqs, num_heads, PARTS, D_PAD]: this split's slot follows the suffix's
+        row = (seqs * num_heads + heads) * PARTS + FIRST_PART + split
+        tl.store(
+            part_out_ptr + row[:, None] * D_PAD + offs_d[None, :],
+            out,
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
+        tl.store(part_lse_ptr + row, lse, mask=m_mask)
+
+
+def prefix_tiling(group: int, block_m: int = PREFIX_BLOCK_M) -> tuple[int, int]:
+    """(members per prefix tile, rows per tile) for `group` query heads per K/V head."""
+    members = max(1, block_m // group)
+    return members, max(16, triton.next_power_of_2(members * group))
+
+
+def choose_prefix_splits(
+    max_tiles: int, num_kv_heads: int, max_prefix_len: int, num_sms: int, block_n: int = 64
+) -> int:
+    """Splits of the shared prefix so that about two waves of programs cover the GPU; never
+    more than the longest prefix has key tiles, at most 16."""
+    programs = max(1, max_tiles * num_kv_heads)
+    wanted = math.ceil(2 * num_sms / programs)
+    return max(1, min(wanted, math.ceil(max_prefix_len / block_n), 16))
+
+
+def cascade_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    members: torch.Tensor,
+    groups: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    max_prefix_len: int,
+    num_sms: int,
+    out: torch.Tensor | None = None,
+    block_n: int = 64,
+    prefix_block_m: int = PREFIX_BLOCK_M,
+) -> torch.Tensor:
+    """Decode attention (one query per sequence) with shared prefixes attended once per group.
+
+    q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
+    block_tables: [num_seqs, max_blocks]; seq_lens: [num_seqs] keys per sequence;
+    prefix_lens: [num_seqs] shared keys of each sequence (0: in no group); members: sequence
+    indices group after group; groups: [num_groups, 3] (member_begin, member_end, prefix_len),
+    rows with member_begin == member_end are unused; num_splits: splits of each suffix;
+    max_prefix_len bounds the prefixes (it picks the prefix split count with num_sms);
+    prefix_block_m: query rows per prefix tile.
+    Returns [num_seqs, num_heads, head_dim] in q's dtype, equal to decode_attention's.
+    """
+    group = check_shapes(q, k_cache, v_cache, "cascade_decode_attention")
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    num_groups = groups.shape[0]
+    members_per_tile, block_m = prefix_tiling(group, prefix_block_m)
+    # Every group may end in a partial tile: this bounds the tiles for any grouping.
+    max_tiles = math.ceil(members.shape[0] / members_per_tile) + num_groups
+    prefix_splits = choose_prefix_splits(max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n)
+    parts = num_splits + prefix_splits
+    part_out, part_lse = partials(q, parts)
+    launch_decode(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        prefix_lens,
+        scale,
+        num_splits,
+        out,
+        (part_out, part_lse),
+        block_n,
+    )
+    _prefix_kernel[(max_tiles, num_kv_heads, prefix_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        members,
+        groups,
+        num_groups,
+        part_out,
+        part_lse,
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim),
+        GROUP=group,
+        MEMBERS=members_per_tile,
+        BLOCK_M=block_m,
+        GROUPS_PAD=max(2, triton.next_power_of_2(num_groups)),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=prefix_splits,
+        FIRST_PART=num_splits,
+        PARTS=parts,
+        IEEE=q.dtype == torch.float32,
+        num_warps=4,
+        num_stages=2,
+    )
+    combine(part_out, part_lse, prefix_lens, out, num_splits)
+    return out

@@ -1,0 +1,421 @@
+"""Cascade attention: the grouping of decode sequences by shared leading blocks, and the cascade
+kernels against the plain paged decode kernel and a float64 reference.
+
+The kernels run natively on CUDA, or on a CPU under TRITON_INTERPRET=1 at tiny shapes in
+float16/float32 (see test_kernels.py); the grouping tests run everywhere.
+"""
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.attention.cascade import find_cascade_groups
+from nanovllm.kernels import HAS_TRITON
+
+CUDA = torch.cuda.is_available() and HAS_TRITON
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+needs_triton = pytest.mark.skipif(
+    not (CUDA or INTERPRET), reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter"
+)
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float16, torch.float32]
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+# -- grouping ---------------------------------------------------------------------------------
+
+
+def test_groups_by_shared_leading_blocks() -> None:
+    # block size 4; sequences 0-2 share blocks 10, 11; 3 and 4 share 20; 5 shares nothing
+    tables = [[10, 11, 1], [10, 11, 2], [10, 11, 3, 4], [20, 5], [20, 6], [30, 7]]
+    seq_lens = [10, 9, 14, 6, 7, 8]
+    found = find_cascade_groups(tables, seq_lens, 4, min_shared_tokens=1)
+    assert found is not None
+    groups = {tuple(found.members[b:e].tolist()): int(p) for b, e, p in found.groups}
+    assert groups == {(0, 1, 2): 8, (3, 4): 4}
+    assert found.prefix_lens.tolist() == [8, 8, 8, 4, 4, 0]
+    assert found.max_prefix_len == 8
+
+
+def test_partial_and_newest_blocks_stay_private() -> None:
+    # Both share blocks 10 and 11, but sequence 1's newest token (position 7) is in block 11:
+    # only the full block before it counts.
+    found = find_cascade_groups([[10, 11], [10, 11, 12]], [8, 12], 4, min_shared_tokens=1)
+    assert found is not None
+    assert found.groups.tolist() == [[0, 2, 4]]
+    # One shared block holding the newest token of one of them: nothing to share.
+    assert find_cascade_groups([[10], [10, 11]], [3, 7], 4, min_shared_tokens=1) is None
+
+
+def test_deeper_subgroups_win_when_they_save_more() -> None:
+    # All four share block 1; pairs share 8 blocks: two groups of 8 blocks save 16 block reads,
+    # one group of 1 block saves 3.
+    a, b = list(range(1, 9)), [1] + list(range(20, 27))
+    tables = [a + [100], a + [101], b + [102], b + [103]]
+    found = find_cascade_groups(tables, [33] * 4, 4, min_shared_tokens=1)
+    assert found is not None
+    assert sorted(found.groups[:, 2].tolist()) == [32, 32]
+    # A fifth sequence sharing only block 1 makes staying at one block better for all five
+    # only if it saves more: (5 - 1) * 1 < 16, so it is left out.
+    found = find_cascade_groups(tables + [[1, 50, 51]], [33] * 4 + [12], 4, min_shared_tokens=1)
+    assert found is not None
+    assert sorted(found.prefix_lens.tolist()) == [0, 32, 32, 32, 32]
+
+
+def test_threshold_and_group_limit() -> None:
+    tables = [[1, 2, 9], [1, 2, 8], [3, 7], [3, 6], [3, 5]]
+    lens = [12, 12, 8, 8, 8]
+    # shared tokens x size: 8 x 2 = 16 and 4 x 3 = 12
+    found = find_cascade_groups(tables, lens, 4, min_shared_tokens=13)
+    assert found is not None and found.groups.tolist() == [[0, 2, 8]]
+    assert find_cascade_groups(tables, lens, 4, min_shared_tokens=17) is None
+    found = find_cascade_groups(tables, lens, 4, min_shared_tokens=1, max_groups=1)
+    # the group saving more block reads: (2 - 1) * 2 = 2 vs (3 - 1) * 1 = 2, a tie; one is kept
+    assert found is not None and found.num_groups == 1
+    assert find_cascade_groups([], [], 4, min_shared_tokens=1) is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grouping_invariants_on_random_tries(seed: int) -> None:
+    """Random block tables that branch like a trie: every group's members share their first
+    prefix_len // block_size blocks, keep their newest token out of the prefix, belong to one
+    group, and the grouping saves at least what one group per first block would."""
+    rng = random.Random(seed)
+    block_size, next_block = 16, iter(range(10**6))
+    roots = [[next(next_block) for _ in range(6)] for _ in range(3)]
+    # [root][branch]: blocks that continue a whole root, shared by some of its sequences
+    branches = [[[next(next_block) for _ in range(4)] for _ in range(2)] for _ in roots]
+    tables, lens = [], []
+    for _ in range(40):
+        r = rng.randrange(3)
+        table = roots[r][: rng.randint(1, 6)]
+        if len(table) == 6 and rng.random() < 0.7:
+            table = table + rng.choice(branches[r])[: rng.randint(1, 4)]
+        table += [next(next_block) for _ in range(rng.randint(0, 3))]
+        tables.append(table)
+        lens.append(rng.randint((len(table) - 1) * block_size + 1, len(table) * block_size))
+    found = find_cascade_groups(tables, lens, block_size, min_shared_tokens=1, max_groups=100)
+    assert found is not None
+    seen = set()
+    saved = 0
+    for begin, end, prefix in found.groups.tolist():
+        members = found.members[begin:end].tolist()
+        assert len(members) >= 2 and prefix % block_size == 0 and prefix > 0
+        blocks = prefix // block_size
+        for i in members:
+            assert tables[i][:blocks] == tables[members[0]][:blocks]
+            assert prefix < lens[i] and found.prefix_lens[i] == prefix
+            assert i not in seen
+            seen.add(i)
+        saved += (len(members) - 1) * blocks
+    assert all(found.prefix_lens[i] == 0 for i in range(len(tables)) if i not in seen)
+    # the naive grouping: sequences by first block, their longest common usable prefix
+    naive = 0
+    by_first: dict[int, list[int]] = {}
+    for i, t in enumerate(tables):
+        if (lens[i] - 1) // block_size > 0:
+            by_first.setdefault(t[0], []).append(i)
+    for members in by_first.values():
+        if len(members) > 1:
+            common = min((lens[i] - 1) // block_size for i in members)
+            while any(tables[i][:common] != tables[members[0]][:common] for i in members):
+                common -= 1
+            naive += (len(members) - 1) * common
+    assert saved >= naive
+
+
+# -- kernels ----------------------------------------------------------------------------------
+
+
+class SharedCase:
+    """A random paged cache where groups of sequences share leading blocks.
+
+    groups: (shared blocks, suffix lengths of its members); lone: lengths of sequences sharing
+    nothing. Every block is placed at a random position of the pool.
+    """
+
+    def __init__(
+        self,
+        groups: list[tuple[int, list[int]]],
+        lone: list[int],
+        heads: tuple[int, int, int],
+        block_size: int,
+        dtype: torch.dtype,
+        seed: int,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        num_heads, num_kv_heads, head_dim = heads
+        shapes = [(p, s) for p, suffixes in groups for s in suffixes] + [(0, n) for n in lone]
+        num_blocks = sum(p for p, _ in groups) + sum(math.ceil(s / block_size) for _, s in shapes)
+        perm = iter(torch.randperm(num_blocks + 2, generator=gen).tolist())
+        tables, seq_lens = [], []
+        for shared, suffixes in groups:
+            prefix = [next(perm) for _ in range(shared)]
+            for s in suffixes:
+                tables.append(prefix + [next(perm) for _ in range(math.ceil(s / block_size))])
+                seq_lens.append(shared * block_size + s)
+        for n in lone:
+            tables.append([next(perm) for _ in range(math.ceil(n / block_size))])
+            seq_lens.append(n)
+        width = max(len(t) for t in tables)
+        self.tables = tables
+        self.seq_lens_list = seq_lens
+        # [num_seqs, width], -1 padded
+        self.block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables])
+        self.block_tables = self.block_tables.to(torch.int32)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+        # [num_blocks, block_size, num_kv_heads, head_dim]
+        shape = (num_blocks + 2, block_size, num_kv_heads, head_dim)
+        self.k_cache = torch.randn(shape, generator=gen).to(dtype)
+        self.v_cache = torch.randn(shape, generator=gen).to(dtype)
+        # [num_seqs, num_heads, head_dim]
+        self.q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
+        self.scale = head_dim**-0.5
+        self.block_size = block_size
+
+    def reference(self) -> torch.Tensor:
+        """[num_seqs, num_heads, head_dim] float64 softmax attention over each sequence's keys."""
+        out = []
+        group = self.q.shape[1] // self.k_cache.shape[2]
+        for i, n in enumerate(self.seq_lens_list):
+            # [n, num_kv_heads, head_dim]
+            k = self.k_cache[self.tables[i]].flatten(0, 1)[:n].double()
+            v = self.v_cache[self.tables[i]].flatten(0, 1)[:n].double()
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            # [num_heads, n]
+            scores = torch.einsum("hd,nhd->hn", self.q[i].double(), k) * self.scale
+            out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))
+        return torch.stack(out)
+
+    def cascade(self, min_shared_tokens: int = 1, num_splits: int = 1, **kw: int) -> torch.Tensor:
+        """The cascade kernels' output (grouping found from the block tables)."""
+        from nanovllm.kernels.cascade_attention import cascade_decode_attention
+
+        found = find_cascade_groups(
+            self.tables, self.seq_lens_list, self.block_size, min_shared_tokens
+        )
+        assert found is not None
+        # [num_seqs, num_heads, head_dim], poisoned: an element left unwritten shows
+        out = torch.full_like(self.q, float("nan"), device=DEVICE)
+        return cascade_decode_attention(
+            self.q.to(DEVICE),
+            self.k_cache.to(DEVICE),
+            self.v_cache.to(DEVICE),
+            self.block_tables.to(DEVICE),
+            self.seq_lens.to(DEVICE),
+            torch.from_numpy(found.prefix_lens).to(DEVICE),
+            torch.from_numpy(found.members).to(DEVICE),
+            torch.from_numpy(found.groups).to(DEVICE),
+            self.scale,
+            num_splits,
+            found.max_prefix_len,
+            kw.get("num_sms", 4),
+            out,
+            prefix_block_m=kw.get("prefix_block_m", 64),
+        ).cpu()
+
+    def plain(self) -> torch.Tensor:
+        """The plain paged decode kernel's output."""
+        from nanovllm.kernels.decode_attention import decode_attention
+
+        return decode_attention(
+            self.q.to(DEVICE),
+            self.k_cache.to(DEVICE),
+            self.v_cache.to(DEVICE),
+            self.block_tables.to(DEVICE),
+            self.seq_lens.to(DEVICE),
+            self.scale,
+        ).cpu()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (NaN anywhere fails every comparison)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# name: (groups as (shared blocks, member suffix lengths), lone sequence lengths)
+LAYOUTS = {
+    "one_group": ([(2, [1, 5, 17, 40])], []),
+    "several_groups_and_lone": ([(1, [3, 33]), (3, [1, 2, 20]), (2, [7])], [5, 50]),
+    "prefix_of_one_block": ([(1, [1, 1, 9])], [1]),
+    "big_group": ([(2, [1 + (7 * i) % 37 for i in range(20)])], [3]),
+}
+HEADS = (
+    [(16, 8, 128), (32, 8, 128), (8, 8, 64), (4, 1, 128)]
+    if CUDA
+    else [(2, 2, 32), (4, 2, 16), (4, 1, 16), (3, 1, 24)]
+)
+# (layout, block size, heads, query rows per prefix tile): every layout and GQA ratio at block
+# size 16, tiles of 16 rows (several tiles per group) and of 64, a few cases at block size 256
+KERNEL_CASES = [
+    ("one_group", 16, HEADS[0], 64),
+    ("one_group", 16, HEADS[2], 16),
+    ("several_groups_and_lone", 16, HEADS[1], 16),
+    ("several_groups_and_lone", 16, HEADS[3], 64),
+    ("prefix_of_one_block", 16, HEADS[2], 64),
+    ("big_group", 16, HEADS[1], 16),
+    ("big_group", 16, HEADS[3], 64),
+    ("one_group", 256, HEADS[1], 16),
+    ("several_groups_and_lone", 256, HEADS[0], 64),
+]
+if CUDA:
+    KERNEL_CASES += [
+        (name, size, heads, 64) for name in LAYOUTS for heads in HEADS for size in (16, 256)
+    ]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("layout", "block_size", "heads", "block_m"), KERNEL_CASES)
+def test_cascade_matches_plain_decode(
+    layout: str, block_size: int, heads: tuple[int, int, int], block_m: int, dtype: torch.dtype
+) -> None:
+    groups, lone = LAYOUTS[layout]
+    case = SharedCase(groups, lone, heads, block_size, dtype, seed=block_size + heads[0])
+    ref = case.reference()
+    out = case.cascade(prefix_block_m=block_m)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, case.plain()) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_sms", [1, 64])
+def test_cascade_splits(num_splits: int, num_sms: int) -> None:
+    """Suffix splits and prefix splits (num_sms picks how many) give the same result."""
+    groups, lone = LAYOUTS["several_groups_and_lone"]
+    case = SharedCase(groups, lone, (4, 2, 16), 16, torch.float32, seed=num_splits)
+    out = case.cascade(num_splits=num_splits, num_sms=num_sms)
+    assert rel_err(out, case.reference()) < TOL[torch.float32]
+
+
+@needs_triton
+def test_cascade_fp8_cache() -> None:
+    """A float8 e4m3 cache with values float8 holds exactly: the same as a float32 cache."""
+    fp8 = torch.float8_e4m3fn
+    groups, lone = LAYOUTS["several_groups_and_lone"]
+    case = SharedCase(groups, lone, (4, 2, 16), 16, torch.float32, seed=5)
+    case.k_cache, case.v_cache = case.k_cache.to(fp8).float(), case.v_cache.to(fp8).float()
+    ref = case.reference()
+    case.k_cache, case.v_cache = case.k_cache.to(fp8), case.v_cache.to(fp8)
+    assert rel_err(case.cascade(), ref) < TOL[torch.float32]
+
+
+# -- whole engine ------------------------------------------------------------------------------
+
+
+def shared_prefix_workload(
+    small: bool = False, seed: int = 0
+) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Prompts that share a 100-token prefix (ragged own suffixes), two that share another
+    prefix, and lone ones; output lengths differ, so sequences leave their groups at different
+    steps. small: fewer and shorter (for the interpreter)."""
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, 500) for _ in range(n)]
+
+    shared, other = tokens(100), tokens(40)
+    own = (1, 17, 40) if small else (1, 4, 15, 16, 17, 40, 90)
+    prompts = [shared + tokens(n) for n in own]
+    prompts += [other + tokens(n) for n in (3, 30)] + [tokens(n) for n in (5, 70)][: 1 + small]
+    params = [
+        SamplingParams(
+            temperature=0, max_tokens=2 + (5 * i) % (7 if small else 13), ignore_eos=True
+        )
+        for i in range(len(prompts))
+    ]
+    return prompts, params
+
+
+def engine_tokens(llm: LLM, small: bool = False) -> list[list[int]]:
+    """Greedy tokens of the workload run twice (the second run hits the prefix cache from its
+    first step), then of a request with n=4 (its completions share the prompt's blocks)."""
+    prompts, params = shared_prefix_workload(small)
+    out = []
+    for _ in range(2):
+        out += [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    parallel = SamplingParams(temperature=0, max_tokens=4 if small else 6, n=4, ignore_eos=True)
+    out += [c.token_ids for c in llm.generate(prompts[1], parallel, use_tqdm=False)[0].outputs]
+    return out
+
+
+@pytest.fixture
+def count_cascade_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every group pays (threshold 1); returns a counter of cascade kernel calls."""
+    import nanovllm.kernels.cascade_attention as kernels
+
+    monkeypatch.setattr("nanovllm.attention.cascade.CASCADE_MIN_SHARED_TOKENS", 1)
+    calls = [0]
+    original = kernels.cascade_decode_attention
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "cascade_decode_attention", counting)
+    return calls
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("enforce_eager", [False, True])
+@pytest.mark.parametrize("num_kvcache_blocks", [400, 40])
+def test_engine_cascade_on_equals_off(
+    tiny_model_dir: str,
+    count_cascade_calls: list[int],
+    enforce_eager: bool,
+    num_kvcache_blocks: int,
+) -> None:
+    """float32 greedy tokens with the cascade path on and off are identical, with CUDA graphs
+    and eagerly; 40 blocks of 16 tokens force preemption and recompute."""
+    common = dict(
+        device="cuda",
+        dtype="float32",
+        kvcache_block_size=16,
+        num_kvcache_blocks=num_kvcache_blocks,
+        enforce_eager=enforce_eager,
+        max_num_batched_tokens=256,
+        max_num_seqs=32,
+        max_model_len=512,
+    )
+    with LLM(tiny_model_dir, disable_cascade_attn=True, **common) as llm:
+        off = engine_tokens(llm)
+    assert count_cascade_calls[0] == 0
+    with LLM(tiny_model_dir, **common) as llm:
+        on = engine_tokens(llm)
+        if not enforce_eager:
+            assert any(cascade for _, cascade in llm.engine.runner.graphs.graphs)
+    assert count_cascade_calls[0] > 0
+    assert on == off
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRET or CUDA, reason="the interpreter on a CPU (CUDA: see above)")
+def test_engine_cascade_under_interpreter(
+    tiny_model_dir: str, count_cascade_calls: list[int]
+) -> None:
+    """The same on a CPU: the engine's runner switched to the Triton backend with cascade (the
+    interpreter) against the torch backend's tokens."""
+    from nanovllm.attention.triton_backend import TritonAttentionBackend
+
+    def run(cascade: bool) -> list[list[int]]:
+        with LLM(tiny_model_dir, device=DEVICE, dtype="float32", kvcache_block_size=16) as llm:
+            runner = llm.engine.runner
+            if cascade:
+                runner.attn_backend = TritonAttentionBackend(DEVICE, 2)
+                for layer in runner.attention_layers:
+                    layer.backend = runner.attn_backend
+                runner.inputs.cascade = True
+            return engine_tokens(llm, small=True)
+
+    reference = run(False)
+    assert count_cascade_calls[0] == 0
+    assert run(True) == reference
+    assert count_cascade_calls[0] > 0
