@@ -20,7 +20,13 @@ from nanovllm.structured.masks import GrammarMasks, apply_bitmask_torch
 from nanovllm.utils.dummy import train_tokenizer
 
 MAX_MODEL_LEN = 256
-PROMPTS = ["Hello, my name is", "The capital of France is", "def add(a, b):", "Numbers: 0 1"]
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "def add(a, b):",
+    "Numbers: 0 1",
+    "Once upon a time",
+]  # as many as CASES
 
 # A schema whose language is finite (bounded strings and numbers, no free whitespace below),
 # so a random model reaches its end well inside max_tokens.
@@ -38,6 +44,14 @@ REGEX = r"[a-z]{1,5}@[0-9]{2,3}\.(com|org)"
 GRAMMAR = 'root ::= "(" num (" + " num){0,2} ")"\nnum ::= [1-9] [0-9]{0,2}'
 GRAMMAR_RE = r"\([1-9][0-9]{0,2}( \+ [1-9][0-9]{0,2}){0,2}\)"
 CHOICES = ["yes", "no", "maybe so", 'say "hi"\n']
+# vLLM's documented grammar example is Lark (rules with ":", a start rule)
+LARK = """
+?start: select_statement
+?select_statement: "SELECT " column " from " table
+?column: "col_1" | "col_2"
+?table: "table_1" | "table_2"
+"""
+LARK_RE = r"SELECT col_[12] from table_[12]"
 
 
 def check_schema(text: str) -> None:
@@ -64,6 +78,7 @@ CASES = {
         StructuredOutputsParams(grammar=GRAMMAR),
         lambda text: re.fullmatch(GRAMMAR_RE, text),
     ),
+    "lark": (StructuredOutputsParams(grammar=LARK), lambda text: re.fullmatch(LARK_RE, text)),
 }
 
 
@@ -93,6 +108,7 @@ def llm(tiny_model_dir: str) -> LLM:
         ({"json": [1, 2]}, "must be a JSON schema"),
         ({"grammar": "root ::= "}, "invalid grammar in structured_outputs.grammar: "),
         ({"grammar": 'start ::= "a"'}, 'root rule with name "root" is not found'),
+        ({"grammar": "start: foo"}, "unknown name 'foo'"),  # Lark
         ({"json_object": "yes"}, "json_object must be True or None"),
         ({"regex": "a", "whitespace_pattern": " *"}, "whitespace_pattern is not supported"),
         ({"regex": "a", "disable_fallback": 1}, "disable_fallback must be a bool"),
@@ -317,7 +333,7 @@ def test_preemption_mid_grammar_keeps_matchers_right(tiny_model_dir: str, llm: L
     # 31-token prompts: two 16-token blocks each, all four admitted into 8 blocks; the second
     # decode step of each needs a third block, so the newest sequences are preempted mid-grammar
     tokenizer = llm.get_tokenizer()
-    prompts = [tokenizer.encode(p * 8)[:31] for p in PROMPTS]
+    prompts = [tokenizer.encode(p * 8)[:31] for p in PROMPTS[:4]]
     all_params = [params, regex, params, regex]
     expected = llm.generate(prompts, all_params, use_tqdm=False)
     with LLM(tiny_model_dir, max_model_len=96, num_kvcache_blocks=8) as small:

@@ -108,6 +108,8 @@ class GrammarCompiler:
             )
         elif kind == "regex":
             grammar = compiler.compile_regex(text)
+        elif kind == "lark":
+            grammar = compiler.compile_lark(text)
         else:
             grammar = compiler.compile_grammar(text)
         elapsed = time.perf_counter() - start

@@ -30,7 +30,8 @@ class StructuredOutputsParams:
     json: a JSON schema (dict, JSON string, or a pydantic BaseModel class).
     regex: the output matches this regular expression as a whole.
     choice: the output is exactly one of these strings.
-    grammar: an EBNF grammar (xgrammar / llama.cpp GBNF syntax) with a `root` rule.
+    grammar: an EBNF grammar (xgrammar / llama.cpp GBNF syntax, `rule ::= ...`) with a `root`
+        rule, or a Lark grammar (`rule: ...`, a `start` rule), told apart by "::=".
     json_object: True: the output is any JSON object.
     disable_any_whitespace: JSON kinds only: no free whitespace between JSON tokens (compact
         output; models that like to emit newlines cannot pad the output with them).
@@ -83,6 +84,8 @@ class StructuredOutputsParams:
             text = getattr(self, kind)
             if not isinstance(text, str) or not text:
                 raise ValueError(f"{kind} must be a non-empty str, got {text!r:.80}")
+            if kind == "grammar" and "::=" not in text:
+                kind = "lark"  # vLLM accepts Lark grammars too (its examples use them)
         if kind == "json" and self.disable_any_whitespace:
             kind += ":compact"
         object.__setattr__(self, "_key", (kind, text))  # frozen: set once, here
@@ -148,6 +151,8 @@ def _parse_error(key: tuple[str, str]) -> str | None:
             xgr.Grammar.from_json_schema(text, any_whitespace=not kind.endswith(":compact"))
         elif kind == "regex":
             xgr.Grammar.from_regex(text)
+        elif kind == "lark":
+            xgr.Grammar.from_lark(text)
         else:
             xgr.Grammar.from_ebnf(text)
     except (RuntimeError, ValueError, TypeError) as e:
