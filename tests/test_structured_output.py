@@ -6,6 +6,7 @@ batch are untouched; preemption mid-grammar; bad specifications refused; the bit
 
 import json
 import os
+import pickle
 import re
 from typing import Any
 
@@ -146,6 +147,9 @@ def test_json_forms_share_one_key() -> None:
         StructuredOutputsParams(json=json.dumps(schema, indent=2)).key,
     }
     assert len(keys) == 1
+    # pickled for data-parallel replicas, even with a class defined in this function
+    again = pickle.loads(pickle.dumps(StructuredOutputsParams(json=Person)))
+    assert again.key in keys and again.json == again.key[1]
     compact = StructuredOutputsParams(json=schema, disable_any_whitespace=True).key
     assert compact not in keys
     assert StructuredOutputsParams(json_object=True).kind == "json_object"

@@ -95,6 +95,14 @@ class StructuredOutputsParams:
             what = {"json": "JSON schema", "grammar": "grammar", "regex": "regex"}.get(name, name)
             raise ValueError(f"invalid {what} in structured_outputs.{name}: {error}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (data-parallel replicas) with a pydantic class as its schema's text: a class
+        defined in a function cannot be pickled."""
+        state = dict(self.__dict__)
+        if isinstance(self.json, type):
+            state["json"] = self._key[1]
+        return state
+
     @property
     def kind(self) -> str:
         """Which constraint this is: "json", "regex", "choice", "grammar" or "json_object"."""
