@@ -8,12 +8,22 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from nanovllm.inputs import PromptType, TextPrompt, TokensPrompt
     from nanovllm.llm import LLM
     from nanovllm.outputs import CompletionOutput, RequestOutput
     from nanovllm.sampling_params import SamplingParams
     from nanovllm.structured.params import StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "TextPrompt",
+    "TokensPrompt",
+    "PromptType",
+]
 __version__ = "0.1.0"
 
 _MODULES = {
@@ -22,6 +32,9 @@ _MODULES = {
     "StructuredOutputsParams": "nanovllm.structured.params",
     "RequestOutput": "nanovllm.outputs",
     "CompletionOutput": "nanovllm.outputs",
+    "TextPrompt": "nanovllm.inputs",
+    "TokensPrompt": "nanovllm.inputs",
+    "PromptType": "nanovllm.inputs",
 }
 
 

@@ -11,10 +11,10 @@ import os
 import sys
 from typing import Any
 
-from nanovllm.config import Config
+from nanovllm.config import DERIVED_FIELDS, Config
 
 # Config fields that are not options: the model is its own flag, the rest are derived.
-_NOT_FLAGS = {"model", "hf_config", "eos_token_ids"}
+_NOT_FLAGS = {"model", *DERIVED_FIELDS}
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in _NOT_FLAGS:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = f.type if f.type in (bool, int, float) else str
+        # Config's annotations are strings ("int", "str | None", ...): plain ones map to types
+        kind = {"bool": bool, "int": int, "float": float}.get(str(f.type), str)
         if kind is bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS

@@ -1,4 +1,10 @@
-"""Engine configuration: every knob in one place, validated once, device and dtype resolved."""
+"""Engine configuration: every knob in one place, validated once, device and dtype resolved.
+
+torch and transformers load when the first Config is made, not at import (the `nanovllm`
+command's --help and `import nanovllm` stay quick).
+"""
+
+from __future__ import annotations
 
 import difflib
 import json
@@ -7,22 +13,25 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from nanovllm.models.registry import resolve_architecture
 
-if TYPE_CHECKING:  # transformers loads when the first Config is made (import nanovllm stays light)
+if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
+def _dtypes() -> dict[str, torch.dtype]:
+    """The dtypes a `dtype` argument may name."""
+    import torch
+
+    return {
+        "float32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "half": torch.float16,
+    }
 
 
 @dataclass
@@ -66,8 +75,15 @@ class Config:
     seed: int = 0
     # The most logprobs / prompt_logprobs a request may ask for (vLLM's default; -1: vocabulary).
     max_logprobs: int = 20
-    hf_config: "PretrainedConfig | None" = field(default=None, repr=False)
+    # Where the default sampling settings come from (vLLM's): "auto" reads the model folder's
+    # generation_config.json, "vllm" ignores it (SamplingParams' own defaults), or a folder path.
+    generation_config: str = "auto"
+    # Values laid over the generation config's (a dict, or its JSON text), e.g. {"temperature": 0.5}.
+    override_generation_config: dict[str, Any] | None = None
+    hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
+    # SamplingParams defaults from the generation config (derived; see generation_defaults).
+    sampling_defaults: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.model = os.path.expanduser(str(self.model))
@@ -108,6 +124,12 @@ class Config:
         eos = self.hf_config.eos_token_id
         if not self.eos_token_ids and eos is not None:
             self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.sampling_defaults, generation_eos = generation_defaults(
+            self.generation_config, self.model, self.override_generation_config
+        )
+        for token in generation_eos:  # e.g. Qwen3's <|endoftext|> beside <|im_end|>
+            if token not in self.eos_token_ids:
+                self.eos_token_ids.append(token)
 
         self.device = resolve_device(self.device)
         if self.kvcache_block_size == 0:
@@ -122,6 +144,8 @@ class Config:
 
     def _resolve_kv_cache_dtype(self) -> torch.dtype:
         """The dtype the KV cache is stored in; float8 e4m3 needs CUDA and the Triton kernels."""
+        import torch
+
         value = self.kv_cache_dtype
         if value == "auto" or value == self.dtype:
             return self.dtype
@@ -167,6 +191,8 @@ class Config:
             )
         dp = self.data_parallel_size
         if self.device.type == "cuda":
+            import torch
+
             available = torch.cuda.device_count()
             if dp > 1 and self.device.index is not None:
                 raise ValueError(
@@ -187,34 +213,131 @@ class Config:
             )
 
 
-# Accepted for vLLM compatibility and ignored: nano-vllm runs its own model code and never
-# executes code from a model folder.
-IGNORED_ENGINE_ARGS = ("trust_remote_code",)
+# vLLM's LLM() arguments that change nothing here, accepted so that vLLM scripts run as they
+# are: nano-vllm runs its own model code (trust_remote_code), reads local folders only
+# (revision, tokenizer_revision), loads the tokenizer transformers picks (tokenizer_mode), has
+# no CPU swap or offload (swap_space, cpu_offload_gb=0 only), no stats logger and no custom
+# all-reduce.
+IGNORED_ENGINE_ARGS = (
+    "trust_remote_code",
+    "swap_space",
+    "cpu_offload_gb",
+    "tokenizer_mode",
+    "revision",
+    "tokenizer_revision",
+    "disable_log_stats",
+    "disable_custom_all_reduce",
+)
+# Config fields that are derived, not arguments.
+DERIVED_FIELDS = ("hf_config", "eos_token_ids", "sampling_defaults")
+
+
+def engine_arg_names() -> list[str]:
+    """The keyword arguments LLM() passes to Config (model excluded)."""
+    return [f.name for f in fields(Config) if f.name != "model" and f.name not in DERIVED_FIELDS]
 
 
 def check_engine_args(kwargs: dict[str, Any], owner: str = "LLM") -> dict[str, Any]:
     """The keyword arguments meant for Config; TypeError naming `owner` for an unknown one,
-    with the closest accepted names. vLLM-only arguments in IGNORED_ENGINE_ARGS are dropped."""
-    accepted = [f.name for f in fields(Config) if f.init and f.name != "model"]
-    kept = {}
+    with the closest valid names. vLLM arguments in IGNORED_ENGINE_ARGS are dropped, with one
+    info line naming them."""
+    accepted = engine_arg_names()
+    kept, ignored = {}, {}
     for key, value in kwargs.items():
         if key in IGNORED_ENGINE_ARGS:
-            logger.info("%s=%r is ignored: nano-vllm runs its own model code", key, value)
+            ignored[key] = value
         elif key in accepted:
             kept[key] = value
         else:
-            close = difflib.get_close_matches(key, accepted, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(key, accepted + list(IGNORED_ENGINE_ARGS), 3, 0.6)
             hint = (
                 f"did you mean {' or '.join(repr(c) for c in close)}?"
                 if close
                 else f"accepted: {', '.join(accepted)}"
             )
             raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}; {hint}")
+    offload = ignored.get("cpu_offload_gb", 0)
+    if isinstance(offload, bool) or not isinstance(offload, (int, float)) or offload != 0:
+        raise ValueError(f"cpu_offload_gb must be 0 (nano-vllm offloads nothing), got {offload!r}")
+    if ignored:
+        settings = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+        logger.info("%s(): ignored (no effect in nano-vllm): %s", owner, settings)
     return kept
+
+
+# generation_config.json keys that give SamplingParams defaults (vLLM's list), and their names
+# in SamplingParams.
+GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(
+    source: str, model: str, override: dict[str, Any] | str | None = None
+) -> tuple[dict[str, Any], list[int]]:
+    """(SamplingParams defaults, extra EOS token ids) from a generation config.
+
+    source: "auto" reads model/generation_config.json (nothing if the file is absent), "vllm"
+    reads nothing, any other value is a folder holding one. `override` (a dict or its JSON
+    text) is laid over the file's values; its keys must be among GENERATION_KEYS.
+    """
+    if not isinstance(source, str):
+        raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {source!r}")
+    if isinstance(override, str):
+        try:
+            override = json.loads(override)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"override_generation_config is not valid JSON: {e}") from None
+    if override is not None and not isinstance(override, dict):
+        raise ValueError(f"override_generation_config must be a dict, got {override!r}")
+    unknown = sorted(set(override or {}) - set(GENERATION_KEYS))
+    if unknown:
+        raise ValueError(
+            f"override_generation_config keys {unknown} are not supported; "
+            f"supported: {list(GENERATION_KEYS)}"
+        )
+    values: dict[str, Any] = {}
+    if source != "vllm":
+        folder = model if source == "auto" else os.path.expanduser(source)
+        if source != "auto" and not os.path.isdir(folder):
+            raise ValueError(
+                f"generation_config must be 'auto', 'vllm' or an existing folder, got {source!r}"
+            )
+        path = os.path.join(folder, "generation_config.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    values = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{path} must hold a JSON object, got {type(values).__name__}")
+        elif source != "auto":
+            raise ValueError(f"generation_config folder {folder!r} has no generation_config.json")
+    eos = values.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else [t for t in eos or [] if isinstance(t, int)]
+    values = {**values, **(override or {})}
+    defaults = {
+        name: values[key] for key, name in GENERATION_KEYS.items() if values.get(key) is not None
+    }
+    if defaults:
+        logger.info(
+            "default sampling settings from the model's generation config: %s "
+            "(generation_config='vllm' ignores them)",
+            defaults,
+        )
+    return defaults, eos_ids
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """Turn "auto" into cuda > mps > cpu and check that an explicit device exists."""
+    import torch
+
     if isinstance(device, str) and device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -246,11 +369,14 @@ def default_block_size(device: torch.device) -> int:
 
 
 def resolve_dtype(
-    dtype: str | torch.dtype, device: torch.device, hf_config: "PretrainedConfig"
+    dtype: str | torch.dtype, device: torch.device, hf_config: PretrainedConfig
 ) -> torch.dtype:
     """ "auto" is float32 on CPU and the checkpoint's dtype on an accelerator."""
+    import torch
+
+    dtypes = _dtypes()
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
+        if dtype not in dtypes.values():
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         return dtype
     if dtype == "auto":
@@ -258,8 +384,8 @@ def resolve_dtype(
             return torch.float32
         ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if isinstance(ckpt, str):
-            ckpt = _DTYPES.get(ckpt)
-        return ckpt if ckpt in _DTYPES.values() else torch.bfloat16
-    if dtype not in _DTYPES:
+            ckpt = dtypes.get(ckpt)
+        return ckpt if ckpt in dtypes.values() else torch.bfloat16
+    if dtype not in dtypes:
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    return _DTYPES[dtype]
+    return dtypes[dtype]

@@ -33,7 +33,8 @@ class CompletionOutput:
     cumulative_logprob: float | None = None  # with SamplingParams.logprobs
     logprobs: SampleLogprobs | None = None  # with SamplingParams.logprobs
     finish_reason: str | None = None  # "stop" (EOS, a stop token or a stop string) or "length"
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # the stop token id or stop string that ended it; None for EOS or length (vLLM's)
+    stop_reason: int | str | None = None
 
     def finished(self) -> bool:
         """True once the completion has a finish reason (vLLM's method)."""

@@ -27,6 +27,7 @@ def test_bench_refuses_a_cpu_without_force() -> None:
     assert "`uv run mini_bench.py`" in done.stderr and "--force" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores")
 def test_benchmark_runs_replicas_and_says_nothing_about_tokenizers(
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture

@@ -90,6 +90,7 @@ def test_dp2_matches_one_engine_in_prompt_order(tiny_model_dir: str) -> None:
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_replica_error_names_the_replica(tiny_model_dir: str) -> None:
     llm = LLM(tiny_model_dir, kvcache_block_size=16, data_parallel_size=2)
     try:
@@ -131,6 +132,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
 def test_interpreter_exit_stops_replicas(tiny_model_dir: str, tmp_path: object) -> None:
     script = os.path.join(str(tmp_path), "dp_exit.py")

@@ -291,17 +291,16 @@ def test_dummy_shapes_build(shape: str, tmp_path: Any) -> None:
 def load_shards(
     path: str, tp: int, monkeypatch: pytest.MonkeyPatch
 ) -> list[dict[str, torch.Tensor]]:
-    """Every rank's parameters out of tp ranks, loaded in this process (no workers)."""
-    from nanovllm.layers import embed_head, fused_moe, linear
+    """Every rank's parameters out of tp ranks, loaded in this process (no workers): the
+    model is built under a group of that rank and size (no collective runs while loading)."""
+    from nanovllm.utils.dist import TPGroup, use_group
     from nanovllm.utils.loader import load_model
 
     config = AutoConfig.from_pretrained(path)
     shards = []
     for rank in range(tp):
-        for module in (linear, embed_head, fused_moe):
-            monkeypatch.setattr(module, "tp_rank", lambda rank=rank: rank)
-            monkeypatch.setattr(module, "tp_size", lambda: tp)
-        model = model_class(config.architectures)(config)
+        with use_group(TPGroup(rank, tp)):
+            model = model_class(config.architectures)(config)
         load_model(model, path)
         shards.append(dict(model.named_parameters()))
     return shards

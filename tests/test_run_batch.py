@@ -256,7 +256,11 @@ def wait_for_lines(path: str, count: int, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"fewer than {count} lines in {path} after {timeout}s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+    ids=["SIGKILL", "SIGINT"],
+)
 def test_interrupted_run_resumes(
     tiny_model_dir: str, tmp_path: Any, reference: tuple[str, dict], sig: signal.Signals
 ) -> None:

@@ -39,7 +39,8 @@ def greedy_tokens(path: str, prompts: list[list[int]], **kwargs: object) -> list
     [
         (512, 2),  # 2 query heads and 1 K/V head per rank
         (509, 2),  # the vocabulary does not split evenly
-        (512, 1),  # tp > num_kv_heads: the one K/V head is replicated on both ranks
+        # tp > num_kv_heads: the one K/V head is replicated on both ranks
+        pytest.param(512, 1, marks=pytest.mark.slow),
     ],
 )
 def test_tp2_matches_tp1(tmp_path: object, vocab_size: int, kv_heads: int) -> None:
@@ -142,6 +143,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
 def test_interpreter_exit_stops_workers(tiny_model_dir: str) -> None:
     import subprocess
@@ -163,6 +165,7 @@ def test_interpreter_exit_stops_workers(tiny_model_dir: str) -> None:
     assert not any(_alive(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_worker_error_is_raised_on_rank0(tiny_model_dir: str) -> None:
     """A worker that raises mid-step: rank 0 raises its error, naming the rank, within seconds;
     the engine then refuses further steps, and a new engine works in the same process."""
@@ -201,6 +204,7 @@ def test_worker_error_is_raised_on_rank0(tiny_model_dir: str) -> None:
         assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected
 
 
+@pytest.mark.slow
 def test_rank0_error_mid_step_asks_for_a_restart(tiny_model_dir: str) -> None:
     """Rank 0 fails after the workers got the plan (they wait in a collective that never
     completes): a clear restart error, then shutdown and re-creation work, without hanging."""
@@ -241,6 +245,7 @@ print("created", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_unguarded_main_fails_fast(tiny_model_dir: str, tmp_path: object) -> None:
     """A tp script without the __main__ guard: spawned workers cannot start; the parent says
     why and what to do, and exits instead of hanging."""

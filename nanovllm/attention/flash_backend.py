@@ -1,7 +1,8 @@
 """flash-attn's paged kernels, when the optional `flash-attn` package is installed.
 
-Opt-in with `attention_backend="flash"` (`uv sync --extra flash`): K/V are written into their
-slots by our Triton store kernel, then prefill runs `flash_attn_varlen_func` and decode
+Opt-in with `attention_backend="flash"` when flash-attn is installed (by hand; the README's "On a
+GPU" says why it is no extra): K/V are written into their slots by our Triton store kernel, then
+prefill runs `flash_attn_varlen_func` and decode
 `flash_attn_with_kvcache`, both reading K/V through the block table. flash-attn's paged mode
 needs a block size that is a multiple of 256 and float16 or bfloat16. Causal masking with fewer
 queries than keys is aligned to the last key (flash-attn >= 2.1), which is our prefix-hit and
@@ -33,7 +34,8 @@ def check_flash_usable(device: torch.device, block_size: int, dtype: torch.dtype
         import flash_attn  # noqa: F401
     except ImportError as e:
         raise ValueError(
-            "attention_backend 'flash' needs the flash-attn package (uv sync --extra flash)"
+            "attention_backend 'flash' needs the flash-attn package, built for your torch and CUDA "
+            "(see the README's 'On a GPU'); the default 'triton' backend needs nothing more"
         ) from e
 
 

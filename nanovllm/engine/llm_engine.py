@@ -23,9 +23,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_plan import plan_step
 from nanovllm.engine.tp_workers import (
     TPWorkers,
-    abort_process_group,
     defer_sigint,
-    leave_process_group,
     threads_per_rank,
 )
 from nanovllm.sampling_params import SamplingParams
@@ -73,18 +71,10 @@ class LLMEngine:
         if config.device.type == "cpu":
             torch.set_num_threads(threads_per_rank(config))
         if config.tensor_parallel_size > 1:
-            if dist.is_initialized():  # e.g. a notebook cell re-run while the old LLM lives
-                raise RuntimeError(
-                    "torch.distributed is already initialized in this process (another "
-                    "tensor-parallel LLM?): call its shutdown() or drop it (del llm) before "
-                    "creating a new one"
-                )
             self.workers = TPWorkers(config)
         # what the finalizer frees, in order (it must not hold the engine itself)
         self._resources: dict[str, ModelRunner] = {}
-        self._finalizer = weakref.finalize(
-            self, _release, self.workers, self._resources, config.tensor_parallel_size > 1
-        )
+        self._finalizer = weakref.finalize(self, _release, self.workers, self._resources)
         try:
             self.runner = ModelRunner(config, 0, self.workers.init_method if self.workers else None)
             self._resources["runner"] = self.runner
@@ -362,7 +352,7 @@ class LLMEngine:
         failure = self.workers.failure(timeout=0.0005)
         if failure is not None:
             self.runner.drop_graphs()  # NCCL's abort waits for graphs holding the communicator
-            abort_process_group()
+            self.runner.group.abort()
             self._broken = str(failure).partition("\n")[0]
             raise failure
 
@@ -405,8 +395,8 @@ class LLMEngine:
             runner = self._resources.pop("runner", None)  # no device sync: it could hang
             if runner is not None:
                 runner.drop_graphs()
-            if self.config.device.type == "cuda" and dist.is_initialized():
-                abort_process_group()  # release rank 0's kernels still waiting in one
+                if self.config.device.type == "cuda":
+                    runner.group.abort()  # release rank 0's kernels still waiting in one
         self._finalizer()
         self.workers = None
         self.runner = None  # frees the weights and the KV cache
@@ -426,22 +416,18 @@ def _is_collective_error(e: Exception) -> bool:
     return isinstance(e, dist.DistError) or "gloo" in str(e).lower() or "nccl" in str(e).lower()
 
 
-def _release(
-    workers: TPWorkers | None, resources: dict[str, ModelRunner], owns_process_group: bool
-) -> None:
-    """The engine's finalizer (holds no engine): free the CUDA graphs, then leave the process
-    group on all ranks at once, then stop the workers.
+def _release(workers: TPWorkers | None, resources: dict[str, ModelRunner]) -> None:
+    """The engine's finalizer (holds no engine): free the CUDA graphs, then leave the
+    tensor-parallel group on all ranks at once, then stop the workers.
 
-    The order matters on NCCL: a communicator's destroy waits while a CUDA graph that captured
-    its collectives exists, and for the other ranks to destroy theirs.
+    The order matters on NCCL: a communicator's shutdown waits while a CUDA graph that captured
+    its collectives exists, and for the other ranks to shut theirs down.
     """
     if workers is not None:
         workers.request_exit()  # each worker frees its graphs and leaves the group
     runner = resources.pop("runner", None)
     if runner is not None:
-        runner.close()
+        runner.close()  # graphs, then the group
     del runner
-    if owns_process_group:
-        leave_process_group()
     if workers is not None:
         workers.join()

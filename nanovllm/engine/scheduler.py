@@ -215,10 +215,11 @@ class Scheduler:
         if grammar_end is not None:
             return grammar_end
         if seq.num_completion_tokens >= params.min_tokens:
-            if token_id in params.stop_token_ids:
-                seq.stop_token = token_id
-                return "stop"
+            # vLLM's order and stop_reason: the model's EOS first (stop_reason None), then a
+            # stop token id (stop_reason is the id).
             if not params.ignore_eos and token_id in self.eos_token_ids:
+                return "stop"
+            if token_id in params.stop_token_ids:
                 seq.stop_token = token_id
                 return "stop"
         if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:

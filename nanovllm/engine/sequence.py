@@ -58,7 +58,7 @@ class Sequence:
         self.num_scheduled_tokens = 0
         self.num_prefix_hit_tokens = 0
         self.finish_reason: str | None = None
-        self.stop_token: int | None = None  # the EOS / stop token id that ended it
+        self.stop_token: int | None = None  # the stop token id that ended it (not EOS)
         self.stop_string: str | None = None  # the stop string that ended it
         # Completion number within its request (n > 1), and the other completions of the
         # request, held back until this one's prompt blocks are computed (then they hit them).
@@ -141,7 +141,8 @@ class Sequence:
 
     @property
     def stop_reason(self) -> int | str | None:
-        """The stop string or stop token id that finished this sequence (None otherwise)."""
+        """The stop string or stop token id that finished this sequence; None otherwise (the
+        model's EOS, the length limit, still running), as in vLLM."""
         return self.stop_string if self.stop_string is not None else self.stop_token
 
     @property

@@ -2,7 +2,8 @@
 
 Rank 0 (the engine's process) runs the scheduler and the sampler; every step it sends the same
 StepPlan to each worker over a pipe, then all ranks run the forward pass together, their
-collectives (all-reduce, gather) going through torch.distributed: NCCL on CUDA, gloo on CPU.
+collectives (all-reduce, gather) going through the engine's own group (utils/dist.py; never
+torch.distributed's process-global default group): NCCL on CUDA, gloo on CPU.
 Plans are plain lists, so a pipe moves them without shared-memory tensor handles.
 
 The control pipe carries, from rank 0 to a worker, `(method, args)` (run ModelRunner.<method>)
@@ -37,7 +38,6 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from nanovllm.config import Config
 
@@ -236,52 +236,7 @@ def _worker_main(config: Config, rank: int, init_method: str, conn: Connection) 
         report_error(conn, e)
         conn.close()
         os._exit(1)
-    runner.close()  # graphs first: NCCL's destroy waits for graphs that use the communicator
-    leave_process_group()
-
-
-def leave_process_group(timeout: float = 60.0) -> None:
-    """destroy_process_group with a deadline (NCCL's waits for every rank to leave too, so all
-    ranks call it at about the same time). Past the deadline it logs and gives up; the group then
-    stays registered in this process."""
-    if dist.is_initialized():
-        _with_deadline(dist.destroy_process_group, timeout, "leaving the process group")
-
-
-def abort_process_group(timeout: float = 20.0) -> bool:
-    """Abort the default process group's communicators, so that kernels waiting in a collective
-    for a rank that is gone return. NCCL's abort can block (it waits for resources that captured
-    CUDA graphs hold: free those first), so it is given up after `timeout` seconds. True if it
-    finished."""
-    from torch.distributed import distributed_c10d as c10d
-
-    if hasattr(c10d, "_abort_process_group"):
-        abort = c10d._abort_process_group
-    else:  # older torch
-        abort = c10d._get_default_group()._get_backend(torch.device("cuda")).abort
-    return _with_deadline(abort, timeout, "aborting the process group")
-
-
-def _with_deadline(fn: Callable[[], object], timeout: float, what: str) -> bool:
-    """Run fn in a daemon thread for at most timeout seconds; log (never raise) if it fails or
-    is still running then. True if it finished."""
-    errors: list[Exception] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except Exception as e:  # e.g. destroying an aborted NCCL communicator
-            errors.append(e)
-
-    thread = threading.Thread(target=run, name=f"nanovllm-{fn.__name__}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        logger.warning("%s took over %.0f s; gave up waiting", what, timeout)
-        return False
-    if errors:
-        logger.warning("%s failed: %s", what, errors[0])
-    return True
+    runner.close()  # frees the graphs, then leaves the group (NCCL's shutdown waits for them)
 
 
 class TPWorkers:

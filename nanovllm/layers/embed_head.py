@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.layers.linear import check_full_shape, linear, read_slice
-from nanovllm.utils.dist import all_reduce, gather_last_dim, tp_rank, tp_size
+from nanovllm.utils.dist import current_group, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -22,6 +22,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp_rank = tp_rank()
         self.tp_size = tp_size()
+        self.tp_group = current_group()  # the engine's group: all-reduce, gather of logits
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.rows_per_rank = (vocab_size + self.tp_size - 1) // self.tp_size
@@ -47,7 +48,7 @@ class VocabParallelEmbedding(nn.Module):
         mask = (local >= 0) & (local < self.rows_per_rank)
         y = F.embedding(torch.where(mask, local, 0), self.weight)
         # [num_tokens, hidden_size], rows of other ranks' ids zeroed before the sum
-        return all_reduce(y * mask.unsqueeze(-1).to(y.dtype))
+        return self.tp_group.all_reduce(y * mask.unsqueeze(-1).to(y.dtype))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -63,5 +64,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp_size == 1:
             return logits
         # [num_seqs, rows_per_rank * tp] on rank 0, trimmed to the real vocabulary
-        full = gather_last_dim(logits)
+        full = self.tp_group.gather_last_dim(logits)
         return full[:, : self.vocab_size] if full is not None else None

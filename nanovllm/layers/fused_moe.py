@@ -17,7 +17,7 @@ from torch import nn
 
 from nanovllm.kernels import use_kernels
 from nanovllm.layers.linear import check_full_shape, copy_checked, read_slice
-from nanovllm.utils.dist import all_reduce, tp_rank, tp_size
+from nanovllm.utils.dist import current_group, tp_rank, tp_size
 
 
 def route(
@@ -76,6 +76,7 @@ class FusedMoE(nn.Module):
         if not 0 < top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts {num_experts}")
         self.tp_rank = tp_rank()
+        self.tp_group = current_group()  # the engine's group, for the all-reduce
         self.tp_size = size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -123,4 +124,4 @@ class FusedMoE(nn.Module):
             out = fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         else:
             out = moe_reference(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
-        return all_reduce(out)
+        return self.tp_group.all_reduce(out)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.kernels import cpu
-from nanovllm.utils.dist import all_reduce, tp_rank, tp_size
+from nanovllm.utils.dist import current_group, tp_rank, tp_size
 
 
 def loaded_shape(loaded: Any) -> tuple[int, ...]:
@@ -63,6 +63,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.tp_rank = tp_rank()
         self.tp_size = tp_size()
+        self.tp_group = current_group()  # the engine's group, for RowParallelLinear's all-reduce
         self.weight = nn.Parameter(torch.empty(out_local, in_local), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.packed: torch.Tensor | None = None  # the CPU fast path's copy of weight
@@ -198,4 +199,4 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, in_local] -> [num_tokens, out_features], bias added once (rank 0)
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(self.matmul(x, bias))
+        return self.tp_group.all_reduce(self.matmul(x, bias))

@@ -4,9 +4,10 @@ Classes are imported on first use, so checking a config does not import every mo
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 # architecture -> (module under nanovllm.models, class name)
 _MODELS: dict[str, tuple[str, str]] = {
@@ -34,12 +35,12 @@ def resolve_architecture(architectures: list[str] | None, where: str = "config.j
     )
 
 
-def model_class(architectures: list[str] | None) -> type[nn.Module]:
+def model_class(architectures: list[str] | None) -> "type[nn.Module]":
     """The model class for a config's `architectures` (see resolve_architecture)."""
     module, cls = _MODELS[resolve_architecture(architectures)]
     return getattr(importlib.import_module(f"nanovllm.models.{module}"), cls)
 
 
-def build_model(hf_config: Any) -> nn.Module:
+def build_model(hf_config: Any) -> "nn.Module":
     """An uninitialised model for a Hugging Face config (weights are loaded afterwards)."""
     return model_class(getattr(hf_config, "architectures", None))(hf_config)

@@ -1,6 +1,7 @@
 """Model folders without downloads: configs of known shapes and a small trained tokenizer.
 
-`write_model_folder(path, "qwen3-0.6b")` writes config.json and tokenizer files; with
+`write_model_folder(path, "qwen3-0.6b")` writes config.json and tokenizer files, and for the
+real Qwen3 shapes a generation_config.json with Qwen3's sampling defaults; with
 `load_format="dummy"` that is all the engine needs (random weights of the real shapes). Tests
 add real random weights with transformers' `save_pretrained`.
 """
@@ -180,6 +181,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
+# The sampling defaults of Qwen3's own generation_config.json (written for the real shapes).
+QWEN3_GENERATION_CONFIG: dict[str, Any] = dict(
+    do_sample=True, temperature=0.6, top_k=20, top_p=0.95
+)
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -243,7 +249,8 @@ def train_tokenizer(vocab_size: int = 512) -> Any:
 def write_model_folder(
     path: str, shape: str = "tiny", tokenizer: bool = True, **overrides: Any
 ) -> str:
-    """Write config.json (and tokenizer files) of a named shape into path; returns path."""
+    """Write config.json (and tokenizer files; generation_config.json for the real shapes) of a
+    named shape into path; returns path."""
     os.makedirs(path, exist_ok=True)
     cfg = model_config(shape, **overrides)
     if tokenizer:
@@ -252,4 +259,11 @@ def write_model_folder(
         cfg["eos_token_id"] = tok.eos_token_id
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    generation = os.path.join(path, "generation_config.json")
+    if shape.startswith("qwen3-"):  # a real shape: Qwen3's defaults, as its folder has them
+        with open(generation, "w") as f:
+            ids = dict(bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"])
+            json.dump({**ids, **QWEN3_GENERATION_CONFIG}, f, indent=2)
+    elif os.path.exists(generation):  # a folder re-written with another shape
+        os.remove(generation)
     return path

@@ -11,10 +11,10 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from nanovllm.config import Config
 from nanovllm.layers.attention import Attention
+from nanovllm.utils.dist import TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def allocate_kv_cache(
     config: Config,
     layers: list[Attention],
     device: torch.device,
-    world_size: int,
+    group: TPGroup,
     warm_up: Callable[[], None],
 ) -> int:
     """Size the pool, give every attention layer its K and V cache; returns the block count."""
@@ -65,10 +65,9 @@ def allocate_kv_cache(
         else:
             num_blocks = int(config.kv_cache_memory_gb * 2**30) // nbytes
         num_blocks = min(num_blocks, config.max_num_seqs * blocks_per_seq)
-    if world_size > 1:  # every rank must agree on the pool size
+    if group.size > 1:  # every rank must agree on the pool size
         t = torch.tensor([num_blocks], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        num_blocks = int(t.item())
+        num_blocks = int(group.all_reduce(t, op="min").item())
     if num_blocks < blocks_per_seq:
         raise ValueError(
             f"the KV cache holds {num_blocks} blocks of {block_size} tokens "

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from nanovllm.attention import select_backend
 from nanovllm.config import Config
@@ -26,6 +25,7 @@ from nanovllm.sample import SamplingState, gather_logprobs, sample
 from nanovllm.sample.state import to_device
 from nanovllm.structured.masks import GrammarMasks
 from nanovllm.utils.context import set_context
+from nanovllm.utils.dist import SINGLE, create_group, use_group
 from nanovllm.utils.loader import load_model
 from nanovllm.worker.cuda_graph import CUDAGraphRunner
 from nanovllm.worker.inputs import InputBuilder, StepPlan
@@ -49,21 +49,20 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         else:
             self.device = config.device
+        # This engine's own group (never torch.distributed's default one): engines in one
+        # process stay independent. The layers keep it (built inside use_group below).
+        self.group = SINGLE
         if self.world_size > 1:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(
-                backend,
-                init_method=dist_init_method,
-                rank=rank,
-                world_size=self.world_size,
-                timeout=timedelta(seconds=600),
+            assert dist_init_method is not None
+            self.group = create_group(
+                dist_init_method, rank, self.world_size, self.device, timedelta(seconds=600)
             )
         start = time.perf_counter()
         torch.manual_seed(config.seed)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(config.dtype)
         try:
-            with torch.device(self.device):
+            with torch.device(self.device), use_group(self.group):
                 self.model = build_model(hf)
         finally:
             torch.set_default_dtype(default_dtype)
@@ -98,7 +97,7 @@ class ModelRunner:
         self.graphs: CUDAGraphRunner | None = None
         start = time.perf_counter()
         self.num_kvcache_blocks = allocate_kv_cache(
-            config, self.attention_layers, self.device, self.world_size, self._profile_run
+            config, self.attention_layers, self.device, self.group, self._profile_run
         )
         self.startup_seconds["kv_cache"] = time.perf_counter() - start
         if (
@@ -108,13 +107,12 @@ class ModelRunner:
         ):
             start = time.perf_counter()
             model = self.model  # the graph runner must not hold the runner (no cycle)
-            tensor_parallel = self.world_size > 1
+            group = self.group
 
             def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-                if tensor_parallel:
-                    # Every rank takes rank 0's input ids: a step run ahead has them only on
-                    # rank 0's device (the tokens it has just sampled).
-                    dist.broadcast(ids, src=0)
+                # Every rank takes rank 0's input ids: a step run ahead has them only on
+                # rank 0's device (the tokens it has just sampled). A no-op on one rank.
+                group.broadcast(ids, src=0)
                 return model.compute_logits(model(ids, pos))
 
             self.graphs = CUDAGraphRunner(
@@ -138,10 +136,13 @@ class ModelRunner:
             self.graphs = None
 
     def close(self) -> None:
-        """Free the CUDA graphs and wait for the device (before leaving the process group)."""
+        """Free the CUDA graphs, wait for the device, then leave the tensor-parallel group
+        (NCCL's shutdown waits for graphs that captured its collectives, and for the other
+        ranks to leave too: all ranks call close at about the same time)."""
         self.drop_graphs()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.group.destroy()
 
     def _block_bytes(self) -> int:
         return block_bytes(self.attention_layers, self.block_size, self.config.kv_cache_dtype)
