@@ -15,6 +15,7 @@ previous step's copy has finished (an event), so a copy never reads a half-refil
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -76,8 +77,8 @@ class GrammarMasks:
         on_cpu = logits.device.type == "cpu"
         host = self._buffer(len(seqs) if on_cpu else len(rows))
         places = rows if on_cpu else list(range(len(rows)))
-        if self._batch is None:
-            self._batch = xgr.BatchGrammarMatcher()
+        if self._batch is None:  # fill threads: half the cores, at most 8 (as the compiler)
+            self._batch = xgr.BatchGrammarMatcher(max(1, min(8, (os.cpu_count() or 2) // 2)))
         if len(rows) == 1:
             matchers[0].fill_next_token_bitmask(host, places[0])
         else:
