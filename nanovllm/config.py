@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 def _dtypes() -> dict[str, torch.dtype]:
     """The dtypes a `dtype` argument may name."""
     import torch

@@ -75,6 +75,17 @@ def main() -> None:
             device_us = host * 1e6
         base = base or device_us
         print(f"{name:10s} | {device_us:10.1f} ({device_us / base:4.2f}x) | {host * 1e6:10.1f}")
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if dev.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(10):
+                    step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=10, max_name_column_width=50))
 
 
 if __name__ == "__main__":

@@ -484,32 +484,93 @@ def test_logsumexp_and_rank_kernel(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.995])
 def test_top_p_floor_kernel_keeps_the_nucleus(top_p: float) -> None:
     """The searched floor keeps exactly the sorted reference's nucleus (flat and peaked rows);
-    rows not asked for get -inf."""
+    min-p's floor wins where it is higher; rows not asked for get -inf."""
     from nanovllm.kernels.sampling import top_p_floor
 
     gen = torch.Generator().manual_seed(4)
     vocab = 700
-    x = torch.randn(4, vocab, generator=gen) * torch.tensor([[0.05], [1.0], [4.0], [1.0]])
-    temps = torch.tensor([0.8, 1.0, 0.6, 1.0])
+    x = torch.randn(5, vocab, generator=gen) * torch.tensor([[0.05], [1.0], [4.0], [1.0], [1.0]])
+    temps = torch.tensor([0.8, 1.0, 0.6, 1.0, 1.0])
+    params = torch.zeros(5, 8)
+    params[:, 0], params[:, 2] = temps, top_p
+    params[4, 3] = 0.5  # min-p on the last row
     scaled = x / temps[:, None]
     lse = torch.logsumexp(scaled, dim=-1)
-    search = torch.tensor([True, True, True, False])
+    search = torch.tensor([True, True, True, False, True])
     floor = top_p_floor(
         x.to(DEVICE),
-        temps.to(DEVICE),
+        params.to(DEVICE),
+        (0, 2, 3),
         lse.to(DEVICE),
-        torch.full((4,), top_p, device=DEVICE),
-        scaled.amax(dim=-1).to(DEVICE),
+        x.amax(dim=-1).to(DEVICE),
         search.to(DEVICE),
     ).cpu()
     assert floor[3] == float("-inf")
-    for r in range(3):
+    for r in (0, 1, 2, 4):
         probs = scaled[r].double().softmax(-1)
         p, order = probs.sort(descending=True)
         keep = int(((p.cumsum(-1) - p) < top_p).sum())
         want = set(order[:keep].tolist())
+        if r == 4:
+            want &= set((probs >= 0.5 * probs.max()).nonzero().squeeze(1).tolist())
         got = set((scaled[r] >= floor[r]).nonzero().squeeze(1).tolist())
         assert got == want, (r, len(got), len(want))
+
+
+def test_candidates_kernel_matches_torch_path() -> None:
+    """The CUDA path's candidate kernel draws the torch path's tokens from the same keys."""
+    from nanovllm.kernels.sampling import sample_candidates
+    from nanovllm.sample.sampler import TOP_P_CANDIDATES, _sample_truncated
+    from nanovllm.sample.state import MIN_P, TEMPERATURE, TOP_K, TOP_P, SamplingRows
+
+    gen = torch.Generator().manual_seed(6)
+    rows_n, vocab = 64, 300
+    x = torch.randn(rows_n, vocab, generator=gen) * 3
+    params = torch.zeros(rows_n, 8)
+    params[:, TEMPERATURE] = torch.rand(rows_n, generator=gen) + 0.3
+    params[:, TOP_K] = torch.tensor([[5, 20, vocab, 1][i % 4] for i in range(rows_n)]).float()
+    params[:, TOP_P] = torch.tensor([[1.0, 0.9, 0.7, 0.5][(i // 4) % 4] for i in range(rows_n)])
+    params[:, MIN_P] = torch.tensor([[0.0, 0.1][(i // 16) % 2] for i in range(rows_n)])
+    keys = torch.randint(0, 2**32, (rows_n,), generator=gen)
+    truncate = (params[:, TOP_K] < vocab) | (params[:, TOP_P] < 1)
+    rows = SamplingRows(
+        slots=torch.arange(rows_n), params=params, keys=keys, counts=None, prompt_seen=None,
+        ban_ids=None, generated=None, ones=torch.ones(rows_n, dtype=torch.int64),
+        vocab_size=vocab, all_greedy=False, any_greedy=False, any_penalty=False,
+        any_repetition=False, any_presence_frequency=False, any_ban=False, any_truncate=True,
+        all_truncate=False, max_top_k=20, any_top_p_only=True, any_min_p=True,
+        truncate_rows=truncate, seeded=None, logprob_ks=[None] * rows_n,
+    )  # fmt: skip
+    want = _sample_truncated(x, rows)
+    k = min(vocab, TOP_P_CANDIDATES)
+    vals, ids = x.topk(k, dim=-1)
+    full_lse = torch.logsumexp(x / params[:, TEMPERATURE, None], dim=-1)
+    got, short = sample_candidates(
+        vals.to(DEVICE),
+        ids.to(DEVICE),
+        params.to(DEVICE),
+        (TEMPERATURE, TOP_K, TOP_P, MIN_P),
+        vocab,
+        full_lse.to(DEVICE),
+        keys.to(DEVICE),
+    )
+    assert torch.equal(got.cpu()[truncate], want[truncate])
+    assert not short.cpu().any()  # every row's candidates cover all 300 tokens
+
+
+def test_row_keys_kernel_matches_torch() -> None:
+    from nanovllm.kernels.sampling import row_keys
+    from nanovllm.sample.state import _M32, mix32
+
+    gen = torch.Generator().manual_seed(7)
+    seed_keys = torch.randint(0, 2**32, (10,), generator=gen)
+    generated = torch.randint(0, 5000, (10,), generator=gen)
+    slots = torch.tensor([3, 0, 9, 9, 4])
+    seeded = torch.tensor([True, False, True, True, False])
+    random = torch.randint(0, 2**32, (5,), generator=gen)
+    got = row_keys(*(t.to(DEVICE) for t in (slots, seed_keys, generated, seeded, random))).cpu()
+    want = torch.where(seeded, mix32((seed_keys[slots] + generated[slots]) & _M32), random)
+    assert torch.equal(got, want)
 
 
 def test_logsumexp_with_temperatures() -> None:

@@ -184,10 +184,13 @@ def _lse_rank_kernel(
     temps_ptr,
     lse_ptr,
     rank_ptr,
+    packed_ptr,
     stride,
     temp_stride,
+    packed_stride,
     V,
     HAS_TEMP: tl.constexpr,
+    WRITE_PACKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # One pass over a row: an online log-sum-exp (running max m and sum s of exp(x - m) per
@@ -213,16 +216,26 @@ def _lse_rank_kernel(
         count += (x >= chosen).to(tl.int32)
     top = tl.max(m, 0)
     total = tl.sum(s * tl.exp(m - top), 0)
-    tl.store(lse_ptr + row, top + tl.log(total))
-    tl.store(rank_ptr + row, tl.sum(count, 0).to(tl.int64))
+    lse = top + tl.log(total)
+    rank = tl.sum(count, 0)
+    tl.store(lse_ptr + row, lse)
+    tl.store(rank_ptr + row, rank.to(tl.int64))
+    if WRITE_PACKED:  # sample/logprobs.py's first two columns: chosen logprob, rank
+        out = packed_ptr + row.to(tl.int64) * packed_stride
+        tl.store(out, (chosen - lse).to(tl.float64))
+        tl.store(out + 1, rank.to(tl.float64))
 
 
 def logsumexp_and_rank(
-    logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor | None = None
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperatures: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For logits [B, V] and tokens [B]: each row's log-sum-exp [B] float32 (in float32 from
     any input dtype) and the number of entries >= the token's logit [B] int64, in one pass;
-    with temperatures [B] (0 taken as 1), of logits / T."""
+    with temperatures [B] (0 taken as 1), of logits / T. With packed [B, W] float64, also
+    writes the token's log-probability to column 0 and its rank to column 1."""
     num_rows, vocab = logits.shape
     lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     rank = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
@@ -233,10 +246,13 @@ def logsumexp_and_rank(
             temperatures if temperatures is not None else lse,
             lse,
             rank,
+            packed if packed is not None else lse,
             logits.stride(0),
             temperatures.stride(0) if temperatures is not None else 0,
+            packed.stride(0) if packed is not None else 0,
             vocab,
             HAS_TEMP=temperatures is not None,
+            WRITE_PACKED=packed is not None,
             BLOCK=min(2048, triton.next_power_of_2(vocab)),
             num_warps=8,
         )
@@ -246,15 +262,18 @@ def logsumexp_and_rank(
 @triton.jit
 def _top_p_floor_kernel(
     logits_ptr,
-    temps_ptr,
+    params_ptr,
     lse_ptr,
-    top_p_ptr,
-    hi_ptr,
+    max_ptr,
     flag_ptr,
     out_ptr,
     stride,
-    param_stride,
+    max_stride,
     V,
+    NUM_PARAMS: tl.constexpr,
+    TEMP_COL: tl.constexpr,
+    TOP_P_COL: tl.constexpr,
+    MIN_P_COL: tl.constexpr,
     PASSES: tl.constexpr,
     NT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -264,13 +283,17 @@ def _top_p_floor_kernel(
     # [hi - 64, hi] (hi = the row's max; below hi - 64 a token's probability is < e^-64). Each
     # pass evaluates M at NT evenly spaced points of the interval in one read of the row and
     # keeps the sub-interval where M crosses top_p: PASSES passes narrow 64 to 64 / NT^PASSES.
+    # The floor returned is the larger of that and min-p's, hi + log(min_p).
     row = tl.program_id(0)
     floor = float("-inf")
     if tl.load(flag_ptr + row) != 0:
-        inv_t = 1.0 / tl.load(temps_ptr + row * param_stride)
+        prm = params_ptr + row * NUM_PARAMS
+        inv_t = 1.0 / tl.load(prm + TEMP_COL)
+        top_p = tl.load(prm + TOP_P_COL)
+        min_p = tl.load(prm + MIN_P_COL)
         lse = tl.load(lse_ptr + row)
-        top_p = tl.load(top_p_ptr + row * param_stride)
-        hi = tl.load(hi_ptr + row)
+        top = tl.load(max_ptr + row * max_stride).to(tl.float32) * inv_t
+        hi = top
         lo = hi - 64.0
         idx = tl.arange(0, NT)
         lanes = tl.arange(0, BLOCK)
@@ -293,40 +316,185 @@ def _top_p_floor_kernel(
             new_hi = tl.minimum(hi, lo + step * (j + 2).to(tl.float32))
             lo = tl.where(j >= 0, new_lo, lo)
             hi = tl.where(j >= 0, new_hi, lo + step)
-        floor = lo
+        floor = tl.maximum(lo, top + tl.log(min_p))
     tl.store(out_ptr + row, floor)
 
 
 def top_p_floor(
     logits: torch.Tensor,
-    temperatures: torch.Tensor,
+    params: torch.Tensor,
+    columns: tuple[int, int, int],
     lse: torch.Tensor,
-    top_p: torch.Tensor,
     row_max: torch.Tensor,
     rows: torch.Tensor,
 ) -> torch.Tensor:
-    """[B] float32 floor on logits / T that keeps a row's top-p nucleus (-inf for rows not in
-    `rows`). logits [B, V]; temperatures and top_p [B] with one stride (> 0 where searched);
-    lse [B] the log-sum-exp of logits / T; row_max [B] the largest logits / T; rows [B] bool:
-    which rows to search."""
+    """[B] float32 floor on logits / T that keeps a row's top-p nucleus and drops what min-p
+    drops (-inf for rows not in `rows`). logits [B, V]; params [B, P] with the temperature
+    (> 0 where searched), top-p and min-p at `columns`; lse [B] the log-sum-exp of logits / T;
+    row_max [B] each row's largest logit (any stride); rows [B] bool: which rows to search."""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    assert temperatures.stride(0) == top_p.stride(0)
+    assert params.is_contiguous()
     if num_rows > 0:
+        temp, top_p, min_p = columns
         _top_p_floor_kernel[(num_rows,)](
             logits,
-            temperatures,
-            lse.float().contiguous(),
-            top_p,
-            row_max.float().contiguous(),
-            rows.to(torch.int8),
+            params,
+            lse,
+            row_max,
+            rows.view(torch.int8),
             out,
             logits.stride(0),
-            temperatures.stride(0),
+            row_max.stride(0),
             vocab,
+            NUM_PARAMS=params.shape[1],
+            TEMP_COL=temp,
+            TOP_P_COL=top_p,
+            MIN_P_COL=min_p,
             PASSES=8,
             NT=16,
             BLOCK=min(512, triton.next_power_of_2(vocab)),
             num_warps=8,
         )
     return out
+
+
+@triton.jit
+def _mix32(x):
+    # mix32 of sample/state.py on uint32 (multiplication wraps mod 2**32 as the & there does)
+    for _ in tl.static_range(2):
+        x = x ^ (x >> 16)
+        x = x * 0x45D9F3B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _keys_kernel(slots_ptr, seed_keys_ptr, generated_ptr, seeded_ptr, random_ptr, out_ptr, B):
+    # keys of sample/state.py: mix32(seed key + generated) for seeded rows, else the random draw
+    offs = tl.arange(0, 1024)
+    for start in range(0, B, 1024):
+        rows = start + offs
+        mask = rows < B
+        slot = tl.load(slots_ptr + rows, mask=mask, other=0)
+        base = tl.load(seed_keys_ptr + slot, mask=mask, other=0) + tl.load(
+            generated_ptr + slot, mask=mask, other=0
+        )
+        seeded_key = _mix32((base & 0xFFFFFFFF).to(tl.uint32)).to(tl.int64)
+        seeded = tl.load(seeded_ptr + rows, mask=mask, other=0) != 0
+        key = tl.where(seeded, seeded_key, tl.load(random_ptr + rows, mask=mask, other=0))
+        tl.store(out_ptr + rows, key, mask=mask)
+
+
+def row_keys(
+    slots: torch.Tensor,
+    seed_keys: torch.Tensor,
+    generated: torch.Tensor,
+    seeded: torch.Tensor,
+    random: torch.Tensor,
+) -> torch.Tensor:
+    """[B] int64 keys: mix32((seed_keys[slot] + generated[slot]) mod 2**32) where seeded [B]
+    (bool), else random [B]; seed_keys, generated [S] per slot."""
+    out = torch.empty_like(random)
+    _keys_kernel[(1,)](slots, seed_keys, generated, seeded.view(torch.int8), random, out, len(out))
+    return out
+
+
+@triton.jit
+def _candidates_kernel(
+    vals_ptr,
+    ids_ptr,
+    params_ptr,
+    lse_ptr,
+    keys_ptr,
+    out_ptr,
+    short_ptr,
+    K,
+    vocab,
+    stride,
+    NUM_PARAMS: tl.constexpr,
+    TEMP_COL: tl.constexpr,
+    TOP_K_COL: tl.constexpr,
+    TOP_P_COL: tl.constexpr,
+    MIN_P_COL: tl.constexpr,
+    HAS_FULL_LSE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Steps (b)-(f) of sample/sampler.py on one row's K best candidates (sorted descending):
+    # scale by 1 / T, keep the first top_k, normalise (over the candidates for top-k rows, over
+    # the whole row, lse, for top-p-only rows), drop what top-p and min-p drop, draw by the
+    # inverse CDF with the row's uniform from its key. Also flags top-p-only rows whose
+    # candidates hold less than top_p (the caller redoes those over the whole row).
+    row = tl.program_id(0)
+    prm = params_ptr + row * NUM_PARAMS
+    t = tl.load(prm + TEMP_COL)
+    inv_t = 1.0 / tl.where(t > 0, t, 1.0)
+    top_k = tl.load(prm + TOP_K_COL).to(tl.int32)
+    top_p = tl.load(prm + TOP_P_COL)
+    min_p = tl.load(prm + MIN_P_COL)
+    idx = tl.arange(0, BLOCK_K)
+    s = tl.load(vals_ptr + row * stride + idx, mask=idx < K, other=float("-inf"))
+    s = s.to(tl.float32) * inv_t
+    s = tl.where(idx < top_k, s, float("-inf"))
+    top = tl.max(s, 0)
+    lse = top + tl.log(tl.sum(tl.exp(s - top), 0))
+    has_top_k = top_k < vocab
+    if HAS_FULL_LSE:
+        lse = tl.where(has_top_k, lse, tl.load(lse_ptr + row))
+    p = tl.exp(s - lse)
+    kept_mass = tl.sum(p, 0)
+    mass_above = tl.cumsum(p, 0) - p
+    drop = (mass_above >= top_p) & (idx > 0)
+    drop = drop | (s < top + tl.log(min_p))
+    p = tl.where(drop, 0.0, p)
+    total = tl.sum(p, 0)
+    key = tl.load(keys_ptr + row).to(tl.uint32)
+    u = ((_mix32(key ^ 0x9E3779B9) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    cdf = tl.cumsum(p, 0)
+    pos = tl.sum((cdf <= u * total).to(tl.int32), 0)
+    last = tl.max(tl.where(p > 0, idx, 0), 0)
+    pos = tl.minimum(pos, last)
+    tl.store(out_ptr + row, tl.load(ids_ptr + row * stride + pos))
+    short = (~has_top_k) & (top_p < 1.0) & (kept_mass < top_p)
+    tl.store(short_ptr + row, short.to(tl.int8))
+
+
+def sample_candidates(
+    vals: torch.Tensor,
+    ids: torch.Tensor,
+    params: torch.Tensor,
+    columns: tuple[int, int, int, int],
+    vocab: int,
+    full_lse: torch.Tensor | None,
+    keys: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [B] int64 drawn from each row's candidates vals/ids [B, K] (sorted descending),
+    with the per-row temperature, top-k, top-p and min-p of params [B, P] at `columns`; and
+    [B] bool: top-p-only rows whose candidates hold less than top_p. full_lse [B]: the
+    log-sum-exp of the whole row / T (needed when some row has top-p without top-k)."""
+    num_rows, k = vals.shape
+    assert ids.stride(0) == vals.stride(0) and params.is_contiguous()
+    out = torch.empty(num_rows, dtype=torch.int64, device=vals.device)
+    short = torch.empty(num_rows, dtype=torch.int8, device=vals.device)
+    if num_rows > 0:
+        temp, top_k, top_p, min_p = columns
+        _candidates_kernel[(num_rows,)](
+            vals,
+            ids,
+            params,
+            full_lse if full_lse is not None else params,
+            keys,
+            out,
+            short,
+            k,
+            vocab,
+            vals.stride(0),
+            NUM_PARAMS=params.shape[1],
+            TEMP_COL=temp,
+            TOP_K_COL=top_k,
+            TOP_P_COL=top_p,
+            MIN_P_COL=min_p,
+            HAS_FULL_LSE=full_lse is not None,
+            BLOCK_K=triton.next_power_of_2(k),
+            num_warps=4,
+        )
+    return out, short.view(torch.bool)

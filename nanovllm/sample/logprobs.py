@@ -29,13 +29,18 @@ def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> Tensor:
     if use_kernels(logits):
         from nanovllm.kernels.sampling import logsumexp_and_rank
 
-        lse, rank = logsumexp_and_rank(logits, token_ids)
-        lse, rank = lse[:, None], rank[:, None]
-    else:
-        # [R, 1]
-        x = logits.float()
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        rank = (x >= x.gather(1, token_ids[:, None])).sum(dim=-1, keepdim=True)
+        # [R, 2 + 2k]: the kernel writes columns 0 and 1, the top k fill the rest
+        packed = torch.empty(logits.shape[0], 2 + 2 * k, dtype=torch.float64, device=logits.device)
+        lse, _ = logsumexp_and_rank(logits, token_ids, packed=packed)
+        if k > 0:
+            vals, ids = topk_rows(logits, k)
+            packed[:, 2 : 2 + k] = vals.float() - lse[:, None]
+            packed[:, 2 + k :] = ids
+        return packed
+    # [R, 1]
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    rank = (x >= x.gather(1, token_ids[:, None])).sum(dim=-1, keepdim=True)
     chosen = logits.gather(1, token_ids[:, None]).float()
     parts = [(chosen - lse).double(), rank.double()]
     if k > 0:

@@ -29,6 +29,8 @@ searches the nucleus's floor on the scaled logits (kernels/sampling.py, no host 
 whole-row draw above it; elsewhere by a sort of those rows (after a host read).
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,8 @@ from nanovllm.sample.state import (
 
 # Candidates kept for rows with top-p and no top-k before checking that they hold the nucleus.
 TOP_P_CANDIDATES = 256
+# Up to this many candidates a row, CUDA draws from them in one kernel (else torch ops).
+MAX_KERNEL_CANDIDATES = 4096
 
 
 def apply_penalties(logits: Tensor, rows: SamplingRows) -> Tensor:
@@ -157,15 +161,17 @@ def _draw_full_rows(x: Tensor, rows: SamplingRows, floor: Tensor | None) -> Tens
 def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
     """Steps (b)-(f) for rows with top-k or top-p, on their best K candidates: [B] int64
     (rows that do not truncate get some token, which the caller ignores)."""
-    num_rows, vocab = x.shape
+    vocab = x.shape[1]
+    k = min(max(rows.max_top_k, TOP_P_CANDIDATES if rows.any_top_p_only else 1), vocab)
+    # [B, K] best candidates, sorted descending
+    vals, ids = topk_rows(x, k)
+    if use_kernels(x) and k <= MAX_KERNEL_CANDIDATES:
+        return _sample_truncated_cuda(x, rows, vals, ids)
     params = rows.params
     temps = torch.where(params[:, TEMPERATURE] > 0, params[:, TEMPERATURE], 1.0)
     top_k = params[:, TOP_K].to(torch.int64)
     top_p = params[:, TOP_P]
-    k = max(rows.max_top_k, TOP_P_CANDIDATES if rows.any_top_p_only else 1)
-    k = min(k, vocab)
-    # [B, K] best candidates, sorted descending, on the scaled logits
-    vals, ids = topk_rows(x, k)
+    # on the scaled logits
     vals = vals / temps[:, None]
     ranks = torch.arange(k, device=x.device)
     has_top_k = top_k < vocab
@@ -173,12 +179,7 @@ def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
     # Normaliser: top-k rows renormalise over their k; top-p-only rows use the whole row.
     lse = vals.logsumexp(dim=-1)
     if rows.any_top_p_only:
-        if use_kernels(x):
-            from nanovllm.kernels.sampling import logsumexp_and_rank
-
-            full_lse, _ = logsumexp_and_rank(x, ids[:, 0], params[:, TEMPERATURE])
-        else:
-            full_lse = (x.float() / temps[:, None]).logsumexp(dim=-1)
+        full_lse = (x.float() / temps[:, None]).logsumexp(dim=-1)
         lse = torch.where(has_top_k, lse, full_lse)
     # [B, K]
     probs = (vals - lse[:, None]).exp()
@@ -187,25 +188,42 @@ def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
     drop[:, 0] = False
     min_p = params[:, MIN_P]
     drop |= vals < (vals[:, :1] + torch.log(min_p)[:, None])
+    kept = probs.sum(dim=-1)
     probs = probs.masked_fill(drop, 0.0)
     pos = pick_by_cdf(probs, uniform_from_keys(rows.keys)[:, None])
     tokens = ids.gather(1, pos[:, None]).squeeze(1)
     if rows.any_top_p_only and k < vocab:
         # Top-p-only rows whose candidates hold less than top_p: the nucleus reaches past them.
-        total = (vals - lse[:, None]).exp().sum(dim=-1)
-        uncovered = rows.truncate_rows & ~has_top_k & (total < top_p)
-        if use_kernels(x):  # no host read: search those rows' nucleus floor on the device
-            from nanovllm.kernels.sampling import sample_full_rows, top_p_floor
-
-            temps_all = params[:, TEMPERATURE]
-            floor = top_p_floor(x, temps_all, full_lse, params[:, TOP_P], vals[:, 0], uncovered)
-            floor = torch.maximum(floor, vals[:, 0] + torch.log(min_p))
-            redo = sample_full_rows(x, temps_all, floor, rows.keys)
-            tokens = torch.where(uncovered, redo, tokens)
-        elif bool(uncovered.any()):  # a host read, cheap off the GPU: sort those rows
+        uncovered = rows.truncate_rows & ~has_top_k & (kept < top_p)
+        if bool(uncovered.any()):  # a host read, cheap off the GPU: sort those rows
             index = uncovered.nonzero().squeeze(1)
             redo = _sample_sorted(x.index_select(0, index), rows, index)
             tokens = tokens.index_copy(0, index, redo)
+    return tokens
+
+
+def _sample_truncated_cuda(x: Tensor, rows: SamplingRows, vals: Tensor, ids: Tensor) -> Tensor:
+    """_sample_truncated's CUDA path: the candidates in one kernel; top-p-only rows whose
+    nucleus reaches past the candidates get their floor searched by a kernel and a whole-row
+    draw above it. No host read."""
+    from nanovllm.kernels.sampling import (
+        logsumexp_and_rank,
+        sample_candidates,
+        sample_full_rows,
+        top_p_floor,
+    )
+
+    params = rows.params
+    full_lse = None
+    if rows.any_top_p_only:
+        full_lse, _ = logsumexp_and_rank(x, ids[:, 0], params[:, TEMPERATURE])
+    columns = (TEMPERATURE, TOP_K, TOP_P, MIN_P)
+    tokens, short = sample_candidates(vals, ids, params, columns, x.shape[1], full_lse, rows.keys)
+    if full_lse is not None and vals.shape[1] < x.shape[1]:
+        uncovered = rows.truncate_rows & short
+        floor = top_p_floor(x, params, (TEMPERATURE, TOP_P, MIN_P), full_lse, vals[:, 0], uncovered)
+        redo = sample_full_rows(x, params[:, TEMPERATURE], floor, rows.keys)
+        tokens = torch.where(uncovered, redo, tokens)
     return tokens
 
 
@@ -213,17 +231,17 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of x [B, V] and their ids, sorted descending: [B, k].
 
     For long rows in two stages, which is much faster on a GPU than one torch.topk over the row
-    (one thread block per row): the top-k of each chunk of `chunk` entries (many short rows),
-    then the top-k of those candidates. Exact: a row's top k are among its chunks' top k.
+    (one thread block per row): the top-k of each chunk of the row (many short rows), then the
+    top-k of those candidates. Exact: a row's top k are among its chunks' top k.
     """
     num_rows, vocab = x.shape
-    chunk = max(1024, 16 * _next_pow2(k))
-    if vocab < 4 * chunk or k > 1024:
+    chunk = _chunk_size(vocab, k)
+    if chunk == 0:
         return x.topk(k, dim=-1)
     whole = vocab // chunk
-    # [B, whole, chunk] view of the leading whole chunks, then the tail
+    # [B, whole, k] of the leading whole chunks, ids made row-global
     vals, ids = x[:, : whole * chunk].view(num_rows, whole, chunk).topk(k, dim=-1)
-    ids = ids + (torch.arange(whole, device=x.device) * chunk)[None, :, None]
+    ids = ids + _chunk_offsets(whole, chunk, x.device)
     vals, ids = vals.flatten(1), ids.flatten(1)
     if vocab > whole * chunk:
         tail = x[:, whole * chunk :]
@@ -235,9 +253,20 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return best, ids.gather(1, pos)
 
 
-def _next_pow2(n: int) -> int:
-    """The smallest power of two >= n (n >= 1)."""
-    return 1 << (n - 1).bit_length()
+@functools.cache
+def _chunk_size(vocab: int, k: int) -> int:
+    """topk_rows' chunk for rows of `vocab` entries (0: one torch.topk is as good): at least
+    16 k and 1024, and where possible a divisor of vocab (no tail chunk to handle)."""
+    low = max(1024, 16 * (1 << (k - 1).bit_length()))
+    if vocab < 4 * low or k > 1024:
+        return 0
+    return next((c for c in range(low, 4 * low) if vocab % c == 0), low)
+
+
+@functools.cache
+def _chunk_offsets(whole: int, chunk: int, device: torch.device) -> Tensor:
+    """[whole, 1] int64: each chunk's first id."""
+    return (torch.arange(whole, device=device) * chunk)[:, None]
 
 
 def _sample_sorted(x: Tensor, rows: SamplingRows, index: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nanovllm.kernels import use_kernels
 from nanovllm.sampling_params import SamplingParams
 
 # Columns of the per-slot parameter table (float32; integers there stay below 2**24).
@@ -81,7 +82,8 @@ class SamplingRows:
     counts: Tensor | None  # [max_slots, V] int32 output-token counts (whole table)
     prompt_seen: Tensor | None  # [max_slots, V] bool prompt-token marks (whole table)
     ban_ids: Tensor | None  # [B, W] int64 token ids to ban while generated < min_tokens, -1 pad
-    generated: Tensor  # [B] int64 tokens generated before this step
+    generated: Tensor | None  # [B] int64 tokens generated before this step (with bans only)
+    ones: Tensor  # [B] int64 ones (the record's increments)
     vocab_size: int
     all_greedy: bool
     any_greedy: bool
@@ -277,7 +279,8 @@ class SamplingState:
         else:
             rows = self._build_rows(slots)
             self._last = (key, rows)
-        rows.generated = self.generated.index_select(0, rows.slots)
+        if rows.any_ban:
+            rows.generated = self.generated.index_select(0, rows.slots)
         if not rows.all_greedy:
             rows.keys = self._keys(rows)
         return rows
@@ -288,8 +291,13 @@ class SamplingState:
         keys = torch.randint(0, 2**32, (rows.num_rows,), dtype=torch.int64, device=self.device)
         if rows.seeded is None:
             return keys
+        if use_kernels(keys):
+            from nanovllm.kernels.sampling import row_keys
+
+            return row_keys(rows.slots, self.seed_keys, self.generated, rows.seeded, keys)
         seed_keys = self.seed_keys.index_select(0, rows.slots)
-        return torch.where(rows.seeded, mix32((seed_keys + rows.generated) & _M32), keys)
+        generated = self.generated.index_select(0, rows.slots)
+        return torch.where(rows.seeded, mix32((seed_keys + generated) & _M32), keys)
 
     def _build_rows(self, slots: list[int]) -> SamplingRows:
         infos = [self._info[s] for s in slots]
@@ -313,7 +321,8 @@ class SamplingState:
             counts=self.counts if (any_rep or any_pf) else None,
             prompt_seen=self.prompt_seen if any_rep else None,
             ban_ids=ban_ids,
-            generated=slot_t,  # replaced in rows()
+            generated=None,  # set in rows() when needed
+            ones=torch.ones(len(slots), dtype=torch.int64, device=dev),
             vocab_size=self.vocab_size,
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(infos),
@@ -334,10 +343,10 @@ class SamplingState:
 
     def record(self, rows: SamplingRows, tokens: Tensor) -> None:
         """Apply a step's sampled ids [B] on the device: generated += 1, counts[token] += 1."""
-        self.generated.index_add_(0, rows.slots, torch.ones_like(rows.slots))
+        self.generated.index_add_(0, rows.slots, rows.ones)
         if rows.any_penalty:
             assert self.counts is not None
-            ones = torch.ones_like(tokens, dtype=torch.int32)
+            ones = rows.ones.to(torch.int32)
             self.counts.index_put_((rows.slots, tokens), ones, accumulate=True)
 
 
