@@ -12,10 +12,12 @@ if TYPE_CHECKING:
     from nanovllm.llm import LLM
     from nanovllm.outputs import CompletionOutput, RequestOutput
     from nanovllm.sampling_params import SamplingParams
+    from nanovllm.structured.params import StructuredOutputsParams
 
 __all__ = [
     "LLM",
     "SamplingParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "TextPrompt",
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 _MODULES = {
     "LLM": "nanovllm.llm",
     "SamplingParams": "nanovllm.sampling_params",
+    "StructuredOutputsParams": "nanovllm.structured.params",
     "RequestOutput": "nanovllm.outputs",
     "CompletionOutput": "nanovllm.outputs",
     "TextPrompt": "nanovllm.inputs",

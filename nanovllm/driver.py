@@ -210,6 +210,8 @@ class RequestDriver:
                 ids = ids[-(self.engine.config.max_model_len if k == -1 else k) :]
             if params.stop and self.tokenizer is None:
                 raise ValueError(f"stop strings {params.stop!r} need a tokenizer")
+            if params.structured_outputs is not None and self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer")
             self.engine.validate(ids, params)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None

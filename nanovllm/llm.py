@@ -58,6 +58,7 @@ class LLM:
                 self.config.eos_token_ids.append(eos)
         engine_class = DataParallelEngine if self.config.data_parallel_size > 1 else LLMEngine
         self.engine = engine_class(self.config)
+        self.engine.tokenizer = self.tokenizer  # structured output's vocabulary comes from it
         self._driver = RequestDriver(self.engine, self.tokenizer, self.config.model, defaults)
 
     def __enter__(self) -> LLM:

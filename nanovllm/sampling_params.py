@@ -3,6 +3,8 @@
 import math
 from dataclasses import dataclass, field, replace
 
+from nanovllm.structured.params import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -32,6 +34,9 @@ class SamplingParams:
     spaces_between_special_tokens: passed to the tokenizer's decode (fast tokenizers, Qwen3's
         included, ignore it, as in vLLM).
     detokenize: False leaves text "" and decoded_token None (no stop strings then).
+    structured_outputs: a StructuredOutputsParams (JSON schema, regex, choice, EBNF grammar or
+        any JSON object) the output must obey; the request ends with "stop" when the grammar
+        is complete (EOS is allowed exactly then), or earlier on a stop string or max_tokens.
     """
 
     temperature: float = 1.0
@@ -55,6 +60,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_number("temperature", self.temperature)
@@ -126,6 +132,18 @@ class SamplingParams:
         self.stop = stop
         if stop and not self.detokenize:
             raise ValueError(f"stop strings {stop!r} need detokenize=True")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError(
+                    f"structured_outputs must be a StructuredOutputsParams, "
+                    f"got {self.structured_outputs!r:.80}"
+                )
+            if self.min_tokens > 0:
+                # min_tokens bans EOS, which may be the only token a complete grammar allows
+                raise ValueError(
+                    f"min_tokens={self.min_tokens} cannot be combined with structured_outputs "
+                    f"(the grammar decides where the output ends)"
+                )
 
     def for_completion(self, index: int) -> "SamplingParams":
         """The parameters of completion `index` of an n-completion request: n=1, seed + index."""

@@ -16,6 +16,7 @@ EXPECTED = {
     "streaming_results.py": ["after 200 results", "ready again"],
     "basic.py": ["Q: ", "A: "],
     "prefix_caching.py": ["hit rate"],
+    "structured_output.py": ["choice:", "json:", "regex:", "grammar:"],
 }
 
 

@@ -78,6 +78,7 @@ def _replica_main(config: Config, visible_gpus: str | None, conn: Connection) ->
                 if kind == "add":
                     for group in payload:  # one request's sequences, validated already
                         seqs.update((seq.seq_id, seq) for seq in group)
+                        engine.attach_grammars(group)  # structured output
                         engine.scheduler.add_group(group)
                 elif kind == "abort":
                     engine.abort([seqs.pop(i) for i in payload if i in seqs])
@@ -86,6 +87,7 @@ def _replica_main(config: Config, visible_gpus: str | None, conn: Connection) ->
             for seq in finished:
                 del seqs[seq.seq_id]
                 seq.generator = None  # a seeded request's generator stays here
+                seq.grammar = None  # so does a constrained one's matcher
                 if seq.detokenizer is not None:  # the main process has the tokenizer
                     seq.detokenizer.tokenizer = None
             conn.send(("step", engine.stats, finished, *rest))

@@ -27,6 +27,7 @@ from nanovllm.engine.tp_workers import (
     threads_per_rank,
 )
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import GrammarCompiler, load_tokenizer
 from nanovllm.worker.inputs import StepPlan
 from nanovllm.worker.model_runner import ModelRunner, PendingTokens
 
@@ -63,6 +64,10 @@ class LLMEngine:
         self._ahead: tuple[list[Sequence], PendingTokens] | None = None
         # NANOVLLM_RUN_AHEAD=0 turns running ahead off (to measure what it brings)
         self._run_ahead = os.environ.get("NANOVLLM_RUN_AHEAD", "1") != "0"
+        # Structured output: the facade's tokenizer (else loaded from the model folder) and
+        # the grammar compiler, built on the first constrained request.
+        self.tokenizer = None
+        self.grammars: GrammarCompiler | None = None
         if config.device.type == "cpu":
             torch.set_num_threads(threads_per_rank(config))
         if config.tensor_parallel_size > 1:
@@ -132,8 +137,23 @@ class LLMEngine:
         self._check_usable()
         self.validate(token_ids, params)
         seqs = request_sequences(token_ids, params, self.config.kvcache_block_size)
+        self.attach_grammars(seqs)
         self.scheduler.add_group(seqs)
         return seqs
+
+    def attach_grammars(self, seqs: list[Sequence]) -> None:
+        """Structured output: start compiling the request's constraint (cached per constraint;
+        it compiles while the prompt prefills) and give each sequence its own matcher."""
+        spec = seqs[0].sampling_params.structured_outputs
+        if spec is None:
+            return
+        if self.grammars is None:
+            config = self.config
+            tokenizer = self.tokenizer or load_tokenizer(config.tokenizer or config.model)
+            vocab = config.hf_config.vocab_size
+            self.grammars = GrammarCompiler(tokenizer, vocab, config.eos_token_ids)
+        for seq in seqs:
+            seq.grammar = self.grammars.sequence_grammar(spec)
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop unfinished sequences, freeing their blocks."""
@@ -198,6 +218,10 @@ class LLMEngine:
     # no request waiting for a prefill (they go first), and a free block for every sequence that
     # may cross into a new one; otherwise the pending step is completed on its own and the next
     # call schedules as usual.
+    # Structured output: a grammar's mask for the launched step needs the pending tokens, so
+    # with constrained sequences in the batch the launched step is sampled only after the
+    # pending one is postprocessed (its tokens accepted by the matchers): forward n+1 runs while
+    # the host waits for tokens n, postprocesses them and fills the masks, then n+1 is sampled.
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         bm = self.block_manager
@@ -213,6 +237,7 @@ class LLMEngine:
         seqs, pending = self._ahead
         self._ahead = None
         launched = None
+        unsampled = None  # structured output: the launched step's logits, sampled below
         if self._can_run_ahead(seqs):
             for seq in seqs:
                 self.block_manager.may_append(seq, lookahead=1)
@@ -230,17 +255,24 @@ class LLMEngine:
                     logits = self.runner.execute(plan, device_input_ids=pending.tokens)
                 else:
                     logits = self._launch_on_all_ranks(plan, pending.tokens)
-                launched = self._sample_async(seqs, logits)
+                if any(seq.grammar is not None for seq in seqs):
+                    unsampled = logits
+                else:
+                    launched = self._sample_async(seqs, logits)
                 self.stats.steps_ahead += 1
         finished = self.scheduler.postprocess(seqs, self._tokens(pending))
         self.stats.sampled_tokens += len(seqs)
-        if launched is not None:
+        if launched is not None or unsampled is not None:
             done = {seq.seq_id for seq in finished}
             keep = [i for i, seq in enumerate(seqs) if seq.seq_id not in done]
             survivors = [seqs[i] for i in keep]
             for seq in survivors:  # the launched step computes their pending token
                 seq.num_scheduled_tokens = 1
-            if survivors:
+            if survivors and unsampled is not None:  # the matchers have the pending tokens now
+                if len(keep) < len(seqs):
+                    unsampled = unsampled[torch.tensor(keep, device=unsampled.device)]
+                self._ahead = (survivors, self._sample_async(survivors, unsampled))
+            elif survivors:
                 if len(keep) < len(seqs):
                     launched = launched.select(keep)
                 self._ahead = (survivors, launched)

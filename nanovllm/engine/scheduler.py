@@ -31,10 +31,13 @@ Progress is guaranteed because the engine checks at start-up that one sequence o
 max_model_len fits in the cache: with nothing running every block is free.
 """
 
+import logging
 from collections import deque
 
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
 
 # A step computes the logits of at most this many prompt positions (prompt_logprobs): 1024 rows
 # of a 151,936-token vocabulary are 0.6 GB in float32 (and log_softmax makes one more copy).
@@ -200,12 +203,17 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
+        grammar_end = None
+        if seq.grammar is not None:  # structured output: the matcher takes every token
+            grammar_end = _advance_grammar(seq, token_id)
         if seq.detokenizer is not None:
             check = seq.num_completion_tokens >= params.min_tokens
             stop = seq.detokenizer.add(token_id, check_stop=check)
             if stop is not None:
                 seq.stop_string = stop
                 return "stop"
+        if grammar_end is not None:
+            return grammar_end
         if seq.num_completion_tokens >= params.min_tokens:
             # vLLM's order and stop_reason: the model's EOS first (stop_reason None), then a
             # stop token id (stop_reason is the id).
@@ -217,3 +225,21 @@ class Scheduler:
         if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
+
+
+def _advance_grammar(seq: Sequence, token_id: int) -> str | None:
+    """Feed a constrained sequence's new token to its grammar: "stop" once the grammar has
+    ended (it accepted EOS; ignore_eos does not extend a finished grammar), "abort" if the
+    grammar rejects the token (masking makes that impossible short of a bug), else None."""
+    if seq.grammar.accept(token_id):
+        if seq.grammar.is_terminated:
+            seq.stop_token = token_id
+            return "stop"
+        return None
+    logger.error(
+        "sequence %d: token %d is outside its %s constraint; ending it",
+        seq.seq_id,
+        token_id,
+        seq.grammar.kind,
+    )
+    return "abort"

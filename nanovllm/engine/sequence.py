@@ -9,6 +9,7 @@ from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.outputs import Logprob
 from nanovllm.sample.logprobs import to_entries
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import SequenceGrammar
 
 
 class SequenceStatus(Enum):
@@ -75,6 +76,9 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         if self.sampling_params.prompt_logprobs is not None and index == 0:
             self.prompt_logprobs = [None]
+        # With sampling_params.structured_outputs: the grammar's matcher, advanced by every
+        # generated token (attached by the engine that runs the sequence).
+        self.grammar: SequenceGrammar | None = None
 
     def add_logprob_row(self, packed: np.ndarray, token_id: int) -> None:
         """Keep one generated token's packed logprob row (made into a dict when read)."""

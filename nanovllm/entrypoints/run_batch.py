@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from nanovllm.llm import LLM
 from nanovllm.outputs import Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.params import from_response_format
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ _PASSTHROUGH = (
 )
 # Body fields both endpoints accept (OpenAI's, plus vLLM's extras: top_k, min_p, ...).
 _COMMON_FIELDS = {*_PASSTHROUGH, "model", "user", "stream", "max_tokens", "logprobs"}
+_COMMON_FIELDS.add("response_format")  # structured output: json_schema / json_object
 _FIELDS = {
     CHAT_URL: _COMMON_FIELDS
     | {
@@ -251,6 +253,9 @@ def sampling_params(body: dict[str, Any], url: str, room: int) -> tuple[Sampling
     elif logprobs is not None:  # completions: logprobs is the number of top logprobs
         _check_type(body, "logprobs", int, "an int")
         kwargs["logprobs"] = top = logprobs
+    structured = from_response_format(body.get("response_format"))  # structured output
+    if structured is not None:
+        kwargs["structured_outputs"] = structured
     return SamplingParams(max_tokens=max_tokens, **kwargs), top
 
 

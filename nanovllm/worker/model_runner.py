@@ -23,6 +23,7 @@ from nanovllm.layers.attention import Attention
 from nanovllm.models.registry import build_model
 from nanovllm.sample import SamplingState, gather_logprobs, sample
 from nanovllm.sample.state import to_device
+from nanovllm.structured.masks import GrammarMasks
 from nanovllm.utils.context import set_context
 from nanovllm.utils.dist import SINGLE, create_group, use_group
 from nanovllm.utils.loader import load_model
@@ -88,6 +89,7 @@ class ModelRunner:
         self.sampling = SamplingState(
             config.max_num_seqs, hf.vocab_size, config.eos_token_ids, self.device
         )
+        self.grammar_masks = GrammarMasks(self.vocab_size, self.device)  # structured output
         # Cascade attention (shared prefixes read once per group) where the backend has it.
         cascade = self.attn_backend.supports_cascade and not config.disable_cascade_attn
         self.inputs = InputBuilder(self.device, self.block_size, cascade)
@@ -214,8 +216,10 @@ class ModelRunner:
         waiting: PendingTokens.result() waits for them (and hands out logprobs then).
 
         The per-slot sampling state (sample/state.py) is updated on the device, so the step
-        after this one can be sampled before these tokens reach the host.
+        after this one can be sampled before these tokens reach the host. Rows of sequences
+        with a grammar (structured output) are masked first, in place.
         """
+        logits = self.grammar_masks.apply(seqs, logits)  # structured output (no-op without)
         state = self.sampling
         slots = []
         for seq in seqs:
