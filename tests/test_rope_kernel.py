@@ -52,7 +52,7 @@ def test_rope_kernel_matches_torch_path(
     cos, sin = table.cos_sin(positions, dtype)
     qk = qkv[:, : (heads + kv_heads) * head_dim].reshape(6, heads + kv_heads, head_dim)
     expected = RotaryEmbedding.rotate(qk, cos, sin)
-    if dtype == torch.float32 and DEVICE.type == "cpu":  # the interpreter: the same operations
+    if dtype == torch.float32 and DEVICE == "cpu":  # the interpreter: the same operations
         assert torch.equal(q, expected[:, :heads]) and torch.equal(k, expected[:, heads:])
     elif dtype == torch.float32:  # compiled, x * cos + r * sin may fuse into one rounding (FMA)
         torch.testing.assert_close(q, expected[:, :heads], rtol=1e-6, atol=1e-6)
