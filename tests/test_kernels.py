@@ -584,3 +584,27 @@ def test_logsumexp_with_temperatures() -> None:
     )
     want = torch.logsumexp(x / torch.tensor([[0.5], [1.0], [1.7]]), dim=-1)
     assert torch.allclose(lse.cpu(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize(("vocab", "k", "chunk"), [(1000, 5, 64), (777, 8, 128), (300, 16, 512)])
+def test_chunk_topk_kernel(vocab: int, k: int, chunk: int) -> None:
+    """Each chunk's k largest values, largest first, with row-global ids; then the row's top k
+    over the candidates equals torch.topk's values."""
+    from nanovllm.kernels.sampling import chunk_topk
+
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(3, vocab, generator=gen)
+    x[1, ::7] = 1.5  # ties
+    x = x.to(torch.float16).float()
+    vals, ids = chunk_topk(x.to(DEVICE), k, chunk)
+    vals, ids = vals.cpu(), ids.cpu()
+    n = -(-vocab // chunk)
+    assert vals.shape == (3, n * k)
+    for c in range(n):
+        part = x[:, c * chunk : (c + 1) * chunk]
+        kk = min(k, part.shape[1])
+        want = part.topk(kk, dim=-1).values
+        assert torch.equal(vals[:, c * k : c * k + kk], want)
+    real = vals > float("-inf")
+    assert torch.equal(x.gather(1, torch.where(real, ids, 0))[real], vals[real])
+    assert torch.equal(vals.topk(k, dim=-1).values, x.topk(k, dim=-1).values)

@@ -498,3 +498,37 @@ def sample_candidates(
             num_warps=4,
         )
     return out, short.view(torch.bool)
+
+
+@triton.jit
+def _chunk_topk_kernel(x_ptr, vals_ptr, ids_ptr, stride, V, CHUNK: tl.constexpr, K: tl.constexpr):
+    # One program per (row, chunk of CHUNK entries): the chunk's K largest entries, largest
+    # first, by K rounds of "take the maximum (smallest index on ties), then remove it"; the
+    # chunk stays in registers, so the row is read from memory once.
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride + offs, mask=offs < V, other=float("-inf"))
+    x = x.to(tl.float32)
+    out = (row * tl.num_programs(1) + chunk) * K
+    for j in tl.static_range(K):
+        top = tl.max(x, 0)
+        at = tl.min(tl.where(x == top, offs, V), 0)
+        tl.store(vals_ptr + out + j, top)
+        tl.store(ids_ptr + out + j, tl.minimum(at, V - 1).to(tl.int64))  # (in range if all -inf)
+        x = tl.where(offs == at, float("-inf"), x)
+
+
+def chunk_topk(x: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For x [B, V]: the k largest entries of every chunk of `chunk` entries of each row, and
+    their row-global ids: ([B, n * k] float32, [B, n * k] int64), n = ceil(V / chunk). chunk a
+    power of two; k small (each is one reduction over the chunk)."""
+    num_rows, vocab = x.shape
+    n = triton.cdiv(vocab, chunk)
+    vals = torch.empty(num_rows, n * k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_rows, n * k, dtype=torch.int64, device=x.device)
+    if num_rows > 0:
+        _chunk_topk_kernel[(num_rows, n)](
+            x, vals, ids, x.stride(0), vocab, CHUNK=chunk, K=k, num_warps=8
+        )
+    return vals, ids

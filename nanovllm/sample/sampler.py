@@ -52,6 +52,9 @@ from nanovllm.sample.state import (
 TOP_P_CANDIDATES = 256
 # Up to this many candidates a row, CUDA draws from them in one kernel (else torch ops).
 MAX_KERNEL_CANDIDATES = 4096
+# On CUDA, top-k up to KERNEL_TOPK takes each chunk's best in a Triton kernel (topk_rows).
+KERNEL_TOPK = 64
+KERNEL_TOPK_CHUNK = 4096
 
 
 def apply_penalties(logits: Tensor, rows: SamplingRows) -> Tensor:
@@ -235,6 +238,14 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     top-k of those candidates. Exact: a row's top k are among its chunks' top k.
     """
     num_rows, vocab = x.shape
+    if use_kernels(x) and k <= KERNEL_TOPK and vocab >= 4 * KERNEL_TOPK_CHUNK:
+        from nanovllm.kernels.sampling import chunk_topk
+
+        # [B, chunks * k'] candidates (float32 values, exact for bf16 / fp16 logits; k' = k
+        # rounded up to a power of two, so that few kernel variants compile), then [B, k]
+        vals, ids = chunk_topk(x, max(8, 1 << (k - 1).bit_length()), KERNEL_TOPK_CHUNK)
+        best, pos = vals.topk(k, dim=-1)
+        return best, ids.gather(1, pos)
     chunk = _chunk_size(vocab, k)
     if chunk == 0:
         return x.topk(k, dim=-1)
