@@ -5,6 +5,9 @@
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 FINAL=${OUT:-gpu_out}; mkdir -p "$FINAL"
+if [ -d .whl ] && ! python3 -c "import xgrammar" 2>/dev/null; then  # carried wheels (no network)
+  python3 -m pip install -q --no-index --find-links .whl xgrammar 2>&1 | tail -2
+fi
 for name in "$@"; do
   dir=/tmp/visit/$name; mkdir -p "$dir"
   echo "##### $name ($(date +%T))"
@@ -12,6 +15,14 @@ for name in "$@"; do
     sampling_profile) OUT=$dir timeout 200 python3 scripts/bench_sampling.py --profile > "$dir/run.log" 2>&1 ;;
     sampling) OUT=$dir timeout 300 python3 bench.py --sampling all > "$dir/run.log" 2>&1 ;;
     cuda_tests) OUT=$dir timeout 420 python3 -m pytest -q -m "not slow" tests/test_cuda.py tests/test_sampler.py tests/test_kernels.py > "$dir/run.log" 2>&1 ;;
+    final_tests)  # the CUDA tests of every part, each file under its own limit
+      for f in test_cuda test_sampler test_kernels test_cascade test_structured_output test_models; do
+        k=""; [ $f = test_structured_output ] && k="cuda or bitmask"
+        [ $f = test_models ] && k="cuda"
+        echo "--- $f" >> "$dir/run.log"
+        timeout 150 python3 -m pytest -q -m "not slow" ${k:+-k "$k"} tests/$f.py 2>&1 | tail -15 >> "$dir/run.log"
+      done ;;
+    structured_bench) timeout 150 python3 scripts/bench_structured.py --json "$dir/bench.json" > "$dir/run.log" 2>&1 ;;
     *) OUT=$dir bash "scripts/visit_$name.sh" > "$dir/run.log" 2>&1 ;;
   esac
   for f in "$dir"/*; do echo "=== $f"; cat "$f"; done > "$FINAL/$name.txt"
