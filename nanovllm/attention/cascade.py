@@ -25,8 +25,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Shared tokens x group size from which the cascade path is taken (see BENCHMARKS.md).
-CASCADE_MIN_SHARED_TOKENS = 4096
+# Shared tokens x group size from which the cascade path is taken. Measured on one H200
+# (scripts/bench_cascade.py sweep, bf16, 16/8 heads x 128, beside 64 unshared sequences): the
+# cascade pass costs about 0.14 ms whatever the group, so it lost up to 131,072 (0.91x) and won
+# from 262,144 (1.24x; 2.19x at 524,288); see BENCHMARKS.md.
+CASCADE_MIN_SHARED_TOKENS = 200_000
 # The most groups one step cascades (fixed-size metadata under CUDA graphs).
 MAX_CASCADE_GROUPS = 8
 
