@@ -16,11 +16,12 @@ for name in "$@"; do
     sampling) OUT=$dir timeout 300 python3 bench.py --sampling all > "$dir/run.log" 2>&1 ;;
     cuda_tests) OUT=$dir timeout 420 python3 -m pytest -q -m "not slow" tests/test_cuda.py tests/test_sampler.py tests/test_kernels.py > "$dir/run.log" 2>&1 ;;
     final_tests)  # the CUDA tests of every part, each file under its own limit
-      for f in test_cuda test_sampler test_kernels test_cascade test_structured_output test_models; do
+      for f in ${FINAL_TESTS:-test_cuda test_sampler test_kernels test_structured_output}; do
         k=""; [ $f = test_structured_output ] && k="cuda or bitmask"
         [ $f = test_models ] && k="cuda"
-        echo "--- $f" >> "$dir/run.log"
+        echo "--- $f ($(date +%T))" >> "$dir/run.log"
         timeout 150 python3 -m pytest -q -m "not slow" ${k:+-k "$k"} tests/$f.py 2>&1 | tail -15 >> "$dir/run.log"
+        cp "$dir/run.log" "$FINAL/$name.txt"  # what is done so far comes back even if cut off
       done ;;
     structured_bench) timeout 150 python3 scripts/bench_structured.py --json "$dir/bench.json" > "$dir/run.log" 2>&1 ;;
     *) OUT=$dir bash "scripts/visit_$name.sh" > "$dir/run.log" 2>&1 ;;
