@@ -244,18 +244,19 @@ def main(
     unknown = [name for name in settings if name not in SAMPLING]
     if unknown:
         raise SystemExit(f"unknown --sampling {unknown[0]!r}; known: {', '.join(SAMPLING)}")
-    extra = []
-    for name in settings[1:]:
-        seconds = run_nanovllm(llm, work, temperature, name)
-        extra.append((name, seconds))
+    # The reference setting runs first and again last (the drift between the two shows the
+    # machine's noise); each other setting is compared with the mean of the two.
     elapsed = run_nanovllm(llm, work, temperature, settings[0])
-    if extra:  # the first setting ran last too; run the first again to see the drift
-        for name, seconds in extra:
+    if len(settings) > 1:
+        others = [(name, run_nanovllm(llm, work, temperature, name)) for name in settings[1:]]
+        first, elapsed = elapsed, run_nanovllm(llm, work, temperature, settings[0])
+        reference = (first + elapsed) / 2
+        print(f"sampling {settings[0]}: {first:.2f} s first, {elapsed:.2f} s last (the reference)")
+        for name, seconds in others:
             print(
                 f"sampling {name}: {seconds:.2f} s, {work.num_output_tokens / seconds:.1f} "
-                f"output tok/s, {elapsed / seconds:.2f}x of {settings[0]}"
+                f"output tok/s, {reference / seconds:.2f}x of {settings[0]}"
             )
-        print(f"sampling {settings[0]}: {elapsed:.2f} s (the reference, run last)")
     stats = llm.engine.stats
     device, dtype = llm.config.device, llm.config.dtype
     desc = (
