@@ -573,3 +573,34 @@ def test_sequence_logprob_rows_of_different_widths() -> None:
     assert seq.output_logprobs[1][top].rank == 1
     want = ref[0, 3].item() + ref[1, 4].item()
     assert seq.cumulative_logprob == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("with_repetition", [True, False])
+def test_cpu_penalties_kernel_equals_torch_path(with_repetition: bool) -> None:
+    """The C penalties (CPU float32) give the torch path's logits."""
+    from nanovllm.kernels import cpu
+    from nanovllm.sample.sampler import _penalties_torch
+
+    if not cpu.available():
+        pytest.skip("no C compiler: the torch path runs")
+    vocab = 3000
+    params = [
+        SamplingParams(repetition_penalty=1.3 if with_repetition else 1.0, frequency_penalty=0.2),
+        SamplingParams(presence_penalty=-0.5, repetition_penalty=0.8 if with_repetition else 1.0),
+        SamplingParams(),
+    ]
+    seqs = [
+        make_seq(p, prompt=[i * 7 % vocab for i in range(40 + j)]) for j, p in enumerate(params)
+    ]
+    for j, seq in enumerate(seqs):
+        for t in range(25):
+            seq.append_token((t * 13 + j) % 50)
+    driver = Driver(vocab)
+    rows = driver.rows(seqs)
+    torch.manual_seed(10)
+    logits = torch.randn(3, vocab) * 3
+    logits[:, ::9] = 0.0
+    want = _penalties_torch(logits.clone(), rows)
+    got = apply_penalties(logits, rows)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(got, logits)

@@ -209,3 +209,27 @@ void silu_and_mul(const float *x, int64_t x_stride, float *out, int64_t rows, in
         for (int64_t j = 0; j < n; j++) o[j] = g[j] / (1.0f + exp_approx(-g[j])) * u[j];
     }
 }
+
+/* Sampling penalties in place on x [rows, vocab] (float32, row stride x_stride): row i reads
+   its slot's output-token counts (counts [slots, vocab] int32) and prompt marks (seen [slots,
+   vocab] bytes, NULL: no repetition penalty); a seen token's logit is divided by rep[i] when
+   positive, multiplied when not; then x -= freq[i] * count + pres[i] * (count > 0). The three
+   parameters are read with param_stride (columns of one table). */
+void penalize(float *x, int64_t x_stride, const int64_t *slots, const int32_t *counts,
+              const uint8_t *seen, const float *rep, const float *pres, const float *freq,
+              int64_t param_stride, int64_t rows, int64_t vocab, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * vocab >= 65536)
+    for (int64_t i = 0; i < rows; i++) {
+        float *restrict r = x + i * x_stride;
+        const int32_t *restrict c = counts + slots[i] * vocab;
+        const uint8_t *restrict s = seen ? seen + slots[i] * vocab : NULL;
+        const float p = rep[i * param_stride], inv = 1.0f / p;
+        const float fp = freq[i * param_stride], pp = pres[i * param_stride];
+        for (int64_t j = 0; j < vocab; j++) {
+            const float n = (float)c[j];
+            float v = r[j];
+            if (s && (s[j] || c[j] > 0)) v = v < 0 ? v * p : v * inv;
+            r[j] = v - fp * n - (c[j] > 0 ? pp : 0.0f);
+        }
+    }
+}

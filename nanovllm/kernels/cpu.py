@@ -55,6 +55,7 @@ SIGNATURES = {
     "rms_norm": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _INT],
     "qk_norm_rope": [_P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _F32, _INT],
     "silu_and_mul": [_P, _I64, _P, _I64, _I64, _INT],
+    "penalize": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT],
 }
 
 
@@ -295,6 +296,43 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, n, dtype=torch.float32)
     _lib().silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), rows, n, torch.get_num_threads())
     return out
+
+
+def penalize(
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    counts: torch.Tensor,
+    prompt_seen: torch.Tensor | None,
+) -> torch.Tensor:
+    """Repetition / presence / frequency penalties on float32 x [B, V], in place (returns x);
+    the arguments as kernels/sampling.py's penalize (slots [B] int64 into counts [S, V] int32
+    and prompt_seen [S, V] bool; the three parameters [B] with one stride)."""
+    _check_rows("x", x)
+    assert repetition.stride(0) == presence.stride(0) == frequency.stride(0)
+    assert slots.dtype == torch.int64 and counts.dtype == torch.int32 and counts.is_contiguous()
+    seen = 0
+    if prompt_seen is not None:
+        assert prompt_seen.is_contiguous() and prompt_seen.shape == counts.shape
+        seen = prompt_seen.data_ptr()
+    slots = slots.contiguous()
+    _lib().penalize(
+        x.data_ptr(),
+        x.stride(0),
+        slots.data_ptr(),
+        counts.data_ptr(),
+        seen,
+        repetition.data_ptr(),
+        presence.data_ptr(),
+        frequency.data_ptr(),
+        repetition.stride(0),
+        x.shape[0],
+        x.shape[1],
+        torch.get_num_threads(),
+    )
+    return x
 
 
 def decode_attention(

@@ -34,7 +34,7 @@ import functools
 import torch
 from torch import Tensor
 
-from nanovllm.kernels import use_kernels
+from nanovllm.kernels import cpu, use_kernels
 from nanovllm.sample.state import (
     FREQUENCY,
     MIN_P,
@@ -52,33 +52,29 @@ from nanovllm.sample.state import (
 TOP_P_CANDIDATES = 256
 # Up to this many candidates a row, CUDA draws from them in one kernel (else torch ops).
 MAX_KERNEL_CANDIDATES = 4096
+# Rows of at least 4 blocks of CDF_BLOCK entries are drawn by pick_two_level (CPU, MPS).
+CDF_BLOCK = 1024
 # On CUDA, top-k up to KERNEL_TOPK takes each chunk's best in a Triton kernel (topk_rows).
 KERNEL_TOPK = 64
 KERNEL_TOPK_CHUNK = 4096
 
 
 def apply_penalties(logits: Tensor, rows: SamplingRows) -> Tensor:
-    """Return float32 logits [B, V] with the penalties and min_tokens bans of step (a)."""
+    """Return float32 logits [B, V] (a new tensor) with the penalties and min_tokens bans of
+    step (a): a Triton kernel on CUDA, a C one on a CPU (kernels/cpu.c), else torch ops."""
+    p = rows.params
+    args = (p[:, REPETITION], p[:, PRESENCE], p[:, FREQUENCY], rows.counts, rows.prompt_seen)
     if rows.any_penalty and use_kernels(logits):
         from nanovllm.kernels.sampling import penalize
 
-        assert rows.counts is not None
-        p = rows.params
-        x = penalize(
-            logits,
-            rows.slots,
-            p[:, REPETITION],
-            p[:, PRESENCE],
-            p[:, FREQUENCY],
-            rows.counts,
-            rows.prompt_seen,
-        )
+        x = penalize(logits, rows.slots, *args)
     else:
         x = logits.float()
-        if rows.any_penalty:
+        x = x.clone() if x is logits else x
+        if rows.any_penalty and x.device.type == "cpu" and cpu.available():
+            x = cpu.penalize(x, rows.slots, *args)
+        elif rows.any_penalty:
             x = _penalties_torch(x, rows)
-        else:
-            x = x.clone() if x is logits else x
     if rows.any_ban:
         x = apply_bans(x, rows)
     return x
@@ -155,10 +151,40 @@ def _draw_full_rows(x: Tensor, rows: SamplingRows, floor: Tensor | None) -> Tens
     # [B, V]
     scaled = x / torch.where(greedy, 1.0, temps)[:, None]
     if floor is not None:
-        scaled = scaled.masked_fill(scaled < floor[:, None], float("-inf"))
-    probs = scaled.softmax(dim=-1)
-    tokens = pick_by_cdf(probs, uniform_from_keys(rows.keys)[:, None])
+        scaled.masked_fill_(scaled < floor[:, None], float("-inf"))
+    # unnormalised probabilities (pick_by_cdf and pick_two_level divide by the row's total)
+    weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()
+    u = uniform_from_keys(rows.keys)[:, None]
+    if weights.shape[1] >= 4 * CDF_BLOCK:
+        tokens = pick_two_level(weights, u)
+    else:
+        tokens = pick_by_cdf(weights, u)
     return torch.where(greedy, x.argmax(dim=-1), tokens) if rows.any_greedy else tokens
+
+
+def pick_two_level(weights: Tensor, u: Tensor) -> Tensor:
+    """pick_by_cdf for long rows, without a running sum over the whole row (slow on a CPU):
+    the block of CDF_BLOCK entries that holds the target by the blocks' sums, then the entry
+    within that block. weights [B, V] >= 0 (not all zero), u [B, 1] in [0, 1): [B] int64."""
+    num_rows, vocab = weights.shape
+    pad = -vocab % CDF_BLOCK
+    if pad:
+        weights = torch.nn.functional.pad(weights, (0, pad))
+    # [B, blocks, CDF_BLOCK] -> [B, blocks] running sums of the block sums
+    blocks = weights.view(num_rows, -1, CDF_BLOCK)
+    block_cdf = blocks.sum(dim=-1).cumsum(dim=-1)
+    total = block_cdf[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    # [B, 1] the block holding the target, and the mass before it
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=blocks.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    # [B, CDF_BLOCK] that block's entries
+    inner = blocks.gather(1, block[:, :, None].expand(-1, 1, CDF_BLOCK)).squeeze(1)
+    pos = torch.searchsorted(inner.cumsum(dim=-1), target - before, right=True)
+    # rounding between the two sums must not step past the block's last possible entry
+    last = torch.where(inner > 0, torch.arange(CDF_BLOCK, device=inner.device), 0).amax(dim=-1)
+    pos = torch.minimum(pos.squeeze(1), last)
+    return block.squeeze(1) * CDF_BLOCK + pos
 
 
 def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
@@ -233,11 +259,13 @@ def _sample_truncated_cuda(x: Tensor, rows: SamplingRows, vals: Tensor, ids: Ten
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of x [B, V] and their ids, sorted descending: [B, k].
 
-    For long rows in two stages, which is much faster on a GPU than one torch.topk over the row
+    On a GPU, for long rows in two stages, much faster there than one torch.topk over the row
     (one thread block per row): the top-k of each chunk of the row (many short rows), then the
     top-k of those candidates. Exact: a row's top k are among its chunks' top k.
     """
     num_rows, vocab = x.shape
+    if not x.is_cuda:  # a CPU's torch.topk is fast on long rows (2.5-4x the two stages)
+        return x.topk(k, dim=-1)
     if use_kernels(x) and k <= KERNEL_TOPK and vocab >= 4 * KERNEL_TOPK_CHUNK:
         from nanovllm.kernels.sampling import chunk_topk
 
