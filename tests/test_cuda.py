@@ -125,7 +125,8 @@ def test_every_sampling_setting_runs_ahead(tiny_model_dir: str) -> None:
         SamplingParams(temperature=1.0, min_p=0.1, max_tokens=24),
         SamplingParams(temperature=0.6, max_tokens=24, logprobs=5),
     ]
-    with LLM(tiny_model_dir, device="cuda", dtype="float32", num_kvcache_blocks=64) as llm:
+    common = dict(dtype="float32", kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=512)
+    with LLM(tiny_model_dir, device="cuda", **common) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert llm.engine.stats.steps_ahead > 0
         alone = llm.generate(prompts[:1], params[:1], use_tqdm=False)
@@ -137,7 +138,7 @@ def test_every_sampling_setting_runs_ahead(tiny_model_dir: str) -> None:
             for token, entry in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True):
                 assert token in entry and len(entry) <= p.logprobs + 1
     # the greedy row with a penalty, and its logprobs, equal the CPU engine's
-    with LLM(tiny_model_dir, device="cpu", dtype="float32", num_kvcache_blocks=64) as cpu:
+    with LLM(tiny_model_dir, device="cpu", **common) as cpu:
         ref = cpu.generate(prompts[3:4], params[3:4], use_tqdm=False)[0].outputs[0]
     got = outs[3].outputs[0]
     assert got.token_ids == ref.token_ids

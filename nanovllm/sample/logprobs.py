@@ -10,6 +10,8 @@ copy; `to_entries` turns such rows into {token id: Logprob} dicts on the host, i
 output is built (not per token per step).
 """
 
+import gc
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -55,15 +57,45 @@ def to_entries(
 ) -> list[dict[int, Logprob]]:
     """Host side: per packed row [2 + 2K] (K >= ks[i]; rows may differ in K), {token id:
     Logprob} of the chosen token (first) and the row's top ks[i] tokens; decoded_token is left
-    None."""
-    entries = []
-    for row, token, k in zip(packed, token_ids, ks, strict=True):
-        values = row.tolist()
-        width = (len(values) - 2) // 2
-        entry = {token: Logprob(values[0], int(values[1]))}
-        for j in range(k):
-            entry.setdefault(int(values[2 + width + j]), Logprob(values[2 + j], j + 1))
-        entries.append(entry)
+    None. Consecutive rows of one width are converted together (a few tolist calls)."""
+    # Millions of small objects: with the cyclic garbage collector on, its passes over every
+    # live object while they are made cost more than making them (2.2 s against 0.8 s for
+    # 133k entries). They hold no cycles, so it waits until the end.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _to_entries(packed, token_ids, ks)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _to_entries(
+    packed: np.ndarray | list[np.ndarray],
+    token_ids: list[int],
+    ks: list[int],
+) -> list[dict[int, Logprob]]:
+    entries: list[dict[int, Logprob]] = []
+    start, n = 0, len(token_ids)
+    while start < n:
+        width = len(packed[start])
+        end = start + 1
+        while end < n and len(packed[end]) == width:
+            end += 1
+        block = np.stack(packed[start:end]) if isinstance(packed, list) else packed[start:end]
+        k_max = (width - 2) // 2
+        chosen = block[:, 0].tolist()
+        ranks = block[:, 1].astype(np.int64).tolist()
+        vals = block[:, 2 : 2 + k_max].tolist()
+        ids = block[:, 2 + k_max :].astype(np.int64).tolist()
+        for i in range(end - start):
+            entry = {token_ids[start + i]: Logprob(chosen[i], ranks[i])}
+            row_ids, row_vals = ids[i], vals[i]
+            for j in range(ks[start + i]):
+                if row_ids[j] not in entry:
+                    entry[row_ids[j]] = Logprob(row_vals[j], j + 1)
+            entries.append(entry)
+        start = end
     return entries
 
 
