@@ -21,6 +21,7 @@ from nanovllm.engine.prompt_logprobs import plan_prompt_logprobs, record_prompt_
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_plan import plan_step
+from nanovllm.sample.state import to_device
 from nanovllm.engine.tp_workers import (
     TPWorkers,
     defer_sigint,
@@ -270,7 +271,7 @@ class LLMEngine:
                 seq.num_scheduled_tokens = 1
             if survivors and unsampled is not None:  # the matchers have the pending tokens now
                 if len(keep) < len(seqs):
-                    unsampled = unsampled[torch.tensor(keep, device=unsampled.device)]
+                    unsampled = unsampled[to_device(keep, torch.int64, unsampled.device)]
                 self._ahead = (survivors, self._sample_async(survivors, unsampled))
             elif survivors:
                 if len(keep) < len(seqs):
