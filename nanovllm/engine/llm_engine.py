@@ -21,12 +21,12 @@ from nanovllm.engine.prompt_logprobs import plan_prompt_logprobs, record_prompt_
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_plan import plan_step
-from nanovllm.sample.state import to_device
 from nanovllm.engine.tp_workers import (
     TPWorkers,
     defer_sigint,
     threads_per_rank,
 )
+from nanovllm.sample.state import to_device
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import GrammarCompiler, load_tokenizer
 from nanovllm.worker.inputs import StepPlan
