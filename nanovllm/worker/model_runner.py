@@ -312,7 +312,10 @@ class PendingTokens:
                     poll()
         tokens = self.host.tolist()
         if self.logprobs is not None and self.logprob_seqs:
-            packed = self.logprobs.numpy()
+            # A copy: the sequences keep rows of it until their output is built, and views would
+            # keep each step's pinned buffer alive (the pinned-memory cache could not reuse it:
+            # a new page-locked allocation every step).
+            packed = self.logprobs.numpy().copy()
             for i, (row, seq) in enumerate(self.logprob_seqs):
                 if seq is not None:
                     seq.add_logprob_row(packed[i], tokens[row])
