@@ -536,6 +536,7 @@ def test_candidates_kernel_matches_torch_path() -> None:
     rows = SamplingRows(
         slots=torch.arange(rows_n), params=params, keys=keys, counts=None, prompt_seen=None,
         ban_ids=None, generated=None, ones=torch.ones(rows_n, dtype=torch.int64),
+        ones32=torch.ones(rows_n, dtype=torch.int32),
         vocab_size=vocab, all_greedy=False, any_greedy=False, any_penalty=False,
         any_repetition=False, any_presence_frequency=False, any_ban=False, any_truncate=True,
         all_truncate=False, max_top_k=20, any_top_p_only=True, any_min_p=True,

@@ -212,15 +212,8 @@ def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
         lse = torch.where(has_top_k, lse, full_lse)
     # [B, K]
     probs = (vals - lse[:, None]).exp()
-    mass_above = probs.cumsum(dim=-1) - probs
-    drop = mass_above >= top_p[:, None]
-    drop[:, 0] = False
-    min_p = params[:, MIN_P]
-    drop |= vals < (vals[:, :1] + torch.log(min_p)[:, None])
     kept = probs.sum(dim=-1)
-    probs = probs.masked_fill(drop, 0.0)
-    pos = pick_by_cdf(probs, uniform_from_keys(rows.keys)[:, None])
-    tokens = ids.gather(1, pos[:, None]).squeeze(1)
+    tokens = _draw_sorted(vals, ids, probs, top_p, params[:, MIN_P], rows.keys)
     if rows.any_top_p_only and k < vocab:
         # Top-p-only rows whose candidates hold less than top_p: the nucleus reaches past them.
         uncovered = rows.truncate_rows & ~has_top_k & (kept < top_p)
@@ -315,14 +308,23 @@ def _sample_sorted(x: Tensor, rows: SamplingRows, index: Tensor) -> Tensor:
     temps = params[:, TEMPERATURE]
     # [R, V] sorted descending
     vals, order = (x / temps[:, None]).sort(dim=-1, descending=True)
-    probs = vals.softmax(dim=-1)
+    keys = rows.keys.index_select(0, index)
+    return _draw_sorted(vals, order, vals.softmax(dim=-1), params[:, TOP_P], params[:, MIN_P], keys)
+
+
+def _draw_sorted(
+    vals: Tensor, ids: Tensor, probs: Tensor, top_p: Tensor, min_p: Tensor, keys: Tensor
+) -> Tensor:
+    """Steps (d)-(f) on rows sorted descending: scaled logits vals [R, K], their token ids,
+    probs [R, K] (normalised as the row's top-k / top-p needs); top_p, min_p, keys [R]."""
+    # probability mass strictly above each entry; drop once it reaches top_p (never the first)
     mass_above = probs.cumsum(dim=-1) - probs
-    drop = mass_above >= params[:, TOP_P, None]
+    drop = mass_above >= top_p[:, None]
     drop[:, 0] = False
-    drop |= vals < (vals[:, :1] + torch.log(params[:, MIN_P])[:, None])
+    drop |= vals < (vals[:, :1] + torch.log(min_p)[:, None])
     probs = probs.masked_fill(drop, 0.0)
-    pos = pick_by_cdf(probs, uniform_from_keys(rows.keys.index_select(0, index))[:, None])
-    return order.gather(1, pos[:, None]).squeeze(1)
+    pos = pick_by_cdf(probs, uniform_from_keys(keys)[:, None])
+    return ids.gather(1, pos[:, None]).squeeze(1)
 
 
 def pick_by_cdf(probs: Tensor, u: Tensor) -> Tensor:

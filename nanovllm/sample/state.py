@@ -84,6 +84,7 @@ class SamplingRows:
     ban_ids: Tensor | None  # [B, W] int64 token ids to ban while generated < min_tokens, -1 pad
     generated: Tensor | None  # [B] int64 tokens generated before this step (with bans only)
     ones: Tensor  # [B] int64 ones (the record's increments)
+    ones32: Tensor  # [B] int32 ones (the counts' increments)
     vocab_size: int
     all_greedy: bool
     any_greedy: bool
@@ -323,6 +324,7 @@ class SamplingState:
             ban_ids=ban_ids,
             generated=None,  # set in rows() when needed
             ones=torch.ones(len(slots), dtype=torch.int64, device=dev),
+            ones32=torch.ones(len(slots), dtype=torch.int32, device=dev),
             vocab_size=self.vocab_size,
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(infos),
@@ -346,8 +348,7 @@ class SamplingState:
         self.generated.index_add_(0, rows.slots, rows.ones)
         if rows.any_penalty:
             assert self.counts is not None
-            ones = rows.ones.to(torch.int32)
-            self.counts.index_put_((rows.slots, tokens), ones, accumulate=True)
+            self.counts.index_put_((rows.slots, tokens), rows.ones32, accumulate=True)
 
 
 def _seed_key(seed: int) -> int:
