@@ -70,33 +70,40 @@ def decode_case(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
+    parser.add_argument(
+        "--kv-dtype", default="bf16", help="bf16, fp8 or both (comma-separated), one table each"
+    )
     args = parser.parse_args()
-    kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16
     name = torch.cuda.get_device_name(0)
     copy = copy_bandwidth()
-    print(f"device: {name}; copy bandwidth {copy / 1e12:.3f} TB/s (read + write); K/V {kv_dtype}")
-    configs = [
-        dict(block_n=64, num_warps=4, num_stages=2),
-        dict(block_n=64, num_warps=4, num_stages=3),
-        dict(block_n=128, num_warps=4, num_stages=2),
-        dict(block_n=128, num_warps=8, num_stages=2),
-        dict(block_n=32, num_warps=2, num_stages=3),
-    ]
-    if args.kv_dtype == "fp8":  # half the bytes a tile: larger tiles and deeper pipelines too
-        configs += [
-            dict(block_n=128, num_warps=4, num_stages=3),
-            dict(block_n=128, num_warps=4, num_stages=4),
-        ]
+    print(f"device: {name}; copy bandwidth {copy / 1e12:.3f} TB/s (read + write)")
     rows = []
-    for num_seqs, seq_len in ((256, 1024), (64, 4096), (8, 8192), (256, 2048)):
-        rows += decode_case(num_seqs, seq_len, configs, kv_dtype=kv_dtype)
-    print("num_seqs x len | splits | block_n warps stages | ms | TB/s | of copy")
+    for dtype_name in args.kv_dtype.split(","):
+        kv_dtype = dict(bf16=torch.bfloat16, fp8=torch.float8_e4m3fn)[dtype_name]
+        configs = [
+            dict(block_n=64, num_warps=4, num_stages=2),
+            dict(block_n=64, num_warps=4, num_stages=3),
+            dict(block_n=128, num_warps=4, num_stages=2),
+            dict(block_n=128, num_warps=8, num_stages=2),
+            dict(block_n=32, num_warps=2, num_stages=3),
+        ]
+        if dtype_name == "fp8":  # half the bytes a tile: larger tiles and deeper pipelines too
+            configs += [
+                dict(block_n=128, num_warps=4, num_stages=3),
+                dict(block_n=128, num_warps=4, num_stages=4),
+                dict(block_n=256, num_warps=4, num_stages=2),
+                dict(block_n=256, num_warps=8, num_stages=2),
+                dict(block_n=256, num_warps=8, num_stages=3),
+            ]
+        for num_seqs, seq_len in ((256, 1024), (64, 4096), (16, 16384), (8, 8192), (256, 2048)):
+            for r in decode_case(num_seqs, seq_len, configs, kv_dtype=kv_dtype):
+                rows.append(dict(kv=dtype_name, **r))
+    print("kv | num_seqs x len | splits | block_n warps stages | ms | TB/s | of copy")
     for r in rows:
         print(
-            f"{r['num_seqs']:4d} x {r['seq_len']:5d} | {r['splits']:2d} | {r['block_n']:3d} "
-            f"{r['num_warps']} {r['num_stages']} | {r['ms']:.4f} | {r['tb_per_s']:.3f} | "
-            f"{r['tb_per_s'] * 1e12 / copy:.0%}"
+            f"{r['kv']:4s} | {r['num_seqs']:4d} x {r['seq_len']:5d} | {r['splits']:2d} | "
+            f"{r['block_n']:3d} {r['num_warps']} {r['num_stages']} | {r['ms']:.4f} | "
+            f"{r['tb_per_s']:.3f} | {r['tb_per_s'] * 1e12 / copy:.0%}"
         )
     logits = torch.randn(256, 151936, device="cuda").bfloat16()
     temps = torch.full((256,), 0.6, device="cuda")

@@ -20,6 +20,17 @@ def dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def query_for_cache(q, cache_ptr, IEEE: tl.constexpr):
+    """The query tile in the dtype of the products: float16 over a float8 cache (float8 e4m3
+    widens to float16 exactly in one instruction, while bfloat16 needs several; a normalised
+    query is far inside float16's range), else unchanged."""
+    if cache_ptr.dtype.element_ty.is_fp8() and not IEEE:
+        return q.to(tl.float16)
+    else:
+        return q
+
+
+@triton.jit
 def paged_rows(
     table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr
 ):
@@ -33,13 +44,13 @@ def paged_rows(
 def online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
     """Fold one tile into the running state: s [M, BLOCK_N] scores (scaled by scale * log2(e),
     masked to -inf), V loaded from v_ptrs [BLOCK_N, D_PAD] (a float8 cache is widened to
-    bfloat16 for the product); returns the new (m, l, acc)."""
+    float16 for the product: exact, and one instruction); returns the new (m, l, acc)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if v.dtype.is_fp8():
-        v = v.to(tl.float32) if IEEE else v.to(tl.bfloat16)
+        v = v.to(tl.float32) if IEEE else v.to(tl.float16)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i, acc

@@ -33,7 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.attention_tile import dot, online_softmax_step, paged_rows
+from nanovllm.kernels.attention_tile import (
+    dot,
+    online_softmax_step,
+    paged_rows,
+    query_for_cache,
+)
 from nanovllm.kernels.decode_attention import check_shapes, combine, launch_decode, partials
 
 # Rows of query (sequence, head) pairs per prefix tile.
@@ -105,6 +110,7 @@ def _prefix_kernel(
             mask=m_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
+        q = query_for_cache(q, k_cache_ptr, IEEE)
         # Every member's first prefix_len keys live in the same blocks: read the first's table.
         table = block_tables_ptr + tl.load(members_ptr + begin) * stride_bt
         tiles_per_split = tl.cdiv(tl.cdiv(prefix_len, BLOCK_N), NUM_SPLITS)

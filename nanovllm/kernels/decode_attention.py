@@ -34,7 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.attention_tile import dot, online_softmax_step, paged_rows
+from nanovllm.kernels.attention_tile import (
+    dot,
+    online_softmax_step,
+    paged_rows,
+    query_for_cache,
+)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -92,6 +97,7 @@ def _decode_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    q = query_for_cache(q, k_cache_ptr, IEEE)
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)

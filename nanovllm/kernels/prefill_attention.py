@@ -19,7 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.attention_tile import dot, online_softmax_step, paged_rows
+from nanovllm.kernels.attention_tile import (
+    dot,
+    online_softmax_step,
+    paged_rows,
+    query_for_cache,
+)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -70,6 +75,7 @@ def _prefill_kernel(
             mask=m_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
+        q = query_for_cache(q, k_cache_ptr, IEEE)
         q_pos = ctx + offs_m  # absolute position of each query row
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
