@@ -32,6 +32,7 @@ import torch
 import triton
 
 from nanovllm.attention.cascade import find_cascade_groups
+from nanovllm.attention.triton_backend import TritonAttentionBackend
 from nanovllm.kernels.cascade_attention import cascade_decode_attention
 from nanovllm.kernels.decode_attention import choose_num_splits, decode_attention
 
@@ -75,8 +76,13 @@ class Batch:
         self.seq_lens = torch.tensor(self.lens, device="cuda", dtype=torch.int32)
         # [num_blocks, block_size, num_kv_heads, head_dim]
         shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-        self.k_cache = torch.randn(shape, device="cuda").to(kv_dtype)
-        self.v_cache = torch.randn(shape, device="cuda").to(kv_dtype)
+        # the engine's layout for this dtype (a float8 V cache is token-minor)
+        backend = TritonAttentionBackend(torch.device("cuda"), KV_HEADS)
+        self.k_cache, self.v_cache = backend.allocate_kv_cache(
+            shape, kv_dtype, torch.device("cuda")
+        )
+        self.k_cache.copy_(torch.randn(shape, device="cuda"))
+        self.v_cache.copy_(torch.randn(shape, device="cuda"))
         # [num_seqs, num_heads, head_dim]
         self.q = torch.randn(len(self.lens), HEADS, HEAD_DIM, device="cuda").bfloat16()
         token_bytes = KV_HEADS * HEAD_DIM * 2 * self.k_cache.element_size()

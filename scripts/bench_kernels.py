@@ -15,6 +15,7 @@ import json
 import torch
 import triton
 
+from nanovllm.attention.triton_backend import TritonAttentionBackend
 from nanovllm.kernels.decode_attention import choose_num_splits, decode_attention
 from nanovllm.kernels.sampling import sample_full_rows
 
@@ -38,8 +39,13 @@ def decode_case(
     blocks_per_seq = (seq_len + block_size - 1) // block_size
     num_blocks = num_seqs * blocks_per_seq
     # several caches in rotation would defeat L2 for small cases; these are all >> 50 MB
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda").to(kv_dtype)
-    v_cache = torch.randn(k_cache.shape, device="cuda").to(kv_dtype)
+    # the engine's layout for this dtype (a float8 V cache is token-minor)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = TritonAttentionBackend(torch.device("cuda"), kv_heads).allocate_kv_cache(
+        shape, kv_dtype, torch.device("cuda")
+    )
+    k_cache.copy_(torch.randn(shape, device="cuda"))
+    v_cache.copy_(torch.randn(shape, device="cuda"))
     tables = torch.randperm(num_blocks, device="cuda").view(num_seqs, blocks_per_seq).int()
     lens = torch.full((num_seqs,), seq_len, device="cuda", dtype=torch.int32)
     q = torch.randn(num_seqs, heads, head_dim, device="cuda").bfloat16()

@@ -295,15 +295,22 @@ def test_cascade_splits(num_splits: int, num_sms: int) -> None:
     assert rel_err(out, case.reference()) < TOL[torch.float32]
 
 
+def token_minor(cache: torch.Tensor) -> torch.Tensor:
+    """The same values in the Triton backend's float8 V layout (tokens contiguous)."""
+    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
 @needs_triton
-def test_cascade_fp8_cache() -> None:
-    """A float8 e4m3 cache with values float8 holds exactly: the same as a float32 cache."""
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_cascade_fp8_cache(block_size: int) -> None:
+    """A float8 e4m3 cache with values float8 holds exactly, V token-minor as the engine lays it
+    out: the same as a float32 cache (block 64: the kernels' one-block tiles)."""
     fp8 = torch.float8_e4m3fn
     groups, lone = LAYOUTS["several_groups_and_lone"]
-    case = SharedCase(groups, lone, (4, 2, 16), 16, torch.float32, seed=5)
+    case = SharedCase(groups, lone, (4, 2, 16), block_size, torch.float32, seed=5)
     case.k_cache, case.v_cache = case.k_cache.to(fp8).float(), case.v_cache.to(fp8).float()
     ref = case.reference()
-    case.k_cache, case.v_cache = case.k_cache.to(fp8), case.v_cache.to(fp8)
+    case.k_cache, case.v_cache = case.k_cache.to(fp8), token_minor(case.v_cache.to(fp8))
     assert rel_err(case.cascade(), ref) < TOL[torch.float32]
 
 

@@ -190,6 +190,49 @@ def test_decode_matches_torch_backend(
         assert torch.equal(k_cache.cpu().float(), ref_k)
 
 
+def token_minor(cache: torch.Tensor) -> torch.Tensor:
+    """The same values in the token-minor layout the Triton backend gives a float8 V cache:
+    [num_blocks, block_size, num_kv_heads, head_dim] seen over [.., num_kv_heads, head_dim,
+    block_size] storage."""
+    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_token_minor_v_cache(block_size: int, kind: str) -> None:
+    """Every kernel reads V through its own strides: a token-minor V cache (the float8 layout)
+    of any dtype gives the contiguous cache's result, and store_kv scatters into it."""
+    dtype = DTYPES[-1]
+    if kind == "decode":
+        case = Case([1] * len(DECODE_CTX), DECODE_CTX, HEADS[1], block_size, dtype, seed=11)
+        case.meta.is_prefill = False
+    else:
+        q_lens, ctx_lens = PREFILL_CASES["chunked"]
+        case = Case(q_lens, ctx_lens, HEADS[1], block_size, dtype, seed=12)
+    ref_out, ref_k, ref_v = reference(case)
+    case.v_cache = token_minor(case.v_cache)
+    assert case.v_cache.stride(1) == 1
+    case.to(DEVICE)
+    backend = triton_backend(HEADS[1][1])
+    for max_len in (case.meta.max_seqlen_k, 64 * case.meta.max_seqlen_k):  # 1 and many splits
+        out, k_cache, v_cache = case.run(backend, backend.build_metadata(case.meta, max_len))
+        assert v_cache.stride(1) == 1
+        assert rel_err(out.cpu(), ref_out) < TOL[dtype]
+        assert torch.equal(k_cache.cpu().float(), ref_k)
+        assert torch.equal(v_cache.cpu().float(), ref_v)
+
+
+def test_fp8_v_cache_is_token_minor() -> None:
+    """The Triton backend allocates a float8 V cache token-minor, K and 16-bit caches contiguous."""
+    backend = triton_backend(2)
+    shape = (3, 16, 2, 8)
+    k, v = backend.allocate_kv_cache(shape, torch.float8_e4m3fn, torch.device("cpu"))
+    assert k.is_contiguous() and v.shape == shape and v.stride() == (256, 1, 128, 16)
+    assert not k.any() and not v.float().any()
+    k, v = backend.allocate_kv_cache(shape, torch.float16, torch.device("cpu"))
+    assert k.is_contiguous() and v.is_contiguous()
+
+
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_fp8_kv_cache(block_size: int, kind: str) -> None:
@@ -206,7 +249,8 @@ def test_fp8_kv_cache(block_size: int, kind: str) -> None:
     for name in ("k_cache", "v_cache", "k", "v"):
         setattr(case, name, getattr(case, name).to(fp8).float())
     ref_out, ref_k, ref_v = reference(case)
-    case.k_cache, case.v_cache = case.k_cache.to(fp8), case.v_cache.to(fp8)
+    # the engine's layout: V token-minor
+    case.k_cache, case.v_cache = case.k_cache.to(fp8), token_minor(case.v_cache.to(fp8))
     case.to(DEVICE)
     backend = triton_backend(HEADS[1][1])
     out, k_cache, v_cache = case.run(

@@ -49,6 +49,16 @@ class AttentionBackend(ABC):
         """Shape of one layer's K (and V) cache."""
         return (num_blocks, block_size, num_kv_heads, head_dim)
 
+    def allocate_kv_cache(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's zeroed K and V caches of `shape` (zeroed: masked reads of never-written
+        slots must be finite). Both contiguous unless a backend's kernels want another layout."""
+        return (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+
     @abstractmethod
     def forward(
         self,

@@ -46,6 +46,26 @@ class TritonAttentionBackend(AttentionBackend):
         else:  # the interpreter on CPU, in tests
             self.num_sms = 4
 
+    def allocate_kv_cache(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K contiguous; a one-byte (float8) V cache token-minor: stored as [num_blocks,
+        num_kv_heads, head_dim, block_size] and seen through a permuted view of the usual shape.
+
+        Why: P @ V sums over tokens, so the tensor cores want V with its tokens contiguous. A
+        16-bit V is transposed on the way from shared memory at no cost (ldmatrix.trans), but
+        8-bit elements have no such load and Triton falls back to single-byte shared-memory
+        loads, which made the FP8 decode kernel as slow as bfloat16 with half the bytes.
+        """
+        if torch.empty((), dtype=dtype).element_size() != 1:
+            return super().allocate_kv_cache(shape, dtype, device)
+        num_blocks, block_size, num_kv_heads, head_dim = shape
+        k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        v_store = torch.zeros(
+            (num_blocks, num_kv_heads, head_dim, block_size), dtype=dtype, device=device
+        )
+        return k_cache, v_store.permute(0, 3, 1, 2)
+
     def build_metadata(self, common: AttentionMetadata, max_seq_len: int) -> TritonMetadata:
         num_splits = 1
         if not common.is_prefill:

@@ -41,6 +41,32 @@ def paged_rows(
 
 
 @triton.jit
+def tile_rows(
+    table,
+    n0,
+    offs_n,
+    n_mask,
+    kv_head,
+    stride_b,
+    stride_t,
+    stride_h,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """[BLOCK_N] element offsets of the cache rows of tokens offs_n = n0 + arange(BLOCK_N) for
+    one K/V head, in a cache of the given strides. ALIGNED (BLOCK_N divides BLOCK_SIZE and n0 is
+    a multiple of BLOCK_N): the tile lies in one block, so one block id serves it and the
+    compiler sees consecutive tokens (vectorised loads of a token-minor cache)."""
+    if ALIGNED:
+        block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)
+        tok = n0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+        return block * stride_b + tok * stride_t + kv_head * stride_h
+    else:
+        return paged_rows(table, offs_n, n_mask, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE)
+
+
+@triton.jit
 def online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
     """Fold one tile into the running state: s [M, BLOCK_N] scores (scaled by scale * log2(e),
     masked to -inf), V loaded from v_ptrs [BLOCK_N, D_PAD] (a float8 cache is widened to

@@ -36,8 +36,8 @@ import triton.language as tl
 from nanovllm.kernels.attention_tile import (
     dot,
     online_softmax_step,
-    paged_rows,
     query_for_cache,
+    tile_rows,
 )
 from nanovllm.kernels.decode_attention import check_shapes, combine, launch_decode, partials
 
@@ -59,9 +59,13 @@ def _prefix_kernel(
     qk_scale,
     stride_qs,
     stride_qh,
-    stride_cb,
-    stride_ct,
-    stride_ch,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
     stride_bt,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -74,6 +78,8 @@ def _prefix_kernel(
     NUM_SPLITS: tl.constexpr,
     FIRST_PART: tl.constexpr,
     PARTS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -123,18 +129,43 @@ def _prefix_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < stop
             # [BLOCK_N]
-            rows = paged_rows(
-                table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+            k_rows = tile_rows(
+                table,
+                n0,
+                offs_n,
+                n_mask,
+                kv_head,
+                stride_kb,
+                stride_kt,
+                stride_kh,
+                BLOCK_SIZE,
+                BLOCK_N,
+                ALIGNED,
+            )
+            v_rows = tile_rows(
+                table,
+                n0,
+                offs_n,
+                n_mask,
+                kv_head,
+                stride_vb,
+                stride_vt,
+                stride_vh,
+                BLOCK_SIZE,
+                BLOCK_N,
+                ALIGNED,
             )
             kv_mask = n_mask[:, None] & d_mask[None, :]
             # [BLOCK_N, D_PAD]
-            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(
-                q.dtype
-            )
+            k = tl.load(
+                k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
+            ).to(q.dtype)
             # [BLOCK_M, BLOCK_N]
             s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-            v_ptrs = v_cache_ptr + rows[:, None] + offs_d[None, :]
-            m_i, l_i, acc = online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE)
+            v_ptrs = v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd
+            m_i, l_i, acc = online_softmax_step(
+                s, v_ptrs, kv_mask if V_MASK_N else d_mask[None, :], m_i, l_i, acc, IEEE
+            )
 
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -233,9 +264,8 @@ def cascade_decode_attention(
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         q.stride(0),
         q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        *k_cache.stride()[:3],
+        *v_cache.stride(),
         block_tables.stride(0),
         HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim),
@@ -248,6 +278,8 @@ def cascade_decode_attention(
         NUM_SPLITS=prefix_splits,
         FIRST_PART=num_splits,
         PARTS=parts,
+        ALIGNED=block_size % block_n == 0,
+        V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
         num_warps=4,
         num_stages=2,

@@ -37,8 +37,8 @@ import triton.language as tl
 from nanovllm.kernels.attention_tile import (
     dot,
     online_softmax_step,
-    paged_rows,
     query_for_cache,
+    tile_rows,
 )
 
 
@@ -56,9 +56,13 @@ def _decode_kernel(
     qk_scale,
     stride_qs,
     stride_qh,
-    stride_cb,
-    stride_ct,
-    stride_ch,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
     stride_bt,
     stride_os,
     stride_oh,
@@ -71,6 +75,8 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     PARTS: tl.constexpr,
     HAS_STARTS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -82,6 +88,8 @@ def _decode_kernel(
     first = 0  # the first key this sequence attends to here (cascade: its suffix's)
     if HAS_STARTS:
         first = tl.load(starts_ptr + seq).to(tl.int32)
+        if ALIGNED:  # a cascade's suffix starts at a block boundary
+            first = tl.multiple_of(first, BLOCK_N)
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, BLOCK_N), NUM_SPLITS)
     start = first + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
@@ -106,18 +114,47 @@ def _decode_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
         # [BLOCK_N]
-        rows = paged_rows(
-            table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+        k_rows = tile_rows(
+            table,
+            n0,
+            offs_n,
+            n_mask,
+            kv_head,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            BLOCK_SIZE,
+            BLOCK_N,
+            ALIGNED,
+        )
+        v_rows = tile_rows(
+            table,
+            n0,
+            offs_n,
+            n_mask,
+            kv_head,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            BLOCK_SIZE,
+            BLOCK_N,
+            ALIGNED,
         )
         kv_mask = n_mask[:, None] & d_mask[None, :]
         # [BLOCK_N, D_PAD]
-        k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(
+        k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(
             q.dtype
         )
         # [G_PAD, BLOCK_N]
         s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-        v_ptrs = v_cache_ptr + rows[:, None] + offs_d[None, :]
-        m_i, l_i, acc = online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE)
+        v_ptrs = v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd
+        if V_MASK_N:
+            v_mask = kv_mask
+        else:
+            # [1, D_PAD]: the whole tile is read (it lies in a block of this sequence; keys
+            # past the end weigh exactly 0), so token-minor loads stay vectorised
+            v_mask = d_mask[None, :]
+        m_i, l_i, acc = online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -266,8 +303,8 @@ def check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError(f"{name} needs unit-stride head_dim and equal K/V cache strides")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{name} needs unit-stride head_dim in q and K, and V shaped like K")
     return num_heads // num_kv_heads
 
 
@@ -324,9 +361,8 @@ def launch_decode(
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         q.stride(0),
         q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        *k_cache.stride()[:3],
+        *v_cache.stride(),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -339,6 +375,8 @@ def launch_decode(
         NUM_SPLITS=num_splits,
         PARTS=parts,
         HAS_STARTS=starts is not None,
+        ALIGNED=block_size % block_n == 0,
+        V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,

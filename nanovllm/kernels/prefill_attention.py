@@ -22,8 +22,8 @@ import triton.language as tl
 from nanovllm.kernels.attention_tile import (
     dot,
     online_softmax_step,
-    paged_rows,
     query_for_cache,
+    tile_rows,
 )
 
 
@@ -39,9 +39,13 @@ def _prefill_kernel(
     qk_scale,
     stride_qt,
     stride_qh,
-    stride_cb,
-    stride_ct,
-    stride_ch,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -51,6 +55,8 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -88,14 +94,37 @@ def _prefill_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             # [BLOCK_N]
-            rows = paged_rows(
-                table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+            k_rows = tile_rows(
+                table,
+                n0,
+                offs_n,
+                n_mask,
+                kv_head,
+                stride_kb,
+                stride_kt,
+                stride_kh,
+                BLOCK_SIZE,
+                BLOCK_N,
+                ALIGNED,
+            )
+            v_rows = tile_rows(
+                table,
+                n0,
+                offs_n,
+                n_mask,
+                kv_head,
+                stride_vb,
+                stride_vt,
+                stride_vh,
+                BLOCK_SIZE,
+                BLOCK_N,
+                ALIGNED,
             )
             kv_mask = n_mask[:, None] & d_mask[None, :]
             # [BLOCK_N, D_PAD]
-            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(
-                q.dtype
-            )
+            k = tl.load(
+                k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
+            ).to(q.dtype)
             # [BLOCK_M, BLOCK_N]
             s = dot(q, tl.trans(k), IEEE) * qk_scale
             if n0 >= diag:
@@ -103,8 +132,10 @@ def _prefill_kernel(
                 s = tl.where(visible, s, float("-inf"))
             else:
                 s = tl.where(n_mask[None, :], s, float("-inf"))
-            v_ptrs = v_cache_ptr + rows[:, None] + offs_d[None, :]
-            m_i, l_i, acc = online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE)
+            v_ptrs = v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd
+            m_i, l_i, acc = online_softmax_step(
+                s, v_ptrs, kv_mask if V_MASK_N else d_mask[None, :], m_i, l_i, acc, IEEE
+            )
         out = acc / l_i[:, None]
         tl.store(
             out_ptr
@@ -143,8 +174,10 @@ def prefill_attention(
     num_seqs = seq_lens.shape[0]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError("prefill_attention needs unit-stride head_dim and equal K/V cache strides")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            "prefill_attention needs unit-stride head_dim in q and K, and V shaped like K"
+        )
     if out is None:
         out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
@@ -161,9 +194,8 @@ def prefill_attention(
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         q.stride(0),
         q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        *k_cache.stride()[:3],
+        *v_cache.stride(),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -173,6 +205,8 @@ def prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        ALIGNED=block_size % block_n == 0,
+        V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,

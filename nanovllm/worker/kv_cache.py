@@ -79,9 +79,9 @@ def allocate_kv_cache(
     layer = layers[0]
     shape = layer.backend.kv_cache_shape(num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
     for layer in layers:
-        # zeroed: masked reads of never-written slots must be finite
-        layer.k_cache = torch.zeros(shape, dtype=config.kv_cache_dtype, device=device)
-        layer.v_cache = torch.zeros(shape, dtype=config.kv_cache_dtype, device=device)
+        layer.k_cache, layer.v_cache = layer.backend.allocate_kv_cache(
+            shape, config.kv_cache_dtype, device
+        )
     logger.info(
         "KV cache: %d blocks x %d tokens (%.2f GiB) on %s",
         num_blocks,
