@@ -18,6 +18,14 @@ with o_x the softmax-normalised output of part x and lse_x = log(sum_k exp(s_k))
     M = max(lse_p, lse_s),
 which is softmax attention over the union because e^lse_x is part x's softmax denominator.
 Backends without it never see the cascade field.
+
+Fused KV store (`supports_fused_kv_store`). `forward` stores the step's k/v in their slots and
+then attends. A backend whose store is a plain write of each token's rows at
+`meta.slot_mapping` (slot -1 skipped) may let the layer's producer of k/v write them itself, in
+the kernel that makes k (Qwen3's q/k norm + RoPE: kernels/norm_rope_store.py), saving a launch
+and k's round trip through memory. Such a backend sets the flag and implements `attend`, which
+is `forward` without the store: the caller promises every new token's K/V is already in the cache.
+The attention layer decides which path a step takes (layers/attention.py, `fused_store_target`).
 """
 
 from abc import ABC, abstractmethod
@@ -35,6 +43,8 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: ClassVar[bool] = False
     # Decode steps may carry AttentionMetadata.cascade (see the module docstring).
     supports_cascade: ClassVar[bool] = False
+    # `attend` exists: callers may store K/V themselves (see the module docstring).
+    supports_fused_kv_store: ClassVar[bool] = False
 
     def build_metadata(self, common: AttentionMetadata, max_seq_len: int) -> AttentionMetadata:
         """The metadata `forward` gets this step (the common metadata unless a backend adds to it).
@@ -75,3 +85,18 @@ class AttentionBackend(ABC):
         q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
         Returns [num_tokens, num_heads, head_dim].
         """
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """`forward` without the store: the step's K/V are already in their slots.
+
+        Only backends with `supports_fused_kv_store` implement it. q: [num_tokens, num_heads,
+        head_dim]; returns [num_tokens, num_heads, head_dim].
+        """
+        raise NotImplementedError(f"the {self.name!r} backend stores K/V itself (forward)")

@@ -8,6 +8,10 @@ along the context when there are too few sequences to fill the GPU (flash-decodi
 of splits is chosen once per step in `build_metadata` (once per captured batch size under CUDA
 graphs), not per layer.
 
+Fused store. With Qwen3's q/k norms the layer's fused kernel (kernels/norm_rope_store.py) writes
+k and v into their slots itself and calls `attend`, which skips `store_kv`: one launch a layer
+less (see attention/base.py and layers/attention.py).
+
 Cascade. When the step's metadata groups decode sequences by a shared prefix (`meta.cascade`,
 built with the rest of the step's inputs, see attention/cascade.py), decode runs the cascade
 kernels instead (kernels/cascade_attention.py): each group's prefix once for all its members,
@@ -35,6 +39,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
     supports_cascade = True
+    supports_fused_kv_store = True
 
     def __init__(self, device: torch.device, num_kv_heads: int) -> None:
         from nanovllm.kernels.decode_attention import choose_num_splits
@@ -86,13 +91,24 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        from nanovllm.kernels.decode_attention import decode_attention
-        from nanovllm.kernels.prefill_attention import prefill_attention
         from nanovllm.kernels.store_kv import store_kv
 
         if k_cache.numel() == 0:  # the memory-profiling run before the cache exists
             return self._prefill_without_cache(q, k, v, meta, scale)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        from nanovllm.kernels.decode_attention import decode_attention
+        from nanovllm.kernels.prefill_attention import prefill_attention
+
         if meta.is_prefill:
             return prefill_attention(
                 q,

@@ -73,15 +73,14 @@ def rms_norm(
 
 
 @triton.jit
-def _qk_norm_rope_kernel(
+def qk_norm_rope_rows(
     qkv_ptr,
     q_w_ptr,
     k_w_ptr,
     cos_ptr,
     sin_ptr,
     pos_ptr,
-    q_out_ptr,
-    k_out_ptr,
+    token,
     stride_t,
     eps,
     NUM_HEADS: tl.constexpr,
@@ -91,9 +90,10 @@ def _qk_norm_rope_kernel(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
 ):
-    # One program per token: rows 0..NUM_HEADS-1 of the tile are its query heads, the next
-    # NUM_KV_HEADS its key heads; each row is split in the two halves RoPE rotates.
-    token = tl.program_id(0).to(tl.int64)
+    """One token's q and k heads normalised and rotated, in qkv's dtype: (o1, o2) are the two
+    halves [HEADS_PAD, HALF_PAD] of every head, rows 0..NUM_HEADS-1 the query heads, the next
+    NUM_KV_HEADS the key heads (rows beyond are padding, zeros). Shared by the kernel below and
+    the one that also stores K/V in the cache (norm_rope_store.py), so both round alike."""
     heads = tl.arange(0, HEADS_PAD)
     offs = tl.arange(0, HALF_PAD)
     is_q = heads < NUM_HEADS
@@ -125,6 +125,52 @@ def _qk_norm_rope_kernel(
     # rotate_half(y) = (-y2, y1)
     o1 = (y1 * cos1 - y2 * sin1).to(dtype)
     o2 = (y2 * cos2 + y1 * sin2).to(dtype)
+    return o1, o2
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    qkv_ptr,
+    q_w_ptr,
+    k_w_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_t,
+    eps,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    # One program per token: rows 0..NUM_HEADS-1 of the tile are its query heads, the next
+    # NUM_KV_HEADS its key heads; each row is split in the two halves RoPE rotates.
+    token = tl.program_id(0).to(tl.int64)
+    o1, o2 = qk_norm_rope_rows(
+        qkv_ptr,
+        q_w_ptr,
+        k_w_ptr,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        token,
+        stride_t,
+        eps,
+        NUM_HEADS,
+        NUM_KV_HEADS,
+        HEADS_PAD,
+        HEAD_DIM,
+        HALF,
+        HALF_PAD,
+    )
+    heads = tl.arange(0, HEADS_PAD)
+    offs = tl.arange(0, HALF_PAD)
+    is_q = heads < NUM_HEADS
+    mask = (heads < NUM_HEADS + NUM_KV_HEADS)[:, None] & (offs < HALF)[None, :]
     q_dst = q_out_ptr + (token * NUM_HEADS + heads[:, None]) * HEAD_DIM + offs[None, :]
     q_mask = mask & is_q[:, None]
     tl.store(q_dst, o1, mask=q_mask)

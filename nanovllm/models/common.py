@@ -18,7 +18,7 @@ from torch import nn
 
 from nanovllm.kernels import fused_ops, use_kernels
 from nanovllm.layers.activation import SiluAndMul
-from nanovllm.layers.attention import Attention
+from nanovllm.layers.attention import Attention, KVStoreTarget
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm, rms_normalize
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -114,12 +114,44 @@ class DecoderAttention(nn.Module):
         qk = RotaryEmbedding.rotate(qk, cos, sin)
         return qk[:, : self.num_heads], qk[:, self.num_heads :]
 
+    def _norm_rope_store(
+        self, qkv: torch.Tensor, positions: torch.Tensor, target: KVStoreTarget
+    ) -> torch.Tensor:
+        """Fused path of q/k norms + rotation + the K/V store (kernels/norm_rope_store.py): k and
+        v go straight into the target's cache slots, and the backend only attends. Returns the
+        attention output [num_tokens, num_heads, head_dim]."""
+        from nanovllm.kernels.norm_rope_store import qk_norm_rope_store
+
+        # [num_tokens, num_heads, head_dim]
+        q = qk_norm_rope_store(
+            qkv,
+            positions,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            self.rotary_emb.cos,
+            self.rotary_emb.sin,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.q_norm.eps,
+            target.k_cache,
+            target.v_cache,
+            target.slot_mapping,
+            target.k_scale,
+            target.v_scale,
+        )
+        return self.attn.forward_stored(q)
+
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, rope: Rope | None = None
     ) -> torch.Tensor:
         """rope: the step's RotaryEmbedding.cos_sin (torch path; computed here when None)."""
         # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         qkv = self.qkv_proj(hidden_states)
+        if self.q_norm is not None and self.k_norm is not None:
+            target = self.attn.fused_store_target()
+            if target is not None:  # norms, rotation and the K/V store in one kernel
+                return self.o_proj(self._norm_rope_store(qkv, positions, target).flatten(1))
         ops = fused_ops(qkv) if self.q_norm is not None and self.k_norm is not None else None
         if ops is not None:  # one fused kernel for both norms and the rotation
             # [num_tokens, num_heads | num_kv_heads, head_dim]

@@ -1,0 +1,299 @@
+"""The fused q/k norm + RoPE + KV-store kernel (kernels/norm_rope_store.py) against the unfused
+path: the PyTorch layers with a torch scatter into the cache, and the two Triton kernels it
+replaces (qk_norm_rope, then store_kv), which it must match bit for bit.
+
+On CUDA natively (bfloat16/float16, the real head counts); on a CPU under TRITON_INTERPRET=1 at
+tiny shapes in float16/float32 (the interpreter's bfloat16 is not trusted); otherwise skipped.
+Caches start full of random values, so a stray or missing write shows, and padded tokens
+(slot -1) must leave the cache untouched; every kernel writes into its own copy (on a CPU,
+.to(DEVICE) alone would hand every path the same tensor).
+"""
+
+import os
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.kernels import HAS_TRITON
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
+
+CUDA = torch.cuda.is_available() and HAS_TRITON
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+pytestmark = pytest.mark.skipif(
+    not (CUDA or INTERPRET), reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter"
+)
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float16, torch.float32]
+# (num_heads, num_kv_heads, head_dim): GQA 1, 2 and 8, head_dim 64 and 128
+HEADS = [(2, 2, 64), (4, 2, 128), (8, 1, 64), (16, 2, 128)]
+if CUDA:
+    HEADS += [(16, 8, 128), (32, 4, 128)]  # Qwen3-0.6B/1.7B and 8B-like
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+FP8 = torch.float8_e4m3fn
+
+
+class Step:
+    """One step's qkv rows, positions, norm weights, rope tables and slots (some -1) into a pool
+    of num_blocks blocks whose caches hold random values."""
+
+    def __init__(
+        self,
+        heads: tuple[int, int, int],
+        block_size: int,
+        dtype: torch.dtype,
+        cache_dtype: torch.dtype,
+        seed: int,
+        num_tokens: int = 7,
+    ) -> None:
+        self.num_heads, self.num_kv_heads, self.head_dim = heads
+        gen = torch.Generator().manual_seed(seed)
+        d = self.head_dim
+        self.rope = RotaryEmbedding(d, 4096, {"rope_theta": 1000000.0, "rope_type": "default"})
+        self.q_norm, self.k_norm = RMSNorm(d).to(dtype), RMSNorm(d).to(dtype)
+        self.q_norm.weight.data = torch.randn(d, generator=gen).to(dtype)
+        self.k_norm.weight.data = torch.randn(d, generator=gen).to(dtype)
+        width = (self.num_heads + 2 * self.num_kv_heads) * d
+        self.qkv = torch.randn(num_tokens, width, generator=gen).to(dtype)
+        self.positions = torch.randint(0, 4096, (num_tokens,), generator=gen)
+        num_blocks = 3
+        pool = num_blocks * block_size
+        # distinct slots scattered through the pool; tokens 1 and 4 are padding
+        slots = torch.randperm(pool, generator=gen)[:num_tokens]
+        slots[1] = slots[min(4, num_tokens - 1)] = -1
+        self.slots = slots
+        shape = (num_blocks, block_size, self.num_kv_heads, d)
+        self.k_cache = torch.randn(*shape, generator=gen).to(cache_dtype)
+        self.v_cache = torch.randn(*shape, generator=gen).to(cache_dtype)
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [t, heads, d], k [t, kv_heads, d], v [t, kv_heads, d] views of qkv."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv.split([q_size, kv_size, kv_size], -1)
+        return (
+            q.reshape(-1, self.num_heads, self.head_dim),
+            k.reshape(-1, self.num_kv_heads, self.head_dim),
+            v.reshape(-1, self.num_kv_heads, self.head_dim),
+        )
+
+    def torch_reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The PyTorch layers, then the rows scattered into copies of the caches."""
+        q, k, v = self.parts()
+        ref_q, ref_k = self.rope(self.positions, self.q_norm(q), self.k_norm(k))
+        k_cache, v_cache = self.k_cache.clone(), self.v_cache.clone()
+        keep = self.slots >= 0
+        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat[self.slots[keep]] = ref_k[keep].to(k_cache.dtype)
+        v_flat[self.slots[keep]] = v[keep].to(v_cache.dtype)
+        return ref_q, k_cache, v_cache
+
+    def unfused_triton(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qk_norm_rope then store_kv, the two launches the fused kernel replaces; returns
+        (q, k, k_cache, v_cache) on the CPU."""
+        from nanovllm.kernels.norm_rope import qk_norm_rope
+        from nanovllm.kernels.store_kv import store_kv
+
+        qkv = self.qkv.to(DEVICE)
+        q, k = qk_norm_rope(
+            qkv,
+            self.positions.to(DEVICE),
+            self.q_norm.weight.to(DEVICE),
+            self.k_norm.weight.to(DEVICE),
+            self.rope.cos.to(DEVICE),
+            self.rope.sin.to(DEVICE),
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.q_norm.eps,
+        )
+        v = qkv[:, (self.num_heads + self.num_kv_heads) * self.head_dim :]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = self.k_cache.to(DEVICE, copy=True), self.v_cache.to(DEVICE, copy=True)
+        store_kv(k, v, k_cache, v_cache, self.slots.to(DEVICE))
+        return q.cpu(), k.cpu(), k_cache.cpu(), v_cache.cpu()
+
+    def fused(
+        self, k_scale: float | None = None, v_scale: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused kernel on copies of the caches; returns (q, k_cache, v_cache) on the CPU."""
+        from nanovllm.kernels.norm_rope_store import qk_norm_rope_store
+
+        def scale(x: float | None) -> torch.Tensor | None:
+            return None if x is None else torch.tensor([x], dtype=torch.float32, device=DEVICE)
+
+        k_cache, v_cache = self.k_cache.to(DEVICE, copy=True), self.v_cache.to(DEVICE, copy=True)
+        q = qk_norm_rope_store(
+            self.qkv.to(DEVICE),
+            self.positions.to(DEVICE),
+            self.q_norm.weight.to(DEVICE),
+            self.k_norm.weight.to(DEVICE),
+            self.rope.cos.to(DEVICE),
+            self.rope.sin.to(DEVICE),
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.q_norm.eps,
+            k_cache,
+            v_cache,
+            self.slots.to(DEVICE),
+            scale(k_scale),
+            scale(v_scale),
+        )
+        return q.cpu(), k_cache.cpu(), v_cache.cpu()
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    """Equal up to one rounding of the model dtype (the reference rounds after each product
+    of the rotation, the kernels once)."""
+    a, b = a.float(), b.float()
+    assert not a.isnan().any()
+    err = (a - b).abs().max().item()
+    assert err <= TOL[dtype] * max(1.0, b.abs().max().item()), err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_fused_matches_unfused(
+    dtype: torch.dtype, heads: tuple[int, int, int], block_size: int
+) -> None:
+    step = Step(heads, block_size, dtype, dtype, seed=block_size + heads[0] + heads[2])
+    q, k_cache, v_cache = step.fused()
+    # bit for bit the two launches it replaces
+    q_ref, _, k_cache_ref, v_cache_ref = step.unfused_triton()
+    assert torch.equal(q, q_ref)
+    assert torch.equal(k_cache, k_cache_ref) and torch.equal(v_cache, v_cache_ref)
+    # and the PyTorch layers up to a rounding; untouched rows and v exactly
+    ref_q, ref_k_cache, ref_v_cache = step.torch_reference()
+    close(q, ref_q, dtype)
+    close(k_cache, ref_k_cache, dtype)
+    assert torch.equal(v_cache, ref_v_cache)
+    written = torch.zeros(k_cache.shape[0] * block_size, dtype=torch.bool)
+    written[step.slots[step.slots >= 0]] = True
+    flat = k_cache.view(-1, heads[1], heads[2])
+    assert torch.equal(flat[~written], step.k_cache.view(-1, heads[1], heads[2])[~written])
+
+
+@pytest.mark.parametrize("scales", [(None, None), (0.5, 2.0), (2.0**-10, None)])
+def test_fused_fp8_cache_scaled_and_saturated(scales: tuple[float | None, float | None]) -> None:
+    """A float8 e4m3 cache holds (x / scale) saturated to +-448: k as the unfused path rounds
+    it (model dtype) then scales; power-of-two scales keep the division exact. 2^-10 pushes
+    k far past 448, so saturation is checked too. Bit for bit against store_kv of the scaled
+    rows (both under the interpreter's float8 cast) and, on CUDA, against torch's cast."""
+    dtype = DTYPES[0]
+    heads = HEADS[1]
+    step = Step(heads, 16, dtype, FP8, seed=11)
+    k_scale, v_scale = scales
+    q, k_cache, v_cache = step.fused(k_scale, v_scale)
+    q_ref, k_ref, _, _ = step.unfused_triton()
+    assert torch.equal(q, q_ref)
+    _, _, v = step.parts()
+
+    def expect(cache: torch.Tensor, rows: torch.Tensor, s: float | None) -> torch.Tensor:
+        out = cache.clone().view(-1, heads[1], heads[2])
+        keep = step.slots >= 0
+        x = rows[keep].float() / (1.0 if s is None else s)
+        out[step.slots[keep]] = x.clamp(-448.0, 448.0).to(FP8)
+        return out.view_as(cache)
+
+    # the unfused path with the scale: the scaled, saturated float32 rows through store_kv
+    from nanovllm.kernels.store_kv import store_kv
+
+    def scaled(rows: torch.Tensor, s: float | None) -> torch.Tensor:
+        return (rows.float() / (1.0 if s is None else s)).clamp(-448.0, 448.0).to(DEVICE)
+
+    k_exp, v_exp = step.k_cache.to(DEVICE, copy=True), step.v_cache.to(DEVICE, copy=True)
+    store_kv(scaled(k_ref, k_scale), scaled(v, v_scale), k_exp, v_exp, step.slots.to(DEVICE))
+    assert torch.equal(k_cache.view(torch.uint8), k_exp.cpu().view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_exp.cpu().view(torch.uint8))
+    if CUDA:  # and torch's own rounding (the interpreter's float8 casts round wrongly)
+        assert torch.equal(k_cache.float(), expect(step.k_cache, k_ref, k_scale).float())
+        assert torch.equal(v_cache.float(), expect(step.v_cache, v, v_scale).float())
+    if k_scale == 2.0**-10:
+        assert (k_cache.float().abs() == 448.0).any()
+    assert not k_cache.float().isnan().any() and not v_cache.float().isnan().any()
+
+
+def test_fused_refuses_bad_scale_and_cache() -> None:
+    step = Step(HEADS[0], 16, DTYPES[0], DTYPES[0], seed=3)
+    from nanovllm.kernels.norm_rope_store import qk_norm_rope_store
+
+    args = [
+        step.qkv.to(DEVICE),
+        step.positions.to(DEVICE),
+        step.q_norm.weight.to(DEVICE),
+        step.k_norm.weight.to(DEVICE),
+        step.rope.cos.to(DEVICE),
+        step.rope.sin.to(DEVICE),
+        *HEADS[0],
+        1e-6,
+        step.k_cache.to(DEVICE),
+        step.v_cache.to(DEVICE),
+        step.slots.to(DEVICE),
+    ]
+    with pytest.raises(ValueError, match="k_scale must be a one-element float32"):
+        qk_norm_rope_store(*args, torch.ones(2, device=DEVICE))
+    bad = list(args)
+    bad[11] = step.v_cache.to(DEVICE).transpose(0, 1)
+    with pytest.raises(ValueError, match="v_cache must be contiguous"):
+        qk_norm_rope_store(*bad)
+    bad = list(args)
+    bad[12] = step.slots[:3].to(DEVICE)
+    with pytest.raises(ValueError, match="slot_mapping has 3 slots for 7 tokens"):
+        qk_norm_rope_store(*bad)
+
+
+# -- whole engine: fused against unfused ---------------------------------------------------
+
+
+def _engine_tokens(
+    model_dir: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[list[int]], dict[str, int]]:
+    """Greedy tokens of a small workload with the Triton backend (the interpreter on a CPU),
+    the fused K/V store on or off; also counts the launches of each path."""
+    import nanovllm.kernels.norm_rope_store as fused_module
+    import nanovllm.kernels.store_kv as store_module
+    from nanovllm.attention.triton_backend import TritonAttentionBackend
+
+    monkeypatch.setattr("nanovllm.layers.attention.FUSED_KV_STORE", fused)
+    calls = {"fused": 0, "store_kv": 0}
+    original_fused, original_store = fused_module.qk_norm_rope_store, store_module.store_kv
+
+    def count_fused(*args: object) -> torch.Tensor:
+        calls["fused"] += 1
+        return original_fused(*args)
+
+    def count_store(*args: object) -> None:
+        calls["store_kv"] += 1
+        original_store(*args)
+
+    monkeypatch.setattr(fused_module, "qk_norm_rope_store", count_fused)
+    monkeypatch.setattr(store_module, "store_kv", count_store)
+    dtype = "float32" if not CUDA else "bfloat16"
+    with LLM(model_dir, device=DEVICE, dtype=dtype, kvcache_block_size=16) as llm:
+        runner = llm.engine.runner
+        if not isinstance(runner.attn_backend, TritonAttentionBackend):
+            runner.attn_backend = TritonAttentionBackend(DEVICE, 2)
+            for layer in runner.attention_layers:
+                layer.backend = runner.attn_backend
+        prompts = [[5 + (7 * i + 3 * j) % 400 for j in range(n)] for i, n in enumerate((9, 21, 3))]
+        params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], calls
+
+
+def test_engine_fused_store_same_tokens(
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine (tiny Qwen3 with the Triton backend: float32 under the interpreter on a CPU,
+    bfloat16 with CUDA graphs on a GPU) gives the same greedy tokens with the fused store as
+    without, and the fused path really ran (and store_kv did not)."""
+    with monkeypatch.context() as patch:
+        unfused, calls_off = _engine_tokens(tiny_model_dir, False, patch)
+    with monkeypatch.context() as patch:
+        fused, calls_on = _engine_tokens(tiny_model_dir, True, patch)
+    assert calls_off["fused"] == 0 and calls_off["store_kv"] > 0
+    assert calls_on["fused"] > 0 and calls_on["store_kv"] == 0
+    assert fused == unfused
