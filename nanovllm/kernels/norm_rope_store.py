@@ -13,7 +13,7 @@ Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], contiguous, so s
 (a padded row of a CUDA-graph batch) is skipped: its q is still written, nothing in the cache is.
 
 Float8 caches (float8_e4m3fn): a value x goes in as (x / scale) saturated to +-448 (the largest
-finite e4m3 number) then cast (round to nearest even). scale is a per-tensor float32 held on the
+finite e4m3 number; NaN stays NaN) then cast (round to nearest even). scale is a per-tensor float32 held on the
 device (k_scale for K, v_scale for V); without one the scale is 1. k is rounded to the model
 dtype before the division, as it is when the unfused path stores a model-dtype k. Other cache
 dtypes take the value cast to the cache's dtype (the scales apply to float8 caches only).
@@ -33,7 +33,9 @@ def _to_cache(x, scale_ptr, HAS_SCALE: tl.constexpr, IS_FP8: tl.constexpr, out_d
         y = x.to(tl.float32)
         if HAS_SCALE:
             y = y / tl.load(scale_ptr)
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)  # e4m3's largest finite value
+        # saturate at e4m3's largest finite value; NaN stays NaN
+        y = tl.maximum(y, -448.0, propagate_nan=tl.PropagateNan.ALL)
+        y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
         return y.to(out_dtype)
     else:
         return x.to(out_dtype)

@@ -4,8 +4,9 @@ Two ways through it. `forward(q, k, v)`: the backend stores k/v in their slots a
 Or, when `fused_store_target()` returns a target, the caller's own kernel writes k/v into the
 target's cache slots (kernels/norm_rope_store.py) and `forward_stored(q)` only attends. The
 target exists when the backend supports it (`supports_fused_kv_store`), the cache is allocated
-(not the memory-profiling run) and the switch `FUSED_KV_STORE` is on (environment variable
-NANOVLLM_FUSED_KV_STORE=0 turns it off, for before/after measurements).
+(not the memory-profiling run), no float8 scale is waiting to be computed from this step's k and
+v (`calculate_kv_scales`, where the layer has it), and the switch `FUSED_KV_STORE` is on
+(environment variable NANOVLLM_FUSED_KV_STORE=0 turns it off, for before/after measurements).
 """
 
 import os
@@ -69,6 +70,8 @@ class Attention(nn.Module):
         backend = self._backend()
         if not (FUSED_KV_STORE and backend.supports_fused_kv_store and self.k_cache.numel()):
             return None
+        if getattr(self, "calculate_kv_scales", False):
+            return None  # float8 scales still to be computed from this step's k, v: unfused
         # Per-tensor float8 scales, where the layer has them (None: scale 1).
         k_scale = getattr(self, "k_scale", None)
         v_scale = getattr(self, "v_scale", None)

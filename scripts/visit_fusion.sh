@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU visit for issue 24 item 3 (fewer, fuller launches per step), one H200, under 150 s:
+# the fused q/k norm + RoPE + KV-store kernel's CUDA tests (with a whole-engine greedy run fused
+# against unfused, CUDA graphs on), the decode step's launches-per-step table with
+# the fused store off and on (one process), and cuBLAS against a Triton skinny GEMM (with and
+# without SiLU-mul folded into gate_up) at the decode shapes. Logs go to $OUT.
+#   bash scripts/visit_fusion.sh
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAME.log
+  local limit=$1 name=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$limit" "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -70
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+git log --oneline -1 2>/dev/null || true
+step 45 tests_fusion python3 -m pytest -q -x tests/test_norm_rope_store.py
+step 60 profile python3 scripts/profile_steps.py --prefill-seqs 0 --fused both --steps 2
+step 40 gemm python3 scripts/bench_gemm.py --rows 256 --triton
+echo "=== done ($(date +%T))"
