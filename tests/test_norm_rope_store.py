@@ -36,9 +36,20 @@ TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 FP8 = torch.float8_e4m3fn
 
 
+def device_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t on DEVICE with t's strides (a token-minor V cache stays token-minor)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE).copy_(t)
+
+
+def dense_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t on the CPU."""
+    return t.cpu().clone(memory_format=torch.contiguous_format)
+
+
 class Step:
     """One step's qkv rows, positions, norm weights, rope tables and slots (some -1) into a pool
-    of num_blocks blocks whose caches hold random values."""
+    of num_blocks blocks whose caches hold random values; v_token_minor: the V cache in the
+    layout the Triton backend gives a float8 V cache (tokens contiguous, a permuted view)."""
 
     def __init__(
         self,
@@ -48,6 +59,7 @@ class Step:
         cache_dtype: torch.dtype,
         seed: int,
         num_tokens: int = 7,
+        v_token_minor: bool = False,
     ) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = heads
         gen = torch.Generator().manual_seed(seed)
@@ -68,6 +80,11 @@ class Step:
         shape = (num_blocks, block_size, self.num_kv_heads, d)
         self.k_cache = torch.randn(*shape, generator=gen).to(cache_dtype)
         self.v_cache = torch.randn(*shape, generator=gen).to(cache_dtype)
+        if (
+            v_token_minor
+        ):  # [num_blocks, block_size, kv_heads, d] over [.., kv_heads, d, block_size]
+            self.v_cache = self.v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+            assert self.v_cache.stride(1) == 1
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [t, heads, d], k [t, kv_heads, d], v [t, kv_heads, d] views of qkv."""
@@ -83,7 +100,7 @@ class Step:
         """The PyTorch layers, then the rows scattered into copies of the caches."""
         q, k, v = self.parts()
         ref_q, ref_k = self.rope(self.positions, self.q_norm(q), self.k_norm(k))
-        k_cache, v_cache = self.k_cache.clone(), self.v_cache.clone()
+        k_cache, v_cache = dense_copy(self.k_cache), dense_copy(self.v_cache)
         keep = self.slots >= 0
         k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
         v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
@@ -112,9 +129,9 @@ class Step:
         )
         v = qkv[:, (self.num_heads + self.num_kv_heads) * self.head_dim :]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = self.k_cache.to(DEVICE, copy=True), self.v_cache.to(DEVICE, copy=True)
+        k_cache, v_cache = device_copy(self.k_cache), device_copy(self.v_cache)
         store_kv(k, v, k_cache, v_cache, self.slots.to(DEVICE))
-        return q.cpu(), k.cpu(), k_cache.cpu(), v_cache.cpu()
+        return q.cpu(), k.cpu(), k_cache.cpu(), dense_copy(v_cache)
 
     def fused(
         self, k_scale: float | None = None, v_scale: float | None = None
@@ -125,7 +142,7 @@ class Step:
         def scale(x: float | None) -> torch.Tensor | None:
             return None if x is None else torch.tensor([x], dtype=torch.float32, device=DEVICE)
 
-        k_cache, v_cache = self.k_cache.to(DEVICE, copy=True), self.v_cache.to(DEVICE, copy=True)
+        k_cache, v_cache = device_copy(self.k_cache), device_copy(self.v_cache)
         q = qk_norm_rope_store(
             self.qkv.to(DEVICE),
             self.positions.to(DEVICE),
@@ -143,7 +160,8 @@ class Step:
             scale(k_scale),
             scale(v_scale),
         )
-        return q.cpu(), k_cache.cpu(), v_cache.cpu()
+        assert v_cache.stride() == self.v_cache.stride()
+        return q.cpu(), k_cache.cpu(), dense_copy(v_cache)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
@@ -178,6 +196,19 @@ def test_fused_matches_unfused(
     assert torch.equal(flat[~written], step.k_cache.view(-1, heads[1], heads[2])[~written])
 
 
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_fused_token_minor_v_cache(block_size: int) -> None:
+    """A V cache seen through a permuted view (tokens contiguous) gets the same values as a
+    contiguous one, and keeps its layout."""
+    dtype, heads = DTYPES[0], HEADS[1]
+    step = Step(heads, block_size, dtype, dtype, seed=block_size, v_token_minor=True)
+    q, k_cache, v_cache = step.fused()
+    q_ref, _, k_cache_ref, v_cache_ref = step.unfused_triton()
+    assert torch.equal(q, q_ref) and torch.equal(k_cache, k_cache_ref)
+    assert torch.equal(v_cache, v_cache_ref)
+    assert torch.equal(v_cache, step.torch_reference()[2])
+
+
 @pytest.mark.parametrize("scales", [(None, None), (0.5, 2.0), (2.0**-10, None)])
 def test_fused_fp8_cache_scaled_and_saturated(scales: tuple[float | None, float | None]) -> None:
     """A float8 e4m3 cache holds (x / scale) saturated to +-448: k as the unfused path rounds
@@ -186,7 +217,7 @@ def test_fused_fp8_cache_scaled_and_saturated(scales: tuple[float | None, float 
     rows (both under the interpreter's float8 cast) and, on CUDA, against torch's cast."""
     dtype = DTYPES[0]
     heads = HEADS[1]
-    step = Step(heads, 16, dtype, FP8, seed=11)
+    step = Step(heads, 16, dtype, FP8, seed=11, v_token_minor=True)  # the engine's layout
     k_scale, v_scale = scales
     q, k_cache, v_cache = step.fused(k_scale, v_scale)
     q_ref, k_ref, _, _ = step.unfused_triton()
@@ -194,7 +225,7 @@ def test_fused_fp8_cache_scaled_and_saturated(scales: tuple[float | None, float 
     _, _, v = step.parts()
 
     def expect(cache: torch.Tensor, rows: torch.Tensor, s: float | None) -> torch.Tensor:
-        out = cache.clone().view(-1, heads[1], heads[2])
+        out = dense_copy(cache).view(-1, heads[1], heads[2])
         keep = step.slots >= 0
         x = rows[keep].float() / (1.0 if s is None else s)
         out[step.slots[keep]] = x.clamp(-448.0, 448.0).to(FP8)
@@ -206,10 +237,10 @@ def test_fused_fp8_cache_scaled_and_saturated(scales: tuple[float | None, float 
     def scaled(rows: torch.Tensor, s: float | None) -> torch.Tensor:
         return (rows.float() / (1.0 if s is None else s)).clamp(-448.0, 448.0).to(DEVICE)
 
-    k_exp, v_exp = step.k_cache.to(DEVICE, copy=True), step.v_cache.to(DEVICE, copy=True)
+    k_exp, v_exp = device_copy(step.k_cache), device_copy(step.v_cache)
     store_kv(scaled(k_ref, k_scale), scaled(v, v_scale), k_exp, v_exp, step.slots.to(DEVICE))
     assert torch.equal(k_cache.view(torch.uint8), k_exp.cpu().view(torch.uint8))
-    assert torch.equal(v_cache.view(torch.uint8), v_exp.cpu().view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), dense_copy(v_exp).view(torch.uint8))
     if CUDA:  # and torch's own rounding (the interpreter's float8 casts round wrongly)
         assert torch.equal(k_cache.float(), expect(step.k_cache, k_ref, k_scale).float())
         assert torch.equal(v_cache.float(), expect(step.v_cache, v, v_scale).float())
@@ -238,8 +269,12 @@ def test_fused_refuses_bad_scale_and_cache() -> None:
     with pytest.raises(ValueError, match="k_scale must be a one-element float32"):
         qk_norm_rope_store(*args, torch.ones(2, device=DEVICE))
     bad = list(args)
-    bad[11] = step.v_cache.to(DEVICE).transpose(0, 1)
-    with pytest.raises(ValueError, match="v_cache must be contiguous"):
+    bad[10] = step.k_cache.to(DEVICE).transpose(0, 1)
+    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+        qk_norm_rope_store(*bad)
+    bad = list(args)
+    bad[11] = step.v_cache.to(DEVICE)[:2]
+    with pytest.raises(ValueError, match="v_cache must be shaped like k_cache"):
         qk_norm_rope_store(*bad)
     bad = list(args)
     bad[12] = step.slots[:3].to(DEVICE)
@@ -251,7 +286,7 @@ def test_fused_refuses_bad_scale_and_cache() -> None:
 
 
 def _engine_tokens(
-    model_dir: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+    model_dir: str, fused: bool, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str
 ) -> tuple[list[list[int]], dict[str, int]]:
     """Greedy tokens of a small workload with the Triton backend (the interpreter on a CPU),
     the fused K/V store on or off; also counts the launches of each path."""
@@ -274,7 +309,14 @@ def _engine_tokens(
     monkeypatch.setattr(fused_module, "qk_norm_rope_store", count_fused)
     monkeypatch.setattr(store_module, "store_kv", count_store)
     dtype = "float32" if not CUDA else "bfloat16"
-    with LLM(model_dir, device=DEVICE, dtype=dtype, kvcache_block_size=16) as llm:
+    with LLM(
+        model_dir,
+        device=DEVICE,
+        dtype=dtype,
+        kvcache_block_size=16,
+        max_num_seqs=8,
+        kv_cache_dtype=kv_cache_dtype,
+    ) as llm:
         runner = llm.engine.runner
         if not isinstance(runner.attn_backend, TritonAttentionBackend):
             runner.attn_backend = TritonAttentionBackend(DEVICE, 2)
@@ -286,16 +328,17 @@ def _engine_tokens(
     return [o.outputs[0].token_ids for o in outs], calls
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto"] + (["fp8"] if CUDA else []))
 def test_engine_fused_store_same_tokens(
-    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str
 ) -> None:
     """The engine (tiny Qwen3 with the Triton backend: float32 under the interpreter on a CPU,
-    bfloat16 with CUDA graphs on a GPU) gives the same greedy tokens with the fused store as
-    without, and the fused path really ran (and store_kv did not)."""
+    bfloat16 with CUDA graphs on a GPU, there with a float8 cache too) gives the same greedy
+    tokens with the fused store as without, and the fused path really ran (store_kv did not)."""
     with monkeypatch.context() as patch:
-        unfused, calls_off = _engine_tokens(tiny_model_dir, False, patch)
+        unfused, calls_off = _engine_tokens(tiny_model_dir, False, patch, kv_cache_dtype)
     with monkeypatch.context() as patch:
-        fused, calls_on = _engine_tokens(tiny_model_dir, True, patch)
+        fused, calls_on = _engine_tokens(tiny_model_dir, True, patch, kv_cache_dtype)
     assert calls_off["fused"] == 0 and calls_off["store_kv"] > 0
     assert calls_on["fused"] > 0 and calls_on["store_kv"] == 0
     assert fused == unfused

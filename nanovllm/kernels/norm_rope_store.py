@@ -8,9 +8,12 @@ token's q and k heads, normalises and rotates them (the same helper, so the same
 from registers / qkv into the cache rows of the token's slot. One launch per layer less, and k
 never makes the round trip through memory.
 
-Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], contiguous, so slot s
-(= block_id * block_size + offset) starts at element s * num_kv_heads * head_dim. A slot of -1
-(a padded row of a CUDA-graph batch) is skipped: its q is still written, nothing in the cache is.
+Cache layout: [num_blocks, block_size, num_kv_heads, head_dim]. The K cache is contiguous, so
+slot s (= block_id * block_size + offset) starts at element s * num_kv_heads * head_dim; the V
+cache is written through its strides, since the Triton backend keeps a float8 V cache
+token-minor (see TritonAttentionBackend.allocate_kv_cache), the same way store_kv does. A slot
+of -1 (a padded row of a CUDA-graph batch) is skipped: its q is still written, nothing in the
+cache is.
 
 Float8 caches (float8_e4m3fn): a value x goes in as (x / scale) saturated to +-448 (the largest
 finite e4m3 number; NaN stays NaN) then cast (round to nearest even). scale is a per-tensor float32 held on the
@@ -56,6 +59,10 @@ def _qk_norm_rope_store_kernel(
     k_scale_ptr,
     v_scale_ptr,
     stride_t,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
     eps,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -64,6 +71,8 @@ def _qk_norm_rope_store_kernel(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     ROW_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    V_CONTIGUOUS: tl.constexpr,
     HAS_K_SCALE: tl.constexpr,
     HAS_V_SCALE: tl.constexpr,
     IS_FP8: tl.constexpr,
@@ -113,7 +122,15 @@ def _qk_norm_rope_store_kernel(
         v_mask = v_offs < ROW
         v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + v_offs
         v = _to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, HAS_V_SCALE, IS_FP8, cache_dtype)
-        tl.store(v_cache_ptr + slot * ROW + v_offs, v, mask=v_mask)
+        if V_CONTIGUOUS:
+            v_dst = v_cache_ptr + slot * ROW + v_offs
+        else:  # e.g. token-minor: element (head, d) of the row by the strides
+            block, row = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            head, d = v_offs // HEAD_DIM, v_offs % HEAD_DIM
+            v_dst = (
+                v_cache_ptr + block * stride_vb + row * stride_vt + head * stride_vh + d * stride_vd
+            )
+        tl.store(v_dst, v, mask=v_mask)
 
 
 def _check_scale(name: str, scale: torch.Tensor | None, device: torch.device) -> None:
@@ -147,7 +164,7 @@ def qk_norm_rope_store(
 
     qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], unit-stride rows; cos/sin:
     [max_position, head_dim] float32 tables; k_cache, v_cache: [num_blocks, block_size,
-    num_kv_heads, head_dim] contiguous; slot_mapping: [num_tokens] int (-1: skip the token);
+    num_kv_heads, head_dim], K contiguous, V of any strides; slot_mapping: [num_tokens] int (-1: skip the token);
     k_scale, v_scale: one-element float32 device tensors for float8 caches, or None (scale 1).
     Writes the rotated k and v into their slots and returns the new contiguous q
     [num_tokens, num_heads, head_dim].
@@ -163,12 +180,16 @@ def qk_norm_rope_store(
             f"qkv has {qkv.shape[1]} columns but {num_heads} + 2 x {num_kv_heads} heads of "
             f"{head_dim} need {(num_heads + 2 * num_kv_heads) * head_dim}"
         )
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not cache.is_contiguous() or tuple(cache.shape[2:]) != (num_kv_heads, head_dim):
-            raise ValueError(
-                f"{name} must be contiguous [num_blocks, block_size, {num_kv_heads}, "
-                f"{head_dim}], got shape {tuple(cache.shape)}"
-            )
+    if not k_cache.is_contiguous() or tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"k_cache must be contiguous [num_blocks, block_size, {num_kv_heads}, {head_dim}], "
+            f"got shape {tuple(k_cache.shape)}"
+        )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache must be shaped like k_cache {tuple(k_cache.shape)}, got "
+            f"{tuple(v_cache.shape)}"
+        )
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     if slot_mapping.numel() != num_tokens:
@@ -193,6 +214,7 @@ def qk_norm_rope_store(
             k_scale if k_scale is not None else q,  # a dummy pointer, never read
             v_scale if v_scale is not None else q,
             qkv.stride(0),
+            *v_cache.stride(),
             eps,
             NUM_HEADS=num_heads,
             NUM_KV_HEADS=num_kv_heads,
@@ -201,6 +223,8 @@ def qk_norm_rope_store(
             HALF=half,
             HALF_PAD=triton.next_power_of_2(half),
             ROW_PAD=triton.next_power_of_2(num_kv_heads * head_dim),
+            BLOCK_SIZE=k_cache.shape[1],
+            V_CONTIGUOUS=v_cache.is_contiguous(),
             HAS_K_SCALE=k_scale is not None,
             HAS_V_SCALE=v_scale is not None,
             IS_FP8=k_cache.dtype == torch.float8_e4m3fn,
