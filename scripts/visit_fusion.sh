@@ -15,7 +15,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAM
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null || true
-step 45 tests_fusion python3 -m pytest -q -x tests/test_norm_rope_store.py
+step 50 tests_fusion python3 -m pytest -q -x tests/test_norm_rope_store.py
 step 60 profile python3 scripts/profile_steps.py --prefill-seqs 0 --fused both --steps 2
-step 40 gemm python3 scripts/bench_gemm.py --rows 256 --triton
+step 35 gemm python3 scripts/bench_gemm.py --rows 256 --triton
 echo "=== done ($(date +%T))"

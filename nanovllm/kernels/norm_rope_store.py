@@ -63,6 +63,7 @@ def _qk_norm_rope_store_kernel(
     stride_vt,
     stride_vh,
     stride_vd,
+    block_size,
     eps,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -71,7 +72,6 @@ def _qk_norm_rope_store_kernel(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     ROW_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
     V_CONTIGUOUS: tl.constexpr,
     HAS_K_SCALE: tl.constexpr,
     HAS_V_SCALE: tl.constexpr,
@@ -125,7 +125,7 @@ def _qk_norm_rope_store_kernel(
         if V_CONTIGUOUS:
             v_dst = v_cache_ptr + slot * ROW + v_offs
         else:  # e.g. token-minor: element (head, d) of the row by the strides
-            block, row = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            block, row = slot // block_size, slot % block_size
             head, d = v_offs // HEAD_DIM, v_offs % HEAD_DIM
             v_dst = (
                 v_cache_ptr + block * stride_vb + row * stride_vt + head * stride_vh + d * stride_vd
@@ -215,6 +215,7 @@ def qk_norm_rope_store(
             v_scale if v_scale is not None else q,
             qkv.stride(0),
             *v_cache.stride(),
+            k_cache.shape[1],
             eps,
             NUM_HEADS=num_heads,
             NUM_KV_HEADS=num_kv_heads,
@@ -223,7 +224,6 @@ def qk_norm_rope_store(
             HALF=half,
             HALF_PAD=triton.next_power_of_2(half),
             ROW_PAD=triton.next_power_of_2(num_kv_heads * head_dim),
-            BLOCK_SIZE=k_cache.shape[1],
             V_CONTIGUOUS=v_cache.is_contiguous(),
             HAS_K_SCALE=k_scale is not None,
             HAS_V_SCALE=v_scale is not None,
