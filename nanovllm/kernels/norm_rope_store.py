@@ -30,8 +30,9 @@ from nanovllm.kernels.norm_rope import qk_norm_rope_rows
 
 
 @triton.jit
-def _to_cache(x, scale_ptr, HAS_SCALE: tl.constexpr, IS_FP8: tl.constexpr, out_dtype):
-    """x (model dtype) as the cache stores it (see the module docstring)."""
+def _to_cache(x, scale_ptr, cache_ptr, HAS_SCALE: tl.constexpr, IS_FP8: tl.constexpr):
+    """x (model dtype) as the cache at cache_ptr stores it (see the module docstring)."""
+    out_dtype = cache_ptr.dtype.element_ty
     if IS_FP8:
         y = x.to(tl.float32)
         if HAS_SCALE:
@@ -110,18 +111,17 @@ def _qk_norm_rope_store_kernel(
     ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
-        cache_dtype = k_cache_ptr.dtype.element_ty
         k_dst = k_cache_ptr + slot * ROW + (heads[:, None] - NUM_HEADS) * HEAD_DIM + offs[None, :]
         k_mask = mask & ~is_q[:, None]
-        k1 = _to_cache(o1, k_scale_ptr, HAS_K_SCALE, IS_FP8, cache_dtype)
-        k2 = _to_cache(o2, k_scale_ptr, HAS_K_SCALE, IS_FP8, cache_dtype)
+        k1 = _to_cache(o1, k_scale_ptr, k_cache_ptr, HAS_K_SCALE, IS_FP8)
+        k2 = _to_cache(o2, k_scale_ptr, k_cache_ptr, HAS_K_SCALE, IS_FP8)
         tl.store(k_dst, k1, mask=k_mask)
         tl.store(k_dst + HALF, k2, mask=k_mask)
         # v: the last ROW elements of the token's qkv row, copied as they are
         v_offs = tl.arange(0, ROW_PAD)
         v_mask = v_offs < ROW
         v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + v_offs
-        v = _to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, HAS_V_SCALE, IS_FP8, cache_dtype)
+        v = _to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, v_cache_ptr, HAS_V_SCALE, IS_FP8)
         if V_CONTIGUOUS:
             v_dst = v_cache_ptr + slot * ROW + v_offs
         else:  # e.g. token-minor: element (head, d) of the row by the strides
