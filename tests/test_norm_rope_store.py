@@ -2,8 +2,9 @@
 path: the PyTorch layers with a torch scatter into the cache, and the two Triton kernels it
 replaces (qk_norm_rope, then store_kv), which it must match bit for bit.
 
-On CUDA natively (bfloat16/float16, the real head counts); on a CPU under TRITON_INTERPRET=1 at
-tiny shapes in float16/float32 (the interpreter's bfloat16 is not trusted); otherwise skipped.
+On CUDA natively (bfloat16, real head counts, float8 caches in the engine too); on a CPU under
+TRITON_INTERPRET=1 at tiny shapes in float16/float32 (the interpreter's bfloat16 is not
+trusted, nor its float8 casts); otherwise skipped.
 Caches start full of random values, so a stray or missing write shows, and padded tokens
 (slot -1) must leave the cache untouched; every kernel writes into its own copy (on a CPU,
 .to(DEVICE) alone would hand every path the same tensor).
