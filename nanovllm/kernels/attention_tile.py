@@ -60,7 +60,8 @@ def tile_rows(
     compiler sees consecutive tokens (vectorised loads of a token-minor cache)."""
     if ALIGNED:
         block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)
-        tok = n0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+        # (the hint: older Triton cannot infer it from the loop, and then loads byte by byte)
+        tok = tl.multiple_of(n0 % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
         return block * stride_b + tok * stride_t + kv_head * stride_h
     else:
         return paged_rows(table, offs_n, n_mask, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE)
