@@ -65,6 +65,8 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from nanovllm.kernels.decode_attention import decode_attention
         from nanovllm.kernels.prefill_attention import prefill_attention
@@ -72,7 +74,8 @@ class TritonAttentionBackend(AttentionBackend):
 
         if k_cache.numel() == 0:  # the memory-profiling run before the cache exists
             return self._prefill_without_cache(q, k, v, meta, scale)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        # a float8 cache stores k / k_scale, v / v_scale; every kernel multiplies them back
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         if meta.is_prefill:
             return prefill_attention(
                 q,
@@ -83,6 +86,8 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.seq_lens,
                 meta.max_seqlen_q,
                 scale,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         num_splits = meta.num_splits if isinstance(meta, TritonMetadata) else 1
         if meta.cascade is not None:
@@ -102,9 +107,19 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits,
                 c.max_prefix_len,
                 self.num_sms,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         return decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            scale,
+            num_splits,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     @staticmethod
