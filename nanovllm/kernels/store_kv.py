@@ -34,8 +34,8 @@ def _to_cache(x, scale_ptr, cache_ptr):
     dtype = cache_ptr.dtype.element_ty
     if dtype.is_fp8():
         x = x.to(tl.float32) / tl.load(scale_ptr)
-        nan = tl.PropagateNan.ALL
-        x = tl.minimum(tl.maximum(x, -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
+        x = tl.maximum(x, -448.0, propagate_nan=tl.PropagateNan.ALL)
+        x = tl.minimum(x, 448.0, propagate_nan=tl.PropagateNan.ALL)
     return x.to(dtype)
 
 
