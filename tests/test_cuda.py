@@ -327,7 +327,7 @@ def test_calculate_kv_scales_from_first_prefill(tmp_path: object) -> None:
             assert v_scale == pytest.approx(v_max / V_SCALE_RANGE, rel=1e-6)
             assert not layer.calculate_kv_scales
         assert len(set(first)) > 1  # per layer, not one value for all
-        # another batch (larger values, other tokens) leaves them as they are
+        # a later prefill (another, longer prompt) leaves them as they are
         llm.generate(prompts_of([500], seed=4, vocab=10000), params, use_tqdm=False)
         assert [(a.k_scale.item(), a.v_scale.item()) for a in layers] == first
 

@@ -12,6 +12,11 @@ Cascade. When the step's metadata groups decode sequences by a shared prefix (`m
 built with the rest of the step's inputs, see attention/cascade.py), decode runs the cascade
 kernels instead (kernels/cascade_attention.py): each group's prefix once for all its members,
 each sequence's own suffix with the paged kernel, merged exactly by log-sum-exp.
+
+Float8 caches. Every kernel gets the layer's k_scale / v_scale tensors: store_kv writes
+k / k_scale and v / v_scale (saturated at +-448), attention folds k_scale into the score scale
+and v_scale into the output. They are read through pointers, so CUDA graphs follow in-place
+updates (calculate_kv_scales sets them after the graphs were captured).
 """
 
 from dataclasses import dataclass, fields
