@@ -69,9 +69,14 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store k, v in their slots, then attend.
 
         q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+        k_scale, v_scale: [1] float32 on the device, a float8 cache's per-tensor scales (it
+        holds k / k_scale and v / v_scale; attention multiplies them back), None meaning 1.0.
+        Backends that refuse float8 caches (all but triton) ignore them.
         Returns [num_tokens, num_heads, head_dim].
         """

@@ -5,12 +5,26 @@ from torch import nn
 
 from nanovllm.utils.context import get_context
 
+# calculate_kv_scales maps the first prefill's largest |K| to K_SCALE_RANGE and largest |V| to
+# V_SCALE_RANGE in the float8 cache (vLLM's defaults for its K_SCALE_CONSTANT and
+# V_SCALE_CONSTANT); e4m3 reaches 448, so later tokens may be 448 / 200 = 2.24x (K) and
+# 448 / 100 = 4.48x (V) larger than anything in that step before they saturate.
+K_SCALE_RANGE = 200.0
+V_SCALE_RANGE = 100.0
+
 
 class Attention(nn.Module):
     """Paged attention of one decoder layer.
 
     k_cache / v_cache ([num_blocks, block_size, num_kv_heads, head_dim]) and the backend are
     attached by the model runner once the cache is allocated.
+
+    k_scale / v_scale ([1] float32 on the layer's device, 1.0 until set) are the per-tensor
+    scales of a float8 cache: it stores k / k_scale and v / v_scale, and attention multiplies
+    them back. The kernels read them through a pointer, so they are only ever changed in place
+    (CUDA graphs captured earlier see the new values). `calculate_kv_scales` (set by the
+    model runner once the cache exists, when the engine was asked to) makes the next prefill
+    step compute them from its own K and V before anything is stored; see calculate_kv_scales.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
@@ -20,10 +34,39 @@ class Attention(nn.Module):
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.k_cache = self.v_cache = torch.tensor([])
+        # not buffers: no checkpoint holds them, and the loader must not look for them
+        self.k_scale = torch.ones(1, dtype=torch.float32)
+        self.v_scale = torch.ones(1, dtype=torch.float32)
+        self.calculate_kv_scales = False
         self.backend = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim], k/v: [num_tokens, num_kv_heads, head_dim]."""
         if self.backend is None:
             raise RuntimeError("attention backend not set: run the model through ModelRunner")
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_context(), self.scale)
+        context = get_context()
+        if self.calculate_kv_scales and context.is_prefill and self.k_cache.numel() > 0:
+            self.compute_kv_scales(k, v)
+        return self.backend.forward(
+            q,
+            k,
+            v,
+            self.k_cache,
+            self.v_cache,
+            context,
+            self.scale,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
+
+    @torch.no_grad()
+    def compute_kv_scales(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Set k_scale = max|k| / K_SCALE_RANGE and v_scale = max|v| / V_SCALE_RANGE (in place;
+        1.0 where the maximum is 0 or not finite), over every token of k, v ([num_tokens,
+        num_kv_heads, head_dim]); then stop (calculate_kv_scales becomes False)."""
+        for scale, x, top in ((self.k_scale, k, K_SCALE_RANGE), (self.v_scale, v, V_SCALE_RANGE)):
+            # [1]
+            amax = x.abs().amax().float().reshape(1)
+            usable = (amax > 0) & amax.isfinite()
+            scale.copy_(torch.where(usable, amax / top, torch.ones_like(amax)))
+        self.calculate_kv_scales = False
