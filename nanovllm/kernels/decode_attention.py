@@ -23,6 +23,12 @@ The ranges are computed from each sequence's length inside the kernel, so a fixe
 works for any lengths (CUDA graphs capture it once per batch size). A sequence of length 0 (a
 padded row of a graph batch) produces zeros.
 
+Cache layouts. K is read as [BLOCK_N, head_dim] rows (head_dim contiguous); V through its own
+strides, so a float8 V cache can be token-minor (TritonAttentionBackend.allocate_kv_cache says
+why). When BLOCK_N divides the block size every tile lies in one block (ALIGNED): one block id
+per tile, and a token-minor V tile is read whole, past the sequence's end too (those keys weigh
+exactly 0; the slots hold finite values, as store_kv saturates), so its loads stay vectorised.
+
 Cascade (kernels/cascade_attention.py) runs the same kernel from a per-sequence first key
 (`starts`, the end of its group's shared prefix) and leaves partials for the shared prefix's
 to join in the combine kernel.
