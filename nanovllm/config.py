@@ -67,9 +67,14 @@ class Config:
     # Triton backend), as vLLM's disable_cascade_attn.
     disable_cascade_attn: bool = False
     attention_backend: str = "auto"
-    # "auto": the model dtype; "fp8" (or "fp8_e4m3"): K/V stored as float8 e4m3 with a scale
-    # of 1, as vLLM's kv_cache_dtype without calibrated scales (CUDA, Triton backend).
+    # "auto": the model dtype; "fp8" (or "fp8_e4m3"): K/V stored as float8 e4m3 divided by a
+    # per-layer scale (1.0, or computed: calculate_kv_scales), as vLLM's kv_cache_dtype (CUDA,
+    # Triton backend).
     kv_cache_dtype: str | torch.dtype = "auto"
+    # True (kv_cache_dtype "fp8" only): each layer's K and V scales are computed once, from the
+    # K/V of the first prefill step after start-up (max|k| / 200, max|v| / 100), instead of
+    # staying 1.0; see layers/attention.py. vLLM's option of the same name.
+    calculate_kv_scales: bool = False
     tokenizer: str | None = None
     # True: no tokenizer is loaded (token-id prompts only, empty output text), and no warning.
     skip_tokenizer_init: bool = False
@@ -141,6 +146,7 @@ class Config:
             )
         self.dtype = resolve_dtype(self.dtype, self.device, self.hf_config)
         self.kv_cache_dtype = self._resolve_kv_cache_dtype()
+        self._check_kv_scales()
         self._check_tensor_parallel()
 
     def _resolve_kv_cache_dtype(self) -> torch.dtype:
@@ -160,6 +166,21 @@ class Config:
                 f"got {self.attention_backend!r}"
             )
         return torch.float8_e4m3fn
+
+    def _check_kv_scales(self) -> None:
+        """calculate_kv_scales must be a bool, and True only with a float8 cache: the scales
+        exist for float8 alone, so asking for them with another cache is refused rather than
+        ignored (vLLM ignores it; a silent no-op would hide a missing kv_cache_dtype="fp8")."""
+        import torch
+
+        value = self.calculate_kv_scales
+        if not isinstance(value, bool):
+            raise ValueError(f"calculate_kv_scales must be a bool, got {value!r}")
+        if value and self.kv_cache_dtype != torch.float8_e4m3fn:
+            raise ValueError(
+                f"calculate_kv_scales=True needs kv_cache_dtype='fp8' (the scales are a float8 "
+                f"cache's), got a {str(self.kv_cache_dtype).removeprefix('torch.')} cache"
+            )
 
     def _check_ints(self) -> None:
         limits = {

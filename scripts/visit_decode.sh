@@ -16,6 +16,6 @@ git log --oneline -1 2>/dev/null || true
 step 120 tests_fp8 python3 -m pytest -q -m "not slow" tests/test_kernels.py tests/test_cascade.py tests/test_cuda.py -k "fp8 or token_minor or decode or prefill"
 step 150 kernels python3 scripts/bench_kernels.py --kv-dtype ${KV_DTYPES:-bf16,fp8}
 [ -n "${PROFILE:-}" ] && step 90 profile python3 scripts/profile_steps.py
-step 80 bench_bf16 python3 bench.py
+[ -z "${SKIP_BF16:-}" ] && step 80 bench_bf16 python3 bench.py
 step 80 bench_fp8 python3 bench.py --kv-cache-dtype fp8
 echo "=== done ($(date +%T))"

@@ -175,6 +175,9 @@ class SharedCase:
         # [num_seqs, num_heads, head_dim]
         self.q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
         self.scale = head_dim**-0.5
+        # a float8 cache's scales ([1] float32 on DEVICE), None meaning 1.0
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
         self.block_size = block_size
 
     def reference(self) -> torch.Tensor:
@@ -216,6 +219,8 @@ class SharedCase:
             kw.get("num_sms", 4),
             out,
             prefix_block_m=kw.get("prefix_block_m", 64),
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         ).cpu()
 
     def plain(self) -> torch.Tensor:
@@ -312,6 +317,27 @@ def test_cascade_fp8_cache(block_size: int) -> None:
     ref = case.reference()
     case.k_cache, case.v_cache = case.k_cache.to(fp8), token_minor(case.v_cache.to(fp8))
     assert rel_err(case.cascade(), ref) < TOL[torch.float32]
+
+
+@needs_triton
+@pytest.mark.parametrize("num_sms", [1, 64])
+def test_cascade_fp8_scales(num_sms: int) -> None:
+    """A float8 cache holding k / k_scale, v / v_scale: the prefix pass, the suffix pass and
+    the merge give attention over the values it stands for (one prefix split and several)."""
+    from nanovllm.kernels.store_kv import quantize_fp8
+
+    k_scale, v_scale = 0.013, 0.0071
+    groups, lone = LAYOUTS["several_groups_and_lone"]
+    case = SharedCase(groups, lone, (4, 2, 16), 16, torch.float32, seed=6)
+    k8, v8 = quantize_fp8(case.k_cache, k_scale), quantize_fp8(case.v_cache * 0.5, v_scale)
+    case.k_cache, case.v_cache = k8.float() * k_scale, v8.float() * v_scale
+    ref = case.reference()
+    case.k_cache, case.v_cache = k8, v8
+    case.k_scale = torch.tensor([k_scale], device=DEVICE)
+    case.v_scale = torch.tensor([v_scale], device=DEVICE)
+    assert rel_err(case.cascade(num_splits=2, num_sms=num_sms), ref) < TOL[torch.float32]
+    case.k_scale = case.v_scale = None  # read as 1.0: a different result
+    assert rel_err(case.cascade(num_splits=2, num_sms=num_sms), ref) > 0.5
 
 
 # -- whole engine ------------------------------------------------------------------------------

@@ -246,9 +246,12 @@ def test_bf16_teacher_forced_logits_agree(tmp_path: object) -> None:
     report("bf16 greedy tokens before first divergence", f"{prefix}/{total}")
 
 
-def test_fp8_kv_cache_logits_stay_close(tmp_path: object) -> None:
+@pytest.mark.parametrize("calculate_kv_scales", [False, True])
+def test_fp8_kv_cache_logits_stay_close(tmp_path: object, calculate_kv_scales: bool) -> None:
     """kv_cache_dtype="fp8": twice the cache blocks, and teacher-forced logits close to a
-    bfloat16 cache's (float8 e4m3 keeps 3 mantissa bits; attention averages the rounding)."""
+    bfloat16 cache's (float8 e4m3 keeps 3 mantissa bits; attention averages the rounding).
+    With calculate_kv_scales the scales are set by the first prefill, after the decode CUDA
+    graphs were captured: graphs that kept the old scales (1.0) would read the cache wrongly."""
     path = write_model_folder(str(tmp_path), "qwen3-0.6b", tokenizer=False)
     prompts = prompts_of(
         [random.Random(i).randint(20, 300) for i in range(16)], seed=7, vocab=10000
@@ -261,23 +264,72 @@ def test_fp8_kv_cache_logits_stay_close(tmp_path: object) -> None:
         forced = [t[:8] for t in ref_tokens]
         ref_logits = teacher_forced_logits(llm, prompts, forced)
     torch.cuda.empty_cache()
-    with LLM(path, gpu_memory_utilization=0.3, kv_cache_dtype="fp8", **common) as llm:
+    fp8 = dict(kv_cache_dtype="fp8", calculate_kv_scales=calculate_kv_scales)
+    with LLM(path, gpu_memory_utilization=0.3, **fp8, **common) as llm:
         assert llm.engine.runner.num_kvcache_blocks >= 1.5 * blocks  # 438 -> 804 seen
-        assert llm.engine.runner.attention_layers[0].k_cache.dtype == torch.float8_e4m3fn
+        layers = llm.engine.runner.attention_layers
+        assert layers[0].k_cache.dtype == torch.float8_e4m3fn
         out = llm.generate(prompts, params, use_tqdm=False)
         logits = teacher_forced_logits(llm, prompts, forced)
+        scales = torch.cat([torch.cat([a.k_scale, a.v_scale]) for a in layers]).cpu()
+    if calculate_kv_scales:  # computed: far from 1 somewhere, else the test shows nothing
+        report("fp8 calculated k/v scales (min, max)", [scales.min().item(), scales.max().item()])
+        assert (scales - 1).abs().max() > 0.2
+    else:
+        assert torch.equal(scales, torch.ones_like(scales))
     errors = [
         round(((a - b).norm() / b.norm()).item(), 4)
         for a, b in zip(logits, ref_logits, strict=True)
     ]
-    report("fp8 KV vs bf16 KV logit rel err (prefill, 8 decode steps)", errors)
+    tag = ", calculated scales" if calculate_kv_scales else ""
+    report(f"fp8 KV{tag} vs bf16 KV logit rel err (prefill, 8 decode steps)", errors)
     same = sum(
         x == y
         for o, r in zip(out, ref_tokens, strict=True)
         for x, y in zip(o.outputs[0].token_ids, r, strict=False)
     )
-    report("fp8 KV greedy token agreement (16 prompts x 32 tokens)", f"{same}/{16 * 32}")
+    report(f"fp8 KV{tag} greedy token agreement (16 prompts x 32 tokens)", f"{same}/{16 * 32}")
     assert max(errors) < 0.15
+
+
+def test_calculate_kv_scales_from_first_prefill(tmp_path: object) -> None:
+    """calculate_kv_scales=True: still 1.0 after start-up (the memory profile and the graph
+    capture run forwards too), then each layer's max|k| / 200 and max|v| / 100 over the first
+    prefill step's K and V (seen here by a hook on every attention layer); fixed afterwards."""
+    from nanovllm.layers.attention import K_SCALE_RANGE, V_SCALE_RANGE
+    from nanovllm.utils.context import get_context
+
+    path = write_model_folder(str(tmp_path), "qwen3-0.6b", tokenizer=False)
+    common = dict(load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=1024)
+    with LLM(
+        path, kv_cache_dtype="fp8", calculate_kv_scales=True, num_kvcache_blocks=40, **common
+    ) as llm:
+        layers = llm.engine.runner.attention_layers
+        for layer in layers:
+            assert layer.k_scale.item() == 1.0 and layer.v_scale.item() == 1.0
+            assert layer.calculate_kv_scales
+        seen: dict[int, tuple[float, float]] = {}
+
+        def hook(layer: torch.nn.Module, args: tuple) -> None:
+            _, k, v = args
+            if get_context().is_prefill and id(layer) not in seen:
+                seen[id(layer)] = (k.abs().max().float().item(), v.abs().max().float().item())
+
+        handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+        params = SamplingParams(temperature=0, max_tokens=4)
+        llm.generate(prompts_of([50, 300, 7], seed=3, vocab=10000), params, use_tqdm=False)
+        for handle in handles:
+            handle.remove()
+        first = [(a.k_scale.item(), a.v_scale.item()) for a in layers]
+        for layer, (k_scale, v_scale) in zip(layers, first, strict=True):
+            k_max, v_max = seen[id(layer)]
+            assert k_scale == pytest.approx(k_max / K_SCALE_RANGE, rel=1e-6)
+            assert v_scale == pytest.approx(v_max / V_SCALE_RANGE, rel=1e-6)
+            assert not layer.calculate_kv_scales
+        assert len(set(first)) > 1  # per layer, not one value for all
+        # a later prefill (another, longer prompt) leaves them as they are
+        llm.generate(prompts_of([500], seed=4, vocab=10000), params, use_tqdm=False)
+        assert [(a.k_scale.item(), a.v_scale.item()) for a in layers] == first
 
 
 def test_gpu_memory_utilization_sizes_cache(tmp_path: object) -> None:

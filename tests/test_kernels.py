@@ -653,3 +653,131 @@ def test_chunk_topk_kernel(vocab: int, k: int, chunk: int) -> None:
     real = vals > float("-inf")
     assert torch.equal(x.gather(1, torch.where(real, ids, 0))[real], vals[real])
     assert torch.equal(vals.topk(k, dim=-1).values, x.topk(k, dim=-1).values)
+
+
+def scaled_fp8(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 content, float32 values it stands for): quantize_fp8(x, scale) and that times
+    scale. The values round-trip: storing them with `scale` gives the same float8 content."""
+    from nanovllm.kernels.store_kv import quantize_fp8
+
+    q8 = quantize_fp8(x, scale)
+    return q8, q8.float() * scale
+
+
+# Per-tensor scales far from 1 (and not powers of two): a kernel that ignored one would store
+# values off by that factor (saturating at 448) or attend with scores / outputs off by it.
+K_SCALE, V_SCALE = 0.013, 0.0071
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_fp8_kv_scales(kind: str) -> None:
+    """A float8 cache with k_scale / v_scale: store_kv writes quantize_fp8(k, k_scale) (exact
+    float8 content), and attention over it equals float32 attention over the values the cache
+    stands for (content x scale), old cached rows and new ones alike."""
+    from nanovllm.kernels.store_kv import quantize_fp8
+
+    heads = HEADS[1]
+    if kind == "decode":
+        case = Case([1] * len(DECODE_CTX), DECODE_CTX, heads, 16, torch.float32, seed=11)
+        case.meta.is_prefill = False
+    else:
+        q_lens, ctx_lens = PREFILL_CASES["chunked"]
+        case = Case(q_lens, ctx_lens, heads, 16, torch.float32, seed=12)
+    # |k| up to ~4 and |v| up to ~2 are ~300 scale units: most of e4m3's range, none past it
+    k_cache8, case.k_cache = scaled_fp8(case.k_cache, K_SCALE)
+    v_cache8, case.v_cache = scaled_fp8(case.v_cache * 0.5, V_SCALE)
+    _, case.k = scaled_fp8(case.k, K_SCALE)
+    _, case.v = scaled_fp8(case.v * 0.5, V_SCALE)
+    ref_out, ref_k, ref_v = reference(case)
+    case.k_cache, case.v_cache = k_cache8, v_cache8
+    case.to(DEVICE)
+    k_scale = torch.tensor([K_SCALE], device=DEVICE)
+    v_scale = torch.tensor([V_SCALE], device=DEVICE)
+    backend = triton_backend(heads[1])
+    meta = backend.build_metadata(case.meta, case.meta.max_seqlen_k)
+    k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+    out = backend.forward(
+        case.q, case.k, case.v, k_cache, v_cache, meta, case.scale, k_scale, v_scale
+    )
+    assert torch.equal(k_cache.cpu(), quantize_fp8(ref_k, K_SCALE))
+    assert torch.equal(v_cache.cpu(), quantize_fp8(ref_v, V_SCALE))
+    assert rel_err(out.cpu(), ref_out) < TOL[torch.float32]
+    # the same cache read with scales of 1 is a different attention: the scales are used
+    wrong = backend.forward(case.q, case.k, case.v, k_cache, v_cache, meta, case.scale)
+    assert rel_err(wrong.cpu(), ref_out) > 0.5
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_scales_through_splits(num_splits: int) -> None:
+    """The output scale v_scale is applied to every split's partial before the combine."""
+    from nanovllm.kernels.decode_attention import decode_attention
+
+    case = Case([1, 1, 1], [20, 70, 130], HEADS[2], 16, torch.float32, seed=13)
+    k8, k = scaled_fp8(case.k_cache, K_SCALE)
+    v8, v = scaled_fp8(case.v_cache, V_SCALE)
+    args = (case.q, k, v, case.block_tables, case.meta.seq_lens, case.scale)
+    ref = decode_attention(*[a.to(DEVICE) if torch.is_tensor(a) else a for a in args]).cpu()
+    out = decode_attention(
+        case.q.to(DEVICE),
+        k8.to(DEVICE),
+        v8.to(DEVICE),
+        case.block_tables.to(DEVICE),
+        case.meta.seq_lens.to(DEVICE),
+        case.scale,
+        num_splits,
+        k_scale=torch.tensor([K_SCALE], device=DEVICE),
+        v_scale=torch.tensor([V_SCALE], device=DEVICE),
+    ).cpu()
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_store_kv_saturates(scale: float) -> None:
+    """Values past e4m3's range (x / scale beyond +-448, infinities too) are stored as +-448,
+    as quantize_fp8 does; a plain cast would not (the interpreter wraps them to NaN or 256)."""
+    from nanovllm.kernels.store_kv import quantize_fp8, store_kv
+
+    inf = float("inf")
+    row = [447.0, 448.0, 460.0, 464.0, 500.0, 1e6, inf, -464.0, -1e6, -inf, 0.5, -3.0, 0, 1, 2, 3]
+    # [2 tokens, 1 head, 16]
+    k = torch.tensor([row, row[::-1]]).mul(scale).reshape(2, 1, 16)
+    v = -k
+    k_cache = torch.zeros(4, 16, 1, 16, dtype=torch.float8_e4m3fn)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([5, 17])
+    s = torch.tensor([scale])
+    k_cache, v_cache = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    store_kv(
+        k.to(DEVICE), v.to(DEVICE), k_cache, v_cache, slots.to(DEVICE), s.to(DEVICE), s.to(DEVICE)
+    )
+    stored_k = k_cache.cpu().view(-1, 16)[slots]
+    stored_v = v_cache.cpu().view(-1, 16)[slots]
+    assert torch.equal(stored_k, quantize_fp8(k.view(2, 16), scale))
+    assert torch.equal(stored_v, quantize_fp8(v.view(2, 16), scale))
+    # 448 and beyond (1e6, inf) -> 448; -464 -> -448 (v = -k: the other sign)
+    assert stored_k[0, :10].float().tolist() == [448.0] * 7 + [-448.0] * 3
+    assert stored_v[0, :10].float().tolist() == [-448.0] * 7 + [448.0] * 3
+    assert not stored_k.float().isnan().any() and not stored_v.float().isnan().any()
+
+
+def test_quantize_fp8_saturates_and_keeps_nan() -> None:
+    """The torch definition: +-448 beyond the range (whatever torch's own cast does there),
+    NaN stays NaN."""
+    from nanovllm.kernels.store_kv import quantize_fp8
+
+    x = torch.tensor([1e6, -1e6, float("inf"), -float("inf"), 464.0, float("nan"), 3.0])
+    out = quantize_fp8(x, 1.0).float()
+    assert out[:5].tolist() == [448.0, -448.0, 448.0, -448.0, 448.0]
+    assert out[5].isnan() and out[6] == 3.0
+    assert quantize_fp8(x, torch.tensor([4.0]))[6].float() == 0.75
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter's float8 cast of NaN is wrong (384)")
+def test_store_kv_keeps_nan() -> None:
+    from nanovllm.kernels.store_kv import store_kv
+
+    k = torch.full((1, 1, 16), float("nan"), device=DEVICE)
+    k_cache = torch.zeros(1, 16, 1, 16, dtype=torch.float8_e4m3fn, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    store_kv(k, k, k_cache, v_cache, torch.tensor([3], device=DEVICE))
+    assert k_cache.float()[0, 3].isnan().all() and v_cache.float()[0, 3].isnan().all()

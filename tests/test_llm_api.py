@@ -379,6 +379,15 @@ BAD_CONFIGS = {
         {"kv_cache_dtype": "fp8", "device": "cpu"},
         ["kv_cache_dtype 'fp8'", "CUDA", "cpu"],
     ),
+    # the scales belong to a float8 cache: asked for without one, refused (vLLM ignores it)
+    "calculate_kv_scales_without_fp8": (
+        {"calculate_kv_scales": True},
+        ["calculate_kv_scales=True", "kv_cache_dtype='fp8'"],
+    ),
+    "calculate_kv_scales_not_bool": (
+        {"calculate_kv_scales": "yes"},
+        ["calculate_kv_scales must be a bool", "'yes'"],
+    ),
 }
 
 

@@ -215,8 +215,9 @@ def test_fused_token_minor_v_cache(block_size: int) -> None:
 def test_fused_fp8_cache_scaled_and_saturated(scales: tuple[float | None, float | None]) -> None:
     """A float8 e4m3 cache holds (x / scale) saturated to +-448: k as the unfused path rounds
     it (model dtype) then scales; power-of-two scales keep the division exact. 2^-10 pushes
-    k far past 448, so saturation is checked too. Bit for bit against store_kv of the scaled
-    rows (both under the interpreter's float8 cast) and, on CUDA, against torch's cast."""
+    k far past 448, so saturation is checked too. Bit for bit against store_kv with the same
+    scales (the unfused path; both use the interpreter's float8 cast on a CPU) and, on CUDA,
+    against torch's cast of the scaled, saturated rows."""
     dtype = DTYPES[0]
     heads = HEADS[1]
     step = Step(heads, 16, dtype, FP8, seed=11, v_token_minor=True)  # the engine's layout
@@ -233,14 +234,23 @@ def test_fused_fp8_cache_scaled_and_saturated(scales: tuple[float | None, float 
         out[step.slots[keep]] = x.clamp(-448.0, 448.0).to(FP8)
         return out.view_as(cache)
 
-    # the unfused path with the scale: the scaled, saturated float32 rows through store_kv
+    # the unfused path: store_kv of the model-dtype k (as qk_norm_rope left it) and v, same scales
     from nanovllm.kernels.store_kv import store_kv
 
-    def scaled(rows: torch.Tensor, s: float | None) -> torch.Tensor:
-        return (rows.float() / (1.0 if s is None else s)).clamp(-448.0, 448.0).to(DEVICE)
+    def scale_tensor(x: float | None) -> torch.Tensor | None:
+        return None if x is None else torch.tensor([x], dtype=torch.float32, device=DEVICE)
 
     k_exp, v_exp = device_copy(step.k_cache), device_copy(step.v_cache)
-    store_kv(scaled(k_ref, k_scale), scaled(v, v_scale), k_exp, v_exp, step.slots.to(DEVICE))
+    slots = step.slots.to(DEVICE)
+    store_kv(
+        k_ref.to(DEVICE),
+        v.to(DEVICE),
+        k_exp,
+        v_exp,
+        slots,
+        scale_tensor(k_scale),
+        scale_tensor(v_scale),
+    )
     assert torch.equal(k_cache.view(torch.uint8), k_exp.cpu().view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), dense_copy(v_exp).view(torch.uint8))
     if CUDA:  # and torch's own rounding (the interpreter's float8 casts round wrongly)
@@ -317,7 +327,8 @@ def _engine_tokens(
         dtype=dtype,
         kvcache_block_size=16,
         max_num_seqs=8,
-        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_dtype=kv_cache_dtype.removesuffix("+scales"),
+        calculate_kv_scales=kv_cache_dtype.endswith("+scales"),
     ) as llm:
         runner = llm.engine.runner
         if not isinstance(runner.attn_backend, TritonAttentionBackend):
@@ -327,20 +338,24 @@ def _engine_tokens(
         prompts = [[5 + (7 * i + 3 * j) % 400 for j in range(n)] for i, n in enumerate((9, 21, 3))]
         params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
         outs = llm.generate(prompts, params, use_tqdm=False)
+        calls["layers"] = len(runner.attention_layers)
     return [o.outputs[0].token_ids for o in outs], calls
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto"] + (["fp8"] if CUDA else []))
+@pytest.mark.parametrize("kv_cache_dtype", ["auto"] + (["fp8", "fp8+scales"] if CUDA else []))
 def test_engine_fused_store_same_tokens(
     tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str
 ) -> None:
     """The engine (tiny Qwen3 with the Triton backend: float32 under the interpreter on a CPU,
-    bfloat16 with CUDA graphs on a GPU, there with a float8 cache too) gives the same greedy
-    tokens with the fused store as without, and the fused path really ran (store_kv did not)."""
+    bfloat16 with CUDA graphs on a GPU, there with a float8 cache too, scale 1 or computed from
+    the first prefill) gives the same greedy tokens with the fused store as without, and the
+    fused path really ran (store_kv did not, except in the prefill that computes the scales)."""
     with monkeypatch.context() as patch:
         unfused, calls_off = _engine_tokens(tiny_model_dir, False, patch, kv_cache_dtype)
     with monkeypatch.context() as patch:
         fused, calls_on = _engine_tokens(tiny_model_dir, True, patch, kv_cache_dtype)
     assert calls_off["fused"] == 0 and calls_off["store_kv"] > 0
-    assert calls_on["fused"] > 0 and calls_on["store_kv"] == 0
+    # the prefill that computes float8 scales stores unfused, once per layer
+    computing = calls_on["layers"] if kv_cache_dtype.endswith("+scales") else 0
+    assert calls_on["fused"] > 0 and calls_on["store_kv"] == computing
     assert fused == unfused

@@ -79,10 +79,15 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store k, v in their slots, then attend.
 
         q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+        k_scale, v_scale: [1] float32 on the device, a float8 cache's per-tensor scales (it
+        holds k / k_scale and v / v_scale; attention multiplies them back), None meaning 1.0.
+        Backends that refuse float8 caches (all but triton) ignore them.
         Returns [num_tokens, num_heads, head_dim].
         """
 
@@ -93,8 +98,11 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`forward` without the store: the step's K/V are already in their slots.
+        """`forward` without the store: the step's K/V are already in their slots (float8
+        caches scaled by k_scale / v_scale as `forward` would have stored them).
 
         Only backends with `supports_fused_kv_store` implement it. q: [num_tokens, num_heads,
         head_dim]; returns [num_tokens, num_heads, head_dim].

@@ -62,9 +62,13 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
 
+        k_scale, v_scale are ignored: float8 caches are the Triton backend's only (Config
+        refuses them with any other), so this cache is always unscaled.
         Returns [num_tokens, num_heads, head_dim].
         """
         if q.shape[1] % k.shape[1] != 0:

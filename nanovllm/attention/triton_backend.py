@@ -16,6 +16,11 @@ Cascade. When the step's metadata groups decode sequences by a shared prefix (`m
 built with the rest of the step's inputs, see attention/cascade.py), decode runs the cascade
 kernels instead (kernels/cascade_attention.py): each group's prefix once for all its members,
 each sequence's own suffix with the paged kernel, merged exactly by log-sum-exp.
+
+Float8 caches. Every kernel gets the layer's k_scale / v_scale tensors: store_kv writes
+k / k_scale and v / v_scale (saturated at +-448), attention folds k_scale into the score scale
+and v_scale into the output. They are read through pointers, so CUDA graphs follow in-place
+updates (calculate_kv_scales sets them after the graphs were captured).
 """
 
 from dataclasses import dataclass, fields
@@ -90,13 +95,16 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from nanovllm.kernels.store_kv import store_kv
 
         if k_cache.numel() == 0:  # the memory-profiling run before the cache exists
             return self._prefill_without_cache(q, k, v, meta, scale)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale)
+        # a float8 cache stores k / k_scale, v / v_scale; every kernel multiplies them back
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        return self.attend(q, k_cache, v_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
 
     def attend(
         self,
@@ -105,6 +113,8 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from nanovllm.kernels.decode_attention import decode_attention
         from nanovllm.kernels.prefill_attention import prefill_attention
@@ -119,6 +129,8 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.seq_lens,
                 meta.max_seqlen_q,
                 scale,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         num_splits = meta.num_splits if isinstance(meta, TritonMetadata) else 1
         if meta.cascade is not None:
@@ -138,9 +150,19 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits,
                 c.max_prefix_len,
                 self.num_sms,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         return decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            scale,
+            num_splits,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     @staticmethod

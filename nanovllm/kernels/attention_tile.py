@@ -31,6 +31,21 @@ def query_for_cache(q, cache_ptr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, cache_ptr):
+    """(score scale, output scale): over a float8 cache, which holds k / k_scale and
+    v / v_scale (store_kv.py), (qk_scale * k_scale, v_scale), since q.(k / k_scale) * k_scale
+    = q.k and softmax weights are linear in V; over any other cache (qk_scale, 1.0). The
+    scales are loaded from the device, so a CUDA graph captured before they were computed
+    still reads their current values."""
+    k_scale = 1.0
+    v_scale = 1.0
+    if cache_ptr.dtype.element_ty.is_fp8():
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+    return qk_scale * k_scale, v_scale
+
+
+@triton.jit
 def paged_rows(
     table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr
 ):
@@ -60,7 +75,8 @@ def tile_rows(
     compiler sees consecutive tokens (vectorised loads of a token-minor cache)."""
     if ALIGNED:
         block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)
-        tok = n0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+        # (the hint: older Triton cannot infer it from the loop, and then loads byte by byte)
+        tok = tl.multiple_of(n0 % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
         return block * stride_b + tok * stride_t + kv_head * stride_h
     else:
         return paged_rows(table, offs_n, n_mask, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE)

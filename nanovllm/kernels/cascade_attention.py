@@ -34,12 +34,14 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.attention_tile import (
+    cache_scales,
     dot,
     online_softmax_step,
     query_for_cache,
     tile_rows,
 )
 from nanovllm.kernels.decode_attention import check_shapes, combine, launch_decode, partials
+from nanovllm.kernels.store_kv import kv_scales
 
 # Rows of query (sequence, head) pairs per prefix tile.
 PREFIX_BLOCK_M = 64
@@ -56,6 +58,8 @@ def _prefix_kernel(
     num_groups,
     part_out_ptr,
     part_lse_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_qs,
     stride_qh,
@@ -117,6 +121,8 @@ def _prefix_kernel(
             other=0.0,
         )
         q = query_for_cache(q, k_cache_ptr, IEEE)
+        # a float8 cache's k_scale folds into the score scale, its v_scale into the output
+        qk_scale, v_scale = cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, k_cache_ptr)
         # Every member's first prefix_len keys live in the same blocks: read the first's table.
         table = block_tables_ptr + tl.load(members_ptr + begin) * stride_bt
         tiles_per_split = tl.cdiv(tl.cdiv(prefix_len, BLOCK_N), NUM_SPLITS)
@@ -168,7 +174,7 @@ def _prefix_kernel(
             )
 
         has_keys = l_i > 0
-        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         # partials [num_seqs, num_heads, PARTS, D_PAD]: this split's slot follows the suffix's
         row = (seqs * num_heads + heads) * PARTS + FIRST_PART + split
@@ -212,6 +218,8 @@ def cascade_decode_attention(
     out: torch.Tensor | None = None,
     block_n: int = 64,
     prefix_block_m: int = PREFIX_BLOCK_M,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention (one query per sequence) with shared prefixes attended once per group.
 
@@ -221,7 +229,8 @@ def cascade_decode_attention(
     indices group after group; groups: [num_groups, 3] (member_begin, member_end, prefix_len),
     rows with member_begin == member_end are unused; num_splits: splits of each suffix;
     max_prefix_len bounds the prefixes (it picks the prefix split count with num_sms);
-    prefix_block_m: query rows per prefix tile.
+    prefix_block_m: query rows per prefix tile; k_scale, v_scale: a float8 cache's
+    dequantisation scales ([1] float32, 1.0 when None).
     Returns [num_seqs, num_heads, head_dim] in q's dtype, equal to decode_attention's.
     """
     group = check_shapes(q, k_cache, v_cache, "cascade_decode_attention")
@@ -238,6 +247,7 @@ def cascade_decode_attention(
     prefix_splits = choose_prefix_splits(max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n)
     parts = num_splits + prefix_splits
     part_out, part_lse = partials(q, parts)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     launch_decode(
         q,
         k_cache,
@@ -250,6 +260,8 @@ def cascade_decode_attention(
         out,
         (part_out, part_lse),
         block_n,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
     _prefix_kernel[(max_tiles, num_kv_heads, prefix_splits)](
         q,
@@ -261,6 +273,8 @@ def cascade_decode_attention(
         num_groups,
         part_out,
         part_lse,
+        k_scale,
+        v_scale,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         q.stride(0),
         q.stride(1),

@@ -23,6 +23,12 @@ The ranges are computed from each sequence's length inside the kernel, so a fixe
 works for any lengths (CUDA graphs capture it once per batch size). A sequence of length 0 (a
 padded row of a graph batch) produces zeros.
 
+Cache layouts. K is read as [BLOCK_N, head_dim] rows (head_dim contiguous); V through its own
+strides, so a float8 V cache can be token-minor (TritonAttentionBackend.allocate_kv_cache says
+why). When BLOCK_N divides the block size every tile lies in one block (ALIGNED): one block id
+per tile, and a token-minor V tile is read whole, past the sequence's end too (those keys weigh
+exactly 0; the slots hold finite values, as store_kv saturates), so its loads stay vectorised.
+
 Cascade (kernels/cascade_attention.py) runs the same kernel from a per-sequence first key
 (`starts`, the end of its group's shared prefix) and leaves partials for the shared prefix's
 to join in the combine kernel.
@@ -35,11 +41,13 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.attention_tile import (
+    cache_scales,
     dot,
     online_softmax_step,
     query_for_cache,
     tile_rows,
 )
+from nanovllm.kernels.store_kv import kv_scales
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -53,6 +61,8 @@ def _decode_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_qs,
     stride_qh,
@@ -106,6 +116,8 @@ def _decode_kernel(
         other=0.0,
     )
     q = query_for_cache(q, k_cache_ptr, IEEE)
+    # a float8 cache's k_scale folds into the score scale, its v_scale into the output
+    qk_scale, v_scale = cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, k_cache_ptr)
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
@@ -157,7 +169,7 @@ def _decode_kernel(
         m_i, l_i, acc = online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
 
     has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale
     store_mask = g_mask[:, None] & d_mask[None, :]
     o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
     if PARTS == 0:
@@ -264,11 +276,14 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence against its cached keys.
 
     q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
-    block_tables: [num_seqs, max_blocks] (int32 or int64); seq_lens: [num_seqs] keys per sequence.
+    block_tables: [num_seqs, max_blocks] (int32 or int64); seq_lens: [num_seqs] keys per sequence;
+    k_scale, v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None).
     Returns [num_seqs, num_heads, head_dim] in q's dtype (written into `out` when given).
     """
     check_shapes(q, k_cache, v_cache, "decode_attention")
@@ -292,6 +307,8 @@ def decode_attention(
         block_n,
         num_warps,
         num_stages,
+        k_scale,
+        v_scale,
     )
     if partial is not None:
         combine(*partial, None, out, num_splits)
@@ -334,11 +351,14 @@ def launch_decode(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Run the paged decode kernel over keys starts[i]..seq_lens[i]-1 of each sequence (all of
     them without starts). Without `partial` (one split, no starts) it writes `out`; else it
     fills slots 0..num_splits-1 of the partial buffers (see `partials`), except that with
-    starts and one split a sequence whose start is 0 gets its output written to `out`."""
+    starts and one split a sequence whose start is 0 gets its output written to `out`.
+    k_scale, v_scale: as decode_attention's."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -348,6 +368,7 @@ def launch_decode(
     else:
         part_out, part_lse = partial
         parts = part_out.shape[2]
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -358,6 +379,8 @@ def launch_decode(
         out,
         part_out,
         part_lse,
+        k_scale,
+        v_scale,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         q.stride(0),
         q.stride(1),

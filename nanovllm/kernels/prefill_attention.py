@@ -20,11 +20,13 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.attention_tile import (
+    cache_scales,
     dot,
     online_softmax_step,
     query_for_cache,
     tile_rows,
 )
+from nanovllm.kernels.store_kv import kv_scales
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -36,6 +38,8 @@ def _prefill_kernel(
     cu_seqlens_q_ptr,
     seq_lens_ptr,
     out_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -82,6 +86,8 @@ def _prefill_kernel(
             other=0.0,
         )
         q = query_for_cache(q, k_cache_ptr, IEEE)
+        # a float8 cache's k_scale folds into the score scale, its v_scale into the output
+        qk_scale, v_scale = cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, k_cache_ptr)
         q_pos = ctx + offs_m  # absolute position of each query row
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -136,7 +142,7 @@ def _prefill_kernel(
             m_i, l_i, acc = online_softmax_step(
                 s, v_ptrs, kv_mask if V_MASK_N else d_mask[None, :], m_i, l_i, acc, IEEE
             )
-        out = acc / l_i[:, None]
+        out = acc / l_i[:, None] * v_scale
         tl.store(
             out_ptr
             + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot
@@ -161,12 +167,15 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries against all its cached keys.
 
     q: [num_tokens, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads,
     head_dim] (already holding this step's K/V); block_tables: [num_seqs, max_blocks];
-    cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs] (cached + new keys).
+    cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs] (cached + new keys); k_scale,
+    v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None).
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -183,6 +192,7 @@ def prefill_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -191,6 +201,8 @@ def prefill_attention(
         cu_seqlens_q,
         seq_lens,
         out,
+        k_scale,
+        v_scale,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         q.stride(0),
         q.stride(1),

@@ -7,11 +7,39 @@ cache is too, except a float8 V cache of the Triton backend, which is token-mino
 the strides. One program per token copies its K row and V row (num_kv_heads * head_dim elements
 each); a slot of -1 (a padded row of a CUDA-graph batch, or a profiling run without a cache) is
 skipped.
+
+Float8 e4m3 caches (kv_cache_dtype="fp8") hold x / scale, with per-tensor float32 scales k_scale
+and v_scale read from the device (vLLM's per-tensor k_scale / v_scale; attention multiplies them
+back). The quotient saturates at +-448, e4m3's largest finite value, before rounding: a plain
+cast does not reliably (Triton on the GPU saturates, its CPU interpreter wraps 464 to NaN and
+500 to 256; torch 2.15 saturates, older releases gave NaN for any overflow). NaN stays NaN
+(except under the interpreter, whose float8 cast of NaN is wrong).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+# e4m3's largest finite value (the kernel spells it out: Triton kernels take no global floats).
+FP8_E4M3_MAX = 448.0
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x / scale in float8 e4m3, saturated at +-448: what store_kv writes into a float8 cache
+    (the torch definition, for references and tests). x: any shape; scale: a float or a
+    one-element float32 tensor on x's device."""
+    return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+@triton.jit
+def _to_cache(x, scale_ptr, cache_ptr):
+    """x in the cache's dtype; a float8 cache gets x / scale saturated at +-448 (see above)."""
+    dtype = cache_ptr.dtype.element_ty
+    if dtype.is_fp8():
+        x = x.to(tl.float32) / tl.load(scale_ptr)
+        x = tl.maximum(x, -448.0, propagate_nan=tl.PropagateNan.ALL)
+        x = tl.minimum(x, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -21,6 +49,8 @@ def _store_kv_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_k,
     stride_v,
     stride_vb,
@@ -40,15 +70,15 @@ def _store_kv_kernel(
         mask = offs < ROW
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
-        # cast to the cache's dtype (float8 e4m3 caches round here, scale 1)
-        tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        # cast to the cache's dtype (a float8 cache gets k / k_scale, v / v_scale, saturated)
+        tl.store(k_cache_ptr + slot * ROW + offs, _to_cache(k, k_scale_ptr, k_cache_ptr), mask=mask)
         if V_CONTIGUOUS:
             v_offs = slot * ROW + offs
         else:
             block, row = slot // BLOCK_SIZE, slot % BLOCK_SIZE
             head, d = offs // HEAD_DIM, offs % HEAD_DIM
             v_offs = block * stride_vb + row * stride_vt + head * stride_vh + d * stride_vd
-        tl.store(v_cache_ptr + v_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + v_offs, _to_cache(v, v_scale_ptr, v_cache_ptr), mask=mask)
 
 
 def store_kv(
@@ -57,8 +87,11 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """k, v: [num_tokens, num_kv_heads, head_dim] (each token's row contiguous); caches as above."""
+    """k, v: [num_tokens, num_kv_heads, head_dim] (each token's row contiguous); caches as above;
+    k_scale, v_scale: [1] float32 on the device, used by float8 caches only (1.0 when None)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -67,12 +100,15 @@ def store_kv(
     if not k_cache.is_contiguous() or v_cache.shape != k_cache.shape:
         raise ValueError("store_kv needs a contiguous K cache and a V cache shaped like it")
     row = num_kv_heads * head_dim
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens,)](
         k,
         v,
         k_cache,
         v_cache,
         slot_mapping,
+        k_scale,
+        v_scale,
         k.stride(0),
         v.stride(0),
         *v_cache.stride(),
@@ -82,3 +118,24 @@ def store_kv(
         ROW_PAD=triton.next_power_of_2(row),
         V_CONTIGUOUS=v_cache.is_contiguous(),
     )
+
+
+def kv_scales(
+    cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale tensors a kernel gets for `cache`: a float8 cache's k_scale / v_scale ([1]
+    float32 on its device; ones where None); for any other cache the kernels never read them,
+    and the cache itself stands in when they are None."""
+    if cache.dtype != torch.float8_e4m3fn:
+        return (cache if k_scale is None else k_scale), (cache if v_scale is None else v_scale)
+    scales = []
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            scale = torch.ones(1, dtype=torch.float32, device=cache.device)
+        elif scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != cache.device:
+            raise ValueError(
+                f"{name} must be one float32 element on {cache.device}, got "
+                f"{scale.dtype} {tuple(scale.shape)} on {scale.device}"
+            )
+        scales.append(scale)
+    return scales[0], scales[1]

@@ -4,8 +4,8 @@ Two ways through it. `forward(q, k, v)`: the backend stores k/v in their slots a
 Or, when `fused_store_target()` returns a target, the caller's own kernel writes k/v into the
 target's cache slots (kernels/norm_rope_store.py) and `forward_stored(q)` only attends. The
 target exists when the backend supports it (`supports_fused_kv_store`), the cache is allocated
-(not the memory-profiling run), no float8 scale is waiting to be computed from this step's k and
-v (`calculate_kv_scales`, where the layer has it), and the switch `FUSED_KV_STORE` is on
+(not the memory-profiling run), the step is not the prefill that computes the float8 scales from
+its own k and v (`calculate_kv_scales`), and the switch `FUSED_KV_STORE` is on
 (environment variable NANOVLLM_FUSED_KV_STORE=0 turns it off, for before/after measurements).
 """
 
@@ -17,6 +17,13 @@ import torch
 from torch import nn
 
 from nanovllm.utils.context import get_context
+
+# calculate_kv_scales maps the first prefill's largest |K| to K_SCALE_RANGE and largest |V| to
+# V_SCALE_RANGE in the float8 cache (vLLM's defaults for its K_SCALE_CONSTANT and
+# V_SCALE_CONSTANT); e4m3 reaches 448, so later tokens may be 448 / 200 = 2.24x (K) and
+# 448 / 100 = 4.48x (V) larger than anything in that step before they saturate.
+K_SCALE_RANGE = 200.0
+V_SCALE_RANGE = 100.0
 
 if TYPE_CHECKING:
     from nanovllm.attention.base import AttentionBackend
@@ -32,7 +39,7 @@ class KVStoreTarget:
     (-1: nowhere). Float8 caches hold x / scale saturated to +-448 (scale None: 1)."""
 
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], any strides
     slot_mapping: torch.Tensor  # [num_tokens] int64
     k_scale: torch.Tensor | None  # [1] float32 or None
     v_scale: torch.Tensor | None  # [1] float32 or None
@@ -43,6 +50,13 @@ class Attention(nn.Module):
 
     k_cache / v_cache ([num_blocks, block_size, num_kv_heads, head_dim]) and the backend are
     attached by the model runner once the cache is allocated.
+
+    k_scale / v_scale ([1] float32 on the layer's device, 1.0 until set) are the per-tensor
+    scales of a float8 cache: it stores k / k_scale and v / v_scale, and attention multiplies
+    them back. The kernels read them through a pointer, so they are only ever changed in place
+    (CUDA graphs captured earlier see the new values). `calculate_kv_scales` (set by the
+    model runner once the cache exists, when the engine was asked to) makes the next prefill
+    step compute them from its own K and V before anything is stored; see calculate_kv_scales.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
@@ -52,6 +66,10 @@ class Attention(nn.Module):
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.k_cache = self.v_cache = torch.tensor([])
+        # not buffers: no checkpoint holds them, and the loader must not look for them
+        self.k_scale = torch.ones(1, dtype=torch.float32)
+        self.v_scale = torch.ones(1, dtype=torch.float32)
+        self.calculate_kv_scales = False
         self.backend: AttentionBackend | None = None
 
     def _backend(self) -> "AttentionBackend":
@@ -62,7 +80,20 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim], k/v: [num_tokens, num_kv_heads, head_dim]."""
         backend = self._backend()
-        return backend.forward(q, k, v, self.k_cache, self.v_cache, get_context(), self.scale)
+        context = get_context()
+        if self.calculate_kv_scales and context.is_prefill and self.k_cache.numel() > 0:
+            self.compute_kv_scales(k, v)
+        return backend.forward(
+            q,
+            k,
+            v,
+            self.k_cache,
+            self.v_cache,
+            context,
+            self.scale,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
 
     def fused_store_target(self) -> KVStoreTarget | None:
         """Where a fused kernel should write this step's K/V itself (then call forward_stored),
@@ -70,13 +101,12 @@ class Attention(nn.Module):
         backend = self._backend()
         if not (FUSED_KV_STORE and backend.supports_fused_kv_store and self.k_cache.numel()):
             return None
-        if getattr(self, "calculate_kv_scales", False):
-            return None  # float8 scales still to be computed from this step's k, v: unfused
-        # Per-tensor float8 scales, where the layer has them (None: scale 1).
-        k_scale = getattr(self, "k_scale", None)
-        v_scale = getattr(self, "v_scale", None)
-        slots = get_context().slot_mapping
-        return KVStoreTarget(self.k_cache, self.v_cache, slots, k_scale, v_scale)
+        context = get_context()
+        if self.calculate_kv_scales and context.is_prefill:
+            return None  # forward computes the float8 scales from this step's k, v first
+        return KVStoreTarget(
+            self.k_cache, self.v_cache, context.slot_mapping, self.k_scale, self.v_scale
+        )
 
     def forward_stored(self, q: torch.Tensor) -> torch.Tensor:
         """Attention after the caller wrote the step's K/V to fused_store_target()'s slots.
@@ -84,4 +114,24 @@ class Attention(nn.Module):
         q: [num_tokens, num_heads, head_dim]; returns [num_tokens, num_heads, head_dim].
         """
         backend = self._backend()
-        return backend.attend(q, self.k_cache, self.v_cache, get_context(), self.scale)
+        return backend.attend(
+            q,
+            self.k_cache,
+            self.v_cache,
+            get_context(),
+            self.scale,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
+
+    @torch.no_grad()
+    def compute_kv_scales(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Set k_scale = max|k| / K_SCALE_RANGE and v_scale = max|v| / V_SCALE_RANGE (in place;
+        1.0 where the maximum is 0 or not finite), over every token of k, v ([num_tokens,
+        num_kv_heads, head_dim]); then stop (calculate_kv_scales becomes False)."""
+        for scale, x, top in ((self.k_scale, k, K_SCALE_RANGE), (self.v_scale, v, V_SCALE_RANGE)):
+            # [1]
+            amax = x.abs().amax().float().reshape(1)
+            usable = (amax > 0) & amax.isfinite()
+            scale.copy_(torch.where(usable, amax / top, torch.ones_like(amax)))
+        self.calculate_kv_scales = False

@@ -100,6 +100,10 @@ class ModelRunner:
             config, self.attention_layers, self.device, self.group, self._profile_run
         )
         self.startup_seconds["kv_cache"] = time.perf_counter() - start
+        # The first prefill with a cache (the memory profile above had none, CUDA graphs below
+        # capture decode steps) sets every layer's float8 scales from its own K and V.
+        for layer in self.attention_layers:
+            layer.calculate_kv_scales = config.calculate_kv_scales
         if (
             self.device.type == "cuda"
             and not config.enforce_eager
