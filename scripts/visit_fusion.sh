@@ -4,7 +4,7 @@
 # against unfused, CUDA graphs on), the decode step's launches-per-step table with
 # the fused store off and on (one process), and cuBLAS against a Triton skinny GEMM (with and
 # without SiLU-mul folded into gate_up) at the decode shapes. Logs go to $OUT.
-#   bash scripts/visit_fusion.sh
+#   bash scripts/visit_fusion.sh          (BENCH=1 adds bench.py unfused then fused: +2 min)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -18,4 +18,8 @@ git log --oneline -1 2>/dev/null || true
 step 50 tests_fusion python3 -m pytest -q -x tests/test_norm_rope_store.py
 step 60 profile python3 scripts/profile_steps.py --prefill-seqs 0 --fused both --steps 2
 step 35 gemm python3 scripts/bench_gemm.py --rows 256 --triton
+if [ "${BENCH:-0}" = 1 ]; then
+  step 70 bench_unfused env NANOVLLM_FUSED_KV_STORE=0 python3 bench.py
+  step 70 bench_fused python3 bench.py
+fi
 echo "=== done ($(date +%T))"
