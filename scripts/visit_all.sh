@@ -16,7 +16,7 @@ for name in "$@"; do
     sampling) OUT=$dir timeout 300 python3 bench.py --sampling all > "$dir/run.log" 2>&1 ;;
     cuda_tests) OUT=$dir timeout 420 python3 -m pytest -q -m "not slow" tests/test_cuda.py tests/test_sampler.py tests/test_kernels.py > "$dir/run.log" 2>&1 ;;
     final_tests)  # the CUDA tests of every part, each file under its own limit
-      for f in ${FINAL_TESTS:-test_cuda test_sampler test_kernels test_structured_output}; do
+      for f in ${FINAL_TESTS:-test_cuda test_sampler test_kernels test_structured_output test_norm_rope_store}; do
         k=""; [ $f = test_structured_output ] && k="cuda or bitmask"
         [ $f = test_models ] && k="cuda"
         echo "--- $f ($(date +%T))" >> "$dir/run.log"
