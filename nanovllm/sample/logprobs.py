@@ -59,9 +59,10 @@ def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> Tensor:
 # (bench.py's workload: 134k tokens x 6 Logprob objects), so it is done in bulk, once per
 # sequence when its output is built, from rows kept without a Python object per token:
 # - A sequence keeps its rows in a LogprobRecords: one flat array('d') of fixed-width records
-#   [token id, chosen logprob, rank, k top logprobs, k top ids]. An array is no container the
-#   cyclic garbage collector walks and adding a record makes no tracked object, so the rows of
-#   a run add nothing to its passes (a list per row both made passes more frequent and longer).
+#   [token id, chosen logprob, rank, k top logprobs, k top ids]. Adding a record makes no object
+#   the cyclic garbage collector tracks (the array is one, its numbers are not objects), so the
+#   rows of a run add nothing to its passes (a list per row made passes both more frequent,
+#   every 700 new ones, and longer).
 # - The build turns columns into Python numbers with one numpy call each, then one loop a token
 #   makes the dict: the chosen token first, then the top k in order, each once (the chosen
 #   token keeps its own rank when it is also among the top k).
