@@ -66,8 +66,8 @@ class Sequence:
         self.held_siblings: list[Sequence] | None = None
         # Set for sequences with stop strings: the text, one step at a time.
         self.detokenizer: IncrementalDetokenizer | None = None
-        # With sampling_params.logprobs: one {token id: Logprob} per generated token, built
-        # from the packed rows the sampler sent (kept flat until then: sample/logprobs.py).
+        # With sampling_params.logprobs: one {token id: Logprob} per generated token, built when
+        # read from the packed rows the sampler sent (kept flat until then: sample/logprobs.py).
         self._output_logprobs: list[dict[int, Logprob]] = []
         self._logprob_records = LogprobRecords(self.sampling_params.logprobs or 0)
         self._cumulative_logprob = 0.0

@@ -314,7 +314,7 @@ class PendingTokens:
         if self.logprobs is not None and self.logprob_seqs:
             # [R, 2 + 2k] float64, as bytes: each sequence copies its row's bytes out (a view
             # kept would keep the step's pinned buffer alive)
-            block = memoryview(self.logprobs.numpy()).cast("B")
+            block = memoryview(self.logprobs.contiguous().numpy()).cast("B")
             nbytes = 8 * self.logprobs.shape[1]
             for j, (i, seq) in enumerate(self.logprob_seqs):
                 if seq is not None:
