@@ -4,12 +4,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Logprob:
     """The log-probability of one token at one position (vLLM's Logprob).
 
     rank: 1 for the most likely token, k for the k-th most likely.
     decoded_token: the token's text on its own (None with detokenize=False or no tokenizer).
+    Slots (no per-object __dict__): a run with logprobs makes millions of them; they are made
+    ~20% faster, smaller, and quicker for the garbage collector to walk. Fields, equality, repr
+    and pickling are the dataclass's, as in vLLM.
     """
 
     logprob: float

@@ -7,7 +7,7 @@ import numpy as np
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.outputs import Logprob
-from nanovllm.sample.logprobs import to_entries
+from nanovllm.sample.logprobs import LogprobRecords
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import SequenceGrammar
 
@@ -66,10 +66,10 @@ class Sequence:
         self.held_siblings: list[Sequence] | None = None
         # Set for sequences with stop strings: the text, one step at a time.
         self.detokenizer: IncrementalDetokenizer | None = None
-        # With sampling_params.logprobs: one {token id: Logprob} per generated token, built
-        # from the packed rows the sampler sent (sample/logprobs.py) when first read.
+        # With sampling_params.logprobs: one {token id: Logprob} per generated token, built when
+        # read from the packed rows the sampler sent (kept flat until then: sample/logprobs.py).
         self._output_logprobs: list[dict[int, Logprob]] = []
-        self._logprob_rows: list[tuple[np.ndarray, int]] = []  # (packed row, token id)
+        self._logprob_records = LogprobRecords(self.sampling_params.logprobs or 0)
         self._cumulative_logprob = 0.0
         # With sampling_params.prompt_logprobs (first completion only): one entry per prompt
         # token, None for the first; filled as the prefill computes the positions.
@@ -80,18 +80,16 @@ class Sequence:
         # generated token (attached by the engine that runs the sequence).
         self.grammar: SequenceGrammar | None = None
 
-    def add_logprob_row(self, packed: np.ndarray, token_id: int) -> None:
-        """Keep one generated token's packed logprob row (made into a dict when read)."""
-        self._logprob_rows.append((packed, token_id))
+    def add_logprob_row(self, packed: memoryview | np.ndarray, token_id: int) -> None:
+        """Keep one generated token's packed logprob row (see LogprobRecords.add); it becomes
+        a dict when the logprobs are read."""
+        self._logprob_records.add(packed, token_id)
 
     def _build_logprobs(self) -> None:
-        rows, self._logprob_rows = self._logprob_rows, []
-        if rows:
-            k = self.sampling_params.logprobs or 0
-            packed = [r for r, _ in rows]  # widths differ between steps (the batch's largest k)
-            entries = to_entries(packed, [t for _, t in rows], [k] * len(rows))
+        if self._logprob_records.data:
+            entries, total = self._logprob_records.take()
             self._output_logprobs.extend(entries)
-            self._cumulative_logprob += float(sum(r[0] for r in packed))
+            self._cumulative_logprob += total
 
     @property
     def output_logprobs(self) -> list[dict[int, Logprob]]:

@@ -316,12 +316,12 @@ class PendingTokens:
                     poll()
         tokens = self.host.tolist()
         if self.logprobs is not None and self.logprob_seqs:
-            # A copy: the sequences keep rows of it until their output is built, and views would
-            # keep each step's pinned buffer alive (the pinned-memory cache could not reuse it:
-            # a new page-locked allocation every step).
-            packed = self.logprobs.numpy().copy()
-            for i, (row, seq) in enumerate(self.logprob_seqs):
+            # [R, 2 + 2k] float64, as bytes: each sequence copies its row's bytes out (a view
+            # kept would keep the step's pinned buffer alive)
+            block = memoryview(self.logprobs.contiguous().numpy()).cast("B")
+            nbytes = 8 * self.logprobs.shape[1]
+            for j, (i, seq) in enumerate(self.logprob_seqs):
                 if seq is not None:
-                    seq.add_logprob_row(packed[i], tokens[row])
+                    seq.add_logprob_row(block[j * nbytes : (j + 1) * nbytes], tokens[i])
             self.logprob_seqs = None  # handed out once
         return tokens
