@@ -13,10 +13,10 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAM
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null || true
-step 100 tests python3 -m pytest -q -m "not slow" tests/test_norm_rope_store.py tests/test_kernels.py tests/test_cascade.py -k "fp8 or token_minor or scales or saturates or keeps_nan or store"
-step 60 kernels python3 scripts/bench_kernels.py --kv-dtype ${KV_DTYPES:-fp8}
 step 200 sampling python3 bench.py --sampling ${SAMPLING:-all}
+step 100 tests python3 -m pytest -q -m "not slow" tests/test_norm_rope_store.py tests/test_kernels.py tests/test_cascade.py -k "fp8 or token_minor or scales or saturates or keeps_nan or store"
 step 70 bench_fp8 python3 bench.py --kv-cache-dtype fp8
+step 60 kernels python3 scripts/bench_kernels.py --kv-dtype ${KV_DTYPES:-fp8}
 step 70 profile python3 scripts/profile_steps.py --prefill-seqs 0 --fused both --steps 2
 [ -n "${QUALITY:-}" ] && step 100 quality python3 scripts/fp8_quality.py --json "$OUT/fp8_quality.json"
 echo "=== done ($(date +%T))"
