@@ -83,6 +83,71 @@ def tile_rows(
 
 
 @triton.jit
+def load_kv_tile(
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    table,
+    n0,
+    offs_n,
+    n_mask,
+    offs_d,
+    d_mask,
+    kv_head,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    V_MASK_N: tl.constexpr,
+):
+    """One key tile of tokens offs_n: the K tile [BLOCK_N, D_PAD] in q's dtype (zeros past
+    n_mask), and the V tile's pointers [BLOCK_N, D_PAD] with their load mask for
+    online_softmax_step. Without V_MASK_N the whole V tile is read (see tile_rows: it lies in one
+    block of the sequence; keys past the end weigh exactly 0), so a token-minor V tile's loads
+    stay vectorised."""
+    k_rows = tile_rows(
+        table,
+        n0,
+        offs_n,
+        n_mask,
+        kv_head,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        BLOCK_SIZE,
+        BLOCK_N,
+        ALIGNED,
+    )
+    v_rows = tile_rows(
+        table,
+        n0,
+        offs_n,
+        n_mask,
+        kv_head,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        BLOCK_SIZE,
+        BLOCK_N,
+        ALIGNED,
+    )
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v_ptrs = v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd
+    if V_MASK_N:
+        v_mask = kv_mask
+    else:
+        v_mask = d_mask[None, :]  # [1, D_PAD]: constant along the tokens
+    return k.to(q.dtype), v_ptrs, v_mask
+
+
+@triton.jit
 def online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
     """Fold one tile into the running state: s [M, BLOCK_N] scores (scaled by scale * log2(e),
     masked to -inf), V loaded from v_ptrs [BLOCK_N, D_PAD] (a float8 cache is widened to

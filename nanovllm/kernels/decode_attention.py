@@ -43,9 +43,9 @@ import triton.language as tl
 from nanovllm.kernels.attention_tile import (
     cache_scales,
     dot,
+    load_kv_tile,
     online_softmax_step,
     query_for_cache,
-    tile_rows,
 )
 from nanovllm.kernels.store_kv import kv_scales
 
@@ -125,47 +125,32 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        # [BLOCK_N]
-        k_rows = tile_rows(
+        # [BLOCK_N, D_PAD]
+        k, v_ptrs, v_mask = load_kv_tile(
+            q,
+            k_cache_ptr,
+            v_cache_ptr,
             table,
             n0,
             offs_n,
             n_mask,
+            offs_d,
+            d_mask,
             kv_head,
             stride_kb,
             stride_kt,
             stride_kh,
-            BLOCK_SIZE,
-            BLOCK_N,
-            ALIGNED,
-        )
-        v_rows = tile_rows(
-            table,
-            n0,
-            offs_n,
-            n_mask,
-            kv_head,
             stride_vb,
             stride_vt,
             stride_vh,
+            stride_vd,
             BLOCK_SIZE,
             BLOCK_N,
             ALIGNED,
-        )
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        # [BLOCK_N, D_PAD]
-        k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(
-            q.dtype
+            V_MASK_N,
         )
         # [G_PAD, BLOCK_N]
         s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-        v_ptrs = v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd
-        if V_MASK_N:
-            v_mask = kv_mask
-        else:
-            # [1, D_PAD]: the whole tile is read (it lies in a block of this sequence; keys
-            # past the end weigh exactly 0), so token-minor loads stay vectorised
-            v_mask = d_mask[None, :]
         m_i, l_i, acc = online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
 
     has_keys = l_i > 0
