@@ -781,3 +781,24 @@ def test_store_kv_keeps_nan() -> None:
     v_cache = torch.zeros_like(k_cache)
     store_kv(k, k, k_cache, v_cache, torch.tensor([3], device=DEVICE))
     assert k_cache.float()[0, 3].isnan().all() and v_cache.float()[0, 3].isnan().all()
+
+
+def test_default_block_n() -> None:
+    """Decode tiles: 64 keys for 16-bit caches; for float8, 128 or the largest power of two
+    dividing the block size (so every tile lies in one block)."""
+    from nanovllm.kernels.decode_attention import default_block_n
+
+    def cache(block_size: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(1, block_size, 2, 8, dtype=dtype)
+
+    fp8 = torch.float8_e4m3fn
+    assert default_block_n(cache(256, torch.float16)) == 64
+    assert default_block_n(cache(16, torch.bfloat16)) == 64
+    assert [default_block_n(cache(b, fp8)) for b in (16, 48, 64, 96, 256, 512)] == [
+        16,
+        16,
+        64,
+        32,
+        128,
+        128,
+    ]

@@ -258,7 +258,7 @@ def decode_attention(
     scale: float,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     k_scale: torch.Tensor | None = None,
@@ -276,6 +276,8 @@ def decode_attention(
         out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
+    if block_n is None:
+        block_n = default_block_n(k_cache)
     # the partial results of each split, when there are several
     partial = partials(q, num_splits) if num_splits > 1 else None
     launch_decode(
@@ -298,6 +300,17 @@ def decode_attention(
     if partial is not None:
         combine(*partial, None, out, num_splits)
     return out
+
+
+def default_block_n(k_cache: torch.Tensor) -> int:
+    """Keys per tile: 64 for 16-bit caches; for a float8 cache 128 when the block size allows,
+    else the largest power of two dividing the block size (one-block tiles keep a token-minor V
+    tile's loads vectorised). One H200, 256 x 1024 keys (scripts/bench_kernels.py): float8
+    0.151 ms with 128 against 0.205 ms with 64 (83% against 61% of copy bandwidth); bfloat16
+    is within 2-4% across 32-128."""
+    if k_cache.element_size() != 1:
+        return 64
+    return math.gcd(k_cache.shape[1], 128)
 
 
 def check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, name: str) -> int:
