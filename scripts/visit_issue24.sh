@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU visit for issue 24, one H200, under 8 minutes: the FP8 / fused-store kernel tests, the
+# One GPU visit for issue 24, one H200, about 4-5 minutes (the others: visit_fusion.sh adds the
+# GEMM comparison, visit_fp8scale.sh the engine scale tests, visit_logprobs.sh the host timing): the FP8 / fused-store kernel tests, the
 # decode kernel bandwidth table (FP8; KV_DTYPES=bf16,fp8 for both), bench.py's sampling settings
 # (bf16 cache) and an FP8 cache, the launches-per-step profile (fused KV store off and on), the FP8 quality gate.
 #   bash scripts/visit_issue24.sh      (logs to $OUT)
