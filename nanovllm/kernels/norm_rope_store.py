@@ -27,22 +27,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.norm_rope import qk_norm_rope_rows
-
-
-@triton.jit
-def _to_cache(x, scale_ptr, cache_ptr, HAS_SCALE: tl.constexpr, IS_FP8: tl.constexpr):
-    """x (model dtype) as the cache at cache_ptr stores it (see the module docstring)."""
-    out_dtype = cache_ptr.dtype.element_ty
-    if IS_FP8:
-        y = x.to(tl.float32)
-        if HAS_SCALE:
-            y = y / tl.load(scale_ptr)
-        # saturate at e4m3's largest finite value; NaN stays NaN
-        y = tl.maximum(y, -448.0, propagate_nan=tl.PropagateNan.ALL)
-        y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        return y.to(out_dtype)
-    else:
-        return x.to(out_dtype)
+from nanovllm.kernels.store_kv import kv_scales, to_cache, v_cache_offsets
 
 
 @triton.jit
@@ -74,9 +59,6 @@ def _qk_norm_rope_store_kernel(
     HALF_PAD: tl.constexpr,
     ROW_PAD: tl.constexpr,
     V_CONTIGUOUS: tl.constexpr,
-    HAS_K_SCALE: tl.constexpr,
-    HAS_V_SCALE: tl.constexpr,
-    IS_FP8: tl.constexpr,
 ):
     # One program per token. Tile rows 0..NUM_HEADS-1 are its query heads, the next
     # NUM_KV_HEADS its key heads, each split in the two halves RoPE rotates.
@@ -113,34 +95,29 @@ def _qk_norm_rope_store_kernel(
     if slot >= 0:
         k_dst = k_cache_ptr + slot * ROW + (heads[:, None] - NUM_HEADS) * HEAD_DIM + offs[None, :]
         k_mask = mask & ~is_q[:, None]
-        k1 = _to_cache(o1, k_scale_ptr, k_cache_ptr, HAS_K_SCALE, IS_FP8)
-        k2 = _to_cache(o2, k_scale_ptr, k_cache_ptr, HAS_K_SCALE, IS_FP8)
+        k1 = to_cache(o1, k_scale_ptr, k_cache_ptr)
+        k2 = to_cache(o2, k_scale_ptr, k_cache_ptr)
         tl.store(k_dst, k1, mask=k_mask)
         tl.store(k_dst + HALF, k2, mask=k_mask)
         # v: the last ROW elements of the token's qkv row, copied as they are
         v_offs = tl.arange(0, ROW_PAD)
         v_mask = v_offs < ROW
         v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + v_offs
-        v = _to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, v_cache_ptr, HAS_V_SCALE, IS_FP8)
-        if V_CONTIGUOUS:
-            v_dst = v_cache_ptr + slot * ROW + v_offs
-        else:  # e.g. token-minor: element (head, d) of the row by the strides
-            block, row = slot // block_size, slot % block_size
-            head, d = v_offs // HEAD_DIM, v_offs % HEAD_DIM
-            v_dst = (
-                v_cache_ptr + block * stride_vb + row * stride_vt + head * stride_vh + d * stride_vd
-            )
-        tl.store(v_dst, v, mask=v_mask)
-
-
-def _check_scale(name: str, scale: torch.Tensor | None, device: torch.device) -> None:
-    if scale is None:
-        return
-    if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != device:
-        raise ValueError(
-            f"{name} must be a one-element float32 tensor on {device}, got shape "
-            f"{tuple(scale.shape)} {scale.dtype} on {scale.device}"
+        v = to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, v_cache_ptr)
+        # e.g. token-minor: element (head, d) of the row by the strides
+        v_dst = v_cache_ptr + v_cache_offsets(
+            slot,
+            v_offs,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            stride_vd,
+            block_size,
+            HEAD_DIM,
+            ROW,
+            V_CONTIGUOUS,
         )
+        tl.store(v_dst, v, mask=v_mask)
 
 
 def qk_norm_rope_store(
@@ -194,8 +171,7 @@ def qk_norm_rope_store(
         raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     if slot_mapping.numel() != num_tokens:
         raise ValueError(f"slot_mapping has {slot_mapping.numel()} slots for {num_tokens} tokens")
-    _check_scale("k_scale", k_scale, qkv.device)
-    _check_scale("v_scale", v_scale, qkv.device)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     # [num_tokens, num_heads, head_dim]
     q = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if num_tokens > 0:
@@ -211,8 +187,8 @@ def qk_norm_rope_store(
             q,
             k_cache,
             v_cache,
-            k_scale if k_scale is not None else q,  # a dummy pointer, never read
-            v_scale if v_scale is not None else q,
+            k_scale,
+            v_scale,
             qkv.stride(0),
             *v_cache.stride(),
             k_cache.shape[1],
@@ -225,9 +201,6 @@ def qk_norm_rope_store(
             HALF_PAD=triton.next_power_of_2(half),
             ROW_PAD=triton.next_power_of_2(num_kv_heads * head_dim),
             V_CONTIGUOUS=v_cache.is_contiguous(),
-            HAS_K_SCALE=k_scale is not None,
-            HAS_V_SCALE=v_scale is not None,
-            IS_FP8=k_cache.dtype == torch.float8_e4m3fn,
             num_warps=4,
         )
     return q

@@ -32,7 +32,7 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 
 
 @triton.jit
-def _to_cache(x, scale_ptr, cache_ptr):
+def to_cache(x, scale_ptr, cache_ptr):
     """x in the cache's dtype; a float8 cache gets x / scale saturated at +-448 (see above)."""
     dtype = cache_ptr.dtype.element_ty
     if dtype.is_fp8():
@@ -40,6 +40,20 @@ def _to_cache(x, scale_ptr, cache_ptr):
         x = tl.maximum(x, -448.0, propagate_nan=tl.PropagateNan.ALL)
         x = tl.minimum(x, 448.0, propagate_nan=tl.PropagateNan.ALL)
     return x.to(dtype)
+
+
+@triton.jit
+def v_cache_offsets(
+    slot, offs, stride_vb, stride_vt, stride_vh, stride_vd, block_size, HEAD_DIM, ROW, V_CONTIGUOUS
+):
+    """Element offsets in the V cache of elements offs (head * HEAD_DIM + d) of slot's row: the
+    row itself in a contiguous cache, else each (head, d) by the strides (a token-minor cache)."""
+    if V_CONTIGUOUS:
+        return slot * ROW + offs
+    else:
+        block, row = slot // block_size, slot % block_size
+        head, d = offs // HEAD_DIM, offs % HEAD_DIM
+        return block * stride_vb + row * stride_vt + head * stride_vh + d * stride_vd
 
 
 @triton.jit
@@ -71,14 +85,20 @@ def _store_kv_kernel(
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
         # cast to the cache's dtype (a float8 cache gets k / k_scale, v / v_scale, saturated)
-        tl.store(k_cache_ptr + slot * ROW + offs, _to_cache(k, k_scale_ptr, k_cache_ptr), mask=mask)
-        if V_CONTIGUOUS:
-            v_offs = slot * ROW + offs
-        else:
-            block, row = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            head, d = offs // HEAD_DIM, offs % HEAD_DIM
-            v_offs = block * stride_vb + row * stride_vt + head * stride_vh + d * stride_vd
-        tl.store(v_cache_ptr + v_offs, _to_cache(v, v_scale_ptr, v_cache_ptr), mask=mask)
+        tl.store(k_cache_ptr + slot * ROW + offs, to_cache(k, k_scale_ptr, k_cache_ptr), mask=mask)
+        v_offs = v_cache_offsets(
+            slot,
+            offs,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            stride_vd,
+            BLOCK_SIZE,
+            HEAD_DIM,
+            ROW,
+            V_CONTIGUOUS,
+        )
+        tl.store(v_cache_ptr + v_offs, to_cache(v, v_scale_ptr, v_cache_ptr), mask=mask)
 
 
 def store_kv(
@@ -125,17 +145,23 @@ def kv_scales(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale tensors a kernel gets for `cache`: a float8 cache's k_scale / v_scale ([1]
     float32 on its device; ones where None); for any other cache the kernels never read them,
-    and the cache itself stands in when they are None."""
+    and the cache itself stands in when they are None. A scale given must be well formed."""
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        # (the cache itself: this function's stand-in, passed on by a wrapper)
+        if (
+            scale is not None
+            and scale is not cache
+            and (scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != cache.device)
+        ):
+            raise ValueError(
+                f"{name} must be a one-element float32 tensor on {cache.device}, got shape "
+                f"{tuple(scale.shape)} {scale.dtype} on {scale.device}"
+            )
     if cache.dtype != torch.float8_e4m3fn:
         return (cache if k_scale is None else k_scale), (cache if v_scale is None else v_scale)
     scales = []
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+    for scale in (k_scale, v_scale):
         if scale is None:
             scale = torch.ones(1, dtype=torch.float32, device=cache.device)
-        elif scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != cache.device:
-            raise ValueError(
-                f"{name} must be one float32 element on {cache.device}, got "
-                f"{scale.dtype} {tuple(scale.shape)} on {scale.device}"
-            )
         scales.append(scale)
     return scales[0], scales[1]
