@@ -1,6 +1,6 @@
 """One decode step's sampling alone, per sampling setting, at a full batch (CUDA or CPU).
 
-    python3 scripts/bench_sampling.py [--rows 256] [--vocab 151936] [--prompt-len 600]
+    python3 scripts/bench_sampling.py [--rows 256] [--vocab 151936] [--prompt-len 600] [--profile] [--topk]
 
 For each setting of nanovllm.utils.benchmark.SAMPLING: `rows` sequences (prompts of prompt_len
 random ids) hold sampling slots; each iteration builds the step's rows, samples random logits
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=600)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--profile", action="store_true", help="top kernels of each setting")
+    parser.add_argument("--topk", action="store_true", help="then the top-k variants (CUDA)")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -86,6 +87,50 @@ def main() -> None:
                     torch.cuda.synchronize()
             key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=10, max_name_column_width=50))
+    if args.topk and dev.type == "cuda":
+        topk_variants(logits, args.steps)
+
+
+def topk_variants(logits: torch.Tensor, steps: int) -> None:
+    """Device time of the top-k ways side by side on the same logits [B, V]: torch.topk, one
+    chunk_topk pass of k' per chunk (the sampler before kernel_topk), kernel_topk; and with
+    penalties, penalize + kernel_topk against kernel_topk with the penalties fused."""
+    from nanovllm.kernels.sampling import chunk_topk, penalize
+    from nanovllm.sample.sampler import KERNEL_TOPK_CHUNK, kernel_topk
+
+    rows, vocab = logits.shape
+    dev = logits.device
+    slots = torch.arange(rows, device=dev)
+    counts = torch.randint(0, 2, (rows, vocab), dtype=torch.int32, device=dev)
+    seen = torch.rand(rows, vocab, device=dev) < 0.01
+    params = torch.rand(rows, 3, device=dev) * 0.3 + 1
+    pen = (slots, params[:, 0], params[:, 1], params[:, 2], counts, seen)
+
+    def one_pass(k: int) -> None:
+        vals, ids = chunk_topk(logits, max(8, 1 << (k - 1).bit_length()), KERNEL_TOPK_CHUNK)
+        vals.topk(k, dim=-1)
+
+    print(f"top-k of {rows} x {vocab} {logits.dtype}: device us per call")
+    for k in (20, 50):
+        ways = {
+            "torch.topk": lambda k=k: logits.topk(k, dim=-1),
+            "one pass": lambda k=k: one_pass(k),
+            "kernel_topk": lambda k=k: kernel_topk(logits, k, KERNEL_TOPK_CHUNK),
+            "penalize+kernel_topk": lambda k=k: kernel_topk(
+                penalize(logits, *pen), k, KERNEL_TOPK_CHUNK
+            ),
+            "fused penalties": lambda k=k: kernel_topk(logits, k, KERNEL_TOPK_CHUNK, pen),
+        }
+        for name, fn in ways.items():
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            print(f"  k={k:3d} {name:22s} {start.elapsed_time(end) * 1e3 / steps:9.1f}")
 
 
 if __name__ == "__main__":

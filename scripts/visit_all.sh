@@ -12,7 +12,7 @@ for name in "$@"; do
   dir=/tmp/visit/$name; mkdir -p "$dir"
   echo "##### $name ($(date +%T))"
   case $name in
-    sampling_profile) OUT=$dir timeout 200 python3 scripts/bench_sampling.py --profile > "$dir/run.log" 2>&1 ;;
+    sampling_profile) OUT=$dir timeout 200 python3 scripts/bench_sampling.py --profile --topk > "$dir/run.log" 2>&1 ;;
     sampling) OUT=$dir timeout 300 python3 bench.py --sampling all > "$dir/run.log" 2>&1 ;;
     cuda_tests) OUT=$dir timeout 420 python3 -m pytest -q -m "not slow" tests/test_cuda.py tests/test_sampler.py tests/test_kernels.py > "$dir/run.log" 2>&1 ;;
     final_tests)  # the CUDA tests of every part, each file under its own limit

@@ -655,6 +655,69 @@ def test_chunk_topk_kernel(vocab: int, k: int, chunk: int) -> None:
     assert torch.equal(vals.topk(k, dim=-1).values, x.topk(k, dim=-1).values)
 
 
+def penalty_case(rows: int, vocab: int, seed: int, with_repetition: bool = True):
+    """Random logits [rows, vocab] and penalize's arguments for them (slots into a table of
+    rows + 2 slots): (logits, (slots, repetition, presence, frequency, counts, prompt_seen))."""
+    from nanovllm.sample.state import FREQUENCY, PRESENCE, REPETITION
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(torch.float16).float()
+    counts = torch.randint(0, 3, (rows + 2, vocab), generator=gen, dtype=torch.int32)
+    seen = torch.rand(rows + 2, vocab, generator=gen) < 0.1
+    slots = torch.randperm(rows + 2, generator=gen)[:rows]
+    params = torch.zeros(rows, 8)
+    params[:, REPETITION] = 1 + torch.rand(rows, generator=gen)
+    params[:, PRESENCE] = torch.rand(rows, generator=gen)
+    params[:, FREQUENCY] = torch.rand(rows, generator=gen) - 0.3
+    params = params.to(DEVICE)
+    args = (
+        slots.to(DEVICE),
+        params[:, REPETITION],
+        params[:, PRESENCE],
+        params[:, FREQUENCY],
+        counts.to(DEVICE),
+        seen.to(DEVICE) if with_repetition else None,
+    )
+    return logits.to(DEVICE), args
+
+
+@pytest.mark.parametrize("with_repetition", [True, False])
+def test_chunk_topk_flags_and_penalties(with_repetition: bool) -> None:
+    """chunk_topk with penalties equals chunk_topk of penalize's output; with flags, the rows
+    not flagged get -inf and the flagged ones are unchanged."""
+    from nanovllm.kernels.sampling import chunk_topk, penalize
+
+    logits, args = penalty_case(4, 1000, 5, with_repetition)
+    want_vals, want_ids = chunk_topk(penalize(logits, *args), 8, 128)
+    vals, ids = chunk_topk(logits, 8, 128, penalties=args)
+    assert torch.equal(vals, want_vals)
+    assert torch.equal(ids, want_ids)
+    flags = torch.tensor([True, False, False, True], device=DEVICE)
+    vals, ids = chunk_topk(logits, 8, 128, flags=flags, penalties=args)
+    assert torch.equal(vals[flags], want_vals[flags])
+    assert torch.equal(ids[flags], want_ids[flags])
+    assert bool((vals[~flags] == float("-inf")).all())
+
+
+@pytest.mark.parametrize("penalised", [False, True])
+@pytest.mark.parametrize("k", [5, 20, 50])
+def test_kernel_topk_equals_torch_topk(penalised: bool, k: int) -> None:
+    """The sampler's two-pass kernel top-k (8 per chunk, then the rows where a chunk may hold
+    more redone) gives torch.topk's values and ids that hold them, also for rows whose top k
+    crowd a few chunks (the redo) and rows with ties."""
+    from nanovllm.kernels.sampling import penalize
+    from nanovllm.sample.sampler import kernel_topk
+
+    logits, args = penalty_case(4, 1500, k, penalised)
+    logits[1, 130 : 130 + k] += 20  # row 1: the whole top k in one or two chunks of 64
+    logits[2, ::3] = 9.0  # row 2: ties everywhere, above the rest
+    x = penalize(logits, *args) if penalised else logits
+    vals, ids = kernel_topk(logits, k, 64, args if penalised else None)
+    assert torch.equal(vals, x.topk(k, dim=-1).values)
+    assert torch.equal(x.gather(1, ids), vals)
+    assert all(len(set(row)) == k for row in ids.tolist())
+
+
 def scaled_fp8(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8 content, float32 values it stands for): quantize_fp8(x, scale) and that times
     scale. The values round-trip: storing them with `scale` gives the same float8 content."""

@@ -127,6 +127,41 @@ def _penalize_kernel(
     mask = offs < V
     slot = tl.load(slots_ptr + row).to(tl.int64)
     x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=mask).to(tl.float32)
+    x = _penalized(
+        x,
+        row,
+        slot,
+        offs,
+        mask,
+        rep_ptr,
+        pres_ptr,
+        freq_ptr,
+        counts_ptr,
+        seen_ptr,
+        param_stride,
+        V,
+        HAS_REPETITION,
+    )
+    tl.store(out_ptr + row.to(tl.int64) * V + offs, x, mask=mask)
+
+
+@triton.jit
+def _penalized(
+    x,
+    row,
+    slot,
+    offs,
+    mask,
+    rep_ptr,
+    pres_ptr,
+    freq_ptr,
+    counts_ptr,
+    seen_ptr,
+    param_stride,
+    V,
+    HAS_REPETITION: tl.constexpr,
+):
+    # x (float32 logits of entries offs of a row) with the row's penalties (see penalize)
     count = tl.load(counts_ptr + slot * V + offs, mask=mask, other=0).to(tl.float32)
     if HAS_REPETITION:
         penalty = tl.load(rep_ptr + row * param_stride)
@@ -134,8 +169,7 @@ def _penalize_kernel(
         x = tl.where(seen, tl.where(x < 0, x * penalty, x / penalty), x)
     presence = tl.load(pres_ptr + row * param_stride)
     frequency = tl.load(freq_ptr + row * param_stride)
-    x = x - frequency * count - presence * (count > 0).to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * V + offs, x, mask=mask)
+    return x - frequency * count - presence * (count > 0).to(tl.float32)
 
 
 def penalize(
@@ -501,34 +535,122 @@ def sample_candidates(
 
 
 @triton.jit
-def _chunk_topk_kernel(x_ptr, vals_ptr, ids_ptr, stride, V, CHUNK: tl.constexpr, K: tl.constexpr):
+def _chunk_topk_kernel(
+    x_ptr,
+    vals_ptr,
+    ids_ptr,
+    flag_ptr,
+    slots_ptr,
+    rep_ptr,
+    pres_ptr,
+    freq_ptr,
+    counts_ptr,
+    seen_ptr,
+    stride,
+    param_stride,
+    V,
+    CHUNK: tl.constexpr,
+    K: tl.constexpr,
+    FLAGGED_ONLY: tl.constexpr,
+    PENALTY: tl.constexpr,
+    HAS_REPETITION: tl.constexpr,
+):
     # One program per (row, chunk of CHUNK entries): the chunk's K largest entries, largest
-    # first, by K rounds of "take the maximum (smallest index on ties), then remove it"; the
-    # chunk stays in registers, so the row is read from memory once.
+    # first (smallest index on ties). Each entry is packed into one int64 that orders like
+    # (value, -index): the float's bits made sign-ordered in the high half, 2**31 - 1 - index in
+    # the low half. Then each of the K rounds is one max reduction and a removal; the chunk
+    # stays in registers, so the row is read from memory once. With PENALTY, the entries are
+    # the penalised logits (penalize's arithmetic). With FLAGGED_ONLY, rows whose flag is 0
+    # only write -inf.
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    x = tl.load(x_ptr + row.to(tl.int64) * stride + offs, mask=offs < V, other=float("-inf"))
-    x = x.to(tl.float32)
     out = (row * tl.num_programs(1) + chunk) * K
-    for j in tl.static_range(K):
-        top = tl.max(x, 0)
-        at = tl.min(tl.where(x == top, offs, V), 0)
-        tl.store(vals_ptr + out + j, top)
-        tl.store(ids_ptr + out + j, tl.minimum(at, V - 1).to(tl.int64))  # (in range if all -inf)
-        x = tl.where(offs == at, float("-inf"), x)
+    run = 1
+    if FLAGGED_ONLY:
+        run = tl.load(flag_ptr + row)
+    if run != 0:
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < V
+        x = tl.load(x_ptr + row.to(tl.int64) * stride + offs, mask=mask, other=float("-inf"))
+        x = x.to(tl.float32)
+        if PENALTY:
+            slot = tl.load(slots_ptr + row).to(tl.int64)
+            x = _penalized(
+                x,
+                row,
+                slot,
+                offs,
+                mask,
+                rep_ptr,
+                pres_ptr,
+                freq_ptr,
+                counts_ptr,
+                seen_ptr,
+                param_stride,
+                V,
+                HAS_REPETITION,
+            )
+        bits = x.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order of key = float order of x
+        packed = (key.to(tl.int64) << 32) | (0x7FFFFFFF - offs).to(tl.int64)
+        for j in tl.static_range(K):
+            top = tl.max(packed, 0)
+            top_key = (top >> 32).to(tl.int32)
+            top_bits = top_key ^ ((top_key >> 31) & 0x7FFFFFFF)
+            at = 0x7FFFFFFF - (top - ((top >> 32) << 32)).to(tl.int32)
+            tl.store(vals_ptr + out + j, top_bits.to(tl.float32, bitcast=True))
+            tl.store(ids_ptr + out + j, tl.minimum(at, V - 1).to(tl.int64))  # (in range if -inf)
+            packed = tl.where(packed == top, -9223372036854775807 - 1, packed)
+    else:
+        lanes = tl.arange(0, K)
+        tl.store(vals_ptr + out + lanes, tl.full([K], float("-inf"), tl.float32))
+        tl.store(ids_ptr + out + lanes, tl.zeros([K], tl.int64))
 
 
-def chunk_topk(x: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_topk(
+    x: torch.Tensor,
+    k: int,
+    chunk: int,
+    flags: torch.Tensor | None = None,
+    penalties: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For x [B, V]: the k largest entries of every chunk of `chunk` entries of each row, and
-    their row-global ids: ([B, n * k] float32, [B, n * k] int64), n = ceil(V / chunk). chunk a
-    power of two; k small (each is one reduction over the chunk)."""
+    their row-global ids: ([B, n * k] float32, [B, n * k] int64), n = ceil(V / chunk), largest
+    first in each chunk (smallest id on ties). chunk and k powers of two; k small (each is one
+    reduction over the chunk).
+
+    flags [B] bool: only those rows are computed, the others get -inf (and id 0).
+    penalties (slots, repetition, presence, frequency, counts, prompt_seen): penalize's
+    arguments; the entries are then the penalised logits, as penalize would write them."""
     num_rows, vocab = x.shape
     n = triton.cdiv(vocab, chunk)
     vals = torch.empty(num_rows, n * k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_rows, n * k, dtype=torch.int64, device=x.device)
-    if num_rows > 0:
-        _chunk_topk_kernel[(num_rows, n)](
-            x, vals, ids, x.stride(0), vocab, CHUNK=chunk, K=k, num_warps=8
-        )
+    if num_rows == 0:
+        return vals, ids
+    seen, stride = None, 0
+    if penalties is not None:
+        slots, repetition, presence, frequency, counts, seen = penalties
+        assert repetition.stride(0) == presence.stride(0) == frequency.stride(0)
+        stride = repetition.stride(0)
+        seen_arg = seen.view(torch.uint8) if seen is not None else counts
+        pen = (slots, repetition, presence, frequency, counts, seen_arg)
+    else:
+        pen = (vals,) * 6
+    _chunk_topk_kernel[(num_rows, n)](
+        x,
+        vals,
+        ids,
+        flags.view(torch.int8) if flags is not None else vals,
+        *pen,
+        x.stride(0),
+        stride,
+        vocab,
+        CHUNK=chunk,
+        K=k,
+        FLAGGED_ONLY=flags is not None,
+        PENALTY=penalties is not None,
+        HAS_REPETITION=seen is not None,
+        num_warps=8,
+    )
     return vals, ids

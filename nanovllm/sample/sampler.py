@@ -57,27 +57,41 @@ CDF_BLOCK = 1024
 # On CUDA, top-k up to KERNEL_TOPK takes each chunk's best in a Triton kernel (topk_rows).
 KERNEL_TOPK = 64
 KERNEL_TOPK_CHUNK = 4096
+# kernel_topk's first pass keeps this many per chunk (a row's top k rarely crowd one chunk).
+FIRST_ROUNDS = 8
 
 
 def apply_penalties(logits: Tensor, rows: SamplingRows) -> Tensor:
     """Return float32 logits [B, V] (a new tensor) with the penalties and min_tokens bans of
     step (a): a Triton kernel on CUDA, a C one on a CPU (kernels/cpu.c), else torch ops."""
-    p = rows.params
-    args = (p[:, REPETITION], p[:, PRESENCE], p[:, FREQUENCY], rows.counts, rows.prompt_seen)
     if rows.any_penalty and use_kernels(logits):
         from nanovllm.kernels.sampling import penalize
 
-        x = penalize(logits, rows.slots, *args)
+        x = penalize(logits, *penalty_args(rows))
     else:
         x = logits.float()
         x = x.clone() if x is logits else x
         if rows.any_penalty and x.device.type == "cpu" and cpu.available():
-            x = cpu.penalize(x, rows.slots, *args)
+            x = cpu.penalize(x, *penalty_args(rows))
         elif rows.any_penalty:
             x = _penalties_torch(x, rows)
     if rows.any_ban:
         x = apply_bans(x, rows)
     return x
+
+
+def penalty_args(rows: SamplingRows) -> tuple:
+    """The penalty kernels' arguments: slots, repetition, presence, frequency, counts,
+    prompt_seen (None without a repetition penalty)."""
+    p = rows.params
+    return (
+        rows.slots,
+        p[:, REPETITION],
+        p[:, PRESENCE],
+        p[:, FREQUENCY],
+        rows.counts,
+        rows.prompt_seen,
+    )
 
 
 def _penalties_torch(x: Tensor, rows: SamplingRows) -> Tensor:
@@ -119,6 +133,8 @@ def sample(logits: Tensor, rows: SamplingRows) -> Tensor:
         if rows.all_greedy:
             return logits.float().argmax(dim=-1)
         return _draw_full_rows(logits.float(), rows, None)
+    if _fused_penalties(logits, rows):  # penalties applied inside the top-k kernel
+        return _sample_truncated(logits, rows, penalty_args(rows))
     # [B, V]: float32 when penalised, else the logits as they are
     x = apply_penalties(logits, rows) if rows.any_penalty or rows.any_ban else logits
     if rows.all_greedy:
@@ -142,6 +158,19 @@ def sample(logits: Tensor, rows: SamplingRows) -> Tensor:
     if truncated is not None:
         tokens = torch.where(rows.truncate_rows, truncated, tokens)
     return tokens
+
+
+def _fused_penalties(logits: Tensor, rows: SamplingRows) -> bool:
+    """True when the penalties can go into kernel_topk: on CUDA, every row keeps at most
+    KERNEL_TOPK candidates by its top-k, and nothing needs the whole penalised row."""
+    return (
+        rows.any_penalty
+        and rows.all_truncate
+        and not (rows.any_ban or rows.any_top_p_only)
+        and rows.max_top_k <= KERNEL_TOPK
+        and logits.shape[1] >= 4 * KERNEL_TOPK_CHUNK
+        and use_kernels(logits)
+    )
 
 
 def _draw_full_rows(x: Tensor, rows: SamplingRows, floor: Tensor | None) -> Tensor:
@@ -187,13 +216,18 @@ def pick_two_level(weights: Tensor, u: Tensor) -> Tensor:
     return block.squeeze(1) * CDF_BLOCK + pos
 
 
-def _sample_truncated(x: Tensor, rows: SamplingRows) -> Tensor:
+def _sample_truncated(x: Tensor, rows: SamplingRows, penalties: tuple | None = None) -> Tensor:
     """Steps (b)-(f) for rows with top-k or top-p, on their best K candidates: [B] int64
-    (rows that do not truncate get some token, which the caller ignores)."""
+    (rows that do not truncate get some token, which the caller ignores). With penalties
+    (penalty_args; only where _fused_penalties), x is the raw logits and kernel_topk
+    penalises them."""
     vocab = x.shape[1]
     k = min(max(rows.max_top_k, TOP_P_CANDIDATES if rows.any_top_p_only else 1), vocab)
     # [B, K] best candidates, sorted descending
-    vals, ids = topk_rows(x, k)
+    if penalties is not None:
+        vals, ids = kernel_topk(x, k, KERNEL_TOPK_CHUNK, penalties)
+    else:
+        vals, ids = topk_rows(x, k)
     if use_kernels(x) and k <= MAX_KERNEL_CANDIDATES:
         return _sample_truncated_cuda(x, rows, vals, ids)
     params = rows.params
@@ -260,13 +294,7 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if not x.is_cuda:  # a CPU's torch.topk is fast on long rows (2.5-4x the two stages)
         return x.topk(k, dim=-1)
     if use_kernels(x) and k <= KERNEL_TOPK and vocab >= 4 * KERNEL_TOPK_CHUNK:
-        from nanovllm.kernels.sampling import chunk_topk
-
-        # [B, chunks * k'] candidates (float32 values, exact for bf16 / fp16 logits; k' = k
-        # rounded up to a power of two, so that few kernel variants compile), then [B, k]
-        vals, ids = chunk_topk(x, max(8, 1 << (k - 1).bit_length()), KERNEL_TOPK_CHUNK)
-        best, pos = vals.topk(k, dim=-1)
-        return best, ids.gather(1, pos)
+        return kernel_topk(x, k, KERNEL_TOPK_CHUNK)
     chunk = _chunk_size(vocab, k)
     if chunk == 0:
         return x.topk(k, dim=-1)
@@ -283,6 +311,35 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     # [B, k]
     best, pos = vals.topk(k, dim=-1)
     return best, ids.gather(1, pos)
+
+
+def kernel_topk(
+    x: Tensor, k: int, chunk: int, penalties: tuple | None = None
+) -> tuple[Tensor, Tensor]:
+    """topk_rows by the chunk_topk kernel (kernels/sampling.py), with penalize's arguments
+    `penalties` of the top k of the penalised logits (x itself is then the raw logits).
+
+    Most of a row's top k lie in different chunks, so the kernel first keeps only FIRST_ROUNDS
+    of each chunk. The top k of those candidates are exact unless some chunk's last kept entry
+    reaches their k-th value (that chunk may hold more); such rows, flagged on the device, are
+    redone with k' (k rounded up to a power of two) per chunk. No host read."""
+    from nanovllm.kernels.sampling import chunk_topk
+
+    num_rows = x.shape[0]
+    full = max(8, 1 << (k - 1).bit_length())  # few kernel variants compile
+    first = min(FIRST_ROUNDS, full)
+    # [B, chunks * first] float32 candidates (exact for bf16 / fp16 logits), then [B, k]
+    vals, ids = chunk_topk(x, first, chunk, penalties=penalties)
+    best, pos = vals.topk(k, dim=-1)
+    ids = ids.gather(1, pos)
+    if first == full:
+        return best, ids
+    # [B] rows where a chunk's smallest kept entry is >= the k-th candidate
+    redo = (vals.view(num_rows, -1, first)[:, :, -1] >= best[:, -1:]).any(dim=1)
+    vals2, ids2 = chunk_topk(x, full, chunk, flags=redo, penalties=penalties)
+    best2, pos2 = vals2.topk(k, dim=-1)
+    best = torch.where(redo[:, None], best2, best)
+    return best, torch.where(redo[:, None], ids2.gather(1, pos2), ids)
 
 
 @functools.cache
