@@ -449,6 +449,32 @@ def test_sampling_kernel_greedy_rows_and_distribution() -> None:
     assert other[0].item() == same[0].item()
 
 
+@pytest.mark.parametrize("with_floor", [False, True])
+def test_sampling_kernel_parts_do_not_change_tokens(with_floor: bool) -> None:
+    """A row cut into parts gives the same token as the whole row: the random numbers belong
+    to the token index, and the parts' best values are compared with ties to the smallest id
+    (a greedy row whose largest logit occurs in two parts takes the first)."""
+    from nanovllm.kernels.sampling import sample_full_rows
+
+    gen = torch.Generator().manual_seed(3)
+    vocab = 20000  # 5 chunks of 4 x 1024
+    logits = torch.randn(6, vocab, generator=gen) * 2
+    logits[0, 19000] = logits[0, 9000] = 50.0  # greedy row 0: a tie across parts
+    logits[1, 19999] = 50.0  # greedy row 1: the last token
+    temps = torch.tensor([0.0, 0.0, 0.7, 1.0, 1.3, 0.5], device=DEVICE)
+    floor = None
+    if with_floor:
+        scale = torch.where(temps > 0, temps, 1.0).cpu()  # as the sampler's min-p floor
+        floor = (logits.amax(dim=-1) / scale + math.log(0.01)).to(DEVICE)
+    logits = logits.to(DEVICE)
+    keys = torch.randint(0, 2**32, (6,), generator=gen).to(DEVICE)
+    whole = sample_full_rows(logits, temps, floor, keys, parts=1).cpu()
+    assert whole[:2].tolist() == [9000, 19999]
+    for parts in (2, 3, 5, 64):
+        got = sample_full_rows(logits, temps, floor, keys, parts=parts).cpu()
+        assert torch.equal(got, whole), parts
+
+
 def test_sampling_kernel_floor() -> None:
     """A per-row floor on logits / T (min-p) removes exactly the tokens under it."""
     from nanovllm.kernels.sampling import sample_full_rows

@@ -16,6 +16,8 @@ repetition (divide positive logits of seen tokens by the penalty, multiply negat
 presence and frequency (minus presence * [count > 0] + frequency * count).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,17 +29,22 @@ def _sample_kernel(
     temps_ptr,
     floor_ptr,
     keys_ptr,
-    out_ptr,
+    best_val_ptr,
+    best_idx_ptr,
     stride,
     temp_stride,
     V,
+    SPAN,
     HAS_FLOOR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Each Philox call yields four 32-bit draws, so a chunk is four sub-blocks of BLOCK tokens
-    # sharing one call per lane: the counter of lane j of chunk c is c * BLOCK + j. Every lane
-    # keeps its own best value and index; one reduction at the end picks the row's.
+    # One program per (row, part of SPAN tokens; SPAN a multiple of 4 * BLOCK). Each Philox
+    # call yields four 32-bit draws, so a chunk is four sub-blocks of BLOCK tokens sharing one
+    # call per lane: the counter of lane j of the chunk at token c is c / 4 + j, whatever the
+    # parts. Every lane keeps its own best value and index; one reduction at the end writes the
+    # part's best (ties: the smallest token id) for _pick_kernel.
     row = tl.program_id(0)
+    part = tl.program_id(1)
     t = tl.load(temps_ptr + row * temp_stride)
     key = tl.load(keys_ptr + row)
     sampled = t > 0
@@ -49,7 +56,8 @@ def _sample_kernel(
     best_val = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK], dtype=tl.int32)
     base = logits_ptr + row.to(tl.int64) * stride
-    for start in range(0, V, 4 * BLOCK):
+    first = part * SPAN
+    for start in range(first, tl.minimum(first + SPAN, V), 4 * BLOCK):
         r0, r1, r2, r3 = tl.randint4x(key, start // 4 + lanes)
         for k in tl.static_range(4):
             if k == 0:
@@ -74,7 +82,39 @@ def _sample_kernel(
     # the lane holding the largest value; ties go to the smallest token id
     top = tl.max(best_val, 0)
     winner = tl.min(tl.where(best_val == top, best_idx, V), 0)
-    tl.store(out_ptr + row, tl.where(winner < V, winner, 0))
+    out = row * tl.num_programs(1) + part
+    tl.store(best_val_ptr + out, top)
+    tl.store(best_idx_ptr + out, tl.where(winner < V, winner, 0))
+
+
+@triton.jit
+def _pick_kernel(
+    best_val_ptr, best_idx_ptr, out_ptr, B, PARTS, ROWS: tl.constexpr, P: tl.constexpr
+):
+    # Per row, the part with the largest best value (the first on ties: the smallest token id,
+    # as parts are in token order) and its token id.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    parts = tl.arange(0, P)
+    mask = (rows[:, None] < B) & (parts[None, :] < PARTS)
+    at = rows[:, None] * PARTS + parts[None, :]
+    val = tl.load(best_val_ptr + at, mask=mask, other=float("-inf"))
+    top = tl.max(val, 1)
+    first = tl.min(tl.where(val == top[:, None], parts[None, :], P), 1)
+    first = tl.minimum(first, PARTS - 1)  # (NaN rows)
+    idx = tl.load(best_idx_ptr + rows * PARTS + first, mask=rows < B, other=0)
+    tl.store(out_ptr + rows, idx.to(tl.int64), mask=rows < B)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sample_full_rows(
@@ -82,27 +122,45 @@ def sample_full_rows(
     temperatures: torch.Tensor,
     floor: torch.Tensor | None,
     keys: torch.Tensor,
+    parts: int | None = None,
 ) -> torch.Tensor:
     """One token per row of logits [B, V]: greedy where the temperature is 0, else a draw from
     softmax(logits / T) restricted to logits / T >= floor (when given). temperatures [B] (may be
     a strided column), floor [B] float32 or None, keys [B] int64 in [0, 2**32). Returns [B]
-    int64."""
+    int64. Each row is cut into `parts` (default: enough programs to fill the device) whose
+    best draws a second kernel compares; the tokens do not depend on the parts."""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    if num_rows > 0:
-        _sample_kernel[(num_rows,)](
-            logits,
-            temperatures,
-            floor if floor is not None else temperatures,
-            keys,
-            out,
-            logits.stride(0),
-            temperatures.stride(0),
-            vocab,
-            HAS_FLOOR=floor is not None,
-            BLOCK=min(1024, triton.next_power_of_2(triton.cdiv(vocab, 4))),
-            num_warps=8,
-        )
+    if num_rows == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(triton.cdiv(vocab, 4)))
+    chunks = triton.cdiv(vocab, 4 * block)
+    if parts is None:  # some 8 programs an SM
+        parts = triton.cdiv(8 * num_sms(logits.device), num_rows)
+    parts = max(1, min(parts, chunks))
+    span = triton.cdiv(chunks, parts) * 4 * block
+    parts = triton.cdiv(vocab, span)
+    best_val = torch.empty(num_rows, parts, dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty(num_rows, parts, dtype=torch.int32, device=logits.device)
+    _sample_kernel[(num_rows, parts)](
+        logits,
+        temperatures,
+        floor if floor is not None else temperatures,
+        keys,
+        best_val,
+        best_idx,
+        logits.stride(0),
+        temperatures.stride(0),
+        vocab,
+        span,
+        HAS_FLOOR=floor is not None,
+        BLOCK=block,
+        num_warps=8 if parts == 1 else 4,
+    )
+    rows = 64
+    _pick_kernel[(triton.cdiv(num_rows, rows),)](
+        best_val, best_idx, out, num_rows, parts, ROWS=rows, P=triton.next_power_of_2(parts)
+    )
     return out
 
 
