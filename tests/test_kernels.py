@@ -533,9 +533,11 @@ def test_penalize_kernel(dtype: torch.dtype, with_repetition: bool) -> None:
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("parts", [None, 1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_logsumexp_and_rank_kernel(dtype: torch.dtype) -> None:
-    """One pass: log-sum-exp in float32 and the count of entries >= the chosen one's."""
+def test_logsumexp_and_rank_kernel(dtype: torch.dtype, parts: int | None) -> None:
+    """One pass: log-sum-exp in float32 and the count of entries >= the chosen one's, with the
+    rows cut into parts (a part all -inf too); with temperatures; the packed columns."""
     from nanovllm.kernels.sampling import logsumexp_and_rank
 
     gen = torch.Generator().manual_seed(3)
@@ -543,12 +545,24 @@ def test_logsumexp_and_rank_kernel(dtype: torch.dtype) -> None:
     logits[1, 100:] = float("-inf")
     logits[2, ::2] = 1.0  # many ties at the chosen value
     tokens = torch.tensor([7, 3, 0, 4999, 2500])
-    lse, rank = logsumexp_and_rank(logits.to(DEVICE), tokens.to(DEVICE))
+    lse, rank = logsumexp_and_rank(logits.to(DEVICE), tokens.to(DEVICE), parts=parts)
     x = logits.float()
     want_lse = torch.logsumexp(x.double(), dim=-1)
     chosen = x.gather(1, tokens[:, None])
     assert torch.allclose(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-6)
     assert torch.equal(rank.cpu(), (x >= chosen).sum(dim=-1))
+    temps = torch.tensor([0.5, 0.0, 1.0, 2.0, 0.7])  # 0 taken as 1
+    packed = torch.full((5, 4), float("nan"), dtype=torch.float64, device=DEVICE)
+    lse, rank = logsumexp_and_rank(
+        logits.to(DEVICE), tokens.to(DEVICE), temps.to(DEVICE), packed, parts=parts
+    )
+    scaled = x.double() / torch.where(temps > 0, temps, 1.0).double()[:, None]
+    want_lse = torch.logsumexp(scaled, dim=-1)
+    want_chosen = scaled.gather(1, tokens[:, None]).squeeze(1) - want_lse
+    assert torch.allclose(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-6)
+    assert torch.equal(rank.cpu(), (scaled >= scaled.gather(1, tokens[:, None])).sum(dim=-1))
+    assert torch.allclose(packed[:, 0].cpu(), want_chosen, atol=1e-4)
+    assert torch.equal(packed[:, 1].cpu(), rank.cpu().double())
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.995])

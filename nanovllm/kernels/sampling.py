@@ -270,35 +270,44 @@ def penalize(
 
 
 @triton.jit
+def _inv_temperature(temps_ptr, rows, temp_stride, mask, HAS_TEMP: tl.constexpr):
+    # 1 / T of rows (T = 0 taken as 1), or 1 without temperatures
+    inv_t = 1.0
+    if HAS_TEMP:
+        t = tl.load(temps_ptr + rows * temp_stride, mask=mask, other=1.0)
+        inv_t = 1.0 / tl.where(t > 0, t, 1.0)
+    return inv_t
+
+
+@triton.jit
 def _lse_rank_kernel(
     logits_ptr,
     tokens_ptr,
     temps_ptr,
-    lse_ptr,
-    rank_ptr,
-    packed_ptr,
+    part_m_ptr,
+    part_s_ptr,
+    part_count_ptr,
     stride,
     temp_stride,
-    packed_stride,
     V,
+    SPAN,
     HAS_TEMP: tl.constexpr,
-    WRITE_PACKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # One pass over a row: an online log-sum-exp (running max m and sum s of exp(x - m) per
-    # lane, merged at the end) and the count of entries >= the chosen token's logit.
+    # One pass over a part of SPAN entries of a row (SPAN a multiple of BLOCK): an online
+    # log-sum-exp (running max m and sum s of exp(x - m) per lane, merged at the end) and the
+    # count of entries >= the chosen token's logit; _lse_rank_combine merges the parts.
     row = tl.program_id(0)
+    part = tl.program_id(1)
     base = logits_ptr + row.to(tl.int64) * stride
-    inv_t = 1.0
-    if HAS_TEMP:
-        t = tl.load(temps_ptr + row * temp_stride)
-        inv_t = 1.0 / tl.where(t > 0, t, 1.0)
+    inv_t = _inv_temperature(temps_ptr, row, temp_stride, True, HAS_TEMP)
     chosen = tl.load(base + tl.load(tokens_ptr + row)).to(tl.float32) * inv_t
     lanes = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     count = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, V, BLOCK):
+    first = part * SPAN
+    for start in range(first, tl.minimum(first + SPAN, V), BLOCK):
         offs = start + lanes
         x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
         new_m = tl.maximum(m, x)
@@ -307,15 +316,56 @@ def _lse_rank_kernel(
         m = new_m
         count += (x >= chosen).to(tl.int32)
     top = tl.max(m, 0)
-    total = tl.sum(s * tl.exp(m - top), 0)
-    lse = top + tl.log(total)
-    rank = tl.sum(count, 0)
-    tl.store(lse_ptr + row, lse)
-    tl.store(rank_ptr + row, rank.to(tl.int64))
-    if WRITE_PACKED:  # sample/logprobs.py's first two columns: chosen logprob, rank
-        out = packed_ptr + row.to(tl.int64) * packed_stride
-        tl.store(out, (chosen - lse).to(tl.float64))
-        tl.store(out + 1, rank.to(tl.float64))
+    safe_top = tl.where(top == float("-inf"), 0.0, top)
+    out = row * tl.num_programs(1) + part
+    tl.store(part_m_ptr + out, top)
+    tl.store(part_s_ptr + out, tl.sum(s * tl.exp(m - safe_top), 0))
+    tl.store(part_count_ptr + out, tl.sum(count, 0))
+
+
+@triton.jit
+def _lse_rank_combine(
+    logits_ptr,
+    tokens_ptr,
+    temps_ptr,
+    part_m_ptr,
+    part_s_ptr,
+    part_count_ptr,
+    lse_ptr,
+    rank_ptr,
+    packed_ptr,
+    B,
+    PARTS,
+    stride,
+    temp_stride,
+    packed_stride,
+    HAS_TEMP: tl.constexpr,
+    WRITE_PACKED: tl.constexpr,
+    ROWS: tl.constexpr,
+    P: tl.constexpr,
+):
+    # The parts' (max, sum of exp(x - max), count) of ROWS rows merged: lse, rank (and
+    # sample/logprobs.py's first two packed columns: chosen logprob, rank).
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    parts = tl.arange(0, P)
+    valid = rows < B
+    mask = valid[:, None] & (parts[None, :] < PARTS)
+    at = rows[:, None] * PARTS + parts[None, :]
+    m = tl.load(part_m_ptr + at, mask=mask, other=float("-inf"))
+    top = tl.max(m, 1)
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    s = tl.load(part_s_ptr + at, mask=mask, other=0.0)
+    lse = top + tl.log(tl.sum(s * tl.exp(m - safe[:, None]), 1))
+    rank = tl.sum(tl.load(part_count_ptr + at, mask=mask, other=0), 1)
+    tl.store(lse_ptr + rows, lse, mask=valid)
+    tl.store(rank_ptr + rows, rank.to(tl.int64), mask=valid)
+    if WRITE_PACKED:
+        token = tl.load(tokens_ptr + rows, mask=valid, other=0)
+        inv_t = _inv_temperature(temps_ptr, rows, temp_stride, valid, HAS_TEMP)
+        chosen = tl.load(logits_ptr + rows.to(tl.int64) * stride + token, mask=valid, other=0.0)
+        out = packed_ptr + rows.to(tl.int64) * packed_stride
+        tl.store(out, (chosen.to(tl.float32) * inv_t - lse).to(tl.float64), mask=valid)
+        tl.store(out + 1, rank.to(tl.float64), mask=valid)
 
 
 def logsumexp_and_rank(
@@ -323,31 +373,67 @@ def logsumexp_and_rank(
     tokens: torch.Tensor,
     temperatures: torch.Tensor | None = None,
     packed: torch.Tensor | None = None,
+    parts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For logits [B, V] and tokens [B]: each row's log-sum-exp [B] float32 (in float32 from
     any input dtype) and the number of entries >= the token's logit [B] int64, in one pass;
     with temperatures [B] (0 taken as 1), of logits / T. With packed [B, W] float64, also
-    writes the token's log-probability to column 0 and its rank to column 1."""
+    writes the token's log-probability to column 0 and its rank to column 1. Each row is cut
+    into `parts` (default: enough programs to fill the device), merged by a second kernel."""
     num_rows, vocab = logits.shape
-    lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    rank = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    if num_rows > 0:
-        _lse_rank_kernel[(num_rows,)](
-            logits,
-            tokens,
-            temperatures if temperatures is not None else lse,
-            lse,
-            rank,
-            packed if packed is not None else lse,
-            logits.stride(0),
-            temperatures.stride(0) if temperatures is not None else 0,
-            packed.stride(0) if packed is not None else 0,
-            vocab,
-            HAS_TEMP=temperatures is not None,
-            WRITE_PACKED=packed is not None,
-            BLOCK=min(2048, triton.next_power_of_2(vocab)),
-            num_warps=8,
-        )
+    dev = logits.device
+    lse = torch.empty(num_rows, dtype=torch.float32, device=dev)
+    rank = torch.empty(num_rows, dtype=torch.int64, device=dev)
+    if num_rows == 0:
+        return lse, rank
+    block = min(2048, triton.next_power_of_2(vocab))
+    chunks = triton.cdiv(vocab, block)
+    if parts is None:  # some 8 programs an SM
+        parts = triton.cdiv(8 * num_sms(dev), num_rows)
+    parts = max(1, min(parts, chunks))
+    span = triton.cdiv(chunks, parts) * block
+    parts = triton.cdiv(vocab, span)
+    part_m = torch.empty(num_rows, parts, dtype=torch.float32, device=dev)
+    part_s = torch.empty(num_rows, parts, dtype=torch.float32, device=dev)
+    part_count = torch.empty(num_rows, parts, dtype=torch.int32, device=dev)
+    temps = temperatures if temperatures is not None else lse
+    temp_stride = temperatures.stride(0) if temperatures is not None else 0
+    _lse_rank_kernel[(num_rows, parts)](
+        logits,
+        tokens,
+        temps,
+        part_m,
+        part_s,
+        part_count,
+        logits.stride(0),
+        temp_stride,
+        vocab,
+        span,
+        HAS_TEMP=temperatures is not None,
+        BLOCK=block,
+        num_warps=8 if parts == 1 else 4,
+    )
+    rows = 64
+    _lse_rank_combine[(triton.cdiv(num_rows, rows),)](
+        logits,
+        tokens,
+        temps,
+        part_m,
+        part_s,
+        part_count,
+        lse,
+        rank,
+        packed if packed is not None else lse,
+        num_rows,
+        parts,
+        logits.stride(0),
+        temp_stride,
+        packed.stride(0) if packed is not None else 0,
+        HAS_TEMP=temperatures is not None,
+        WRITE_PACKED=packed is not None,
+        ROWS=rows,
+        P=triton.next_power_of_2(parts),
+    )
     return lse, rank
 
 
