@@ -604,3 +604,39 @@ def test_cpu_penalties_kernel_equals_torch_path(with_repetition: bool) -> None:
     got = apply_penalties(logits, rows)
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
     assert not torch.equal(got, logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path is CUDA's")
+def test_penalties_fused_into_topk_give_the_unfused_tokens() -> None:
+    """On CUDA, rows that all truncate by top-k (<= 64) with penalties take the penalties
+    inside the top-k kernel (sampler._fused_penalties); with the same keys they draw what the
+    penalise-then-top-k path draws, on Qwen3's vocabulary."""
+    from nanovllm.sample.sampler import _fused_penalties, _sample_truncated
+
+    vocab, rows_n = 151936, 48
+    gen = torch.Generator().manual_seed(11)
+    seqs = []
+    for i in range(rows_n):
+        prompt = torch.randint(0, vocab, (300,), generator=gen).tolist()
+        params = SamplingParams(
+            temperature=0.6 + 0.01 * i,
+            top_k=(20, 50, 64, 7)[i % 4],
+            top_p=(1.0, 0.9)[i % 2],
+            min_p=(0.0, 0.05)[i % 3 == 0],
+            repetition_penalty=(1.0, 1.1, 1.5)[i % 3],
+            presence_penalty=0.3 * (i % 2),
+            frequency_penalty=0.2,
+            seed=i if i % 5 else None,
+        )
+        seqs.append(make_seq(params, prompt))
+    driver = Driver(vocab, max_slots=rows_n, device=torch.device("cuda"))
+    for step in range(3):
+        logits = (torch.randn(rows_n, vocab, generator=gen) * 4).cuda()
+        rows = driver.rows(seqs)
+        assert _fused_penalties(logits, rows)
+        fused = sample(logits, rows)
+        unfused = _sample_truncated(apply_penalties(logits, rows), rows)
+        assert torch.equal(fused, unfused), step
+        driver.state.record(rows, fused)
+        for seq, t in zip(seqs, fused.tolist(), strict=True):
+            seq.append_token(t)
