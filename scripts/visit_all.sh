@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU visit for several visit scripts: bash scripts/visit_all.sh NAME... (cascade, models,
-# sampling, sampling_profile, cuda_tests). Each runs with its logs in a folder of its own, and
+# sampling, sampling_profile, sampler_tests, cuda_tests). Each runs with its logs in a folder of its own, and
 # one combined log per name comes back under $OUT (the device tool returns at most 8 files).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -14,6 +14,7 @@ for name in "$@"; do
   case $name in
     sampling_profile) OUT=$dir timeout 200 python3 scripts/bench_sampling.py --profile --topk > "$dir/run.log" 2>&1 ;;
     sampling) OUT=$dir timeout 300 python3 bench.py --sampling all > "$dir/run.log" 2>&1 ;;
+    sampler_tests) timeout 240 bash -c 'python3 -m pytest -q -m "not slow" tests/test_sampler.py tests/test_logprobs_host.py; python3 -m pytest -q tests/test_kernels.py -k "sampling or topk or logsumexp or penalize or top_p or keys"' > "$dir/run.log" 2>&1 ;;
     cuda_tests) OUT=$dir timeout 420 python3 -m pytest -q -m "not slow" tests/test_cuda.py tests/test_sampler.py tests/test_kernels.py > "$dir/run.log" 2>&1 ;;
     final_tests)  # the CUDA tests of every part, each file under its own limit
       for f in ${FINAL_TESTS:-test_cuda test_sampler test_kernels test_structured_output test_norm_rope_store}; do
