@@ -8,9 +8,17 @@ FINAL=${OUT:-gpu_out}; mkdir -p "$FINAL"
 if [ -d .whl ] && ! python3 -c "import xgrammar" 2>/dev/null; then  # carried wheels (no network)
   python3 -m pip install -q --no-index --find-links .whl xgrammar 2>&1 | tail -2
 fi
+collect() {  # every name's logs so far into $FINAL/NAME.txt (also when the visit is cut off)
+  for dir in /tmp/visit/*/; do
+    [ -d "$dir" ] || continue
+    for f in "$dir"*; do echo "=== $f"; cat "$f"; done > "$FINAL/$(basename "$dir").txt"
+  done
+}
+trap 'collect; exit 124' TERM INT
 for name in "$@"; do
   dir=/tmp/visit/$name; mkdir -p "$dir"
   echo "##### $name ($(date +%T))"
+  (  # in the background, so that a TERM (an outer timeout) runs the trap at once
   case $name in
     sampling_profile) OUT=$dir timeout 200 python3 scripts/bench_sampling.py --profile --topk > "$dir/run.log" 2>&1 ;;
     sampling) OUT=$dir timeout 300 python3 bench.py --sampling all > "$dir/run.log" 2>&1 ;;
@@ -27,6 +35,8 @@ for name in "$@"; do
     structured_bench) timeout 150 python3 scripts/bench_structured.py --json "$dir/bench.json" > "$dir/run.log" 2>&1 ;;
     *) OUT=$dir bash "scripts/visit_$name.sh" > "$dir/run.log" 2>&1 ;;
   esac
-  for f in "$dir"/*; do echo "=== $f"; cat "$f"; done > "$FINAL/$name.txt"
+  ) &
+  wait $!
+  collect
   tail -25 "$dir/run.log"
 done
