@@ -17,10 +17,29 @@ presence and frequency (minus presence * [count > 0] + frequency * count).
 """
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+# The interpreter (CPU tests) cannot run inline PTX; it takes tl.log instead.
+FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
+# Rows are cut into at most this many parts (one compiled variant of the merge kernels).
+MAX_PARTS = 64
+
+
+@triton.jit
+def _noise_log(x, FAST: tl.constexpr):
+    # ln(x) for the Gumbel noise: one MUFU lg2.approx (relative error ~2**-22) on a GPU, where
+    # tl.log is a ~20-instruction polynomial and the draw's main cost
+    if FAST:
+        y = tl.inline_asm_elementwise(
+            "lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+        return y * 0.6931471805599453
+    else:
+        return tl.log(x)
 
 
 @triton.jit
@@ -36,6 +55,7 @@ def _sample_kernel(
     V,
     SPAN,
     HAS_FLOOR: tl.constexpr,
+    FAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # One program per (row, part of SPAN tokens; SPAN a multiple of 4 * BLOCK). Each Philox
@@ -75,7 +95,7 @@ def _sample_kernel(
                 x = tl.where(x < floor, float("-inf"), x)
             # uniform in (0, 1) from the top 24 bits
             u = ((r.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            x = tl.where(sampled, x - tl.log(-tl.log(u)), x)
+            x = tl.where(sampled, x - _noise_log(-_noise_log(u, FAST), FAST), x)
             better = mask & (x > best_val)
             best_idx = tl.where(better, offs, best_idx)
             best_val = tl.where(better, x, best_val)
@@ -137,7 +157,7 @@ def sample_full_rows(
     chunks = triton.cdiv(vocab, 4 * block)
     if parts is None:  # some 8 programs an SM
         parts = triton.cdiv(8 * num_sms(logits.device), num_rows)
-    parts = max(1, min(parts, chunks))
+    parts = max(1, min(parts, chunks, MAX_PARTS))
     span = triton.cdiv(chunks, parts) * 4 * block
     parts = triton.cdiv(vocab, span)
     best_val = torch.empty(num_rows, parts, dtype=torch.float32, device=logits.device)
@@ -154,12 +174,13 @@ def sample_full_rows(
         vocab,
         span,
         HAS_FLOOR=floor is not None,
+        FAST=FAST_LOG,
         BLOCK=block,
-        num_warps=8 if parts == 1 else 4,
+        num_warps=4,
     )
-    rows = 64
+    rows = 16
     _pick_kernel[(triton.cdiv(num_rows, rows),)](
-        best_val, best_idx, out, num_rows, parts, ROWS=rows, P=triton.next_power_of_2(parts)
+        best_val, best_idx, out, num_rows, parts, ROWS=rows, P=MAX_PARTS
     )
     return out
 
@@ -390,7 +411,7 @@ def logsumexp_and_rank(
     chunks = triton.cdiv(vocab, block)
     if parts is None:  # some 8 programs an SM
         parts = triton.cdiv(8 * num_sms(dev), num_rows)
-    parts = max(1, min(parts, chunks))
+    parts = max(1, min(parts, chunks, MAX_PARTS))
     span = triton.cdiv(chunks, parts) * block
     parts = triton.cdiv(vocab, span)
     part_m = torch.empty(num_rows, parts, dtype=torch.float32, device=dev)
@@ -411,9 +432,9 @@ def logsumexp_and_rank(
         span,
         HAS_TEMP=temperatures is not None,
         BLOCK=block,
-        num_warps=8 if parts == 1 else 4,
+        num_warps=4,
     )
-    rows = 64
+    rows = 16
     _lse_rank_combine[(triton.cdiv(num_rows, rows),)](
         logits,
         tokens,
@@ -432,7 +453,7 @@ def logsumexp_and_rank(
         HAS_TEMP=temperatures is not None,
         WRITE_PACKED=packed is not None,
         ROWS=rows,
-        P=triton.next_power_of_2(parts),
+        P=MAX_PARTS,
     )
     return lse, rank
 
@@ -695,6 +716,7 @@ def _chunk_topk_kernel(
     V,
     CHUNK: tl.constexpr,
     K: tl.constexpr,
+    K_PAD: tl.constexpr,
     FLAGGED_ONLY: tl.constexpr,
     PENALTY: tl.constexpr,
     HAS_REPETITION: tl.constexpr,
@@ -746,9 +768,9 @@ def _chunk_topk_kernel(
             tl.store(ids_ptr + out + j, tl.minimum(at, V - 1).to(tl.int64))  # (in range if -inf)
             packed = tl.where(packed == top, -9223372036854775807 - 1, packed)
     else:
-        lanes = tl.arange(0, K)
-        tl.store(vals_ptr + out + lanes, tl.full([K], float("-inf"), tl.float32))
-        tl.store(ids_ptr + out + lanes, tl.zeros([K], tl.int64))
+        lanes = tl.arange(0, K_PAD)
+        tl.store(vals_ptr + out + lanes, float("-inf"), mask=lanes < K)
+        tl.store(ids_ptr + out + lanes, tl.zeros([K_PAD], tl.int64), mask=lanes < K)
 
 
 def chunk_topk(
@@ -792,6 +814,7 @@ def chunk_topk(
         vocab,
         CHUNK=chunk,
         K=k,
+        K_PAD=triton.next_power_of_2(k),
         FLAGGED_ONLY=flags is not None,
         PENALTY=penalties is not None,
         HAS_REPETITION=seen is not None,
