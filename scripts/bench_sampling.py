@@ -110,6 +110,16 @@ def topk_variants(logits: torch.Tensor, steps: int) -> None:
         vals, ids = chunk_topk(logits, max(8, 1 << (k - 1).bit_length()), KERNEL_TOPK_CHUNK)
         vals.topk(k, dim=-1)
 
+    from nanovllm.kernels import sampling
+
+    temps = torch.full((rows,), 0.6, device=dev)
+    keys = torch.arange(rows, device=dev)
+    print(f"whole-row draw (sample_full_rows) of {rows} x {vocab}: device us per call")
+    for fast in (False, True):  # Gumbel noise's logs by tl.log (before) or lg2.approx
+        sampling.FAST_LOG = fast
+        for parts in (1, None):
+            fn = lambda parts=parts: sampling.sample_full_rows(logits, temps, None, keys, parts)  # noqa: E731
+            print(f"  fast log {fast!s:5s} parts {parts!s:4s} {device_us(fn, steps):9.1f}")
     print(f"top-k of {rows} x {vocab} {logits.dtype}: device us per call")
     for k in (20, 50):
         ways = {
@@ -122,15 +132,20 @@ def topk_variants(logits: torch.Tensor, steps: int) -> None:
             "fused penalties": lambda k=k: kernel_topk(logits, k, KERNEL_TOPK_CHUNK, pen),
         }
         for name, fn in ways.items():
-            for _ in range(3):
-                fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            print(f"  k={k:3d} {name:22s} {start.elapsed_time(end) * 1e3 / steps:9.1f}")
+            print(f"  k={k:3d} {name:22s} {device_us(fn, steps):9.1f}")
+
+
+def device_us(fn: object, steps: int) -> float:
+    """Device microseconds per call of fn (CUDA events over `steps` calls, after 3 warm-ups)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / steps
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ for name in "$@"; do
   (  # in the background, so that a TERM (an outer timeout) runs the trap at once
   case $name in
     sampling_profile) OUT=$dir timeout 200 python3 scripts/bench_sampling.py --profile --topk > "$dir/run.log" 2>&1 ;;
+    sampling_table) OUT=$dir timeout 150 python3 scripts/bench_sampling.py --topk > "$dir/run.log" 2>&1 ;;
     sampling) OUT=$dir timeout 300 python3 bench.py --sampling all > "$dir/run.log" 2>&1 ;;
     sampler_tests) timeout 240 bash -c 'python3 -m pytest -q -m "not slow" tests/test_sampler.py tests/test_logprobs_host.py; python3 -m pytest -q tests/test_kernels.py -k "sampling or topk or logsumexp or penalize or top_p or keys"' > "$dir/run.log" 2>&1 ;;
     cuda_tests) OUT=$dir timeout 420 python3 -m pytest -q -m "not slow" tests/test_cuda.py tests/test_sampler.py tests/test_kernels.py > "$dir/run.log" 2>&1 ;;

@@ -18,10 +18,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null || true
 step 45 tests_engine python3 -m pytest -q -x -m "not slow" tests/test_cascade.py -k engine
 step 100 e2e python3 scripts/bench_cascade.py e2e
-step 15 kernel python3 scripts/bench_cascade.py kernel
-step 45 tests_kernels python3 -m pytest -q -x -m "not slow" tests/test_cascade.py -k "not engine"
-step 15 tests_decode python3 -m pytest -q -x tests/test_kernels.py -k test_decode_matches
-step 20 sweep python3 scripts/bench_cascade.py sweep
+if [ -z "${QUICK:-}" ]; then  # QUICK=1: only the engine test and the whole runs
+  step 15 kernel python3 scripts/bench_cascade.py kernel
+  step 45 tests_kernels python3 -m pytest -q -x -m "not slow" tests/test_cascade.py -k "not engine"
+  step 15 tests_decode python3 -m pytest -q -x tests/test_kernels.py -k test_decode_matches
+  step 20 sweep python3 scripts/bench_cascade.py sweep
+fi
 step 25 parallel python3 scripts/bench_cascade.py parallel
 step 30 standard python3 scripts/bench_cascade.py standard
 echo "=== done ($(date +%T))"
