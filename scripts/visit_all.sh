@@ -9,9 +9,10 @@ if [ -d .whl ] && ! python3 -c "import xgrammar" 2>/dev/null; then  # carried wh
   python3 -m pip install -q --no-index --find-links .whl xgrammar 2>&1 | tail -2
 fi
 collect() {  # every name's logs so far into $FINAL/NAME.txt (also when the visit is cut off)
-  for dir in /tmp/visit/*/; do
-    [ -d "$dir" ] || continue
-    for f in "$dir"*; do echo "=== $f"; cat "$f"; done > "$FINAL/$(basename "$dir").txt"
+  local d f
+  for d in /tmp/visit/*/; do
+    [ -d "$d" ] || continue
+    for f in "$d"*; do echo "=== $f"; cat "$f"; done > "$FINAL/$(basename "$d").txt"
   done
 }
 trap 'collect; exit 124' TERM INT

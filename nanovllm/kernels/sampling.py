@@ -25,7 +25,8 @@ import triton.language as tl
 
 # The interpreter (CPU tests) cannot run inline PTX; it takes tl.log instead.
 FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
-# Rows are cut into at most this many parts (one compiled variant of the merge kernels).
+# Rows are cut into at most this many parts (one compiled variant of the merge kernels; the
+# batch size and the parts are not specialised on either, so no kernel compiles mid-run).
 MAX_PARTS = 64
 
 
@@ -42,7 +43,7 @@ def _noise_log(x, FAST: tl.constexpr):
         return tl.log(x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPAN"])
 def _sample_kernel(
     logits_ptr,
     temps_ptr,
@@ -107,7 +108,7 @@ def _sample_kernel(
     tl.store(best_idx_ptr + out, tl.where(winner < V, winner, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "PARTS"])
 def _pick_kernel(
     best_val_ptr, best_idx_ptr, out_ptr, B, PARTS, ROWS: tl.constexpr, P: tl.constexpr
 ):
@@ -300,7 +301,7 @@ def _inv_temperature(temps_ptr, rows, temp_stride, mask, HAS_TEMP: tl.constexpr)
     return inv_t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPAN"])
 def _lse_rank_kernel(
     logits_ptr,
     tokens_ptr,
@@ -344,7 +345,7 @@ def _lse_rank_kernel(
     tl.store(part_count_ptr + out, tl.sum(count, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "PARTS"])
 def _lse_rank_combine(
     logits_ptr,
     tokens_ptr,
@@ -567,7 +568,7 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _keys_kernel(slots_ptr, seed_keys_ptr, generated_ptr, seeded_ptr, random_ptr, out_ptr, B):
     # keys of sample/state.py: mix32(seed key + generated) for seeded rows, else the random draw
     offs = tl.arange(0, 1024)
