@@ -9,6 +9,7 @@ may run at a time on an engine.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import sys
 import time
@@ -30,6 +31,14 @@ if TYPE_CHECKING:
 
     from nanovllm.engine.data_parallel import DataParallelEngine
     from nanovllm.engine.llm_engine import LLMEngine
+
+
+# While the engine runs, the cyclic garbage collector's full passes (over every object of the
+# process) wait: set as gc's third threshold, a full pass is considered only after this many
+# middle ones. A run with logprobs keeps about a million result objects alive; one full pass over
+# them took 100+ ms, a GPU stall (scripts/bench_logprob_host.py). The young passes go on, and
+# the former thresholds come back when the run ends.
+FULL_COLLECTION_EVERY = 1_000_000
 
 
 @dataclass
@@ -270,7 +279,9 @@ class RequestDriver:
         active: dict[int, Request] = {}  # seq_id -> request
         error: ValueError | None = None
         exhausted = False
+        gc_thresholds = gc.get_threshold()
         try:
+            gc.set_threshold(*gc_thresholds[:2], FULL_COLLECTION_EVERY)
             while True:
                 while not exhausted and (window is None or len(active) < window):
                     try:
@@ -303,6 +314,7 @@ class RequestDriver:
                 unique = {seq.seq_id: seq for req in active.values() for seq in req.seqs}
                 self.engine.abort(list(unique.values()))  # held siblings included
             progress.close()
+            gc.set_threshold(*gc_thresholds)
             self.busy = False
         if error is not None:
             raise error

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from nanovllm.driver import Request, RequestDriver
+from nanovllm.driver import FULL_COLLECTION_EVERY, Request, RequestDriver
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
@@ -72,8 +72,9 @@ class GCTimer:
             self.passes[info["generation"]] += 1
 
 
-def run_once(num_seqs: int, k: int) -> dict[str, float]:
-    """One replay of the decode loop; seconds of each host part (see the module docstring)."""
+def run_once(num_seqs: int, k: int, engine_gc: bool) -> dict[str, float]:
+    """One replay of the decode loop; seconds of each host part (see the module docstring).
+    engine_gc: with the collector's thresholds that RequestDriver.drive sets while it runs."""
     work = standard_workload(num_seqs)
     driver = RequestDriver(None, None, "synthetic", SamplingParams())  # output() only
     requests = []
@@ -90,6 +91,9 @@ def run_once(num_seqs: int, k: int) -> dict[str, float]:
     gc.collect()
     gc_timer = GCTimer()
     gc.callbacks.append(gc_timer)
+    thresholds = gc.get_threshold()
+    if engine_gc:
+        gc.set_threshold(*thresholds[:2], FULL_COLLECTION_EVERY)
     while running:
         r = len(running)
         seqs = [req.seqs[0] for req in running]
@@ -122,6 +126,7 @@ def run_once(num_seqs: int, k: int) -> dict[str, float]:
             total += entry[token].logprob
     read = clock() - t4
     gc.callbacks.remove(gc_timer)
+    gc.set_threshold(*thresholds)
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     if num_tokens != work.num_output_tokens:
         raise RuntimeError(
@@ -150,14 +155,15 @@ if __name__ == "__main__":
     args = parser.parse_args()
     totals = []
     for i in range(args.repeat):
-        r = run_once(args.num_seqs, args.k)
-        total = r["handoff"] + r["build"] + r["read"]
-        totals.append(total)
-        print(
-            f"run {i}: {r['tokens']} tokens, {r['steps']} steps: handoff {r['handoff']:.3f} s, "
-            f"build {r['build']:.3f} s, read {r['read']:.3f} s, total {total:.3f} s (of which "
-            f"gc {r['gc']:.3f} s, passes by generation {r['gc_passes']}); host per "
-            f"step (handoff + build) p50 {r['step_p50_ms']:.2f} ms, p99 {r['step_p99_ms']:.2f} "
-            f"ms, max {r['step_max_ms']:.2f} ms"
-        )
-    print(f"total over {args.repeat} runs: min {min(totals):.3f} s, max {max(totals):.3f} s")
+        for engine_gc in (False, True):
+            r = run_once(args.num_seqs, args.k, engine_gc)
+            total = r["handoff"] + r["build"] + r["read"]
+            totals.append(total)
+            print(
+                f"run {i} ({'engine' if engine_gc else 'default'} gc thresholds): {r['tokens']} tokens, {r['steps']} steps: handoff {r['handoff']:.3f} s, "
+                f"build {r['build']:.3f} s, read {r['read']:.3f} s, total {total:.3f} s (of which "
+                f"gc {r['gc']:.3f} s, passes by generation {r['gc_passes']}); host per "
+                f"step (handoff + build) p50 {r['step_p50_ms']:.2f} ms, p99 {r['step_p99_ms']:.2f} "
+                f"ms, max {r['step_max_ms']:.2f} ms"
+            )
+    print(f"total over {2 * args.repeat} runs: min {min(totals):.3f} s, max {max(totals):.3f} s")

@@ -170,3 +170,30 @@ def test_progress_bar_numbers_and_no_flood(llm: LLM, capsys: pytest.CaptureFixtu
     # Averages since the call began: tokens over (at most) the call's wall time.
     for count, rate in ((num_out, float(m.group(2))), (num_prefill, float(m.group(4)))):
         assert count / wall * 0.99 <= rate <= 3 * count / wall
+
+
+def test_full_collections_wait_while_the_engine_runs(llm: LLM) -> None:
+    """While requests run, the collector's third threshold is FULL_COLLECTION_EVERY (no full
+    pass stalls the GPU); the caller's thresholds come back when the run ends, also when it is
+    left early or a prompt is bad."""
+    import gc
+
+    from nanovllm.driver import FULL_COLLECTION_EVERY
+
+    before = gc.get_threshold()
+    seen = []
+    for out in llm.generate_iter(random_prompts([5, 7, 9]), greedy(), use_tqdm=False):
+        seen.append(gc.get_threshold())
+        assert out.finished
+    assert seen and all(t == (*before[:2], FULL_COLLECTION_EVERY) for t in seen)
+    assert gc.get_threshold() == before
+    llm.generate(random_prompts([4, 6]), greedy(), use_tqdm=False)
+    assert gc.get_threshold() == before
+    it = llm.generate_iter(random_prompts([5, 7, 9, 11]), greedy(), use_tqdm=False)
+    next(it)
+    it.close()  # left early
+    assert gc.get_threshold() == before
+    with pytest.raises(ValueError):
+        llm.generate([[1, 2], [10**9]], greedy(), use_tqdm=False)
+    assert gc.get_threshold() == before
+    assert_idle(llm)
