@@ -288,19 +288,51 @@ def test_prompt_computed_blocks_are_hit_by_later_prompt() -> None:
     h.assert_drained()
 
 
-def test_same_step_prompts_do_not_hit_each_other(harness: Harness) -> None:
+def test_prompt_waits_a_step_for_blocks_another_prompt_computes(harness: Harness) -> None:
+    """A prompt whose first uncached full block is computed by a prompt of this step is not
+    admitted in this step (it would compute the block again): next step it hits it. Prompts
+    behind it wait too (FIFO); a prompt sharing only a partial block is not held back."""
     h = harness
+    shared = prompt(50)
+    a = h.add(shared, max_tokens=1)
+    b = h.add(shared, max_tokens=1)
+    c = h.add(prompt(30, start=20_000), max_tokens=1)  # shares nothing, behind b
+    step = h.step()
+    assert step.seqs == [a] and step.num_tokens == [50]
+    step = h.step()
+    assert step.seqs == [b, c]
+    assert b.num_prefix_hit_tokens == 48 and step.num_tokens == [2, 30]
+    d = h.add(shared[:10] + [7] * 20, max_tokens=1)  # its first full block differs
+    e = h.add(shared[:10] + [8] * 20, max_tokens=1)
+    step = h.step()
+    assert step.seqs == [d, e]
+    h.run()
+    h.assert_drained()
+
+
+def test_prompt_waits_while_a_chunked_prompt_computes_the_shared_blocks() -> None:
+    """With a chunked prefill, the later prompt waits each step the earlier one computes a
+    block it would compute too, then hits all of them."""
+    h = Harness(num_blocks=64, max_num_batched_tokens=20)
+    shared = prompt(40)
+    a = h.add(shared + [1, 2], max_tokens=1)
+    b = h.add(shared + [3, 4], max_tokens=1)
+    assert [s.seqs for s in (h.step(), h.step())] == [[a], [a]]  # 20 + 20 tokens: blocks 0-1
+    step = h.step()  # a's last 2 tokens; b hits blocks 0 and 1 (32 tokens)
+    assert step.seqs == [a, b]
+    assert b.num_prefix_hit_tokens == 32 and step.num_tokens == [2, 10]
+    h.run()
+    h.assert_drained()
+
+
+def test_same_step_prompts_share_nothing_without_prefix_caching() -> None:
+    h = Harness(num_blocks=64, enable_prefix_caching=False)
     shared = prompt(50)
     a = h.add(shared, max_tokens=1)
     b = h.add(shared, max_tokens=1)
     step = h.step()
     assert step.seqs == [a, b] and step.num_tokens == [50, 50]
-    assert b.num_prefix_hit_tokens == 0
-    c = h.add(shared, max_tokens=1)
-    step = h.step()
-    assert step.seqs == [c]
-    assert c.num_prefix_hit_tokens == 48
-    assert step.num_tokens == [2]
+    h.run()
     h.assert_drained()
 
 

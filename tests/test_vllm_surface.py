@@ -179,6 +179,21 @@ def test_n_greedy_prefills_the_prompt_once(
     assert out.num_cached_tokens == 0
 
 
+def test_prompts_with_a_common_prefix_compute_it_once(
+    llm: LLM, hf_model: torch.nn.Module
+) -> None:
+    """Prompts sharing a 40-token prefix in one generate() call: the first computes it, the
+    others wait a step (the scheduler) and hit its 2 full blocks; tokens as transformers'."""
+    rng = random.Random(11)
+    shared = [rng.randrange(3, 400) for _ in range(40)]
+    prompts = [shared + [rng.randrange(3, 400) for _ in range(5 + i)] for i in range(4)]
+    llm.engine.block_manager.reset_prefix_cache()
+    outs, computed = prefill_tokens(llm, prompts, greedy(5))
+    assert computed == len(prompts[0]) + sum(len(p) - 2 * BLOCK for p in prompts[1:])
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf_model, prompt, 5)
+
+
 def test_n_without_prefix_caching(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
     prompt = random_prompts([40], seed=7)[0]
     expected = hf_greedy(hf_model, prompt, 6)

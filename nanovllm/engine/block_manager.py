@@ -131,6 +131,26 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
+    def first_miss_hash(self, seq: Sequence) -> int | None:
+        """Hash of seq's first full block that the cache cannot serve now (the block after its
+        hits), or None when there is none (prefix caching off, or no such full block before the
+        last token)."""
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
+            return None
+        i = len(self._match_prefix(seq))
+        if i >= (len(seq) - 1) // self.block_size:
+            return None
+        return self._block_hash(seq, i)
+
+    def completed_block_hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Hashes of the full blocks of seq that computing its next num_tokens tokens (from
+        num_cached_tokens on) completes: registered in the prefix cache after that step."""
+        if not self.enable_prefix_caching:
+            return []
+        start = seq.num_cached_tokens // self.block_size
+        end = min(seq.num_cached_tokens + num_tokens, len(seq)) // self.block_size
+        return [self._block_hash(seq, i) for i in range(start, end)]
+
     # -- allocation ----------------------------------------------------------------------------
 
     def _take_free_block(self) -> int:
