@@ -2,13 +2,15 @@
 
 Whole-row draw. Drawing token i with probability softmax(l / T)_i is the same as taking
 argmax_i(l_i / T + g_i) with g_i independent standard Gumbel noise (g = -log(-log(u)), u
-uniform). One program per row walks the vocabulary in chunks, draws u with Triton's
-counter-based Philox generator keyed by the row's own key (counter = the token index; four draws
-per generator call), and keeps the running best; greedy rows (T = 0) take the plain argmax. An
+uniform). One program per (row, part of the vocabulary) walks its part in chunks, draws u with
+Triton's counter-based Philox generator keyed by the row's own key (counter = the token index;
+four draws per generator call), and keeps the running best; a second kernel takes the best of
+the row's parts (ties: the smallest token id). Greedy rows (T = 0) take the plain argmax. An
 optional per-row floor on l / T drops the tokens under it (min-p: floor = max / T + log(min_p)).
-Nothing is written but the token ids: the softmax, the noise and the probabilities never touch
-memory. Since the noise depends only on the row's key and the token index, a row's token does
-not depend on the other rows of the batch.
+Nothing is written but each part's best: the softmax, the noise and the probabilities never touch
+memory. Since the noise depends only on the row's key and the token index, a row's token depends
+neither on the other rows of the batch nor on the parts. The two logs of the noise take one
+`lg2.approx` instruction each (the kernel was compute-bound on the precise log's polynomial).
 
 Penalties. One program per (row, chunk of the vocabulary) reads the row's logits and its slot's
 output-token counts and prompt marks (sample/state.py) and writes the penalised float32 logits:
