@@ -136,45 +136,17 @@ class LogprobRecords:
         k = self.k
         # [num_tokens, 3 + 2k]
         block = np.frombuffer(self.data, dtype=np.float64).reshape(-1, 3 + 2 * k)
-        # [num_tokens, 1 + k] each: the chosen token first, then the top k
-        keys = np.empty((len(block), 1 + k), dtype=np.int64)
-        keys[:, 0] = block[:, 0]
-        keys[:, 1:] = block[:, 3 + k :]
-        vals = np.empty(keys.shape, dtype=np.float64)
-        vals[:, 0] = block[:, 1]
-        vals[:, 1:] = block[:, 3 : 3 + k]
-        ranks = np.empty(keys.shape, dtype=np.int64)
-        ranks[:, 0] = block[:, 2]
-        ranks[:, 1:] = np.arange(1, k + 1)
         with _gc_paused():
-            entries = _entries_from_columns(keys, vals, ranks)
-        total = float(block[:, 1].sum())
+            chosen = block[:, 1].tolist()
+            entries = _make_entries(
+                block[:, 0].astype(np.int64).tolist(),
+                chosen,
+                block[:, 2].astype(np.int64).tolist(),
+                block[:, 3 : 3 + k].tolist(),
+                block[:, 3 + k :].astype(np.int64).tolist(),
+            )
         self.data = array("d")
-        return entries, total
-
-
-def _entries_from_columns(
-    keys: np.ndarray, vals: np.ndarray, ranks: np.ndarray
-) -> list[dict[int, Logprob]]:
-    """Per row i of keys, vals, ranks [n, w]: {keys[i, j]: Logprob(vals[i, j], ranks[i, j])} in
-    column order, where column 0 is the chosen token and columns 1.. the top ids (distinct: they
-    come from a top-k); the chosen token, when also a top id, keeps its own Logprob and place.
-
-    The Python work is in C loops (map, zip, dict): one Logprob per cell, made by map over two
-    flat lists; zip(*[it] * w) cuts them into rows of w; dict(zip(row keys, row Logprobs)) per
-    row. dict() keeps the first position of a repeated key but its last value, so beforehand a
-    top cell holding the chosen token takes the chosen's value and rank: the later Logprob is
-    then equal to the first. Such a row costs one extra Logprob and no Python-level branch.
-    vals and ranks are changed in place. Call it with the garbage collector paused.
-    """
-    n, w = keys.shape
-    # [n, w - 1]: top cells that repeat the chosen token
-    rows, cols = np.nonzero(keys[:, 1:] == keys[:, :1])
-    if len(rows):
-        vals[rows, cols + 1] = vals[rows, 0]
-        ranks[rows, cols + 1] = ranks[rows, 0]
-    cells = map(Logprob, vals.ravel().tolist(), ranks.ravel().tolist())
-    return list(map(dict, map(zip, keys.tolist(), zip(*[cells] * w, strict=True))))
+        return entries, sum(chosen)
 
 
 # Ranks of the top entries (1 = the most likely): zip stops at the row's k.
