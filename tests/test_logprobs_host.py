@@ -170,3 +170,18 @@ def test_logprob_behaves_like_vllms_dataclass() -> None:
     assert pickle.loads(pickle.dumps(lp)) == lp and copy.deepcopy(lp) == lp
     assert copy.copy(lp) is not lp and copy.copy(lp) == lp
     assert Logprob(-1.0) == Logprob(-1.0, None, None)
+
+
+def test_every_entry_has_its_own_logprob_objects() -> None:
+    """The engine fills decoded_token in place after the build, so no Logprob may be shared
+    between cells or entries (a faster build that reused objects would break this)."""
+    rows, tokens = packed_rows(8, 300, 4, seed=7)  # every other row: chosen among the top
+    records = LogprobRecords(4)
+    for row, token in zip(rows, tokens, strict=True):
+        records.add(row, token)
+    entries, _ = records.take()
+    cells = [lp for entry in entries for lp in entry.values()]
+    assert len({id(lp) for lp in cells}) == len(cells)
+    first = next(iter(entries[0].values()))
+    first.decoded_token = "x"
+    assert all(lp.decoded_token is None for lp in cells if lp is not first)
