@@ -179,9 +179,7 @@ def test_n_greedy_prefills_the_prompt_once(
     assert out.num_cached_tokens == 0
 
 
-def test_prompts_with_a_common_prefix_compute_it_once(
-    llm: LLM, hf_model: torch.nn.Module
-) -> None:
+def test_prompts_with_a_common_prefix_compute_it_once(llm: LLM, hf_model: torch.nn.Module) -> None:
     """Prompts sharing a 40-token prefix in one generate() call: the first computes it, the
     others wait a step (the scheduler) and hit its 2 full blocks; tokens as transformers'."""
     rng = random.Random(11)
