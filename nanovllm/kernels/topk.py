@@ -234,10 +234,11 @@ def _compact_kernel(
 
 
 @triton.jit
-def _exact_to_buffer(
+def _tile_keys(
     x_ptr,
-    buf,
     row,
+    tile,
+    sel,
     stride,
     slots_ptr,
     rep_ptr,
@@ -247,34 +248,128 @@ def _exact_to_buffer(
     seen_ptr,
     param_stride,
     V,
+    SUB: tl.constexpr,
+    G: tl.constexpr,
+    PENALTY: tl.constexpr,
+    HAS_REPETITION: tl.constexpr,
+):
+    # [G, SUB] keys, ids and mask of a tile's sub-chunks; only the sub-chunks of sel are read
+    subs = tile * G + tl.arange(0, G)
+    offs = subs[:, None] * SUB + tl.arange(0, SUB)[None, :]
+    mask = sel[:, None] & (offs < V)
+    key = _row_keys(
+        x_ptr,
+        row,
+        offs,
+        mask,
+        stride,
+        slots_ptr,
+        rep_ptr,
+        pres_ptr,
+        freq_ptr,
+        counts_ptr,
+        seen_ptr,
+        param_stride,
+        V,
+        PENALTY,
+        HAS_REPETITION,
+    )
+    return key, offs, mask
+
+
+@triton.jit
+def _exact_to_buffer(
+    x_ptr,
+    buf,
+    row,
+    max_ptr,
+    tau,
+    trust,
+    stride,
+    slots_ptr,
+    rep_ptr,
+    pres_ptr,
+    freq_ptr,
+    counts_ptr,
+    seen_ptr,
+    param_stride,
+    V,
+    S,
     k,
     NT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
+    G: tl.constexpr,
+    T: tl.constexpr,
     PENALTY: tl.constexpr,
     HAS_REPETITION: tl.constexpr,
 ):
     # Writes exactly the row's k largest packed keys to buf[0:k] (in id order).
     # v = the k-th largest int32 key, max{t: #{key >= t} >= k}, by an NT-ary search on
-    # [lo, hi] (invariant: lo <= v <= hi), each step one read of the row counting the entries
-    # >= NT evenly spaced thresholds; 2**32 keys take ceil(32 / log2(NT)) steps. Then every
-    # entry > v and, in id order, the first k - #{key > v} entries == v.
-    lanes = tl.arange(0, BLOCK)
+    # [lo, hi] (invariant: lo <= v <= hi): each step counts the entries >= NT evenly spaced
+    # thresholds in one read and keeps the part of the interval where the count crosses k,
+    # 2**32 keys in ceil(32 / log2(NT)) steps. Then every entry > v and, in id order, the first
+    # k - #{key > v} entries == v. With trust (the row's sub-chunk maxima and tau hold), the
+    # search starts on [tau, the row's max] and each read skips the sub-chunks whose maximum
+    # is below what it counts; a row whose top is all ties needs no search step at all.
+    base = max_ptr + row * S
+    lanes = tl.arange(0, G)
+    tiles = tl.cdiv(S, G)
+    top = tl.full([], INT32_MIN, tl.int32)
+    for s0 in range(0, S, T):
+        i = s0 + tl.arange(0, T)
+        top = tl.maximum(top, tl.max(tl.load(base + i, mask=i < S, other=INT32_MIN), 0))
+    lo = tl.where(trust, tau, INT32_MIN).to(tl.int64)
+    hi = tl.where(trust, top, INT32_MAX).to(tl.int64)
     idx = tl.arange(0, NT).to(tl.int64)
-    lo = tl.full([], INT32_MIN, tl.int64)
-    hi = tl.full([], INT32_MAX, tl.int64)
     while lo < hi:
         step = (hi - lo + NT - 1) // NT
-        # [NT] thresholds t_j = lo + (j + 1) step; the last one >= hi
-        th = lo + step * (idx + 1)
+        # thresholds t_j = lo + (j + 1) step, j < NT; the last one >= hi
+        floor = tl.where(trust, lo + step, INT32_MIN)
         cnt = tl.zeros([NT], dtype=tl.int32)
-        for s in range(0, V, BLOCK):
-            offs = s + lanes
-            mask = offs < V
-            key = _row_keys(
+        for tile in range(0, tiles):
+            subs = tile * G + lanes
+            m = tl.load(base + subs, mask=subs < S, other=INT32_MIN)
+            sel = (subs < S) & (m.to(tl.int64) >= floor)
+            if tl.max(sel.to(tl.int32), 0) != 0:
+                key, offs, mask = _tile_keys(
+                    x_ptr,
+                    row,
+                    tile,
+                    sel,
+                    stride,
+                    slots_ptr,
+                    rep_ptr,
+                    pres_ptr,
+                    freq_ptr,
+                    counts_ptr,
+                    seen_ptr,
+                    param_stride,
+                    V,
+                    SUB,
+                    G,
+                    PENALTY,
+                    HAS_REPETITION,
+                )
+                key = key.to(tl.int64)
+                for j in tl.static_range(NT):
+                    hit = mask & (key >= lo + step * (j + 1))
+                    cnt += tl.where(idx == j, tl.sum(tl.sum(hit.to(tl.int32), 1), 0), 0)
+        ok = tl.sum((cnt >= k).to(tl.int64), 0)  # thresholds reaching k (a prefix of them)
+        new_hi = tl.where(ok < NT, tl.minimum(hi, lo + step * (ok + 1) - 1), hi)
+        lo = lo + step * ok
+        hi = new_hi
+    v = lo.to(tl.int32)
+    above = tl.full([], 0, tl.int32)
+    for tile in range(0, tiles):
+        subs = tile * G + lanes
+        m = tl.load(base + subs, mask=subs < S, other=INT32_MIN)
+        sel = (subs < S) & (m.to(tl.int64) >= tl.where(trust, lo + 1, INT32_MIN))
+        if tl.max(sel.to(tl.int32), 0) != 0:
+            key, offs, mask = _tile_keys(
                 x_ptr,
                 row,
-                offs,
-                mask,
+                tile,
+                sel,
                 stride,
                 slots_ptr,
                 rep_ptr,
@@ -284,74 +379,61 @@ def _exact_to_buffer(
                 seen_ptr,
                 param_stride,
                 V,
+                SUB,
+                G,
                 PENALTY,
                 HAS_REPETITION,
-            ).to(tl.int64)
-            # [NT, BLOCK]
-            hit = mask[None, :] & (key[None, :] >= th[:, None])
-            cnt += tl.sum(hit.to(tl.int32), 1)
-        ok = tl.sum((cnt >= k).to(tl.int64), 0)  # thresholds reaching k (a prefix of them)
-        new_hi = tl.where(ok < NT, tl.minimum(hi, lo + step * (ok + 1) - 1), hi)
-        lo = lo + step * ok
-        hi = new_hi
-    v = lo.to(tl.int32)
-    above = tl.zeros([BLOCK], dtype=tl.int32)
-    for s in range(0, V, BLOCK):
-        offs = s + lanes
-        mask = offs < V
-        key = _row_keys(
-            x_ptr,
-            row,
-            offs,
-            mask,
-            stride,
-            slots_ptr,
-            rep_ptr,
-            pres_ptr,
-            freq_ptr,
-            counts_ptr,
-            seen_ptr,
-            param_stride,
-            V,
-            PENALTY,
-            HAS_REPETITION,
-        )
-        above += (mask & (key > v)).to(tl.int32)
-    need = k - tl.sum(above, 0)  # entries at v to take, smallest ids first
+            )
+            above += tl.sum(tl.sum((mask & (key > v)).to(tl.int32), 1), 0)
+    need = k - above  # entries at v to take, smallest ids first
     written = tl.full([], 0, tl.int32)
     ties = tl.full([], 0, tl.int32)
-    for s in range(0, V, BLOCK):
-        offs = s + lanes
-        mask = offs < V
-        key = _row_keys(
-            x_ptr,
-            row,
-            offs,
-            mask,
-            stride,
-            slots_ptr,
-            rep_ptr,
-            pres_ptr,
-            freq_ptr,
-            counts_ptr,
-            seen_ptr,
-            param_stride,
-            V,
-            PENALTY,
-            HAS_REPETITION,
-        )
-        eq = (mask & (key == v)).to(tl.int32)
-        keep = (mask & (key > v)) | ((eq != 0) & (ties + tl.cumsum(eq, 0) - 1 < need))
-        flags = keep.to(tl.int32)
-        pos = written + tl.cumsum(flags, 0) - 1
-        tl.store(buf + pos, _pack(key, offs), mask=keep)
-        written += tl.sum(flags, 0)
-        ties += tl.sum(eq, 0)
+    tile = tl.full([], 0, tl.int32)
+    while (tile < tiles) & (written < k):
+        subs = tile * G + lanes
+        m = tl.load(base + subs, mask=subs < S, other=INT32_MIN)
+        # sub-chunks that may hold an entry > v, or one == v while ties are still needed
+        floor = tl.where(ties < need, lo, lo + 1)
+        sel = (subs < S) & (m.to(tl.int64) >= tl.where(trust, floor, INT32_MIN))
+        if tl.max(sel.to(tl.int32), 0) != 0:
+            key, offs, mask = _tile_keys(
+                x_ptr,
+                row,
+                tile,
+                sel,
+                stride,
+                slots_ptr,
+                rep_ptr,
+                pres_ptr,
+                freq_ptr,
+                counts_ptr,
+                seen_ptr,
+                param_stride,
+                V,
+                SUB,
+                G,
+                PENALTY,
+                HAS_REPETITION,
+            )
+            # [G, SUB] in id order (row-major): ranks of the ties, positions of the kept
+            eq = (mask & (key == v)).to(tl.int32)
+            eq_sub = tl.sum(eq, 1)
+            tie_rank = ties + (tl.cumsum(eq_sub, 0) - eq_sub)[:, None] + tl.cumsum(eq, 1) - 1
+            keep = (mask & (key > v)) | ((eq != 0) & (tie_rank < need))
+            flags = keep.to(tl.int32)
+            per_sub = tl.sum(flags, 1)
+            pos = written + (tl.cumsum(per_sub, 0) - per_sub)[:, None] + tl.cumsum(flags, 1) - 1
+            tl.store(buf + pos, _pack(key, offs), mask=keep)
+            written += tl.sum(per_sub, 0)
+            ties += tl.sum(eq_sub, 0)
+        tile += 1
 
 
 @triton.jit(do_not_specialize=["k"])
 def _select_kernel(
     x_ptr,
+    max_ptr,
+    tau_ptr,
     count_ptr,
     buf_ptr,
     vals_ptr,
@@ -365,17 +447,20 @@ def _select_kernel(
     stride,
     param_stride,
     V,
+    S,
     C,
     k,
     T: tl.constexpr,
     NT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
+    G: tl.constexpr,
     PENALTY: tl.constexpr,
     HAS_REPETITION: tl.constexpr,
 ):
     # One program per row: the k best of the row's n buffered candidates, largest first. The
     # rank of candidate i is #{j: key_j > key_i}, counted over tiles of T x T pairs; rank < k
-    # is its output column. Rows whose count is out of [k, C] are selected exactly first.
+    # is its output column. Rows whose count is out of [k, C] are selected exactly first (a
+    # count below k would mean the kernels disagree on a key; the maxima are not trusted then).
     row = tl.program_id(0)
     n = tl.load(count_ptr + row)
     buf = buf_ptr + row.to(tl.int64) * C
@@ -384,6 +469,9 @@ def _select_kernel(
             x_ptr,
             buf,
             row,
+            max_ptr,
+            tl.load(tau_ptr + row),
+            n > C,
             stride,
             slots_ptr,
             rep_ptr,
@@ -393,9 +481,12 @@ def _select_kernel(
             seen_ptr,
             param_stride,
             V,
+            S,
             k,
             NT,
-            BLOCK,
+            SUB,
+            G,
+            T,
             PENALTY,
             HAS_REPETITION,
         )
@@ -488,17 +579,21 @@ def threshold_topk_counted(
     flags = dict(PENALTY=penalties is not None, HAS_REPETITION=has_repetition)
     tiles = triton.cdiv(num_subs, group)
     stride = x.stride(0)
+    # some 16 entries a thread (more spill registers); the fallback reads at most 4096 at once
+    warps = max(4, min(16, group * sub // 512))
+    fallback_group = max(1, min(tile, 4096) // sub)
     _submax_kernel[(num_rows, tiles)](
         x, maxima, count, *pen, stride, param_stride, vocab, num_subs,
-        SUB=sub, G=group, **flags, num_warps=4,
+        SUB=sub, G=group, **flags, num_warps=warps,
     )  # fmt: skip
     _tau_kernel[(num_rows,)](maxima, tau, num_subs, k, T=64, num_warps=4)
     _compact_kernel[(num_rows, tiles)](
         x, maxima, tau, count, buf, *pen, stride, param_stride, vocab, num_subs, capacity, k,
-        SUB=sub, G=group, **flags, num_warps=4,
+        SUB=sub, G=group, **flags, num_warps=warps,
     )  # fmt: skip
     _select_kernel[(num_rows,)](
-        x, count, buf, vals, ids, *pen, stride, param_stride, vocab, capacity, k,
-        T=64, NT=16, BLOCK=256, **flags, num_warps=4,
+        x, maxima, tau, count, buf, vals, ids, *pen, stride, param_stride, vocab, num_subs,
+        capacity, k, T=64, NT=16, SUB=sub, G=fallback_group, **flags,
+        num_warps=max(4, min(8, fallback_group * sub // 512)),
     )  # fmt: skip
     return vals, ids, count
