@@ -10,5 +10,5 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 55 python3 -m pytest -q tests/test_kernels.py -k "topk" 2>&1 | tail -15 | tee "$OUT/tests.txt"
-timeout 85 python3 scripts/bench_sampling.py --topk --steps 20 --settings plain,qwen3,heavy,logprobs \
+timeout 85 python3 scripts/bench_sampling.py --topk --steps 20 --settings qwen3,heavy,logprobs \
   --ways threshold,chunks 2>&1 | tee "$OUT/bench_topk.txt"
