@@ -739,12 +739,13 @@ def test_chunk_topk_flags_and_penalties(with_repetition: bool) -> None:
     assert bool((vals[~flags] == float("-inf")).all())
 
 
+@pytest.mark.parametrize("way", ["threshold", "chunks"])
 @pytest.mark.parametrize("penalised", [False, True])
 @pytest.mark.parametrize("k", [5, 20, 50])
-def test_kernel_topk_equals_torch_topk(penalised: bool, k: int) -> None:
-    """The sampler's two-pass kernel top-k (8 per chunk, then the rows where a chunk may hold
-    more redone) gives torch.topk's values and ids that hold them, also for rows whose top k
-    crowd a few chunks (the redo) and rows with ties."""
+def test_kernel_topk_equals_torch_topk(penalised: bool, k: int, way: str) -> None:
+    """The sampler's kernel top-k, both ways (threshold + compaction; 8 per chunk, then the rows
+    where a chunk may hold more redone) gives torch.topk's values and ids that hold them, also
+    for rows whose top k crowd a few chunks (the redo) and rows with ties."""
     from nanovllm.kernels.sampling import penalize
     from nanovllm.sample.sampler import kernel_topk
 
@@ -752,10 +753,192 @@ def test_kernel_topk_equals_torch_topk(penalised: bool, k: int) -> None:
     logits[1, 130 : 130 + k] += 20  # row 1: the whole top k in one or two chunks of 64
     logits[2, ::3] = 9.0  # row 2: ties everywhere, above the rest
     x = penalize(logits, *args) if penalised else logits
-    vals, ids = kernel_topk(logits, k, 64, args if penalised else None)
+    vals, ids = kernel_topk(logits, k, 64, args if penalised else None, way=way)
     assert torch.equal(vals, x.topk(k, dim=-1).values)
     assert torch.equal(x.gather(1, ids), vals)
     assert all(len(set(row)) == k for row in ids.tolist())
+
+
+def canonical_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row of x, largest first, ties to the smallest id (a stable sort)."""
+    vals, ids = x.cpu().sort(dim=-1, descending=True, stable=True)
+    return vals[:, :k], ids[:, :k]
+
+
+def topk_rows_case(k: int, vocab: int, seed: int, penalised: bool):
+    """Logits [9, vocab] (with penalize's arguments when penalised) whose rows stress the
+    threshold top-k: 0 plain; 1 its top k in one sub-chunk of 16; 2 ties at the k-th value
+    across the row; 3 all -inf; 4 three finite entries; 5 its finite entries crowded into a
+    few sub-chunks (the threshold is -inf, yet more than k are finite); 6 bf16-like coarse
+    values (many ties); 7 ties at the very top (half the row); 8 a copy of row 2 (same result)."""
+    logits, args = penalty_case(9, vocab, seed, penalised)
+    logits[1, 200 : 200 + k] += 30
+    logits[2, 7::5] = torch.where(torch.arange(len(logits[2, 7::5])) % 3 == 0, 40.0, 39.0)
+    logits[3] = float("-inf")
+    logits[4] = float("-inf")
+    logits[4, [3, 500, vocab - 1]] = torch.tensor([1.0, -2.0, 1.0])
+    logits[5] = float("-inf")
+    logits[5, 32 : 32 + 2 * k + 3] = torch.linspace(-1, 1, 2 * k + 3)
+    logits[6] = (logits[6] * 4).round() / 4
+    logits[7, ::2] = 20.0
+    logits[8] = logits[2]
+    if not penalised:
+        return logits, None
+    slots, rep, pres, freq, counts, seen = args
+    counts[slots[8]] = counts[slots[2]]  # row 8 keeps row 2's penalties
+    seen[slots[8]] = seen[slots[2]]
+    rep[8], pres[8], freq[8] = rep[2], pres[2], freq[2]
+    return logits, args
+
+
+@pytest.mark.parametrize("penalised", [False, True])
+@pytest.mark.parametrize("k", [1, 5, 20, 50, 64])
+def test_threshold_topk_exact(k: int, penalised: bool) -> None:
+    """kernel_topk's threshold way returns exactly the k largest (penalised) values, largest
+    first, ties to the smallest ids, on rows with ties, crowding, -inf and few finite entries;
+    with room for 5k candidates a row and with room for 2k only (the exact fallback then takes
+    the rows with more candidates)."""
+    from nanovllm.kernels.sampling import penalize
+    from nanovllm.kernels.topk import threshold_topk_counted
+
+    vocab = 1200
+    logits, args = topk_rows_case(k, vocab, 100 + k, penalised)
+    x = penalize(logits, *args) if penalised else logits
+    want_vals, want_ids = canonical_topk(x, k)
+    for capacity in (5 * k, 2 * k):
+        vals, ids, count = threshold_topk_counted(logits, k, 64, 16, capacity, args)
+        assert torch.equal(vals.cpu(), want_vals), capacity
+        assert torch.equal(ids.cpu(), want_ids), capacity
+        count = count.cpu()
+        # the plain, crowded and -inf rows took the threshold path, not the fallback; rows 3
+        # to 5 only thanks to the -inf rule (-inf entries of ids < 2k)
+        fits = count[[0, 1, 3, 4, 5]]
+        assert capacity == 2 * k or bool(((fits >= k) & (fits <= capacity)).all()), fits
+        # row 7's ties at the top (all >= any threshold) overflow room for 2k: the fallback
+        assert capacity == 5 * k or count[7] > capacity
+
+
+def test_threshold_topk_fallback_rows() -> None:
+    """Rows whose candidates overflow the buffer (many ties at the threshold) are selected
+    exactly by the fallback, beside rows that fit, in one call."""
+    from nanovllm.kernels.topk import threshold_topk
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 2000, generator=gen)
+    x[0, ::2] = 3.0  # 1000 entries tie above the rest
+    x[2, 100:1100] = 2.5
+    x[2, 1500] = 4.0
+    x = x.to(DEVICE)
+    for k in (1, 10, 33):
+        vals, ids = threshold_topk(x, k, 128, 32, 64)
+        want_vals, want_ids = canonical_topk(x, k)
+        assert torch.equal(vals.cpu(), want_vals)
+        assert torch.equal(ids.cpu(), want_ids)
+
+
+@pytest.mark.parametrize("penalised", [False, True])
+def test_threshold_topk_fallback_without_maxima(
+    monkeypatch: pytest.MonkeyPatch, penalised: bool
+) -> None:
+    """With the compaction skipped, every row has 0 < k candidates (as if the kernels
+    disagreed on a key): the fallback then searches whole rows, trusting no maximum, and is
+    still exact."""
+    from nanovllm.kernels import topk
+    from nanovllm.kernels.sampling import penalize
+
+    class Skip:
+        def __getitem__(self, grid: tuple) -> object:
+            return lambda *args, **kwargs: None
+
+    logits, args = topk_rows_case(10, 600, 11, penalised)
+    rows = torch.tensor([0, 2, 5, 7], device=DEVICE)  # plain, ties, -inf, ties at the top
+    logits = logits[rows]
+    if penalised:
+        args = (args[0][rows], *(a[rows] for a in args[1:4]), *args[4:])
+    monkeypatch.setattr(topk, "_compact_kernel", Skip())
+    vals, ids, count = topk.threshold_topk_counted(logits, 10, 64, 16, 40, args)
+    assert bool((count == 0).all())
+    x = penalize(logits, *args) if penalised else logits
+    want_vals, want_ids = canonical_topk(x, 10)
+    assert torch.equal(vals.cpu(), want_vals)
+    assert torch.equal(ids.cpu(), want_ids)
+
+
+@pytest.mark.parametrize(("vocab", "k"), [(64, 64), (70, 64), (300, 50), (100, 1)])
+def test_threshold_topk_short_rows(vocab: int, k: int) -> None:
+    """Rows too short for k sub-chunks of the asked size: smaller sub-chunks, still exact."""
+    from nanovllm.kernels.topk import threshold_topk
+
+    gen = torch.Generator().manual_seed(vocab)
+    x = (torch.randn(3, vocab, generator=gen) * 2).to(torch.float16).float()
+    x[1, ::2] = 1.0
+    x[2] = float("-inf")
+    vals, ids = threshold_topk(x.to(DEVICE), k, 256, 64, 2 * k)
+    want_vals, want_ids = canonical_topk(x, k)
+    assert torch.equal(vals.cpu(), want_vals)
+    assert torch.equal(ids.cpu(), want_ids)
+
+
+def test_threshold_topk_does_not_depend_on_the_batch() -> None:
+    """A row's ids (ties included) are the same at any position of any batch."""
+    from nanovllm.kernels.topk import threshold_topk
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1500, generator=gen).to(torch.float16).float()
+    x[:, 5::9] = 2.0  # ties at the top of every row
+    x = x.to(DEVICE)
+    _, ids = threshold_topk(x, 20, 64, 16, 128)
+    order = torch.tensor([4, 1, 5, 0, 3, 2], device=DEVICE)
+    _, shuffled = threshold_topk(x[order], 20, 64, 16, 128)
+    assert torch.equal(shuffled, ids[order])
+    _, alone = threshold_topk(x[3:4], 20, 64, 16, 128)
+    assert torch.equal(alone[0], ids[3])
+    assert torch.equal(ids.cpu(), canonical_topk(x, 20)[1])
+
+
+@pytest.mark.skipif(not CUDA, reason="the sampler's real shape, natively on CUDA")
+@pytest.mark.parametrize("penalised", [False, True])
+def test_kernel_topk_real_shape(penalised: bool) -> None:
+    """At Qwen3's vocabulary in bfloat16, with the sampler's settings: the threshold way equals
+    a stable sort (values, ids with ties to the smallest) on plain, crowded, tied and masked
+    rows, and the ids do not change when the batch is reversed (real atomics)."""
+    from nanovllm.kernels.sampling import penalize
+    from nanovllm.sample.sampler import KERNEL_TOPK_CHUNK, kernel_topk
+
+    logits, args = penalty_case(64, 151936, 9, penalised)
+    logits = logits.to(torch.bfloat16)
+    logits[1, 1000:1100] += 10  # the top crowded into a few sub-chunks
+    logits[2, ::40] = 12.0  # ties at the top
+    logits[3] = float("-inf")  # a grammar mask: 300 tokens allowed
+    allowed = torch.randperm(151936, device=DEVICE)[:300]
+    logits[3, allowed] = logits[4, allowed]
+    logits[5] = float("-inf")
+    x = penalize(logits, *args) if penalised else logits.float()
+    sorted_vals, sorted_ids = x.sort(dim=-1, descending=True, stable=True)
+    flip = torch.arange(63, -1, -1, device=DEVICE)
+    flipped_args = None
+    if penalised:
+        flipped_args = (args[0][flip], *(a[flip] for a in args[1:4]), *args[4:])
+    else:
+        args = None
+    for k in (1, 5, 20, 50, 64):
+        vals, ids = kernel_topk(logits, k, KERNEL_TOPK_CHUNK, args)
+        assert torch.equal(vals, sorted_vals[:, :k]), k
+        assert torch.equal(ids, sorted_ids[:, :k]), k
+        _, again = kernel_topk(logits[flip], k, KERNEL_TOPK_CHUNK, flipped_args)
+        assert torch.equal(again, ids[flip]), k
+
+
+def test_threshold_topk_rejects_bad_arguments() -> None:
+    from nanovllm.kernels.topk import threshold_topk
+
+    x = torch.randn(2, 100, device=DEVICE)
+    with pytest.raises(ValueError, match="top-k of 101 entries from rows of 100"):
+        threshold_topk(x, 101)
+    with pytest.raises(ValueError, match="sub must be a power of two, got 48"):
+        threshold_topk(x, 5, 64, 48)
+    with pytest.raises(ValueError, match="contiguous"):
+        threshold_topk(x.t().contiguous().t(), 5)
 
 
 def scaled_fp8(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

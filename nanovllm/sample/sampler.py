@@ -14,8 +14,12 @@ Order per row, all in float32 (the design's order):
       the row's largest; (f) one draw from what is left.
 
 How it avoids a full-vocabulary sort: rows that truncate take only their K best candidates
-(`torch.topk`, K = the batch's largest top-k, or TOP_P_CANDIDATES for rows with top-p alone),
-and (c)-(f) run on those [B, K] candidates. That is exact for top-k rows. For a top-p-only row it
+(topk_rows, K = the batch's largest top-k, or TOP_P_CANDIDATES for rows with top-p alone),
+and (c)-(f) run on those [B, K] candidates. On CUDA, for K <= KERNEL_TOPK, the K best come
+from kernel_topk: each sub-chunk's maximum, the K-th largest of those as a threshold (at least
+K entries reach it), the entries that reach it compacted and ranked (kernels/topk.py), with the
+penalties applied inside when nothing else needs the penalised row; else torch.topk over
+chunks, then over the chunks' best. That is exact for top-k rows. For a top-p-only row it
 is exact when the candidates hold at least top_p of the row's probability (the nucleus then lies
 inside them); rows where they do not are redone (see below). Min-p is a floor
 on the scaled logit, max + log(min_p), so it needs no normalisation at all.
@@ -54,10 +58,14 @@ TOP_P_CANDIDATES = 256
 MAX_KERNEL_CANDIDATES = 4096
 # Rows of at least 4 blocks of CDF_BLOCK entries are drawn by pick_two_level (CPU, MPS).
 CDF_BLOCK = 1024
-# On CUDA, top-k up to KERNEL_TOPK takes each chunk's best in a Triton kernel (topk_rows).
+# On CUDA, top-k up to KERNEL_TOPK of long rows goes through kernel_topk (Triton kernels);
+# each program of its row passes covers KERNEL_TOPK_CHUNK entries.
 KERNEL_TOPK = 64
 KERNEL_TOPK_CHUNK = 4096
-# kernel_topk's first pass keeps this many per chunk (a row's top k rarely crowd one chunk).
+# kernel_topk's threshold way: sub-chunk whose maxima give the threshold, candidates a row.
+TOPK_SUB = 512
+TOPK_CAPACITY = 1024
+# kernel_topk's chunks way: its first pass keeps this many per chunk.
 FIRST_ROUNDS = 8
 
 
@@ -286,9 +294,10 @@ def _sample_truncated_cuda(x: Tensor, rows: SamplingRows, vals: Tensor, ids: Ten
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of x [B, V] and their ids, sorted descending: [B, k].
 
-    On a GPU, for long rows in two stages, much faster there than one torch.topk over the row
-    (one thread block per row): the top-k of each chunk of the row (many short rows), then the
-    top-k of those candidates. Exact: a row's top k are among its chunks' top k.
+    On a GPU, for k <= KERNEL_TOPK and long rows, kernel_topk. Otherwise on a GPU in two
+    stages, much faster there than one torch.topk over the row (one thread block per row): the
+    top-k of each chunk of the row (many short rows), then the top-k of those candidates.
+    Exact: a row's top k are among its chunks' top k.
     """
     num_rows, vocab = x.shape
     if not x.is_cuda:  # a CPU's torch.topk is fast on long rows (2.5-4x the two stages)
@@ -314,15 +323,31 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def kernel_topk(
-    x: Tensor, k: int, chunk: int, penalties: tuple | None = None
+    x: Tensor,
+    k: int,
+    chunk: int,
+    penalties: tuple | None = None,
+    way: str = "threshold",
+    sub: int = TOPK_SUB,
+    capacity: int = TOPK_CAPACITY,
 ) -> tuple[Tensor, Tensor]:
-    """topk_rows by the chunk_topk kernel (kernels/sampling.py), with penalize's arguments
-    `penalties` of the top k of the penalised logits (x itself is then the raw logits).
+    """topk_rows by Triton kernels, with penalize's arguments `penalties` of the top k of the
+    penalised logits (x itself is then the raw logits): values [B, k] float32 sorted
+    descending, ids [B, k] int64. No host read.
 
-    Most of a row's top k lie in different chunks, so the kernel first keeps only FIRST_ROUNDS
-    of each chunk. The top k of those candidates are exact unless some chunk's last kept entry
-    reaches their k-th value (that chunk may hold more); such rows, flagged on the device, are
-    redone with k' (k rounded up to a power of two) per chunk. No host read."""
+    way "threshold" (kernels/topk.py): each sub-chunk's maximum (sub entries), the k-th largest
+    of those as a threshold, every entry above it compacted into `capacity` slots a row and
+    ranked; programs cover `chunk` entries. Ties go to the smallest id, so a row's result does
+    not depend on its batch. way "chunks" (the former path, kept for comparison): chunk_topk
+    keeps FIRST_ROUNDS per chunk; the top k of those candidates are exact unless some chunk's
+    last kept entry reaches their k-th value (that chunk may hold more); such rows, flagged on
+    the device, are redone with k' (k rounded up to a power of two) per chunk."""
+    if way == "threshold":
+        from nanovllm.kernels.topk import threshold_topk
+
+        return threshold_topk(x, k, chunk, sub, capacity, penalties)
+    if way != "chunks":
+        raise ValueError(f"kernel_topk's way is 'threshold' or 'chunks', got {way!r}")
     from nanovllm.kernels.sampling import chunk_topk
 
     num_rows = x.shape[0]
