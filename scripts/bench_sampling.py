@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="top kernels of each setting")
     parser.add_argument("--topk", action="store_true", help="then the top-k variants (CUDA)")
     parser.add_argument("--settings", default=",".join(SAMPLING), help="comma-separated")
-    parser.add_argument("--ways", default="threshold", help="kernel_topk ways, comma-separated")
+    parser.add_argument("--ways", default="chunks", help="kernel_topk ways, comma-separated")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -149,15 +149,19 @@ def topk_variants(logits: torch.Tensor, steps: int) -> None:
             "torch.topk": lambda k=k: logits.topk(k, dim=-1),
             "one pass": lambda k=k: one_pass(k),
             "kernel_topk chunks": lambda k=k: kernel_topk(logits, k, chunk, way="chunks"),
-            "kernel_topk threshold": lambda k=k: kernel_topk(logits, k, chunk),
+            "kernel_topk threshold": lambda k=k: kernel_topk(logits, k, chunk, way="threshold"),
         }
         for tile, sub in ((8192, 512), (4096, 256), (4096, 1024), (16384, 1024)):
             ways[f"  threshold {tile}/{sub}"] = lambda k=k, t=tile, s=sub: threshold_topk(
                 logits, k, t, s
             )
-        ways["penalize+kernel_topk"] = lambda k=k: kernel_topk(penalize(logits, *pen), k, chunk)
+        ways["penalize+kernel_topk"] = lambda k=k: kernel_topk(
+            penalize(logits, *pen), k, chunk, way="chunks"
+        )
         ways["fused penalties chunks"] = lambda k=k: kernel_topk(logits, k, chunk, pen, "chunks")
-        ways["fused penalties thresh."] = lambda k=k: kernel_topk(logits, k, chunk, pen)
+        ways["fused penalties thresh."] = lambda k=k: kernel_topk(
+            logits, k, chunk, pen, "threshold"
+        )
         for name, fn in ways.items():
             print(f"  k={k:3d} {name:24s} {device_us(fn, steps):9.1f}")
     check_threshold(logits, pen)
@@ -175,7 +179,7 @@ def topk_variants(logits: torch.Tensor, steps: int) -> None:
         for k in (20, 50):
             _, _, n = threshold_topk_counted(x, k, chunk, 512, 1024)
             fallback = int(((n < k) | (n > 1024)).sum())
-            t = device_us(lambda x=x, k=k: kernel_topk(x, k, chunk), steps)
+            t = device_us(lambda x=x, k=k: kernel_topk(x, k, chunk, way="threshold"), steps)
             t_old = device_us(lambda x=x, k=k: kernel_topk(x, k, chunk, way="chunks"), steps)
             print(
                 f"  {name:24s} k={k:3d}: threshold {t:9.1f}  chunks {t_old:9.1f}"
@@ -214,7 +218,7 @@ def profile_threshold(logits: torch.Tensor, k: int, pen: tuple) -> None:
         activities = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(10):
-                kernel_topk(logits, k, KERNEL_TOPK_CHUNK, penalties)
+                kernel_topk(logits, k, KERNEL_TOPK_CHUNK, penalties, "threshold")
             torch.cuda.synchronize()
         print(f"threshold way, k={k}, penalties {penalties is not None}: 10 calls")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8))

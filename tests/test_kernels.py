@@ -922,10 +922,10 @@ def test_kernel_topk_real_shape(penalised: bool) -> None:
     else:
         args = None
     for k in (1, 5, 20, 50, 64):
-        vals, ids = kernel_topk(logits, k, KERNEL_TOPK_CHUNK, args)
+        vals, ids = kernel_topk(logits, k, KERNEL_TOPK_CHUNK, args, "threshold")
         assert torch.equal(vals, sorted_vals[:, :k]), k
         assert torch.equal(ids, sorted_ids[:, :k]), k
-        _, again = kernel_topk(logits[flip], k, KERNEL_TOPK_CHUNK, flipped_args)
+        _, again = kernel_topk(logits[flip], k, KERNEL_TOPK_CHUNK, flipped_args, "threshold")
         assert torch.equal(again, ids[flip]), k
 
 

@@ -16,10 +16,12 @@ Order per row, all in float32 (the design's order):
 How it avoids a full-vocabulary sort: rows that truncate take only their K best candidates
 (topk_rows, K = the batch's largest top-k, or TOP_P_CANDIDATES for rows with top-p alone),
 and (c)-(f) run on those [B, K] candidates. On CUDA, for K <= KERNEL_TOPK, the K best come
-from kernel_topk: each sub-chunk's maximum, the K-th largest of those as a threshold (at least
-K entries reach it), the entries that reach it compacted and ranked (kernels/topk.py), with the
-penalties applied inside when nothing else needs the penalised row; else torch.topk over
-chunks, then over the chunks' best. That is exact for top-k rows. For a top-p-only row it
+from kernel_topk (with the penalties applied inside when nothing else needs the penalised
+row): by default each 4096-entry chunk's best 8 (kernels/sampling.py chunk_topk), their top K,
+and the rows where a chunk may hold more redone; or (TOPK_WAY "threshold", kernels/topk.py)
+each sub-chunk's maximum, the K-th largest of those as a threshold (at least K entries reach
+it), the entries that reach it compacted and ranked. Else torch.topk over chunks, then over
+the chunks' best. That is exact for top-k rows. For a top-p-only row it
 is exact when the candidates hold at least top_p of the row's probability (the nucleus then lies
 inside them); rows where they do not are redone (see below). Min-p is a floor
 on the scaled logit, max + log(min_p), so it needs no normalisation at all.
@@ -67,6 +69,10 @@ TOPK_SUB = 512
 TOPK_CAPACITY = 1024
 # kernel_topk's chunks way: its first pass keeps this many per chunk.
 FIRST_ROUNDS = 8
+# kernel_topk's way: "chunks" is the one measured on the GPU (BENCHMARKS.md, session 7);
+# "threshold" (kernels/topk.py) is exact and tested but not yet timed on a GPU
+# (scripts/visit_topk.sh compares the two); switch when it is measured faster.
+TOPK_WAY = "chunks"
 
 
 def apply_penalties(logits: Tensor, rows: SamplingRows) -> Tensor:
@@ -327,7 +333,7 @@ def kernel_topk(
     k: int,
     chunk: int,
     penalties: tuple | None = None,
-    way: str = "threshold",
+    way: str | None = None,
     sub: int = TOPK_SUB,
     capacity: int = TOPK_CAPACITY,
 ) -> tuple[Tensor, Tensor]:
@@ -341,7 +347,8 @@ def kernel_topk(
     not depend on its batch. way "chunks" (the former path, kept for comparison): chunk_topk
     keeps FIRST_ROUNDS per chunk; the top k of those candidates are exact unless some chunk's
     last kept entry reaches their k-th value (that chunk may hold more); such rows, flagged on
-    the device, are redone with k' (k rounded up to a power of two) per chunk."""
+    the device, are redone with k' (k rounded up to a power of two) per chunk. None: TOPK_WAY."""
+    way = way or TOPK_WAY
     if way == "threshold":
         from nanovllm.kernels.topk import threshold_topk
 
