@@ -254,6 +254,61 @@ def _penalized(
     return x - frequency * count - presence * (count > 0).to(tl.float32)
 
 
+@triton.jit
+def _ordered(x):
+    # float32 -> int32 key with the float's order (the map is its own inverse on the bits)
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _pack(key, offs):
+    # int64 ordering like (value, -id): the ordered key high, 2**31 - 1 - id low
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - offs).to(tl.int64)
+
+
+@triton.jit
+def _row_keys(
+    x_ptr,
+    row,
+    offs,
+    mask,
+    stride,
+    slots_ptr,
+    rep_ptr,
+    pres_ptr,
+    freq_ptr,
+    counts_ptr,
+    seen_ptr,
+    param_stride,
+    V,
+    PENALTY: tl.constexpr,
+    HAS_REPETITION: tl.constexpr,
+):
+    # int32 keys (_ordered) of entries offs of a row, penalised (penalize's arithmetic) with
+    # PENALTY; masked entries read -inf
+    x = tl.load(x_ptr + row.to(tl.int64) * stride + offs, mask=mask, other=float("-inf"))
+    x = x.to(tl.float32)
+    if PENALTY:
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        x = _penalized(
+            x,
+            row,
+            slot,
+            offs,
+            mask,
+            rep_ptr,
+            pres_ptr,
+            freq_ptr,
+            counts_ptr,
+            seen_ptr,
+            param_stride,
+            V,
+            HAS_REPETITION,
+        )
+    return _ordered(x)
+
+
 def penalize(
     logits: torch.Tensor,
     slots: torch.Tensor,
@@ -740,34 +795,29 @@ def _chunk_topk_kernel(
     if run != 0:
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
         mask = offs < V
-        x = tl.load(x_ptr + row.to(tl.int64) * stride + offs, mask=mask, other=float("-inf"))
-        x = x.to(tl.float32)
-        if PENALTY:
-            slot = tl.load(slots_ptr + row).to(tl.int64)
-            x = _penalized(
-                x,
-                row,
-                slot,
-                offs,
-                mask,
-                rep_ptr,
-                pres_ptr,
-                freq_ptr,
-                counts_ptr,
-                seen_ptr,
-                param_stride,
-                V,
-                HAS_REPETITION,
-            )
-        bits = x.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order of key = float order of x
-        packed = (key.to(tl.int64) << 32) | (0x7FFFFFFF - offs).to(tl.int64)
+        key = _row_keys(
+            x_ptr,
+            row,
+            offs,
+            mask,
+            stride,
+            slots_ptr,
+            rep_ptr,
+            pres_ptr,
+            freq_ptr,
+            counts_ptr,
+            seen_ptr,
+            param_stride,
+            V,
+            PENALTY,
+            HAS_REPETITION,
+        )
+        packed = _pack(key, offs)
         for j in tl.static_range(K):
             top = tl.max(packed, 0)
-            top_key = (top >> 32).to(tl.int32)
-            top_bits = top_key ^ ((top_key >> 31) & 0x7FFFFFFF)
             at = 0x7FFFFFFF - (top - ((top >> 32) << 32)).to(tl.int32)
-            tl.store(vals_ptr + out + j, top_bits.to(tl.float32, bitcast=True))
+            value = _ordered((top >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+            tl.store(vals_ptr + out + j, value)
             tl.store(ids_ptr + out + j, tl.minimum(at, V - 1).to(tl.int64))  # (in range if -inf)
             packed = tl.where(packed == top, -9223372036854775807 - 1, packed)
     else:

@@ -34,66 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.sampling import _penalized
+from nanovllm.kernels.sampling import _ordered, _pack, _row_keys
 
 # The key of -inf (0xFF800000 made sign-ordered); smaller keys are negative NaNs only.
 NEG_INF_KEY = tl.constexpr(-2139095041)
 INT32_MIN = tl.constexpr(-(2**31))
 INT32_MAX = tl.constexpr(2**31 - 1)
-
-
-@triton.jit
-def _ordered(x):
-    # float32 -> int32 key with the float's order (the map is its own inverse on the bits)
-    bits = x.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _row_keys(
-    x_ptr,
-    row,
-    offs,
-    mask,
-    stride,
-    slots_ptr,
-    rep_ptr,
-    pres_ptr,
-    freq_ptr,
-    counts_ptr,
-    seen_ptr,
-    param_stride,
-    V,
-    PENALTY: tl.constexpr,
-    HAS_REPETITION: tl.constexpr,
-):
-    # int32 keys of entries offs of a row (penalised with PENALTY); masked entries read -inf
-    x = tl.load(x_ptr + row.to(tl.int64) * stride + offs, mask=mask, other=float("-inf"))
-    x = x.to(tl.float32)
-    if PENALTY:
-        slot = tl.load(slots_ptr + row).to(tl.int64)
-        x = _penalized(
-            x,
-            row,
-            slot,
-            offs,
-            mask,
-            rep_ptr,
-            pres_ptr,
-            freq_ptr,
-            counts_ptr,
-            seen_ptr,
-            param_stride,
-            V,
-            HAS_REPETITION,
-        )
-    return _ordered(x)
-
-
-@triton.jit
-def _pack(key, offs):
-    # int64 ordering like (value, -id)
-    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - offs).to(tl.int64)
 
 
 @triton.jit
