@@ -565,6 +565,43 @@ def test_logsumexp_and_rank_kernel(dtype: torch.dtype, parts: int | None) -> Non
     assert torch.equal(packed[:, 1].cpu(), rank.cpu().double())
 
 
+@pytest.mark.parametrize("parts", [None, 1, 3])
+@pytest.mark.parametrize("top", [1, 5, 13, 16])
+def test_logsumexp_and_rank_finds_the_top_entries(top: int, parts: int | None) -> None:
+    """With top = k the same pass writes the k largest entries' log-probabilities (largest
+    first) and ids: exactly a stable descending sort's, so ties go to the smallest id (a row of
+    ties, a row with fewer finite entries than k, a row whose largest entries sit in one part
+    and in the last, partial tile); the lse, rank and chosen columns are unchanged."""
+    from nanovllm.kernels.sampling import logsumexp_and_rank
+
+    gen = torch.Generator().manual_seed(top)
+    vocab = 5000
+    logits = torch.randn(6, vocab, generator=gen) * 4
+    logits[1, 3:] = float("-inf")  # 3 finite entries
+    logits[2, ::2] = 1.0
+    logits[3, :] = 0.5  # all ties
+    logits[4, 2000:2040] = 40.0 + torch.arange(40.0)  # the top k all in one stretch
+    logits[5, -30:] = 50.0 - torch.arange(30.0)  # in the last, partial tile
+    logits = logits.to(DTYPES[-1])
+    tokens = torch.tensor([7, 1, 0, 4999, 2500, 4990])
+    width = 2 + 2 * top
+    packed = torch.full((6, width), float("nan"), dtype=torch.float64, device=DEVICE)
+    lse, rank = logsumexp_and_rank(
+        logits.to(DEVICE), tokens.to(DEVICE), packed=packed, parts=parts, top=top
+    )
+    x = logits.float()
+    order = torch.sort(x, dim=-1, descending=True, stable=True)
+    want_vals = order.values[:, :top].double() - torch.logsumexp(x.double(), -1)[:, None]
+    got = packed.cpu()
+    assert torch.equal(got[:, 2 + top :].long(), order.indices[:, :top])
+    # (-inf where a row has fewer finite entries than k: equal infinities compare equal)
+    torch.testing.assert_close(got[:, 2 : 2 + top], want_vals, atol=1e-4, rtol=0)
+    assert torch.equal(rank.cpu(), (x >= x.gather(1, tokens[:, None])).sum(dim=-1))
+    assert torch.equal(got[:, 1], rank.cpu().double())
+    with pytest.raises(ValueError, match="top=17"):
+        logsumexp_and_rank(logits.to(DEVICE), tokens.to(DEVICE), packed=packed, top=17)
+
+
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.995])
 def test_top_p_floor_kernel_keeps_the_nucleus(top_p: float) -> None:
     """The searched floor keeps exactly the sorted reference's nucleus (flat and peaked rows);

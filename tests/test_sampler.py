@@ -640,3 +640,25 @@ def test_penalties_fused_into_topk_give_the_unfused_tokens() -> None:
         driver.state.record(rows, fused)
         for seq, t in zip(seqs, fused.tolist(), strict=True):
             seq.append_token(t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel path is CUDA's")
+@pytest.mark.parametrize("k", [0, 1, 5, 16, 20])
+def test_logprob_rows_on_cuda_match_the_torch_path(k: int) -> None:
+    """gather_logprobs' kernel path (top k <= 16 found in the log-sum-exp pass, larger k by
+    topk_rows) gives the torch path's packed rows on bf16 logits of Qwen3's vocabulary: the
+    same ids in the same order, logprobs within float32 rounding."""
+    vocab, rows_n = 151936, 37
+    gen = torch.Generator().manual_seed(12)
+    logits = (torch.randn(rows_n, vocab, generator=gen) * 4).to(torch.bfloat16)
+    logits[3, :] = 0.25  # all ties: the smallest ids first
+    tokens = torch.randint(0, vocab, (rows_n,), generator=gen)
+    want = gather_logprobs(logits, tokens, k)
+    got = gather_logprobs(logits.cuda(), tokens.cuda(), k).cpu()
+    assert got.shape == want.shape == (rows_n, 2 + 2 * k)
+    assert torch.equal(got[:, 1], want[:, 1])  # ranks
+    # top ids: a stable descending sort's (torch.topk's order among ties is unspecified)
+    order = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(got[:, 2 + k :].long(), order)
+    assert torch.allclose(got[:, 0], want[:, 0], atol=1e-4)
+    assert torch.allclose(got[:, 2 : 2 + k], want[:, 2 : 2 + k], atol=1e-4)

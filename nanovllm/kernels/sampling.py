@@ -30,6 +30,10 @@ FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
 # Rows are cut into at most this many parts (one compiled variant of the merge kernels; the
 # batch size and the parts are not specialised on either, so no kernel compiles mid-run).
 MAX_PARTS = 64
+# A packed key below every real one (_pack of -inf included): "no entry".
+NO_KEY = tl.constexpr(-(2**63))
+# logsumexp_and_rank finds at most this many largest entries in its pass (logprobs' top k).
+MAX_FUSED_TOP = 16
 
 
 @triton.jit
@@ -366,16 +370,23 @@ def _lse_rank_kernel(
     part_m_ptr,
     part_s_ptr,
     part_count_ptr,
+    part_key_ptr,
     stride,
     temp_stride,
     V,
     SPAN,
     HAS_TEMP: tl.constexpr,
     BLOCK: tl.constexpr,
+    TOPK: tl.constexpr,
 ):
     # One pass over a part of SPAN entries of a row (SPAN a multiple of BLOCK): an online
     # log-sum-exp (running max m and sum s of exp(x - m) per lane, merged at the end) and the
     # count of entries >= the chosen token's logit; _lse_rank_combine merges the parts.
+    # With TOPK > 0 (a power of two), also the part's TOPK largest entries as packed keys
+    # (_pack: value high, 2**31 - 1 - id low, so ties go to the smallest id), kept in a running
+    # list `best`: a tile's entries above the list's smallest are taken largest first, each
+    # replacing the smallest while it is larger. After the first tiles few entries pass, so
+    # most tiles cost one count.
     row = tl.program_id(0)
     part = tl.program_id(1)
     base = logits_ptr + row.to(tl.int64) * stride
@@ -385,6 +396,9 @@ def _lse_rank_kernel(
     m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     count = tl.zeros([BLOCK], dtype=tl.int32)
+    if TOPK > 0:
+        # distinct sentinels below every real key (even -inf's), so one is replaced at a time
+        best = tl.arange(0, TOPK).to(tl.int64) + NO_KEY
     first = part * SPAN
     for start in range(first, tl.minimum(first + SPAN, V), BLOCK):
         offs = start + lanes
@@ -394,15 +408,28 @@ def _lse_rank_kernel(
         s = s * tl.exp(m - safe) + tl.exp(x - safe)
         m = new_m
         count += (x >= chosen).to(tl.int32)
+        if TOPK > 0:
+            floor = tl.min(best, 0)
+            # [BLOCK] keys above the list's smallest (entries past V never)
+            cand = tl.where(offs < V, _pack(_ordered(x), offs), NO_KEY)
+            cand = tl.where(cand > floor, cand, NO_KEY)
+            above = tl.minimum(tl.sum((cand > NO_KEY).to(tl.int32), 0), TOPK)
+            for _ in range(above):
+                key = tl.max(cand, 0)
+                floor = tl.min(best, 0)
+                best = tl.where((best == floor) & (key > floor), key, best)
+                cand = tl.where(cand == key, NO_KEY, cand)
     top = tl.max(m, 0)
     safe_top = tl.where(top == float("-inf"), 0.0, top)
     out = row * tl.num_programs(1) + part
     tl.store(part_m_ptr + out, top)
     tl.store(part_s_ptr + out, tl.sum(s * tl.exp(m - safe_top), 0))
     tl.store(part_count_ptr + out, tl.sum(count, 0))
+    if TOPK > 0:
+        tl.store(part_key_ptr + out * TOPK + tl.arange(0, TOPK), best)
 
 
-@triton.jit(do_not_specialize=["B", "PARTS"])
+@triton.jit(do_not_specialize=["B", "PARTS", "K"])
 def _lse_rank_combine(
     logits_ptr,
     tokens_ptr,
@@ -410,11 +437,13 @@ def _lse_rank_combine(
     part_m_ptr,
     part_s_ptr,
     part_count_ptr,
+    part_key_ptr,
     lse_ptr,
     rank_ptr,
     packed_ptr,
     B,
     PARTS,
+    K,
     stride,
     temp_stride,
     packed_stride,
@@ -422,9 +451,12 @@ def _lse_rank_combine(
     WRITE_PACKED: tl.constexpr,
     ROWS: tl.constexpr,
     P: tl.constexpr,
+    TOPK: tl.constexpr,
 ):
     # The parts' (max, sum of exp(x - max), count) of ROWS rows merged: lse, rank (and
-    # sample/logprobs.py's first two packed columns: chosen logprob, rank).
+    # sample/logprobs.py's first two packed columns: chosen logprob, rank); with TOPK, the
+    # parts' key lists merged into the row's K largest (K <= TOPK), largest first: their
+    # log-probabilities in packed columns 2..2+K-1, their ids in 2+K..2+2K-1.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     parts = tl.arange(0, P)
     valid = rows < B
@@ -445,6 +477,22 @@ def _lse_rank_combine(
         out = packed_ptr + rows.to(tl.int64) * packed_stride
         tl.store(out, (chosen.to(tl.float32) * inv_t - lse).to(tl.float64), mask=valid)
         tl.store(out + 1, rank.to(tl.float64), mask=valid)
+        if TOPK > 0:
+            # [ROWS, P * TOPK] every part's list (parts past PARTS: no keys)
+            j = tl.arange(0, P * TOPK)
+            kmask = valid[:, None] & (j[None, :] < PARTS * TOPK)
+            keys = tl.load(
+                part_key_ptr + rows[:, None].to(tl.int64) * (PARTS * TOPK) + j[None, :],
+                mask=kmask,
+                other=NO_KEY,
+            )
+            for i in range(K):
+                key = tl.max(keys, 1)
+                keys = tl.where(keys == key[:, None], NO_KEY, keys)
+                value = _ordered((key >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+                ids = 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
+                tl.store(out + 2 + i, (value - lse).to(tl.float64), mask=valid)
+                tl.store(out + 2 + K + i, ids.to(tl.float64), mask=valid)
 
 
 def logsumexp_and_rank(
@@ -453,18 +501,87 @@ def logsumexp_and_rank(
     temperatures: torch.Tensor | None = None,
     packed: torch.Tensor | None = None,
     parts: int | None = None,
+    top: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For logits [B, V] and tokens [B]: each row's log-sum-exp [B] float32 (in float32 from
     any input dtype) and the number of entries >= the token's logit [B] int64, in one pass;
     with temperatures [B] (0 taken as 1), of logits / T. With packed [B, W] float64, also
-    writes the token's log-probability to column 0 and its rank to column 1. Each row is cut
-    into `parts` (default: enough programs to fill the device), merged by a second kernel."""
+    writes the token's log-probability to column 0 and its rank to column 1, and with top = k
+    (1 <= k <= MAX_FUSED_TOP, W >= 2 + 2k) the row's k largest entries in the same pass: their
+    log-probabilities to columns 2..k+1 (largest first, ties to the smallest id) and their ids
+    to columns k+2..2k+1. Each row is cut into `parts` (default: enough programs to fill the
+    device), merged by a second kernel."""
     num_rows, vocab = logits.shape
     dev = logits.device
     lse = torch.empty(num_rows, dtype=torch.float32, device=dev)
     rank = torch.empty(num_rows, dtype=torch.int64, device=dev)
+    if top and (packed is None or not 0 < top <= min(MAX_FUSED_TOP, vocab)):
+        raise ValueError(
+            f"top={top} needs packed rows and 1 <= top <= {min(MAX_FUSED_TOP, vocab)} "
+            "(MAX_FUSED_TOP or the vocabulary)"
+        )
+    if packed is not None and packed.shape[1] < 2 + 2 * top:
+        raise ValueError(f"packed rows of {packed.shape[1]} columns hold no top {top}")
     if num_rows == 0:
         return lse, rank
+    block = min(2048, triton.next_power_of_2(vocab))
+    chunks = triton.cdiv(vocab, block)
+    if parts is None:  # some 8 programs an SM
+        parts = triton.cdiv(8 * num_sms(dev), num_rows)
+    parts = max(1, min(parts, chunks, MAX_PARTS))
+    span = triton.cdiv(chunks, parts) * block
+    parts = triton.cdiv(vocab, span)
+    part_m = torch.empty(num_rows, parts, dtype=torch.float32, device=dev)
+    part_s = torch.empty(num_rows, parts, dtype=torch.float32, device=dev)
+    part_count = torch.empty(num_rows, parts, dtype=torch.int32, device=dev)
+    # each part's list of keys: a power of two >= top (one variant per power of two)
+    list_len = triton.next_power_of_2(top) if top else 0
+    part_key = torch.empty(num_rows, parts, max(list_len, 1), dtype=torch.int64, device=dev)
+    temps = temperatures if temperatures is not None else lse
+    temp_stride = temperatures.stride(0) if temperatures is not None else 0
+    _lse_rank_kernel[(num_rows, parts)](
+        logits,
+        tokens,
+        temps,
+        part_m,
+        part_s,
+        part_count,
+        part_key,
+        logits.stride(0),
+        temp_stride,
+        vocab,
+        span,
+        HAS_TEMP=temperatures is not None,
+        BLOCK=block,
+        TOPK=list_len,
+        num_warps=4,
+    )
+    # rows a program: [rows, MAX_PARTS * list_len] keys stay at most 2,048
+    rows = max(1, min(16, 2048 // (MAX_PARTS * max(list_len, 1))))
+    _lse_rank_combine[(triton.cdiv(num_rows, rows),)](
+        logits,
+        tokens,
+        temps,
+        part_m,
+        part_s,
+        part_count,
+        part_key,
+        lse,
+        rank,
+        packed if packed is not None else lse,
+        num_rows,
+        parts,
+        top,
+        logits.stride(0),
+        temp_stride,
+        packed.stride(0) if packed is not None else 0,
+        HAS_TEMP=temperatures is not None,
+        WRITE_PACKED=packed is not None,
+        ROWS=rows,
+        P=MAX_PARTS,
+        TOPK=list_len,
+    )
+    return lse, rank
     block = min(2048, triton.next_power_of_2(vocab))
     chunks = triton.cdiv(vocab, block)
     if parts is None:  # some 8 programs an SM

@@ -28,16 +28,17 @@ def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> Tensor:
     """[R, 2 + 2k] float64 packed rows for logits [R, V] and chosen token_ids [R] (see above).
 
     Works on the logits as they are (bf16 on a GPU: its values are exact in float32): the
-    log-sum-exp in float32 and the rank in one pass (a kernel on CUDA), the top k by
-    sampler.topk_rows, no [R, V] float32 copy.
+    log-sum-exp in float32, the rank and (k <= MAX_FUSED_TOP) the top k in one pass over the
+    logits (a kernel on CUDA); a larger k takes sampler.topk_rows. No [R, V] float32 copy.
     """
     if use_kernels(logits):
-        from nanovllm.kernels.sampling import logsumexp_and_rank
+        from nanovllm.kernels.sampling import MAX_FUSED_TOP, logsumexp_and_rank
 
-        # [R, 2 + 2k]: the kernel writes columns 0 and 1, the top k fill the rest
+        # [R, 2 + 2k]: the kernel writes columns 0 and 1 (and the top k when it can)
         packed = torch.empty(logits.shape[0], 2 + 2 * k, dtype=torch.float64, device=logits.device)
-        lse, _ = logsumexp_and_rank(logits, token_ids, packed=packed)
-        if k > 0:
+        fused = k if k <= min(MAX_FUSED_TOP, logits.shape[1]) else 0
+        lse, _ = logsumexp_and_rank(logits, token_ids, packed=packed, top=fused)
+        if k > fused:
             vals, ids = topk_rows(logits, k)
             packed[:, 2 : 2 + k] = vals.float() - lse[:, None]
             packed[:, 2 + k :] = ids
