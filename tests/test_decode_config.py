@@ -150,7 +150,7 @@ def test_backend_uses_the_cache_it_allocated() -> None:
 
 # (num_heads, num_kv_heads, head_dim): GQA 1, 2, 4, 8; head_dim 64 and 128
 HEADS = [(2, 2, 64), (4, 2, 128), (8, 2, 64), (8, 1, 128)]
-CTX = [1, 15, 16, 40, 130, 0]  # keys per sequence; 0: a padded graph row
+CTX = [1, 15, 16, 40, 130, 300, 0]  # keys per sequence; 0: a padded graph row (last)
 TOL = {torch.float16: 2e-3, torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 
 
