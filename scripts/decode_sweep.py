@@ -27,11 +27,13 @@ Output: per cache dtype, one row per shape: the best config (its split count and
 makes, ms, % of copy bandwidth), the engine's old choice (default_block_n / 4 warps / 2 stages,
 2 waves) and the new one (kernels/decode_config.py), each at the split count a CUDA graph
 captured at --max-model-len gets (the old engine's eager steps capped it at the actual length);
-then per load group (pairs per SM), the tile configs whose per-shape best is closest to the
-shape's best overall: the candidates for decode_config's table rows.
+then each kernel variant's registers and spills, whether any two differing only in stages have
+different binaries, and per load group (pairs per SM) the tile configs whose per-shape best is
+closest to the shape's best overall: the candidates for decode_config's table rows.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -50,6 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nanovllm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from nanovllm.kernels.decode_attention import (  # noqa: E402
     MAX_SPLITS,
+    _decode_kernel,
     choose_num_splits,
     decode_attention,
 )
@@ -58,8 +61,13 @@ from nanovllm.kernels.decode_config import choose_decode_config  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 BLOCK_NS = {"bf16": (32, 64, 128), "fp8": (32, 64, 128, 256)}
-WARPS_STAGES = ((2, 2), (4, 2), (4, 3), (4, 4), (8, 2), (8, 3))
+# Stages: the sm_90 code of this kernel is the same for every stage count under Triton 3.6
+# (decode_config.py says why); (4, 3) stays as a check of that and of the timing noise.
+WARPS_STAGES = ((2, 2), (4, 2), (4, 3), (8, 2))
 WAVES = (0.5, 1, 2, 3, 4, 6)
+# (block_n, warps, stages, maxnreg) with a register cap: the kernel takes ~255 registers a
+# thread (2 programs of 4 warps per SM); a cap lets 3-4 in, at the cost of spills
+REG_CAPPED = ((64, 4, 2, 168), (64, 4, 2, 128), (32, 4, 2, 128))
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SLEEP_CYCLES_PER_CALL = 600_000  # ~0.3 ms at 2 GHz: longer than the host needs to queue a call
 
@@ -102,14 +110,15 @@ def make_inputs(lens: list[int], kv: str, device: torch.device) -> tuple[torch.T
     return q, k_cache, v_cache, tables, seq_lens
 
 
-def tile_grid(kv: str, sms: int) -> list[tuple[int, int, int]]:
-    """(block_n, num_warps, num_stages) to sweep for a cache dtype, with the engine's old and
-    new choices at every shape on a GPU of `sms` multiprocessors."""
-    grid = {(bn, w, s) for bn in BLOCK_NS[kv] for w, s in WARPS_STAGES}
-    grid.add((128 if kv == "fp8" else 64, 4, 2))  # the old default
+def tile_grid(kv: str, sms: int) -> list[tuple[int, int, int, int]]:
+    """(block_n, num_warps, num_stages, maxnreg; 0: no cap) to sweep for a cache dtype, with the
+    engine's old and new choices at every shape on a GPU of `sms` multiprocessors."""
+    grid = {(bn, w, s, 0) for bn in BLOCK_NS[kv] for w, s in WARPS_STAGES}
+    grid |= set(REG_CAPPED)
+    grid.add((128 if kv == "fp8" else 64, 4, 2, 0))  # the old default
     for _, lens in shapes():
         cfg = choose_decode_config(len(lens), KV_HEADS, max(lens), DTYPES[kv], BLOCK_SIZE, sms)
-        grid.add(cfg[:3])
+        grid.add((*cfg[:3], 0))
     return sorted(grid)
 
 
@@ -121,24 +130,37 @@ def split_counts(num_seqs: int, max_len: int, block_n: int, num_sms: int) -> lis
     return sorted(counts)
 
 
-def warm(jobs: list[tuple[str, int, int, int]], combine: bool) -> list[tuple[tuple, str]]:
-    """In a worker process: compile each (kv, block_n, warps, stages) variant (1 and 2 splits;
+def warm(jobs: list[tuple[str, int, int, int, int]], combine: bool) -> list[tuple[tuple, str]]:
+    """In a worker process: compile each (kv, block_n, warps, stages, maxnreg) variant (1 and 2 splits;
     with `combine`, every width of the combine kernel too) into Triton's on-disk cache.
     Returns the configs that failed, with the error."""
     device = torch.device("cuda")
     inputs = {}
     failures = []
-    for i, (kv, bn, w, s) in enumerate(jobs):
+    for i, (kv, bn, w, s, r) in enumerate(jobs):
         if kv not in inputs:
             inputs[kv] = make_inputs([700, 300], kv, device)
         q, k_cache, v_cache, tables, seq_lens = inputs[kv]
         splits = (1, 2, 3, 5, 9, 17, 33, 64) if combine and i == 0 else (1, 2)
         try:
             for n in splits:
-                decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.088, n, None, bn, w, s)
+                decode_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    tables,
+                    seq_lens,
+                    0.088,
+                    n,
+                    None,
+                    bn,
+                    w,
+                    s,
+                    maxnreg=r or None,
+                )
             torch.cuda.synchronize()
         except Exception as e:  # out of shared memory, a compiler error: report and go on
-            failures.append(((kv, bn, w, s), f"{type(e).__name__}: {str(e)[:160]}"))
+            failures.append(((kv, bn, w, s, r), f"{type(e).__name__}: {str(e)[:160]}"))
     return failures
 
 
@@ -200,29 +222,31 @@ def sweep_dtype(
         out = torch.empty_like(inputs[0])
         graph_len = max(max_model_len, max(lens))
         old_bn = 128 if kv == "fp8" else 64
-        old = (old_bn, 4, 2, choose_num_splits(len(lens), KV_HEADS, graph_len, sms, old_bn))
-        new = tuple(choose_decode_config(len(lens), KV_HEADS, graph_len, DTYPES[kv], 256, sms))
+        old = (old_bn, 4, 2, 0, choose_num_splits(len(lens), KV_HEADS, graph_len, sms, old_bn))
+        new = choose_decode_config(len(lens), KV_HEADS, graph_len, DTYPES[kv], BLOCK_SIZE, sms)
+        new = (*new[:3], 0, new.num_splits)
         # the engine's splits are the graph's; measured at the actual lengths (extra splits empty)
         cases = {(*cfg, n) for cfg in grid for n in split_counts(len(lens), max(lens), cfg[0], sms)}
         cases |= {old, new}
         times = {}
-        for bn, w, s, n in sorted(cases):
+        for bn, w, s, r, n in sorted(cases):
 
             def call(
                 bn: int = bn,
                 w: int = w,
                 s: int = s,
+                r: int = r,
                 n: int = n,
                 inputs: tuple[torch.Tensor, ...] = inputs,
                 out: torch.Tensor = out,
             ) -> None:
-                decode_attention(*inputs, 0.088, n, out, bn, w, s)
+                decode_attention(*inputs, 0.088, n, out, bn, w, s, maxnreg=r or None)
 
             try:
-                times[(bn, w, s, n)] = time_call(call, iters, flush)
+                times[(bn, w, s, r, n)] = time_call(call, iters, flush)
             except Exception as e:  # e.g. out of resources at launch: not a candidate
-                failed[(kv, bn, w, s)] = f"{type(e).__name__}: {str(e)[:160]}"
-                print(f"# {kv} {bn}/{w}/{s} x{n} failed: {failed[(kv, bn, w, s)]}", flush=True)
+                failed[(kv, bn, w, s, r)] = f"{type(e).__name__}: {str(e)[:160]}"
+                print(f"# {kv} {bn}/{w}/{s}/r{r} x{n} failed: {failed[(kv, bn, w, s, r)]}")
         best = min(times, key=times.get)
         rows.append(
             dict(
@@ -243,10 +267,14 @@ def sweep_dtype(
 
 
 def describe(cfg: tuple, ms: float, kv_bytes: int, copy: float, pairs: int, sms: int) -> str:
-    """'bn/w/s xS (waves) ms %copy' for one config."""
-    bn, w, s, n = cfg
+    """'bn/w/s[rN] xS (waves) ms %copy' for one config (rN: a cap of N registers)."""
+    bn, w, s, r, n = cfg
     waves = pairs * n / sms
-    return f"{bn:3d}/{w}/{s} x{n:<2d} ({waves:4.1f}w) {ms:.4f} {kv_bytes / ms / 1e9 / copy:4.0%}"
+    cap = f"r{r}" if r else ""
+    return (
+        f"{bn:3d}/{w}/{s}{cap:4s} x{n:<2d} ({waves:4.1f}w) {ms:.4f} "
+        f"{kv_bytes / ms / 1e9 / copy:4.0%}"
+    )
 
 
 def print_row(row: dict, times: dict, copy: float, sms: int) -> None:
@@ -275,14 +303,68 @@ def summarize(rows: list[dict], sms: int) -> None:
                 times = {tuple(map(int, k.split())): v for k, v in r["times"].items()}
                 best = min(times.values())
                 per_tile: dict[tuple, float] = {}
-                for (bn, w, s, _), ms in times.items():
-                    per_tile[(bn, w, s)] = min(per_tile.get((bn, w, s), math.inf), ms)
+                for (*tile, _), ms in times.items():
+                    per_tile[tuple(tile)] = min(per_tile.get(tuple(tile), math.inf), ms)
                 for tile, ms in per_tile.items():
                     slowdown.setdefault(tile, []).append(ms / best)
             full = {t: statistics.mean(v) for t, v in slowdown.items() if len(v) == len(sel)}
             top = sorted(full, key=full.get)[:4]
-            shown = ", ".join(f"{t[0]}/{t[1]}/{t[2]} {full[t]:.3f}x" for t in top)
+            shown = ", ".join(
+                f"{t[0]}/{t[1]}/{t[2]}{f'r{t[3]}' if t[3] else ''} {full[t]:.3f}x" for t in top
+            )
             print(f"{kv:4s} {name:9s} ({len(sel)} shapes): {shown}")
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every decode kernel variant loaded in this
+    process (CompiledKernel's n_regs / n_spills, Triton 3.x); [] where the API differs."""
+    found = []
+    try:
+        names = _decode_kernel.arg_names
+        for cache in _decode_kernel.device_caches.values():
+            for kernel in cache[0].values():
+                kernel = kernel.result() if hasattr(kernel, "result") else kernel
+                consts = {names[k[0]]: v for k, v in kernel.src.constants.items() if len(k) == 1}
+                kv = str(kernel.src.signature.get("k_cache_ptr", "?")).lstrip("*")
+                found.append(
+                    dict(
+                        kv=kv,
+                        block_n=consts.get("BLOCK_N"),
+                        warps=kernel.metadata.num_warps,
+                        stages=kernel.metadata.num_stages,
+                        parts=bool(consts.get("WRITE_PARTS")),
+                        maxnreg=getattr(kernel.metadata, "maxnreg", None),
+                        regs=kernel.n_regs,
+                        spills=kernel.n_spills,
+                        smem=kernel.metadata.shared,
+                        cubin=hashlib.md5(kernel.asm["cubin"]).hexdigest()[:12],
+                    )
+                )
+    except Exception as e:  # a diagnostic only
+        print(f"# kernel resources unavailable: {type(e).__name__}: {e}")
+    return found
+
+
+def print_resources(found: list[dict]) -> None:
+    """One line per cache dtype: bn/warps -> registers (+spill bytes) of the one-split variant
+    (stages are left out: the sm_90 code is the same for every stage count, see BENCHMARKS)."""
+    by_kv: dict[str, dict[tuple, str]] = {}
+    for r in found:
+        if not r["parts"]:
+            spill = f"+{r['spills']}sp" if r["spills"] else ""
+            key = (r["block_n"], r["warps"], r["maxnreg"] or 0)
+            by_kv.setdefault(r["kv"], {})[key] = f"{r['regs']}{spill}"
+    for kv, regs in by_kv.items():
+        items = ", ".join(
+            f"{bn}/{w}{f'r{c}' if c else ''}: {v}" for (bn, w, c), v in sorted(regs.items())
+        )
+        print(f"# registers per thread, {kv} (block_n/warps[cap]): {items}")
+    cubins: dict[tuple, set[str]] = {}
+    for r in found:
+        key = (r["kv"], r["block_n"], r["warps"], r["maxnreg"], r["parts"])
+        cubins.setdefault(key, set()).add(r["cubin"])
+    multi = [k for k, v in cubins.items() if len(v) > 1]
+    print(f"# configs differing only in stages whose binaries differ: {multi or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -311,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     print(
-        "columns: bn/warps/stages xSPLITS (waves) ms %copy; old = 64|128/4/2 at 2 waves; "
+        "columns: bn/warps/stages[rN: N-register cap] xSPLITS (waves) ms %copy; old = 64|128/4/2 "
+        "at 2 waves; "
         f"old and new at the split count of a graph captured at {args.max_model_len}"
     )
     print("kv   | shape       | best | old engine | new engine (decode_config)")
@@ -319,12 +402,24 @@ def main(argv: list[str] | None = None) -> None:
     deadline = t0 + args.time_limit
     for kv in kvs:
         rows += sweep_dtype(kv, failed, copy / 1e12, sms, args.iters, args.max_model_len, deadline)
+    resources = kernel_resources()
+    print_resources(resources)
     print("# per load group L = pairs per SM, mean slowdown against each shape's best:")
     summarize(rows, sms)
     print(f"# sweep took {time.monotonic() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, sms=sms, copy_tb_per_s=copy / 1e12, rows=rows), f)
+            json.dump(
+                dict(
+                    device=name,
+                    sms=sms,
+                    copy_tb_per_s=copy / 1e12,
+                    rows=rows,
+                    resources=resources,
+                    failed={" ".join(map(str, k)): v for k, v in failed.items()},
+                ),
+                f,
+            )
 
 
 if __name__ == "__main__":

@@ -284,12 +284,15 @@ def decode_attention(
     num_stages: int = 2,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence against its cached keys.
 
     q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
     block_tables: [num_seqs, max_blocks] (int32 or int64); seq_lens: [num_seqs] keys per sequence;
-    k_scale, v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None).
+    k_scale, v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None);
+    maxnreg: a register cap per thread for the decode kernel (more programs per SM, at the cost
+    of spills; None: the compiler's choice; the config sweep measures it).
     Returns [num_seqs, num_heads, head_dim] in q's dtype (written into `out` when given).
     """
     check_shapes(q, k_cache, v_cache, "decode_attention")
@@ -317,6 +320,7 @@ def decode_attention(
         num_stages,
         k_scale,
         v_scale,
+        maxnreg,
     )
     if partial is not None:
         combine(*partial, None, out, num_splits)
@@ -372,12 +376,13 @@ def launch_decode(
     num_stages: int = 2,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    maxnreg: int | None = None,
 ) -> None:
     """Run the paged decode kernel over keys starts[i]..seq_lens[i]-1 of each sequence (all of
     them without starts). Without `partial` (one split, no starts) it writes `out`; else it
     fills slots 0..num_splits-1 of the partial buffers (see `partials`), except that with
     starts and one split a sequence whose start is 0 gets its output written to `out`.
-    k_scale, v_scale: as decode_attention's."""
+    k_scale, v_scale, maxnreg: as decode_attention's."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -424,6 +429,7 @@ def launch_decode(
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
 
 

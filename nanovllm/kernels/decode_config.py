@@ -29,6 +29,13 @@ max_seq_len = max_model_len, and replays it at every context length (worker/cuda
   combine). That is exact at every length; the cost is a few programs that exit at once.
 Any rule that needs the context length to pick tiles would need graphs keyed by length as well;
 the table deliberately has none.
+
+Stages. Under Triton 3.6 for sm_90 the kernel's code is the same for num_stages 1 to 4 (PTX
+compared offline with triton.compile): the K and V tiles feed a 16-row MMA straight from
+registers, and Triton's software pipeliner only pipelines loads that go through shared memory,
+so no tile is loaded ahead (no cp.async). Latency is hidden only by other programs on the SM,
+and there are few: ptxas gives the 64-key kernel 254-255 registers a thread (2 programs of 4
+warps per SM), and the 128-key kernel with 4 warps spills. The field stays for other versions.
 """
 
 import math
@@ -54,13 +61,14 @@ class DecodeConfig(NamedTuple):
 # BENCHMARKS.md (one H200: 132 SMs, Qwen3-0.6B's 8 K/V heads, so L <= 0.5 is batch <= 8):
 # 16-bit caches: 64 / 4 / 2 reads at 92-98% of copy bandwidth with >= 1 pair per SM, 74% at
 # 8 x 8192 with two waves: more splits there. float8: 128 / 4 / 2 at 84-94% with >= 1 pair per
-# SM, but at 8 x 8192 (L = 0.48) 22% against 44% for 64 / 4 / 3.
+# SM, but at 8 x 8192 (L = 0.48) 22% against 44% for 64 / 4 / 3 (and 27% for 64 / 4 / 2, whose
+# sm_90 binary is the same: that gap was noise, so the guess is 64-key tiles, not the stages).
 TABLE_16BIT: list[tuple[float, int, int, int, float]] = [
     (0.5, 64, 4, 2, 4.0),
     (math.inf, 64, 4, 2, 2.0),
 ]
 TABLE_FP8: list[tuple[float, int, int, int, float]] = [
-    (0.5, 64, 4, 3, 4.0),
+    (0.5, 64, 4, 2, 4.0),
     (math.inf, 128, 4, 2, 2.0),
 ]
 
