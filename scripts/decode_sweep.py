@@ -7,9 +7,10 @@ KV cache fastest at each step shape the engine meets, against the engine's choic
 Shapes: Qwen3-0.6B's attention (16 query heads, 8 K/V heads, head_dim 128), block size 256, the
 cache's blocks in random order; batches 1, 2, 4, ..., 256 with context lengths drawn uniformly
 from 1024..2048 (a bench.py tail: the last requests of a batch run), then 8 x 8192 and
-16 x 16384. Configs: block_n {32, 64, 128} (FP8 also 256) x (warps, stages) in WARPS_STAGES x
-split counts making 0.5, 1, 2, 3, 4 and 6 waves of programs over the SMs (and 1 split), capped at the
-longest sequence's key tiles; the engine's old and new choices are always included.
+16 x 16384. Configs: block_n {32, 64, 128} (FP8 also 256) x (warps, stages) in WARPS_STAGES,
+plus the register-capped REG_CAPPED, x split counts making 0.5, 1, 2, 3, 4 and 6 waves of
+programs over the SMs (and 1 split), capped at the longest sequence's key tiles; the engine's
+old and new choices are always included.
 
 Timing: CUDA events around each call (the decode kernel and, with splits, the combine), over
 --iters calls, median; before each call a 128 MiB write evicts L2 (in the engine a layer's K/V
@@ -131,8 +132,8 @@ def split_counts(num_seqs: int, max_len: int, block_n: int, num_sms: int) -> lis
 
 
 def warm(jobs: list[tuple[str, int, int, int, int]], combine: bool) -> list[tuple[tuple, str]]:
-    """In a worker process: compile each (kv, block_n, warps, stages, maxnreg) variant (1 and 2 splits;
-    with `combine`, every width of the combine kernel too) into Triton's on-disk cache.
+    """In a worker process: compile each (kv, block_n, warps, stages, maxnreg) variant (1 and 2
+    splits; with `combine`, every width of the combine kernel too) into Triton's on-disk cache.
     Returns the configs that failed, with the error."""
     device = torch.device("cuda")
     inputs = {}
