@@ -124,10 +124,15 @@ def tile_grid(kv: str, sms: int) -> list[tuple[int, int, int, int]]:
 
 
 def split_counts(num_seqs: int, max_len: int, block_n: int, num_sms: int) -> list[int]:
-    """1 and the counts that make WAVES waves of programs, capped at the key tiles."""
+    """1 and the counts that make about WAVES waves of programs, rounded up and down (down: the
+    programs fit the resident slots, e.g. 2 a SM at ~255 registers, with no partial last
+    wave), capped at the key tiles."""
     tiles = math.ceil(max_len / block_n)
     pairs = num_seqs * KV_HEADS
-    counts = {1} | {min(math.ceil(w * num_sms / pairs), tiles, MAX_SPLITS) for w in WAVES}
+    counts = {1}
+    for w in WAVES:
+        for n in (math.ceil(w * num_sms / pairs), math.floor(w * num_sms / pairs)):
+            counts.add(max(1, min(n, tiles, MAX_SPLITS)))
     return sorted(counts)
 
 
