@@ -190,9 +190,16 @@ def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+SLOW_FIRST_CALLS = []  # first calls over 0.25 s in the timing process: compiles the pool missed
+
+
 def time_call(fn: Callable[[], None], iters: int, flush: torch.Tensor) -> float:
     """Median GPU milliseconds of fn() with L2 evicted before each call (module docstring)."""
+    t = time.perf_counter()
     fn()
+    torch.cuda.synchronize()
+    if time.perf_counter() - t > 0.25:
+        SLOW_FIRST_CALLS.append(time.perf_counter() - t)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     torch.cuda._sleep(SLEEP_CYCLES_PER_CALL * iters)
@@ -419,6 +426,10 @@ def main(argv: list[str] | None = None) -> None:
     print_resources(resources)
     print("# per load group L = pairs per SM, mean slowdown against each shape's best:")
     summarize(rows, sms)
+    slow = SLOW_FIRST_CALLS
+    print(
+        f"# first calls over 0.25 s in the timing process (expected 0): {len(slow)}, {sum(slow):.1f} s"
+    )
     print(f"# sweep took {time.monotonic() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
