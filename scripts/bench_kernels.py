@@ -1,6 +1,7 @@
 """Micro-benchmarks of the decode attention kernel and the device's copy bandwidth (CUDA only).
 
     python3 scripts/bench_kernels.py            # prints a table; --json PATH also writes one
+    python3 scripts/bench_kernels.py --sweep    # the per-shape config sweep (see sweep.py's doc)
 
 K/V bytes read per step = sum of sequence lengths x num_kv_heads x head_dim x 2 (K and V) x 2
 bytes; the kernel's bandwidth is that over its median time (triton.testing.do_bench, CUDA events),
@@ -77,9 +78,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
     parser.add_argument(
-        "--kv-dtype", default="bf16", help="bf16, fp8 or both (comma-separated), one table each"
+        "--kv-dtype",
+        default=None,
+        help="bf16, fp8 or both (comma-separated), one table each (default bf16; --sweep: both)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep block_n x warps x stages x splits per engine shape (scripts/decode_sweep.py)",
+    )
+    args, rest = parser.parse_known_args()
+    if args.sweep:
+        from decode_sweep import main as sweep_main
+
+        kv = ["--kv-dtype", args.kv_dtype] if args.kv_dtype else []
+        sweep_main([*rest, *kv, *(["--json", args.json] if args.json else [])])
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.kv_dtype = args.kv_dtype or "bf16"
     name = torch.cuda.get_device_name(0)
     copy = copy_bandwidth()
     print(f"device: {name}; copy bandwidth {copy / 1e12:.3f} TB/s (read + write)")

@@ -53,5 +53,5 @@ def select_backend(
             raise ValueError("attention_backend 'triton' needs the triton package")
         from nanovllm.attention.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend(device, num_kv_heads)
+        return TritonAttentionBackend(device, num_kv_heads, block_size)
     raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")

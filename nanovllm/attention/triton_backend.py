@@ -4,9 +4,11 @@ Per layer and step: `store_kv` writes the new K/V rows into their slots (slot -1
 is how padded rows of a CUDA-graph batch stay harmless); a prefill step then runs the varlen
 prefill kernel, which reads every key (cached prefix and new) from the cache, so prefix hits and
 chunked prefill need no special case; a decode step runs the GQA-aware paged decode kernel, split
-along the context when there are too few sequences to fill the GPU (flash-decoding). The number
-of splits is chosen once per step in `build_metadata` (once per captured batch size under CUDA
-graphs), not per layer.
+along the context when there are too few sequences to fill the GPU (flash-decoding). Its launch
+configuration (keys per tile, warps, stages, splits: kernels/decode_config.py, which explains
+why it is safe under CUDA graphs) is chosen once per step in `build_metadata` (once per captured
+batch size under CUDA graphs), not per layer, from the cache's dtype and block size, which the
+backend learns when it allocates the cache.
 
 Fused store. With Qwen3's q/k norms the layer's fused kernel (kernels/norm_rope_store.py) writes
 k and v into their slots itself and calls `attend`, which skips `store_kv`: one launch a layer
@@ -28,14 +30,17 @@ from dataclasses import dataclass, fields
 import torch
 
 from nanovllm.attention.base import AttentionBackend
+from nanovllm.kernels.decode_config import DecodeConfig
 from nanovllm.utils.context import AttentionMetadata
 
 
 @dataclass
 class TritonMetadata(AttentionMetadata):
-    """The common metadata plus the decode kernel's split count."""
+    """The common metadata plus the decode kernel's launch configuration (decode steps only);
+    num_splits is decode_config.num_splits (the cascade path reads it alone)."""
 
     num_splits: int = 1
+    decode_config: DecodeConfig | None = None
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -46,11 +51,14 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cascade = True
     supports_fused_kv_store = True
 
-    def __init__(self, device: torch.device, num_kv_heads: int) -> None:
-        from nanovllm.kernels.decode_attention import choose_num_splits
+    def __init__(self, device: torch.device, num_kv_heads: int, block_size: int = 256) -> None:
+        from nanovllm.kernels.decode_config import choose_decode_config
 
-        self._choose_num_splits = choose_num_splits
+        self._choose_decode_config = choose_decode_config
         self.num_kv_heads = num_kv_heads
+        # the cache's, once allocate_kv_cache has run (until then: a bfloat16 cache)
+        self.block_size = block_size
+        self.kv_cache_dtype = torch.bfloat16
         if device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         else:  # the interpreter on CPU, in tests
@@ -66,7 +74,9 @@ class TritonAttentionBackend(AttentionBackend):
         16-bit V is transposed on the way from shared memory at no cost (ldmatrix.trans), but
         8-bit elements have no such load and Triton falls back to single-byte shared-memory
         loads, which made the FP8 decode kernel as slow as bfloat16 with half the bytes.
+        Records the cache's dtype and block size: the decode configuration depends on them.
         """
+        self.kv_cache_dtype, self.block_size = dtype, shape[1]
         if torch.empty((), dtype=dtype).element_size() != 1:
             return super().allocate_kv_cache(shape, dtype, device)
         num_blocks, block_size, num_kv_heads, head_dim = shape
@@ -77,14 +87,19 @@ class TritonAttentionBackend(AttentionBackend):
         return k_cache, v_store.permute(0, 3, 1, 2)
 
     def build_metadata(self, common: AttentionMetadata, max_seq_len: int) -> TritonMetadata:
-        num_splits = 1
+        config = None
         if not common.is_prefill:
-            num_seqs = common.seq_lens.shape[0]
-            num_splits = self._choose_num_splits(
-                num_seqs, self.num_kv_heads, max_seq_len, self.num_sms
+            config = self._choose_decode_config(
+                common.seq_lens.shape[0],
+                self.num_kv_heads,
+                max_seq_len,
+                self.kv_cache_dtype,
+                self.block_size,
+                self.num_sms,
             )
         values = {f.name: getattr(common, f.name) for f in fields(AttentionMetadata)}
-        return TritonMetadata(**values, num_splits=num_splits)
+        splits = config.num_splits if config is not None else 1
+        return TritonMetadata(**values, num_splits=splits, decode_config=config)
 
     def forward(
         self,
@@ -153,6 +168,12 @@ class TritonAttentionBackend(AttentionBackend):
                 k_scale=k_scale,
                 v_scale=v_scale,
             )
+        config = meta.decode_config if isinstance(meta, TritonMetadata) else None
+        tiles: dict[str, int] = {}  # the kernel's defaults without a configuration
+        if config is not None:
+            tiles = dict(
+                block_n=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages
+            )
         return decode_attention(
             q,
             k_cache,
@@ -163,6 +184,7 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits,
             k_scale=k_scale,
             v_scale=v_scale,
+            **tiles,
         )
 
     @staticmethod

@@ -20,7 +20,11 @@ different programs. Each writes its normalised partial output o_j and log-sum-ex
 lse_j = m_j + log2(l_j); a second kernel combines them: out = sum_j 2^(lse_j - M) o_j /
 sum_j 2^(lse_j - M), M = max_j lse_j. A split with no keys writes lse = -inf and weighs nothing.
 The ranges are computed from each sequence's length inside the kernel, so a fixed num_splits
-works for any lengths (CUDA graphs capture it once per batch size). A sequence of length 0 (a
+works for any lengths (CUDA graphs capture it once per batch size); a sequence shorter than
+num_splits tiles leaves its last splits empty. num_splits is a runtime argument, not a
+constexpr: one compiled kernel serves every split count (no compile when an eager step picks a
+new count). Which tile size, warps, stages and split count a step uses is decided in
+kernels/decode_config.py. A sequence of length 0 (a
 padded row of a graph batch) produces zeros.
 
 Cache layouts. K is read as [BLOCK_N, head_dim] rows (head_dim contiguous); V through its own
@@ -49,8 +53,11 @@ from nanovllm.kernels.attention_tile import (
 )
 from nanovllm.kernels.store_kv import kv_scales
 
+# The most splits per sequence: bounds the partial buffers and the combine kernel's width.
+MAX_SPLITS = 64
 
-@triton.jit(do_not_specialize=["stride_bt"])
+
+@triton.jit(do_not_specialize=["stride_bt", "num_splits", "parts"])
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -76,14 +83,16 @@ def _decode_kernel(
     stride_bt,
     stride_os,
     stride_oh,
+    num_splits,
+    parts,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     GROUP: tl.constexpr,
     G_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    PARTS: tl.constexpr,
+    WRITE_PARTS: tl.constexpr,
+    SOLO: tl.constexpr,
     HAS_STARTS: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
@@ -100,7 +109,7 @@ def _decode_kernel(
         first = tl.load(starts_ptr + seq).to(tl.int32)
         if ALIGNED:  # a cascade's suffix starts at a block boundary
             first = tl.multiple_of(first, BLOCK_N)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, BLOCK_N), num_splits)
     start = first + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
@@ -157,13 +166,13 @@ def _decode_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale
     store_mask = g_mask[:, None] & d_mask[None, :]
     o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
-    if PARTS == 0:
+    if not WRITE_PARTS:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
-        # partials: out [num_seqs, num_heads, PARTS, D_PAD], lse [num_seqs, num_heads, PARTS]
+        # partials: out [num_seqs, num_heads, parts, D_PAD], lse [num_seqs, num_heads, parts]
         part_rows = g_mask
         if HAS_STARTS:
-            if NUM_SPLITS == 1:
+            if SOLO:
                 # A cascade step's sequence without a shared prefix has its whole result here.
                 # [G_PAD] (masks built from vectors: the interpreter rejects scalar operands)
                 firsts = tl.zeros([G_PAD], dtype=tl.int32) + first
@@ -174,7 +183,7 @@ def _decode_kernel(
                     mask=solo[:, None] & d_mask[None, :],
                 )
                 part_rows = g_mask & (firsts > 0)
-        row = (seq * num_heads + heads) * PARTS + split
+        row = (seq * num_heads + heads) * parts + split
         tl.store(
             part_out_ptr + row[:, None] * D_PAD + offs_d[None, :],
             out,
@@ -184,7 +193,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + row, lse, mask=part_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "parts"])
 def _combine_kernel(
     part_out_ptr,
     part_lse_ptr,
@@ -192,43 +201,49 @@ def _combine_kernel(
     out_ptr,
     stride_os,
     stride_oh,
+    num_splits,
+    parts,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    PARTS: tl.constexpr,
+    CASCADE: tl.constexpr,
+    SOLO: tl.constexpr,
     S_PAD: tl.constexpr,
 ):
-    # Partials 0..NUM_SPLITS-1 are the paged kernel's; a cascade adds PARTS - NUM_SPLITS more
-    # (the shared prefix's), written only for sequences with a shared prefix (starts > 0). With
-    # one paged split, the paged kernel wrote the output of the other sequences itself.
+    # Partials 0..num_splits-1 are the paged kernel's; a cascade (CASCADE: parts > num_splits)
+    # adds parts - num_splits more (the shared prefix's), written only for sequences with a
+    # shared prefix (starts > 0). With one paged split (SOLO), the paged kernel wrote the output
+    # of the other sequences itself. The counts are runtime values: one compiled kernel serves
+    # every split count of the same padded width S_PAD.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D_PAD)
-    num_parts = NUM_SPLITS
+    # [S_PAD]
+    s_mask = offs_s < num_splits
     write = offs_d < HEAD_DIM
-    if PARTS > NUM_SPLITS:
+    if CASCADE:
         start = tl.load(starts_ptr + seq)
-        num_parts = tl.where(start > 0, PARTS, NUM_SPLITS)
-        if NUM_SPLITS == 1:
-            num_parts = tl.where(start > 0, PARTS, 0)
-            # [D_PAD] (from a vector: the interpreter rejects scalar mask operands)
+        # [S_PAD] (from vectors: the interpreter rejects scalar mask operands)
+        starts = tl.zeros([S_PAD], dtype=start.dtype) + start
+        s_mask = tl.where(starts > 0, offs_s < parts, s_mask)
+        if SOLO:
+            s_mask = s_mask & (starts > 0)
+            # [D_PAD]
             write = write & ((tl.zeros([D_PAD], dtype=start.dtype) + start) > 0)
-    s_mask = offs_s < num_parts
-    base = (seq * num_heads + head) * PARTS
+    base = (seq * num_heads + head) * parts
     # [S_PAD]
     lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
     total = tl.sum(w, 0)
     # [S_PAD, D_PAD]
-    parts = tl.load(
+    part_outs = tl.load(
         part_out_ptr + (base + offs_s)[:, None] * D_PAD + offs_d[None, :],
         mask=s_mask[:, None],
         other=0.0,
     )
-    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    out = tl.sum(part_outs * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(
         out_ptr + seq * stride_os + head * stride_oh + offs_d,
         out.to(out_ptr.dtype.element_ty),
@@ -237,16 +252,22 @@ def _combine_kernel(
 
 
 def choose_num_splits(
-    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 64
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    num_sms: int,
+    block_n: int = 64,
+    waves: float = 2.0,
 ) -> int:
-    """Splits per sequence so that about two waves of programs cover the GPU's multiprocessors.
+    """Splits per sequence so that about `waves` waves of programs (one program per sequence,
+    K/V head and split) cover the GPU's multiprocessors.
 
-    Never more splits than tiles of the longest sequence, and at most 64.
+    Never more splits than tiles of the longest sequence, and at most MAX_SPLITS.
     """
     programs = max(1, num_seqs * num_kv_heads)
-    wanted = math.ceil(2 * num_sms / programs)
+    wanted = math.ceil(waves * num_sms / programs)
     tiles = max(1, math.ceil(max_seq_len / block_n))
-    return max(1, min(wanted, tiles, 64))
+    return max(1, min(wanted, tiles, MAX_SPLITS))
 
 
 def decode_attention(
@@ -263,12 +284,15 @@ def decode_attention(
     num_stages: int = 2,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence against its cached keys.
 
     q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
     block_tables: [num_seqs, max_blocks] (int32 or int64); seq_lens: [num_seqs] keys per sequence;
-    k_scale, v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None).
+    k_scale, v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None);
+    maxnreg: a register cap per thread for the decode kernel (more programs per SM, at the cost
+    of spills; None: the compiler's choice; the config sweep measures it).
     Returns [num_seqs, num_heads, head_dim] in q's dtype (written into `out` when given).
     """
     check_shapes(q, k_cache, v_cache, "decode_attention")
@@ -296,6 +320,7 @@ def decode_attention(
         num_stages,
         k_scale,
         v_scale,
+        maxnreg,
     )
     if partial is not None:
         combine(*partial, None, out, num_splits)
@@ -351,12 +376,13 @@ def launch_decode(
     num_stages: int = 2,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    maxnreg: int | None = None,
 ) -> None:
     """Run the paged decode kernel over keys starts[i]..seq_lens[i]-1 of each sequence (all of
     them without starts). Without `partial` (one split, no starts) it writes `out`; else it
     fills slots 0..num_splits-1 of the partial buffers (see `partials`), except that with
     starts and one split a sequence whose start is 0 gets its output written to `out`.
-    k_scale, v_scale: as decode_attention's."""
+    k_scale, v_scale, maxnreg: as decode_attention's."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -387,20 +413,23 @@ def launch_decode(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        num_splits,
+        parts,
         HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim),
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
-        PARTS=parts,
+        WRITE_PARTS=partial is not None,
+        SOLO=starts is not None and num_splits == 1,
         HAS_STARTS=starts is not None,
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
 
 
@@ -421,9 +450,11 @@ def combine(
         out,
         out.stride(0),
         out.stride(1),
+        num_splits,
+        parts,
         HEAD_DIM=out.shape[2],
         D_PAD=d_pad,
-        NUM_SPLITS=num_splits,
-        PARTS=parts,
+        CASCADE=parts > num_splits,
+        SOLO=parts > num_splits and num_splits == 1,
         S_PAD=max(2, triton.next_power_of_2(parts)),
     )

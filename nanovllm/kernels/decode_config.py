@@ -1,0 +1,103 @@
+"""Which configuration the paged decode kernel (decode_attention.py) runs with, per step shape.
+
+A decode step reads each sequence's whole K/V once, so the kernel should run at the GPU's copy
+bandwidth. What gets there depends on how much parallel work the step has. The kernel runs one
+program per (sequence, K/V head, split); with many sequences (pairs >> multiprocessors) large
+tiles and one split keep every SM busy with long, efficient loops. With few sequences (the tail
+of a batch run, where the last long requests finish alone) there are fewer pairs than SMs: the
+context must be split (flash-decoding) so that enough programs exist, and shorter tiles with
+deeper pipelines keep more loads in flight per program. A float8 cache moves half the bytes per
+tile and converts each one in registers, so it wants its own rows.
+
+The choice is one table per cache width, keyed by the load L = num_seqs * num_kv_heads / num_sms
+(pairs per multiprocessor, so the same rows fit GPUs of other sizes): the first row whose bound
+holds gives (block_n, num_warps, num_stages, waves), and the split count is the one that makes
+about `waves` waves of programs, ceil(waves * num_sms / pairs), never more than the longest
+sequence has key tiles, at most MAX_SPLITS. To update the table from
+`scripts/bench_kernels.py --sweep`: its "best" column gives per shape the tile config and the
+waves that won; batches that share a winner share a row.
+
+CUDA graphs. The graph runner builds a step's metadata once per captured batch size, with
+max_seq_len = max_model_len, and replays it at every context length (worker/cuda_graph.py). So:
+- the tile config (block_n, warps, stages) depends on batch, K/V heads, cache dtype, block size
+  and SM count, never on the context length: a graph and an eager step of the same batch use the
+  same tiles;
+- the split count depends on the length only through the cap "no more splits than key tiles of
+  the longest sequence". A graph gets the uncapped count (max_model_len has tiles enough); when
+  it is replayed at a shorter context, the kernel, which cuts each sequence's keys into ranges
+  from its own length, leaves the splits past the last tile empty (lse = -inf, weight 0 in the
+  combine). That is exact at every length; the cost is a few programs that exit at once.
+Any rule that needs the context length to pick tiles would need graphs keyed by length as well;
+the table deliberately has none.
+
+Stages. Under Triton 3.6 for sm_90 the kernel's code is the same for num_stages 1 to 4 (PTX
+compared offline with triton.compile): the K and V tiles feed a 16-row MMA straight from
+registers, and Triton's software pipeliner only pipelines loads that go through shared memory,
+so no tile is loaded ahead (no cp.async). Latency is hidden only by other programs on the SM,
+and there are few: ptxas gives the 64-key kernel 254-255 registers a thread (2 programs of 4
+warps per SM), and the 128-key kernel with 4 warps spills. The field stays for other versions.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from nanovllm.kernels.decode_attention import MAX_SPLITS, choose_num_splits
+
+
+class DecodeConfig(NamedTuple):
+    """The decode kernel's launch configuration: keys per tile, warps per program, software
+    pipeline stages, and splits of each sequence's keys (1: no split, no combine kernel)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_splits: int
+
+
+# (max load L = pairs per SM, block_n, num_warps, num_stages, waves); the first row with
+# L <= bound applies; the last row's bound is infinite. Initial guesses from the H200 table in
+# BENCHMARKS.md (one H200: 132 SMs, Qwen3-0.6B's 8 K/V heads, so L <= 0.5 is batch <= 8):
+# 16-bit caches: 64 / 4 / 2 reads at 92-98% of copy bandwidth with >= 1 pair per SM, 74% at
+# 8 x 8192 with two waves: more splits there. float8: 128 / 4 / 2 at 84-94% with >= 1 pair per
+# SM, but at 8 x 8192 (L = 0.48) 22% against 44% for 64 / 4 / 3 (and 27% for 64 / 4 / 2, whose
+# sm_90 binary is the same: that gap was noise, so the guess is 64-key tiles, not the stages).
+TABLE_16BIT: list[tuple[float, int, int, int, float]] = [
+    (0.5, 64, 4, 2, 4.0),
+    (math.inf, 64, 4, 2, 2.0),
+]
+TABLE_FP8: list[tuple[float, int, int, int, float]] = [
+    (0.5, 64, 4, 2, 4.0),
+    (math.inf, 128, 4, 2, 2.0),
+]
+
+
+def choose_decode_config(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    kv_cache_dtype: torch.dtype,
+    block_size: int,
+    num_sms: int,
+) -> DecodeConfig:
+    """The decode kernel's configuration for a step of `num_seqs` sequences whose longest has
+    `max_seq_len` keys (max_model_len under CUDA graphs), over a cache of `kv_cache_dtype` with
+    `block_size` tokens a block, on a GPU of `num_sms` multiprocessors (see the module docstring).
+
+    Guarantees: 1 <= num_splits <= min(MAX_SPLITS, key tiles of max_seq_len); block_n is a power
+    of two >= 16; for a one-byte cache block_n divides block_size (one-block tiles keep the
+    token-minor V tile's loads vectorised); the tile config does not depend on max_seq_len.
+    """
+    if num_kv_heads < 1 or num_sms < 1:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) and num_sms ({num_sms}) must be >= 1")
+    if block_size < 16 or block_size % 16 != 0:
+        raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
+    one_byte = kv_cache_dtype.itemsize == 1
+    load = max(1, num_seqs) * num_kv_heads / num_sms
+    table = TABLE_FP8 if one_byte else TABLE_16BIT
+    _, block_n, num_warps, num_stages, waves = next(row for row in table if load <= row[0])
+    if one_byte:
+        block_n = math.gcd(block_size, block_n)  # >= 16: block_size is a multiple of 16
+    splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms, block_n, waves)
+    return DecodeConfig(block_n, num_warps, num_stages, min(splits, MAX_SPLITS))
