@@ -9,12 +9,16 @@ import math
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.attention.cascade import find_cascade_groups
 from nanovllm.kernels import HAS_TRITON
+
+# Every group that shares anything pays (the kernels' and the grouping's own tests).
+EVERY = dict(min_saved_tokens=1, member_cost_tokens=0)
 
 CUDA = torch.cuda.is_available() and HAS_TRITON
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
@@ -33,7 +37,7 @@ def test_groups_by_shared_leading_blocks() -> None:
     # block size 4; sequences 0-2 share blocks 10, 11; 3 and 4 share 20; 5 shares nothing
     tables = [[10, 11, 1], [10, 11, 2], [10, 11, 3, 4], [20, 5], [20, 6], [30, 7]]
     seq_lens = [10, 9, 14, 6, 7, 8]
-    found = find_cascade_groups(tables, seq_lens, 4, min_shared_tokens=1)
+    found = find_cascade_groups(tables, seq_lens, 4, **EVERY)
     assert found is not None
     groups = {tuple(found.members[b:e].tolist()): int(p) for b, e, p in found.groups}
     assert groups == {(0, 1, 2): 8, (3, 4): 4}
@@ -44,11 +48,11 @@ def test_groups_by_shared_leading_blocks() -> None:
 def test_partial_and_newest_blocks_stay_private() -> None:
     # Both share blocks 10 and 11, but sequence 1's newest token (position 7) is in block 11:
     # only the full block before it counts.
-    found = find_cascade_groups([[10, 11], [10, 11, 12]], [8, 12], 4, min_shared_tokens=1)
+    found = find_cascade_groups([[10, 11], [10, 11, 12]], [8, 12], 4, **EVERY)
     assert found is not None
     assert found.groups.tolist() == [[0, 2, 4]]
     # One shared block holding the newest token of one of them: nothing to share.
-    assert find_cascade_groups([[10], [10, 11]], [3, 7], 4, min_shared_tokens=1) is None
+    assert find_cascade_groups([[10], [10, 11]], [3, 7], 4, **EVERY) is None
 
 
 def test_deeper_subgroups_win_when_they_save_more() -> None:
@@ -56,12 +60,12 @@ def test_deeper_subgroups_win_when_they_save_more() -> None:
     # one group of 1 block saves 3.
     a, b = list(range(1, 9)), [1] + list(range(20, 27))
     tables = [a + [100], a + [101], b + [102], b + [103]]
-    found = find_cascade_groups(tables, [33] * 4, 4, min_shared_tokens=1)
+    found = find_cascade_groups(tables, [33] * 4, 4, **EVERY)
     assert found is not None
     assert sorted(found.groups[:, 2].tolist()) == [32, 32]
     # A fifth sequence sharing only block 1 makes staying at one block better for all five
     # only if it saves more: (5 - 1) * 1 < 16, so it is left out.
-    found = find_cascade_groups(tables + [[1, 50, 51]], [33] * 4 + [12], 4, min_shared_tokens=1)
+    found = find_cascade_groups(tables + [[1, 50, 51]], [33] * 4 + [12], 4, **EVERY)
     assert found is not None
     assert sorted(found.prefix_lens.tolist()) == [0, 32, 32, 32, 32]
 
@@ -69,14 +73,67 @@ def test_deeper_subgroups_win_when_they_save_more() -> None:
 def test_threshold_and_group_limit() -> None:
     tables = [[1, 2, 9], [1, 2, 8], [3, 7], [3, 6], [3, 5]]
     lens = [12, 12, 8, 8, 8]
-    # shared tokens x size: 8 x 2 = 16 and 4 x 3 = 12
-    found = find_cascade_groups(tables, lens, 4, min_shared_tokens=13)
+    # net savings (size - 1) x shared tokens - size x member cost: 8 - 2c and 2 x 4 - 3c
+    found = find_cascade_groups(tables, lens, 4, min_saved_tokens=1, member_cost_tokens=0)
+    assert found is not None and found.num_groups == 2 and found.saved_tokens == 16
+    # a member cost of 3: 8 - 6 = 2 and 8 - 9 < 0, so the second group is dropped
+    found = find_cascade_groups(tables, lens, 4, min_saved_tokens=1, member_cost_tokens=3)
     assert found is not None and found.groups.tolist() == [[0, 2, 8]]
-    assert find_cascade_groups(tables, lens, 4, min_shared_tokens=17) is None
-    found = find_cascade_groups(tables, lens, 4, min_shared_tokens=1, max_groups=1)
-    # the group saving more block reads: (2 - 1) * 2 = 2 vs (3 - 1) * 1 = 2, a tie; one is kept
-    assert found is not None and found.num_groups == 1
-    assert find_cascade_groups([], [], 4, min_shared_tokens=1) is None
+    assert found.saved_tokens == 2 and found.prefix_lens.tolist() == [8, 8, 0, 0, 0]
+    # the step's threshold is on the sum: 16 passes 16, not 17
+    assert find_cascade_groups(tables, lens, 4, min_saved_tokens=16, member_cost_tokens=0)
+    assert find_cascade_groups(tables, lens, 4, min_saved_tokens=17, member_cost_tokens=0) is None
+    # one group kept: the one saving more ((3 - 1) x 4 - 3 x 1 = 5 against 8 - 2 = 6)
+    found = find_cascade_groups(
+        tables, lens, 4, min_saved_tokens=1, member_cost_tokens=1, max_groups=1
+    )
+    assert found is not None and found.groups.tolist() == [[0, 2, 8]] and found.saved_tokens == 6
+    assert find_cascade_groups([], [], 4, **EVERY) is None
+    with pytest.raises(ValueError, match="max_groups is 0"):
+        find_cascade_groups(tables, lens, 4, max_groups=0)
+
+
+def parallel_sampling_tables(
+    prompts: int, n: int, shared_blocks: int, block_size: int
+) -> tuple[list[list[int]], list[int]]:
+    """Block tables of n completions of each of `prompts` prompts (each prompt's first
+    shared_blocks blocks shared by its completions, then one block of their own)."""
+    tables, lens = [], []
+    next_block = iter(range(10**6))
+    for _ in range(prompts):
+        prefix = [next(next_block) for _ in range(shared_blocks)]
+        for _ in range(n):
+            tables.append(prefix + [next(next_block)])
+            lens.append(shared_blocks * block_size + 1 + len(tables) % 7)
+    return tables, lens
+
+
+def test_many_small_groups_pay_together() -> None:
+    """n = 8 sampling of 64 prompts of 3 shared blocks of 256: each group saves 7 x 768 token
+    reads less 8 members' costs, too little alone, 64 of them pass the step's threshold."""
+    from nanovllm.attention import cascade
+
+    tables, lens = parallel_sampling_tables(64, 8, 3, 256)
+    found = find_cascade_groups(tables, lens, 256)
+    assert found is not None and found.num_groups == 64
+    per_group = 7 * 768 - 8 * cascade.CASCADE_MEMBER_COST_TOKENS
+    assert per_group < cascade.CASCADE_MIN_SAVED_TOKENS
+    assert found.saved_tokens == 64 * per_group
+    assert sorted(found.members.tolist()) == list(range(512))
+    # one prompt's completions alone, or a quarter of the prompts: below the threshold
+    assert find_cascade_groups(tables[:8], lens[:8], 256) is None
+    assert find_cascade_groups(tables[:128], lens[:128], 256) is None
+    # the group limit keeps the most saving groups; what they save is what is compared
+    found = find_cascade_groups(tables, lens, 256, max_groups=16, min_saved_tokens=1)
+    assert found is not None and found.num_groups == 16 and found.saved_tokens == 16 * per_group
+    assert find_cascade_groups(tables, lens, 256, max_groups=16) is None
+
+
+def test_no_sharing_builds_no_group() -> None:
+    """The standard workload's steps (nothing shared): no group, whatever the threshold."""
+    tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(64)]
+    lens = [40 + i for i in range(64)]
+    assert find_cascade_groups(tables, lens, 16, min_saved_tokens=0, member_cost_tokens=0) is None
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -98,7 +155,7 @@ def test_grouping_invariants_on_random_tries(seed: int) -> None:
         table += [next(next_block) for _ in range(rng.randint(0, 3))]
         tables.append(table)
         lens.append(rng.randint((len(table) - 1) * block_size + 1, len(table) * block_size))
-    found = find_cascade_groups(tables, lens, block_size, min_shared_tokens=1, max_groups=100)
+    found = find_cascade_groups(tables, lens, block_size, **EVERY)
     assert found is not None
     seen = set()
     saved = 0
@@ -126,6 +183,48 @@ def test_grouping_invariants_on_random_tries(seed: int) -> None:
                 common -= 1
             naive += (len(members) - 1) * common
     assert saved >= naive
+
+
+def test_graph_group_rows() -> None:
+    """A cascade graph's groups table: the group count rounded up to a power of two."""
+    from nanovllm.attention.cascade import MAX_CASCADE_GROUPS
+    from nanovllm.worker.cuda_graph import group_rows
+
+    assert [group_rows(n) for n in (1, 2, 3, 8, 9, 64, 65)] == [1, 2, 4, 8, 16, 64, 128]
+    assert group_rows(MAX_CASCADE_GROUPS) == MAX_CASCADE_GROUPS
+    for bad in (0, MAX_CASCADE_GROUPS + 1):
+        with pytest.raises(ValueError, match=f"{bad} cascade groups"):
+            group_rows(bad)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("seed", range(3))
+def test_prefix_tile_bound_covers_every_grouping(seed: int) -> None:
+    """The prefix kernel's grid bound holds the tiles of any grouping into groups of two or
+    more members, and is tight for groups of two."""
+    from nanovllm.kernels.cascade_attention import max_prefix_tiles
+
+    rng = random.Random(seed)
+    for _ in range(200):
+        members_per_tile = rng.choice([1, 2, 4, 8, 32])
+        sizes = [rng.choice([2, 2, 3, 8, 33, 100]) for _ in range(rng.randint(1, 40))]
+        num_members = sum(sizes) + rng.randint(0, 5)  # a graph's members are padded
+        tiles = sum(math.ceil(s / members_per_tile) for s in sizes)
+        assert tiles <= max_prefix_tiles(num_members, len(sizes), members_per_tile)
+    assert max_prefix_tiles(64, 32, 4) == 16 + 32  # 32 pairs: 32 tiles, bound 48
+    assert max_prefix_tiles(512, 128, 8) == 64 + 128
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_prefix_tile_height_follows_group_size() -> None:
+    from nanovllm.kernels.cascade_attention import PREFIX_BLOCK_M, default_prefix_block_m
+
+    # Qwen3-0.6B (2 query heads per K/V head): one group of 512, 64 groups of 8, pairs
+    assert default_prefix_block_m(2, 512, 1) == PREFIX_BLOCK_M
+    assert default_prefix_block_m(2, 512, 64) == 16
+    assert default_prefix_block_m(2, 256, 128) == 16
+    assert default_prefix_block_m(8, 40, 5) == PREFIX_BLOCK_M  # 8 members x 8 heads
+    assert default_prefix_block_m(4, 48, 8) == 32  # 6 members x 4 heads -> 32 rows
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -194,14 +293,28 @@ class SharedCase:
             out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))
         return torch.stack(out)
 
-    def cascade(self, min_shared_tokens: int = 1, num_splits: int = 1, **kw: int) -> torch.Tensor:
-        """The cascade kernels' output (grouping found from the block tables)."""
+    def cascade(
+        self, num_splits: int = 1, group_rows: int = 0, pad_members: bool = False, **kw: int
+    ) -> torch.Tensor:
+        """The cascade kernels' output (every sharing group found from the block tables).
+
+        group_rows > the group count: the groups table padded with empty rows, as a CUDA-graph
+        step's; pad_members: members padded to num_seqs entries and the prefix bound set to
+        the longest sequence, as a graph's (see worker/cuda_graph.py).
+        """
         from nanovllm.kernels.cascade_attention import cascade_decode_attention
 
-        found = find_cascade_groups(
-            self.tables, self.seq_lens_list, self.block_size, min_shared_tokens
-        )
+        found = find_cascade_groups(self.tables, self.seq_lens_list, self.block_size, **EVERY)
         assert found is not None
+        groups = found.groups
+        if group_rows > groups.shape[0]:
+            groups = np.concatenate([groups, np.zeros((group_rows - len(groups), 3), np.int64)])
+        members, max_prefix_len = found.members, found.max_prefix_len
+        if pad_members:
+            members = np.concatenate(
+                [members, np.zeros(len(self.seq_lens_list) - len(members), np.int64)]
+            )
+            max_prefix_len = max(self.seq_lens_list)
         # [num_seqs, num_heads, head_dim], poisoned: an element left unwritten shows
         out = torch.full_like(self.q, float("nan"), device=DEVICE)
         return cascade_decode_attention(
@@ -211,14 +324,14 @@ class SharedCase:
             self.block_tables.to(DEVICE),
             self.seq_lens.to(DEVICE),
             torch.from_numpy(found.prefix_lens).to(DEVICE),
-            torch.from_numpy(found.members).to(DEVICE),
-            torch.from_numpy(found.groups).to(DEVICE),
+            torch.from_numpy(members).to(DEVICE),
+            torch.from_numpy(groups).to(DEVICE),
             self.scale,
             num_splits,
-            found.max_prefix_len,
+            max_prefix_len,
             kw.get("num_sms", 4),
             out,
-            prefix_block_m=kw.get("prefix_block_m", 64),
+            prefix_block_m=kw.get("prefix_block_m"),
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         ).cpu()
@@ -249,6 +362,11 @@ LAYOUTS = {
     "several_groups_and_lone": ([(1, [3, 33]), (3, [1, 2, 20]), (2, [7])], [5, 50]),
     "prefix_of_one_block": ([(1, [1, 1, 9])], [1]),
     "big_group": ([(2, [1 + (7 * i) % 37 for i in range(20)])], [3]),
+    # 24 groups of 2 or 3 (n > 1 sampling's shape), one or two shared blocks, and lone ones
+    "many_groups": (
+        [(1 + i % 2, [1 + (3 * i + j) % 20 for j in range(2 + i % 3 // 2)]) for i in range(24)],
+        [7, 30],
+    ),
 }
 HEADS = (
     [(16, 8, 128), (32, 8, 128), (8, 8, 64), (4, 1, 128)]
@@ -267,6 +385,8 @@ KERNEL_CASES = [
     ("big_group", 16, HEADS[3], 64),
     ("one_group", 256, HEADS[1], 16),
     ("several_groups_and_lone", 256, HEADS[0], 64),
+    ("many_groups", 16, HEADS[1], None),
+    ("many_groups", 16, HEADS[3], 64),
 ]
 if CUDA:
     KERNEL_CASES += [
@@ -278,7 +398,11 @@ if CUDA:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("layout", "block_size", "heads", "block_m"), KERNEL_CASES)
 def test_cascade_matches_plain_decode(
-    layout: str, block_size: int, heads: tuple[int, int, int], block_m: int, dtype: torch.dtype
+    layout: str,
+    block_size: int,
+    heads: tuple[int, int, int],
+    block_m: int | None,
+    dtype: torch.dtype,
 ) -> None:
     groups, lone = LAYOUTS[layout]
     case = SharedCase(groups, lone, heads, block_size, dtype, seed=block_size + heads[0])
@@ -287,6 +411,27 @@ def test_cascade_matches_plain_decode(
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(out, case.plain()) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("layout", "group_rows", "block_m"),
+    [("many_groups", 32, None), ("many_groups", 128, 16), ("one_group", 128, None)],
+)
+def test_cascade_with_graph_sized_metadata(
+    layout: str, group_rows: int, block_m: int | None
+) -> None:
+    """A CUDA-graph step's metadata: the groups table padded with empty rows to its captured
+    size (up to MAX_CASCADE_GROUPS), members padded to the batch, the prefix bound the longest
+    sequence: the grid is sized from those bounds and the surplus programs write nothing."""
+    from nanovllm.attention.cascade import MAX_CASCADE_GROUPS
+
+    assert group_rows <= MAX_CASCADE_GROUPS
+    groups, lone = LAYOUTS[layout]
+    case = SharedCase(groups, lone, (4, 2, 16), 16, torch.float32, seed=group_rows)
+    out = case.cascade(group_rows=group_rows, pad_members=True, prefix_block_m=block_m)
+    assert not out.isnan().any()
+    assert rel_err(out, case.reference()) < TOL[torch.float32]
 
 
 @needs_triton
@@ -381,10 +526,11 @@ def engine_tokens(llm: LLM, small: bool = False) -> list[list[int]]:
 
 @pytest.fixture
 def count_cascade_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every group pays (threshold 1); returns a counter of cascade kernel calls."""
+    """Every group pays (threshold 1, members free); returns a counter of cascade kernel calls."""
     import nanovllm.kernels.cascade_attention as kernels
 
-    monkeypatch.setattr("nanovllm.attention.cascade.CASCADE_MIN_SHARED_TOKENS", 1)
+    monkeypatch.setattr("nanovllm.attention.cascade.CASCADE_MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr("nanovllm.attention.cascade.CASCADE_MEMBER_COST_TOKENS", 0)
     calls = [0]
     original = kernels.cascade_decode_attention
 
@@ -424,7 +570,7 @@ def test_engine_cascade_on_equals_off(
     with LLM(tiny_model_dir, **common) as llm:
         on = engine_tokens(llm)
         if not enforce_eager:
-            assert any(cascade for _, cascade in llm.engine.runner.graphs.graphs)
+            assert any(rows > 0 for _, rows in llm.engine.runner.graphs.graphs)
     assert count_cascade_calls[0] > 0
     assert on == off
 

@@ -23,8 +23,17 @@ no group itself (they need no merge).
 Prefix tiling. One program per (tile, K/V head, prefix split). A tile holds MEMBERS consecutive
 members of one group (MEMBERS * GROUP <= BLOCK_M rows: row r is member r // GROUP, query head
 kv_head * GROUP + r % GROUP). The tiles of group g follow those of group g - 1; a program finds
-its group from the groups' tile counts (a prefix sum over at most a few groups), so the grid can
-be sized from an upper bound (fixed under CUDA graphs); programs past the last tile exit.
+its group from the groups' tile counts (a prefix sum over the groups table, at most
+MAX_CASCADE_GROUPS = 128 rows, in registers), so the grid can be sized from an upper bound
+(fixed under CUDA graphs); programs past the last tile exit at once. The bound: a group of s
+members takes ceil(s / MEMBERS) <= s / MEMBERS + 1 tiles and has at least two members, so
+num_members / MEMBERS + min(num_groups, num_members / 2) tiles cover any grouping.
+
+Many groups in one launch. All groups share the launch: n = 8 parallel sampling over 64 prompts
+is 64 groups of 8, one tile each per K/V head, 512 programs that each read one group's prefix
+once. Small groups leave rows of a 64-row tile empty, so the tile height follows the mean group
+size (`prefix_tiling`: 16 rows for groups of 8 with two query heads per K/V head), and the
+prefix is split along its keys only when the tiles alone leave the GPU short of two waves.
 """
 
 import math
@@ -181,6 +190,20 @@ def prefix_tiling(group: int, block_m: int = PREFIX_BLOCK_M) -> tuple[int, int]:
     return members, max(16, triton.next_power_of_2(members * group))
 
 
+def default_prefix_block_m(group: int, num_members: int, num_groups: int) -> int:
+    """Rows of a prefix tile for groups of num_members / num_groups members on average: enough
+    for a mean group's query rows (members x `group` query heads per K/V head), 16 to
+    PREFIX_BLOCK_M. Under CUDA graphs the counts are the graph's bounds (batch, group rows)."""
+    mean = math.ceil(max(1, num_members) / max(1, num_groups))
+    return max(16, min(PREFIX_BLOCK_M, triton.next_power_of_2(mean * group)))
+
+
+def max_prefix_tiles(num_members: int, num_groups: int, members_per_tile: int) -> int:
+    """Tiles that cover any grouping of num_members members into num_groups groups of at
+    least two (see the module docstring)."""
+    return math.ceil(num_members / members_per_tile) + min(num_groups, num_members // 2)
+
+
 def choose_prefix_splits(
     max_tiles: int, num_kv_heads: int, max_prefix_len: int, num_sms: int, block_n: int = 64
 ) -> int:
@@ -206,7 +229,7 @@ def cascade_decode_attention(
     num_sms: int,
     out: torch.Tensor | None = None,
     block_n: int = 64,
-    prefix_block_m: int = PREFIX_BLOCK_M,
+    prefix_block_m: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -218,7 +241,7 @@ def cascade_decode_attention(
     indices group after group; groups: [num_groups, 3] (member_begin, member_end, prefix_len),
     rows with member_begin == member_end are unused; num_splits: splits of each suffix;
     max_prefix_len bounds the prefixes (it picks the prefix split count with num_sms);
-    prefix_block_m: query rows per prefix tile; k_scale, v_scale: a float8 cache's
+    prefix_block_m: query rows per prefix tile (None: default_prefix_block_m); k_scale, v_scale: a float8 cache's
     dequantisation scales ([1] float32, 1.0 when None).
     Returns [num_seqs, num_heads, head_dim] in q's dtype, equal to decode_attention's.
     """
@@ -230,9 +253,11 @@ def cascade_decode_attention(
     if num_seqs == 0:
         return out
     num_groups = groups.shape[0]
+    num_members = members.shape[0]
+    if prefix_block_m is None:
+        prefix_block_m = default_prefix_block_m(group, num_members, num_groups)
     members_per_tile, block_m = prefix_tiling(group, prefix_block_m)
-    # Every group may end in a partial tile: this bounds the tiles for any grouping.
-    max_tiles = math.ceil(members.shape[0] / members_per_tile) + num_groups
+    max_tiles = max_prefix_tiles(num_members, num_groups, members_per_tile)
     prefix_splits = choose_prefix_splits(max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n)
     parts = num_splits + prefix_splits
     part_out, part_lse = partials(q, parts)
