@@ -542,6 +542,43 @@ def count_cascade_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def test_engine_groups_parallel_sampling(
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n = 8 completions of 4 prompts on the real block manager (CPU, torch backend, which
+    ignores the metadata): every decode step's grouping holds the 4 prompts' completions, 8
+    each, sharing the prompt's 6 full blocks; with a fixed cost between one group's net saving
+    and four groups', one prompt alone never takes the path."""
+    import nanovllm.worker.inputs as inputs
+    from nanovllm.attention import cascade
+
+    net = 7 * 96 - 8 * 16  # one group: 7 members' prefix reads saved, 8 members' cost
+    monkeypatch.setattr(cascade, "CASCADE_MEMBER_COST_TOKENS", 16)
+    monkeypatch.setattr(cascade, "CASCADE_MIN_SAVED_TOKENS", 3 * net)
+    seen: list[object] = []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(cascade.find_cascade_groups(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(inputs, "find_cascade_groups", recording)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 500) for _ in range(100)] for _ in range(4)]
+    params = SamplingParams(temperature=0.8, max_tokens=5, n=8, ignore_eos=True, seed=1)
+    with LLM(tiny_model_dir, device="cpu", dtype="float32", kvcache_block_size=16) as llm:
+        llm.engine.runner.inputs.cascade = True
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [len(o.outputs) for o in outs] == [8] * 4
+        decode_steps = len(seen)
+        assert decode_steps >= 4 and all(found is not None for found in seen)
+        for found in seen:
+            assert found.num_groups == 4 and found.saved_tokens == 4 * net
+            assert found.groups[:, 2].tolist() == [96] * 4
+            assert (found.groups[:, 1] - found.groups[:, 0]).tolist() == [8] * 4
+        llm.generate(prompts[:1], params, use_tqdm=False)
+        assert len(seen) > decode_steps and all(f is None for f in seen[decode_steps:])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("enforce_eager", [False, True])
