@@ -635,3 +635,216 @@ def test_engine_cascade_under_interpreter(
     assert count_cascade_calls[0] == 0
     assert run(True) == reference
     assert count_cascade_calls[0] > 0
+
+
+# -- cascade prefill -------------------------------------------------------------------------
+
+
+class PrefillCase:
+    """A prefill step over a random paged cache: groups of sequences whose first blocks
+    (cached before the step) are the same, each with own cached tokens and new tokens.
+
+    groups: (shared blocks, [(own cached tokens, new tokens) per member]); lone: (cached, new)
+    of sequences sharing nothing. Every block is at a random place of the pool.
+    """
+
+    def __init__(
+        self,
+        groups: list[tuple[int, list[tuple[int, int]]]],
+        lone: list[tuple[int, int]],
+        heads: tuple[int, int, int],
+        block_size: int,
+        dtype: torch.dtype,
+        seed: int,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        num_heads, num_kv_heads, head_dim = heads
+        seqs = [(p, c, n) for p, members in groups for c, n in members]
+        seqs += [(0, c, n) for c, n in lone]
+        num_blocks = sum(p for p, _ in groups) + sum(
+            math.ceil((c + n) / block_size) for _, c, n in seqs
+        )
+        perm = iter(torch.randperm(num_blocks + 2, generator=gen).tolist())
+        self.tables, self.context_lens, self.query_lens = [], [], []
+        for shared, members in groups:
+            prefix = [next(perm) for _ in range(shared)]
+            for c, n in members:
+                own = [next(perm) for _ in range(math.ceil((c + n) / block_size))]
+                self.tables.append(prefix + own)
+                self.context_lens.append(shared * block_size + c)
+                self.query_lens.append(n)
+        for c, n in lone:
+            self.tables.append([next(perm) for _ in range(math.ceil((c + n) / block_size))])
+            self.context_lens.append(c)
+            self.query_lens.append(n)
+        width = max(len(t) for t in self.tables)
+        self.block_tables = torch.tensor(
+            [t + [-1] * (width - len(t)) for t in self.tables], dtype=torch.int32
+        )
+        self.seq_lens = [c + n for c, n in zip(self.context_lens, self.query_lens, strict=True)]
+        cu = [0]
+        for n in self.query_lens:
+            cu.append(cu[-1] + n)
+        self.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32)
+        shape = (num_blocks + 2, block_size, num_kv_heads, head_dim)
+        # [num_blocks, block_size, num_kv_heads, head_dim] (the new tokens' K/V already stored)
+        self.k_cache = torch.randn(shape, generator=gen).to(dtype)
+        self.v_cache = torch.randn(shape, generator=gen).to(dtype)
+        # [num_tokens, num_heads, head_dim]
+        self.q = torch.randn(cu[-1], num_heads, head_dim, generator=gen).to(dtype)
+        self.scale = head_dim**-0.5
+        self.block_size = block_size
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+
+    def reference(self) -> torch.Tensor:
+        """[num_tokens, num_heads, head_dim] float64 causal attention over the cached keys."""
+        out = []
+        group = self.q.shape[1] // self.k_cache.shape[2]
+        cu = self.cu_seqlens_q.tolist()
+        for i, (ctx, n) in enumerate(zip(self.context_lens, self.query_lens, strict=True)):
+            k = self.k_cache[self.tables[i]].flatten(0, 1)[: ctx + n].double()
+            v = self.v_cache[self.tables[i]].flatten(0, 1)[: ctx + n].double()
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            # [n, num_heads, ctx + n]
+            scores = torch.einsum("thd,nhd->thn", self.q[cu[i] : cu[i + 1]].double(), k)
+            visible = torch.arange(ctx + n)[None, :] <= (ctx + torch.arange(n))[:, None]
+            scores = (scores * self.scale).masked_fill(~visible[:, None, :], float("-inf"))
+            out.append(torch.einsum("thn,nhd->thd", scores.softmax(-1), v))
+        return torch.cat(out)
+
+    def groups(self, **rule: float) -> "object":
+        from nanovllm.attention.cascade import find_prefill_cascade_groups
+
+        return find_prefill_cascade_groups(
+            self.tables,
+            self.context_lens,
+            self.query_lens,
+            self.block_size,
+            self.q.shape[1] // self.k_cache.shape[2],
+            **(rule or EVERY),
+        )
+
+    def run(self, cascade: bool, prefix_block_m: int = 128) -> torch.Tensor:
+        """The cascade prefill's output (every paying group), or the plain prefill kernel's."""
+        from nanovllm.kernels.cascade_attention import cascade_prefill_attention
+        from nanovllm.kernels.prefill_attention import prefill_attention
+
+        args = (
+            self.q.to(DEVICE),
+            self.k_cache.to(DEVICE),
+            self.v_cache.to(DEVICE),
+            self.block_tables.to(DEVICE),
+            self.cu_seqlens_q.to(DEVICE),
+            torch.tensor(self.seq_lens, dtype=torch.int32, device=DEVICE),
+            max(self.query_lens),
+            self.scale,
+        )
+        # poisoned: an element left unwritten shows
+        out = torch.full_like(self.q, float("nan"), device=DEVICE)
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        if not cascade:
+            return prefill_attention(*args, out, **scales).cpu()
+        found = self.groups()
+        assert found is not None
+        return cascade_prefill_attention(
+            *args,
+            torch.from_numpy(found.prefix_lens).to(DEVICE),
+            torch.from_numpy(found.members).to(DEVICE),
+            torch.from_numpy(found.groups).to(DEVICE),
+            out,
+            prefix_block_m=prefix_block_m,
+            **scales,
+        ).cpu()
+
+
+# name: (groups as (shared blocks, [(own cached, new tokens)]), lone (cached, new))
+PREFILL_LAYOUTS = {
+    # short suffixes after a shared prefix, one with own cached tokens (a chunk's continuation)
+    "one_group": ([(2, [(0, 1), (0, 5), (3, 17), (0, 9)])], []),
+    "groups_and_lone": (
+        [(1, [(0, 3), (5, 20)]), (3, [(0, 2), (0, 7), (0, 1)]), (2, [(1, 4), (0, 6)])],
+        [(0, 12), (20, 3)],
+    ),
+    "many_groups": ([(1 + i % 2, [(0, 1 + i % 5), (i % 3, 3)]) for i in range(12)], [(0, 4)]),
+}
+# (layout, block size, heads, prefix rows per tile)
+PREFILL_CASES = [
+    ("one_group", 16, (4, 2, 16), 128),
+    ("one_group", 64, (2, 2, 32), 16),
+    ("groups_and_lone", 16, (4, 1, 16), 16),
+    ("groups_and_lone", 64, (4, 2, 16), 128),
+    ("many_groups", 16, (4, 2, 16), 16),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("layout", "block_size", "heads", "block_m"), PREFILL_CASES)
+def test_cascade_prefill_matches_plain_prefill(
+    layout: str, block_size: int, heads: tuple[int, int, int], block_m: int, dtype: torch.dtype
+) -> None:
+    """Cascade prefill (prefix pass + the prefill kernel continuing from its state) against
+    the plain prefill kernel and a float64 reference; every group of the layout is used."""
+    groups, lone = PREFILL_LAYOUTS[layout]
+    case = PrefillCase(groups, lone, heads, block_size, dtype, seed=block_size + heads[1])
+    found = case.groups()
+    assert found is not None and found.num_groups == len(groups)
+    out = case.run(cascade=True, prefix_block_m=block_m)
+    assert not out.isnan().any()
+    ref = case.reference()
+    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, case.run(cascade=False)) < TOL[dtype]
+
+
+@needs_triton
+def test_cascade_prefill_fp8_scales() -> None:
+    """A float8 cache holding k / k_scale, v / v_scale: the prefix's output carries v_scale
+    once (the prefill kernel continues from it and applies v_scale at the end)."""
+    from nanovllm.kernels.store_kv import quantize_fp8
+
+    k_scale, v_scale = 0.013, 0.0071
+    groups, lone = PREFILL_LAYOUTS["groups_and_lone"]
+    case = PrefillCase(groups, lone, (4, 2, 16), 16, torch.float32, seed=8)
+    k8, v8 = quantize_fp8(case.k_cache, k_scale), quantize_fp8(case.v_cache * 0.5, v_scale)
+    case.k_cache, case.v_cache = k8.float() * k_scale, v8.float() * v_scale
+    ref = case.reference()
+    case.k_cache, case.v_cache = k8, v8
+    case.k_scale = torch.tensor([k_scale], device=DEVICE)
+    case.v_scale = torch.tensor([v_scale], device=DEVICE)
+    assert rel_err(case.run(cascade=True), ref) < TOL[torch.float32]
+
+
+def test_prefill_rule() -> None:
+    """What a prefill group saves: prefix tile reads of the plain kernel (64 tokens of one
+    head) against the prefix pass's (128 rows of a group), less each (token, head)'s cost."""
+    from nanovllm.attention.cascade import find_prefill_cascade_groups, prefill_net_saving
+
+    # 512 sequences of 16 new tokens after 1,792 shared keys, 2 query heads per K/V head
+    assert prefill_net_saving([16] * 512, 1792, 2, 0) == (1024 - 128) * 1792
+    # 8 sequences of 64 or 128 new tokens, one query head per K/V head: half the tiles
+    assert prefill_net_saving([64] * 8, 1792, 1, 0) == (8 - 4) * 1792
+    assert prefill_net_saving([128] * 8, 1792, 1, 0) == (16 - 8) * 1792
+    # two of 64 after 256 keys: 2 tiles of 256 keys saved, 256 (token, head) pairs x 2 spent
+    assert prefill_net_saving([64] * 2, 256, 2, 2) == 0
+    assert prefill_net_saving([16] * 4, 32, 2, 2) == (8 - 1) * 32 - 64 * 2 * 2  # negative
+    # the step's rule on block tables: two sequences sharing 2 cached blocks of 16
+    tables, ctx, new = [[1, 2, 3], [1, 2, 4], [5, 6]], [32, 35, 20], [5, 9, 4]
+    found = find_prefill_cascade_groups(tables, ctx, new, 16, 2, **EVERY)
+    assert found is not None and found.groups.tolist() == [[0, 14, 32, 0]]
+    assert found.members.tolist() == list(range(14))
+    assert found.prefix_lens.tolist() == [32, 32, 0]
+    assert found.saved_tokens == prefill_net_saving([5, 9], 32, 2, 0)
+    # blocks not yet cached (a context of 31 keys covers one full block) are not shared
+    found = find_prefill_cascade_groups(tables, [31, 35, 20], new, 16, 2, **EVERY)
+    assert found is not None and found.groups.tolist() == [[0, 14, 16, 0]]
+    # the thresholds: the step's fixed cost, each (token, head)'s cost
+    saved = prefill_net_saving([5, 9], 32, 2, 0)
+    assert find_prefill_cascade_groups(tables, ctx, new, 16, 2, min_saved_tokens=saved + 1) is None
+    assert (
+        find_prefill_cascade_groups(tables, ctx, new, 16, 2, min_saved_tokens=1,
+                                    member_cost_tokens=saved / 28)
+        is None
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="gqa_group is 0"):
+        find_prefill_cascade_groups(tables, ctx, new, 16, 0)

@@ -29,6 +29,18 @@ So many small groups that pay nothing alone (n > 1 parallel sampling: 64 groups 
 step with no sharing never builds a group. At most MAX_CASCADE_GROUPS groups are kept (the
 largest net savings first), which bounds the metadata of a CUDA-graph step.
 
+Prefill (find_prefill_cascade_groups). A prefill step's sequences whose blocks cached before
+the step (prefix-cache hits) start alike form groups the same way. The plain prefill kernel
+already reads each key tile once for a tile of 64 query tokens of one head, so sharing saves
+reads only where sequences have few new tokens (a tile of 5 tokens reads the prefix for 5
+queries) or where GQA heads share a K/V head: the prefix pass holds PREFILL_PREFIX_ROWS
+(token, query head) rows of a whole group per tile. A group saves (plain tiles - prefix tiles)
+x P token reads, less PREFILL_MEMBER_COST_TOKENS per (token, query head) for its partial
+results; the step takes the path when its groups' net savings reach CASCADE_MIN_SAVED_TOKENS
+(the same fixed cost: one launch more per layer). 512 sequences of 16 new tokens after a
+shared 1,792 keys save 512 x 2 - 128 = 896 tile reads of the prefix (of 1,024); 512 of 256
+new tokens save 4,096 - 2,048 (the GQA pair in one tile).
+
 Invariants of the result: a sequence is in at most one group; every group has at least two
 members; every member's first prefix_len // block_size blocks are the same physical blocks as
 the group's first member's; 0 < prefix_len < seq_len for every member (the newest token is
@@ -52,6 +64,13 @@ CASCADE_MEMBER_COST_TOKENS = 16
 # of the prefix kernel's group search; 128 groups of 2 fill 256 sequences, n = 8 sampling over
 # 64 prompts needs 64).
 MAX_CASCADE_GROUPS = 128
+# Prefill's tiles (see "Prefill" above and kernels/cascade_attention.py): the plain kernel's query
+# tokens per tile of one head, the prefix pass's (token, head) rows per tile.
+PLAIN_PREFILL_TOKENS = 64
+PREFILL_PREFIX_ROWS = 128
+# A (token, query head) of a cascade prefill's group costs its prefix partial (head_dim floats
+# and a log-sum-exp written, then read) ~ 2 token reads of one K/V head (derived, not measured).
+PREFILL_MEMBER_COST_TOKENS = 2
 
 
 class CascadeGroups:
@@ -120,14 +139,7 @@ def find_cascade_groups(
         min((n - 1) // block_size, len(t)) if n > 0 else 0
         for n, t in zip(seq_lens, block_tables, strict=True)
     ]
-    by_first: dict[int, list[int]] = defaultdict(list)
-    for i in range(num_seqs):
-        if usable[i] > 0:
-            by_first[block_tables[i][0]].append(i)
-    found: list[tuple[list[int], int]] = []
-    for members in by_first.values():
-        if len(members) > 1:
-            found += _best_split(members, 1, block_tables, usable)[1]
+    found = _trie_groups(block_tables, usable)
     # (net saving, members, shared blocks) of every group that saves anything, largest first
     scored = [(net_saving(len(m), d * block_size, member_cost_tokens), m, d) for m, d in found]
     scored = sorted((g for g in scored if g[0] > 0), key=lambda g: g[0], reverse=True)
@@ -144,6 +156,22 @@ def find_cascade_groups(
     prefix_lens = np.zeros(num_seqs, dtype=np.int64)
     prefix_lens[members] = np.repeat(prefix, sizes)
     return CascadeGroups(members, groups, prefix_lens, int(saved))
+
+
+def _trie_groups(
+    block_tables: Sequence[Sequence[int]], usable: list[int]
+) -> list[tuple[list[int], int]]:
+    """(members, shared blocks) of the groups the trie walk picks, sharing only each
+    sequence's first usable[i] blocks (see the module docstring)."""
+    by_first: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(usable):
+        if n > 0:
+            by_first[block_tables[i][0]].append(i)
+    found: list[tuple[list[int], int]] = []
+    for members in by_first.values():
+        if len(members) > 1:
+            found += _best_split(members, 1, block_tables, usable)[1]
+    return found
 
 
 def _best_split(
@@ -171,3 +199,76 @@ def _best_split(
     if deeper_saved > here:
         return deeper_saved, deeper
     return here, [(members, depth)]
+
+
+def prefill_net_saving(
+    query_lens: Sequence[int], prefix_len: int, gqa_group: int, member_cost: float
+) -> float:
+    """Token reads a cascade prefill saves for one group (module docstring, "Prefill"): the
+    plain kernel reads the prefix once per tile of PLAIN_PREFILL_TOKENS tokens of each query
+    head, the prefix pass once per PREFILL_PREFIX_ROWS (token, head) rows of the whole group;
+    member_cost per (token, query head) spent on the prefix partials."""
+    plain = sum(-(-q // PLAIN_PREFILL_TOKENS) for q in query_lens) * gqa_group
+    tokens = sum(query_lens)
+    cascade = -(-tokens * gqa_group // PREFILL_PREFIX_ROWS)
+    return (plain - cascade) * prefix_len - tokens * gqa_group * member_cost
+
+
+def find_prefill_cascade_groups(
+    block_tables: Sequence[Sequence[int]],
+    context_lens: Sequence[int],
+    query_lens: Sequence[int],
+    block_size: int,
+    gqa_group: int,
+    min_saved_tokens: float | None = None,
+    member_cost_tokens: float | None = None,
+    max_groups: int = MAX_CASCADE_GROUPS,
+) -> CascadeGroups | None:
+    """Groups of a prefill step's sequences (context_lens[i] keys cached before the step,
+    query_lens[i] new ones) sharing leading blocks that were cached before this step, when
+    a cascade prefill pays; None when it does not.
+
+    The result's members are query tokens, not sequences: members holds the flat token
+    indices of each group's sequences' new tokens, group after group, and groups has a 4th
+    column, the sequence whose block table holds the prefix ([num_groups, 4]:
+    token_begin, token_end, prefix_len, seq). gqa_group: query heads per K/V head. The cost
+    arguments are as find_cascade_groups' (member_cost_tokens None: PREFILL_MEMBER_COST_TOKENS
+    per (token, query head)).
+    """
+    if min_saved_tokens is None:
+        min_saved_tokens = CASCADE_MIN_SAVED_TOKENS
+    if member_cost_tokens is None:
+        member_cost_tokens = PREFILL_MEMBER_COST_TOKENS
+    if max_groups < 1:
+        raise ValueError(f"max_groups is {max_groups}; it must be at least 1")
+    if gqa_group < 1:
+        raise ValueError(f"gqa_group is {gqa_group}; it must be at least 1")
+    # Blocks wholly cached before this step (the new tokens' blocks are written by it).
+    usable = [min(c // block_size, len(t)) for c, t in zip(context_lens, block_tables, strict=True)]
+    scored = []
+    for m, d in _trie_groups(block_tables, usable):
+        saved = prefill_net_saving(
+            [query_lens[i] for i in m], d * block_size, gqa_group, member_cost_tokens
+        )
+        if saved > 0:
+            scored.append((saved, m, d))
+    scored.sort(key=lambda g: g[0], reverse=True)
+    scored = scored[:max_groups]
+    saved = sum(g[0] for g in scored)
+    if not scored or saved < min_saved_tokens:
+        return None
+    # [num_seqs + 1] flat index of each sequence's first new token
+    starts = np.zeros(len(query_lens) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(query_lens, dtype=np.int64), out=starts[1:])
+    tokens, rows, begin = [], [], 0
+    prefix_lens = np.zeros(len(query_lens), dtype=np.int64)
+    for _, m, d in scored:
+        for i in m:
+            tokens.append(np.arange(starts[i], starts[i + 1], dtype=np.int64))
+            prefix_lens[i] = d * block_size
+        end = begin + sum(query_lens[i] for i in m)
+        rows.append((begin, end, d * block_size, m[0]))
+        begin = end
+    return CascadeGroups(
+        np.concatenate(tokens), np.array(rows, dtype=np.int64), prefix_lens, int(saved)
+    )

@@ -50,10 +50,15 @@ from nanovllm.kernels.attention_tile import (
     query_for_cache,
 )
 from nanovllm.kernels.decode_attention import check_shapes, combine, launch_decode, partials
+from nanovllm.kernels.prefill_attention import prefill_attention
 from nanovllm.kernels.store_kv import kv_scales
 
 # Rows of query (sequence, head) pairs per prefix tile.
 PREFIX_BLOCK_M = 64
+# Rows of query (token, head) pairs per prefix tile of a cascade prefill: 64 tokens of a GQA
+# pair, so each prefix tile is read once for twice the queries of a plain prefill tile (64
+# tokens of one head).
+PREFILL_PREFIX_BLOCK_M = 128
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_groups"])
@@ -94,7 +99,11 @@ def _prefix_kernel(
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    COLS: tl.constexpr,
 ):
+    # Decode (COLS = 3): a member is a sequence, its one query is row `member` of q and the
+    # prefix lies in the first member's block table. Prefill (COLS = 4): a member is a query
+    # token (its flat index in q), the table's row is the group's 4th column.
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -103,8 +112,8 @@ def _prefix_kernel(
     # Which group this tile belongs to: groups [GROUPS_PAD] of (member_begin, member_end, P).
     offs_g = tl.arange(0, GROUPS_PAD)
     g_mask = offs_g < num_groups
-    begins = tl.load(groups_ptr + offs_g * 3, mask=g_mask, other=0).to(tl.int32)
-    ends = tl.load(groups_ptr + offs_g * 3 + 1, mask=g_mask, other=0).to(tl.int32)
+    begins = tl.load(groups_ptr + offs_g * COLS, mask=g_mask, other=0).to(tl.int32)
+    ends = tl.load(groups_ptr + offs_g * COLS + 1, mask=g_mask, other=0).to(tl.int32)
     tiles = tl.cdiv(ends - begins, MEMBERS)
     tiles_end = tl.cumsum(tiles, 0)  # one past each group's last tile
     grp = tl.sum((tiles_end <= tile).to(tl.int32), 0)
@@ -113,7 +122,7 @@ def _prefix_kernel(
         begin = tl.sum(tl.where(mine, begins, 0), 0)
         end = tl.sum(tl.where(mine, ends, 0), 0)
         first_tile = tl.sum(tl.where(mine, tiles_end - tiles, 0), 0)
-        prefix_len = tl.load(groups_ptr + grp * 3 + 2).to(tl.int32)
+        prefix_len = tl.load(groups_ptr + grp * COLS + 2).to(tl.int32)
 
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D_PAD)
@@ -133,7 +142,10 @@ def _prefix_kernel(
         # a float8 cache's k_scale folds into the score scale, its v_scale into the output
         qk_scale, v_scale = cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, k_cache_ptr)
         # Every member's first prefix_len keys live in the same blocks: read the first's table.
-        table = block_tables_ptr + tl.load(members_ptr + begin) * stride_bt
+        if COLS == 4:
+            table = block_tables_ptr + tl.load(groups_ptr + grp * COLS + 3) * stride_bt
+        else:
+            table = block_tables_ptr + tl.load(members_ptr + begin) * stride_bt
         tiles_per_split = tl.cdiv(tl.cdiv(prefix_len, BLOCK_N), NUM_SPLITS)
         start = split * tiles_per_split * BLOCK_N
         stop = tl.minimum(start + tiles_per_split * BLOCK_N, prefix_len)
@@ -174,7 +186,8 @@ def _prefix_kernel(
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        # partials [num_seqs, num_heads, PARTS, D_PAD]: this split's slot follows the suffix's
+        # partials [num_seqs (prefill: num_tokens), num_heads, PARTS, D_PAD]: this split's
+        # slot follows the suffix's
         row = (seqs * num_heads + heads) * PARTS + FIRST_PART + split
         tl.store(
             part_out_ptr + row[:, None] * D_PAD + offs_d[None, :],
@@ -309,8 +322,100 @@ def cascade_decode_attention(
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
+        COLS=3,
         num_warps=4,
         num_stages=2,
     )
     combine(part_out, part_lse, prefix_lens, out, num_splits)
     return out
+
+
+def cascade_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    prefix_lens: torch.Tensor,
+    tokens: torch.Tensor,
+    groups: torch.Tensor,
+    out: torch.Tensor | None = None,
+    prefix_block_m: int = PREFILL_PREFIX_BLOCK_M,
+    block_n: int = 64,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefill attention (prefill_attention's arguments and result) where groups of sequences
+    share a prefix cached before this step: each group's prefix attended once for all its
+    query tokens, then each sequence's own keys by the prefill kernel, continuing from the
+    prefix's result (see prefill_attention.py's module docstring for the merge).
+
+    prefix_lens: [num_seqs] each sequence's shared keys (0: in no group); tokens:
+    [num_member_tokens] flat query-token indices of the groups' members, group after group;
+    groups: [num_groups, 4] (token_begin, token_end, prefix_len, seq): group g's tokens are
+    tokens[begin:end], its prefix lies in sequence seq's block table (every member's first
+    prefix_len keys are the same blocks, all cached before this step).
+    """
+    group = check_shapes(q, k_cache, v_cache, "cascade_prefill_attention")
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_groups = groups.shape[0]
+    if groups.dim() != 2 or groups.shape[1] != 4:
+        raise ValueError(f"groups has shape {tuple(groups.shape)}; cascade prefill needs [G, 4]")
+    if num_tokens == 0 or num_groups == 0:
+        return prefill_attention(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale,
+            out, k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
+    members_per_tile, block_m = prefix_tiling(group, prefix_block_m)
+    # every group holds at least two tokens (one per member sequence at least)
+    max_tiles = max_prefix_tiles(tokens.shape[0], num_groups, members_per_tile)
+    d_pad = triton.next_power_of_2(head_dim)
+    # [num_tokens, num_heads, d_pad], [num_tokens, num_heads]: rows of member tokens written
+    prefix_out = torch.empty((num_tokens, num_heads, d_pad), dtype=torch.float32, device=q.device)
+    prefix_lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=q.device)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
+    _prefix_kernel[(max_tiles, num_kv_heads, 1)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        tokens,
+        groups,
+        num_groups,
+        prefix_out,
+        prefix_lse,
+        k_scale,
+        v_scale,
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride(),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        GROUP=group,
+        MEMBERS=members_per_tile,
+        BLOCK_M=block_m,
+        GROUPS_PAD=max(2, triton.next_power_of_2(num_groups)),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=1,
+        FIRST_PART=0,
+        PARTS=1,
+        ALIGNED=block_size % block_n == 0,
+        V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
+        IEEE=q.dtype == torch.float32,
+        COLS=4,
+        num_warps=8 if block_m >= 128 else 4,
+        num_stages=2,
+    )
+    return prefill_attention(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale, out,
+        block_n=block_n, k_scale=k_scale, v_scale=v_scale,
+        prefix=(prefix_lens, prefix_out, prefix_lse),
+    )  # fmt: skip
