@@ -10,6 +10,12 @@ rule's constants, and whole runs with the cascade path on and off (CUDA only).
     python3 scripts/bench_cascade.py parallel     # 64 prompts x n=8 -> 128, on and off
     python3 scripts/bench_cascade.py e2e parallel # both on one engine (one start-up)
     python3 scripts/bench_cascade.py standard     # bench.py's workload, on and off
+    python3 scripts/bench_cascade.py prefill      # prefill attention alone: n x (1792 shared
+                                                  # cached + q new), plain vs cascade prefill
+    python3 scripts/bench_cascade.py suffixes --block-size 64   # 1024 x (2000 shared + 16)
+                                                  # -> 4: whole runs, prefill-heavy
+Whole runs take --decode-only: the cascade path for decode steps only (prefill plain), to tell
+the two apart.
 
 Kernel times are triton.testing.do_bench medians (CUDA events; L2 flushed between runs) of a CUDA
 graph replay of the call, as the engine runs decode (so the Python launch cost of the cascade's
@@ -28,6 +34,7 @@ also says how many decode steps took the cascade path and with how many groups.
 """
 
 import argparse
+import functools
 import math
 import os
 import random
@@ -40,10 +47,18 @@ import torch
 import triton
 
 from nanovllm.attention import cascade as cascade_rule
-from nanovllm.attention.cascade import find_cascade_groups
+from nanovllm.attention.cascade import (
+    PREFILL_PREFIX_ROWS,
+    find_cascade_groups,
+    find_prefill_cascade_groups,
+)
 from nanovllm.attention.triton_backend import TritonAttentionBackend
-from nanovllm.kernels.cascade_attention import cascade_decode_attention
+from nanovllm.kernels.cascade_attention import (
+    cascade_decode_attention,
+    cascade_prefill_attention,
+)
 from nanovllm.kernels.decode_attention import choose_num_splits, decode_attention
+from nanovllm.kernels.prefill_attention import prefill_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 256
 
@@ -277,51 +292,62 @@ def dummy_llm(max_num_seqs: int, block_size: int = 0) -> "object":
     return _ENGINES[key]
 
 
+DECODE_ONLY = False  # --decode-only: prefill steps never take the cascade path
+
+
 def set_cascade(llm: "object", on: bool) -> None:
     """Switch the cascade path on the running engine (what disable_cascade_attn decides)."""
     runner = llm.engine.runner
     runner.inputs.cascade = on
+    runner.inputs.cascade_prefill = not DECODE_ONLY
     if runner.graphs is not None:
         runner.graphs.cascade = on
 
 
 class StepCount:
-    """Counts the decode steps the grouping sees, those that take the cascade path and their
-    groups, by wrapping find_cascade_groups where the step builders call it."""
+    """Counts the decode and prefill steps the grouping sees, those that take the cascade
+    path and their groups, by wrapping the rules where the step builders call them."""
 
-    MODULES = ("nanovllm.worker.cuda_graph", "nanovllm.worker.inputs")
+    WRAPPED = (
+        ("nanovllm.worker.cuda_graph", "find_cascade_groups", "decode"),
+        ("nanovllm.worker.inputs", "find_cascade_groups", "decode"),
+        ("nanovllm.worker.inputs", "find_prefill_cascade_groups", "prefill"),
+    )
 
     def __enter__(self) -> "StepCount":
         import importlib
 
-        self.steps = self.cascade_steps = self.groups = 0
+        # kind: [steps seen, steps on the cascade path, their groups]
+        self.counts = {"decode": [0, 0, 0], "prefill": [0, 0, 0]}
         self._saved = []
-        for name in self.MODULES:
+        for name, attr, kind in self.WRAPPED:
             module = importlib.import_module(name)
-            original = module.find_cascade_groups
+            original = getattr(module, attr)
 
-            def counting(*args: object, _f: Callable = original, **kw: object) -> object:
+            def counting(
+                *args: object, _f: Callable = original, _c: list = self.counts[kind], **kw: object
+            ) -> object:
                 found = _f(*args, **kw)
-                self.steps += 1
+                _c[0] += 1
                 if found is not None:
-                    self.cascade_steps += 1
-                    self.groups += found.num_groups
+                    _c[1] += 1
+                    _c[2] += found.num_groups
                 return found
 
-            self._saved.append((module, original))
-            module.find_cascade_groups = counting
+            self._saved.append((module, attr, original))
+            setattr(module, attr, counting)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for module, original in self._saved:
-            module.find_cascade_groups = original
+        for module, attr, original in self._saved:
+            setattr(module, attr, original)
 
     def __str__(self) -> str:
-        mean = self.groups / self.cascade_steps if self.cascade_steps else 0
-        return (
-            f"{self.cascade_steps} of {self.steps} decode steps on the cascade path, "
-            f"{mean:.1f} groups each"
-        )
+        parts = []
+        for kind, (steps, on, groups) in self.counts.items():
+            mean = groups / on if on else 0
+            parts.append(f"{on} of {steps} {kind} steps cascade ({mean:.1f} groups each)")
+        return ", ".join(parts)
 
 
 def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "object"]:
@@ -399,6 +425,73 @@ def parallel(args: argparse.Namespace) -> None:
     compare(llm, make, params, f"n=8 (block size {llm.config.kvcache_block_size})")
 
 
+def suffixes(args: argparse.Namespace) -> None:
+    """Many short suffixes after one shared prefix: 1024 x (2000 shared + 16 own) -> 4 tokens
+    (prefill-heavy; at block size 64, 1,984 shared and 32 new tokens per prompt)."""
+    from nanovllm import SamplingParams
+
+    llm = dummy_llm(512, args.block_size)
+
+    def make(seed: int) -> list[list[int]]:
+        rng = random.Random(seed)
+        shared = [rng.randrange(0, 150000) for _ in range(2000)]
+        return [shared + [rng.randrange(0, 150000) for _ in range(16)] for _ in range(1024)]
+
+    params = SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True)
+    compare(llm, make, params, f"suffixes (block size {llm.config.kvcache_block_size})")
+
+
+def prefill(args: argparse.Namespace) -> None:
+    """Prefill attention alone (CUDA graph replays): n sequences of q new tokens after the same
+    1,792 cached keys (7 blocks of 256), Qwen3-0.6B heads, the plain prefill kernel against
+    the cascade prefill, and what the rule decides."""
+    print("seqs  new_tokens  plain_ms  cascade_ms  speedup  rel_diff  rule (net saving)")
+    for n, q in ((1024, 16), (512, 32), (256, 64), (64, 256)):
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        shared, own = 7, math.ceil(q / BLOCK)
+        num_blocks = shared + n * own
+        ids = torch.randperm(num_blocks, device="cuda", generator=gen).tolist()
+        prefix = ids[:shared]
+        tables = [prefix + ids[shared + i * own : shared + (i + 1) * own] for i in range(n)]
+        shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+        k_cache = torch.randn(shape, device="cuda", generator=gen).bfloat16()
+        v_cache = torch.randn(shape, device="cuda", generator=gen).bfloat16()
+        # [n * q, num_heads, head_dim]
+        qs = torch.randn(n * q, HEADS, HEAD_DIM, device="cuda", generator=gen).bfloat16()
+        block_tables = torch.tensor(tables, device="cuda", dtype=torch.int32)
+        cu = torch.arange(0, n * q + 1, q, device="cuda", dtype=torch.int32)
+        seq_lens = torch.full((n,), shared * BLOCK + q, device="cuda", dtype=torch.int32)
+        ctx, new = [shared * BLOCK] * n, [q] * n
+        group = HEADS // KV_HEADS
+        found = find_prefill_cascade_groups(
+            tables, ctx, new, BLOCK, group, min_saved_tokens=0, member_cost_tokens=0
+        )
+        rule = find_prefill_cascade_groups(tables, ctx, new, BLOCK, group)
+        prefix_lens = torch.from_numpy(found.prefix_lens).cuda()
+        members = torch.from_numpy(found.members).cuda()
+        groups = torch.from_numpy(found.groups).cuda()
+        plain_out, out = torch.empty_like(qs), torch.empty_like(qs)
+        common = (qs, k_cache, v_cache, block_tables, cu, seq_lens, q, 0.088)
+
+        plain_run = functools.partial(prefill_attention, *common, plain_out)
+        cascade_run = functools.partial(
+            cascade_prefill_attention,
+            *common,
+            prefix_lens,
+            members,
+            groups,
+            out,
+            prefix_block_m=PREFILL_PREFIX_ROWS,
+        )
+        plain_ms, ms = graph_ms(plain_run, 50), graph_ms(cascade_run, 50)
+        err = ((out.float() - plain_out.float()).norm() / plain_out.float().norm()).item()
+        decided = f"cascade ({rule.saved_tokens})" if rule is not None else "plain"
+        print(
+            f"{n:4d}  {q:10d}  {plain_ms:8.3f}  {ms:10.3f}  {plain_ms / ms:7.2f}  {err:8.1e}  "
+            f"{decided}"
+        )
+
+
 def standard(args: argparse.Namespace) -> None:
     from nanovllm import SamplingParams
     from nanovllm.utils.benchmark import standard_workload
@@ -423,15 +516,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "what", nargs="+", choices=["kernel", "sweep", "e2e", "parallel", "standard"]
+        "what",
+        nargs="+",
+        choices=["kernel", "sweep", "e2e", "parallel", "standard", "prefill", "suffixes"],
     )
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument(
-        "--block-size", type=int, default=0, help="e2e, parallel: KV block size (0: 256)"
+        "--block-size", type=int, default=0, help="whole runs: KV block size (0: 256)"
     )
     parser.add_argument("--layout", choices=["one", "n8"], default="one", help="kernel: batch")
     parser.add_argument("--eager", action="store_true", help="kernel: also time eager calls")
+    parser.add_argument("--decode-only", action="store_true", help="whole runs: no cascade prefill")
     args = parser.parse_args()
+    global DECODE_ONLY
+    DECODE_ONLY = args.decode_only
     for what in args.what:
         globals()[what](args)
 

@@ -526,19 +526,22 @@ def engine_tokens(llm: LLM, small: bool = False) -> list[list[int]]:
 
 @pytest.fixture
 def count_cascade_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every group pays (threshold 1, members free); returns a counter of cascade kernel calls."""
+    """Every group pays (threshold 1, members free); returns counters of the cascade decode
+    and cascade prefill kernel calls."""
     import nanovllm.kernels.cascade_attention as kernels
 
     monkeypatch.setattr("nanovllm.attention.cascade.CASCADE_MIN_SAVED_TOKENS", 1)
     monkeypatch.setattr("nanovllm.attention.cascade.CASCADE_MEMBER_COST_TOKENS", 0)
-    calls = [0]
-    original = kernels.cascade_decode_attention
+    monkeypatch.setattr("nanovllm.attention.cascade.PREFILL_MEMBER_COST_TOKENS", 0)
+    calls = [0, 0]
+    for i, name in enumerate(("cascade_decode_attention", "cascade_prefill_attention")):
+        original = getattr(kernels, name)
 
-    def counting(*args: object, **kwargs: object) -> torch.Tensor:
-        calls[0] += 1
-        return original(*args, **kwargs)
+        def counting(*args: object, _i: int = i, _f: object = original, **kw: object) -> object:
+            calls[_i] += 1
+            return _f(*args, **kw)
 
-    monkeypatch.setattr(kernels, "cascade_decode_attention", counting)
+        monkeypatch.setattr(kernels, name, counting)
     return calls
 
 
@@ -589,8 +592,9 @@ def test_engine_cascade_on_equals_off(
     enforce_eager: bool,
     num_kvcache_blocks: int,
 ) -> None:
-    """float32 greedy tokens with the cascade path on and off are identical, with CUDA graphs
-    and eagerly; 40 blocks of 16 tokens force preemption and recompute."""
+    """float32 greedy tokens with the cascade path (decode and prefill) on and off are
+    identical, with CUDA graphs and eagerly; 40 blocks of 16 tokens force preemption and
+    recompute."""
     common = dict(
         device="cuda",
         dtype="float32",
@@ -603,12 +607,13 @@ def test_engine_cascade_on_equals_off(
     )
     with LLM(tiny_model_dir, disable_cascade_attn=True, **common) as llm:
         off = engine_tokens(llm)
-    assert count_cascade_calls[0] == 0
+    assert count_cascade_calls == [0, 0]
     with LLM(tiny_model_dir, **common) as llm:
         on = engine_tokens(llm)
         if not enforce_eager:
             assert any(rows > 0 for _, rows in llm.engine.runner.graphs.graphs)
-    assert count_cascade_calls[0] > 0
+    # decode steps and prefill steps (the second run's prompts hit the cached prefix)
+    assert count_cascade_calls[0] > 0 and count_cascade_calls[1] > 0
     assert on == off
 
 
@@ -632,9 +637,9 @@ def test_engine_cascade_under_interpreter(
             return engine_tokens(llm, small=True)
 
     reference = run(False)
-    assert count_cascade_calls[0] == 0
+    assert count_cascade_calls == [0, 0]
     assert run(True) == reference
-    assert count_cascade_calls[0] > 0
+    assert count_cascade_calls[0] > 0 and count_cascade_calls[1] > 0
 
 
 # -- cascade prefill -------------------------------------------------------------------------
