@@ -821,18 +821,20 @@ def test_cascade_prefill_fp8_scales() -> None:
 
 
 def test_prefill_rule() -> None:
-    """What a prefill group saves: prefix tile reads of the plain kernel (64 tokens of one
-    head) against the prefix pass's (128 rows of a group), less each (token, head)'s cost."""
+    """What a prefill group saves: the rows the plain kernel's tiles (64 tokens of one head)
+    issue over the prefix, less the prefix pass's (128 rows of a whole group), in 64-row
+    passes over each prefix key, less each (token, head)'s cost."""
     from nanovllm.attention.cascade import find_prefill_cascade_groups, prefill_net_saving
 
-    # 512 sequences of 16 new tokens after 1,792 shared keys, 2 query heads per K/V head
-    assert prefill_net_saving([16] * 512, 1792, 2, 0) == (1024 - 128) * 1792
-    # 8 sequences of 64 or 128 new tokens, one query head per K/V head: half the tiles
-    assert prefill_net_saving([64] * 8, 1792, 1, 0) == (8 - 4) * 1792
-    assert prefill_net_saving([128] * 8, 1792, 1, 0) == (16 - 8) * 1792
-    # two of 64 after 256 keys: 2 tiles of 256 keys saved, 256 (token, head) pairs x 2 spent
-    assert prefill_net_saving([64] * 2, 256, 2, 2) == 0
-    assert prefill_net_saving([16] * 4, 32, 2, 2) == (8 - 1) * 32 - 64 * 2 * 2  # negative
+    # 512 sequences of 16 new tokens after 1,792 shared keys, 2 query heads per K/V head:
+    # 65,536 plain rows against 16,384
+    assert prefill_net_saving([16] * 512, 1792, 2, 0) == (1024 - 256) * 1792
+    # full plain tiles (64 or 128 new tokens): the same rows either way, only the cost left
+    assert prefill_net_saving([64] * 8, 1792, 1, 0) == 0
+    assert prefill_net_saving([128] * 8, 1792, 2, 0) == 0
+    assert prefill_net_saving([256] * 8, 1792, 2, 1) == -256 * 8 * 2
+    # four of 16 after 32 keys: 512 rows against 128 (6 passes of 32 keys), 128 pairs x 2 spent
+    assert prefill_net_saving([16] * 4, 32, 2, 2) == 6 * 32 - 128 * 2
     # the step's rule on block tables: two sequences sharing 2 cached blocks of 16
     tables, ctx, new = [[1, 2, 3], [1, 2, 4], [5, 6]], [32, 35, 20], [5, 9, 4]
     found = find_prefill_cascade_groups(tables, ctx, new, 16, 2, **EVERY)

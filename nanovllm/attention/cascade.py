@@ -31,15 +31,17 @@ largest net savings first), which bounds the metadata of a CUDA-graph step.
 
 Prefill (find_prefill_cascade_groups). A prefill step's sequences whose blocks cached before
 the step (prefix-cache hits) start alike form groups the same way. The plain prefill kernel
-already reads each key tile once for a tile of 64 query tokens of one head, so sharing saves
-reads only where sequences have few new tokens (a tile of 5 tokens reads the prefix for 5
-queries) or where GQA heads share a K/V head: the prefix pass holds PREFILL_PREFIX_ROWS
-(token, query head) rows of a whole group per tile. A group saves (plain tiles - prefix tiles)
-x P token reads, less PREFILL_MEMBER_COST_TOKENS per (token, query head) for its partial
-results; the step takes the path when its groups' net savings reach CASCADE_MIN_SAVED_TOKENS
-(the same fixed cost: one launch more per layer). 512 sequences of 16 new tokens after a
-shared 1,792 keys save 512 x 2 - 128 = 896 tile reads of the prefix (of 1,024); 512 of 256
-new tokens save 4,096 - 2,048 (the GQA pair in one tile).
+runs tiles of 64 query tokens of one head over every key, so each of its tile passes over a
+key does a 64-row product and reads the key (mostly from L2 for a shared prefix: prefill is
+bound by the products, not the reads). The prefix pass packs a whole group's (token, query
+head) rows into tiles of PREFILL_PREFIX_ROWS, so it pays where the plain tiles are mostly
+empty: short suffixes (16 new tokens fill a quarter of a tile). A group saves
+(plain rows - prefix-pass rows) / 64 tile passes over each of its P keys, counted like token
+reads, less PREFILL_MEMBER_COST_TOKENS per (token, query head) for its partial results; the
+step takes the path when its groups' net savings reach CASCADE_MIN_SAVED_TOKENS (the same
+fixed cost: one launch more per layer). 512 sequences of 16 new tokens after a shared 1,792
+keys, two query heads per K/V head: plain 65,536 rows (1,024 tiles, a quarter full), prefix
+pass 16,384, saving 768 x 1,792; 64 or 256 new tokens: the same rows either way, no saving.
 
 Invariants of the result: a sequence is in at most one group; every group has at least two
 members; every member's first prefix_len // block_size blocks are the same physical blocks as
@@ -205,13 +207,15 @@ def prefill_net_saving(
     query_lens: Sequence[int], prefix_len: int, gqa_group: int, member_cost: float
 ) -> float:
     """Token reads a cascade prefill saves for one group (module docstring, "Prefill"): the
-    plain kernel reads the prefix once per tile of PLAIN_PREFILL_TOKENS tokens of each query
-    head, the prefix pass once per PREFILL_PREFIX_ROWS (token, head) rows of the whole group;
-    member_cost per (token, query head) spent on the prefix partials."""
-    plain = sum(-(-q // PLAIN_PREFILL_TOKENS) for q in query_lens) * gqa_group
+    (token, head) rows the plain kernel's tiles of PLAIN_PREFILL_TOKENS tokens of one head
+    issue over the prefix, less the prefix pass's (tiles of PREFILL_PREFIX_ROWS rows of the
+    whole group), in 64-row tile passes over each of the prefix_len keys; member_cost per
+    (token, query head) spent on the prefix partials."""
+    plain_rows = sum(-(-q // PLAIN_PREFILL_TOKENS) for q in query_lens) * PLAIN_PREFILL_TOKENS
     tokens = sum(query_lens)
-    cascade = -(-tokens * gqa_group // PREFILL_PREFIX_ROWS)
-    return (plain - cascade) * prefix_len - tokens * gqa_group * member_cost
+    cascade_rows = -(-tokens * gqa_group // PREFILL_PREFIX_ROWS) * PREFILL_PREFIX_ROWS
+    saved_passes = (plain_rows * gqa_group - cascade_rows) / PLAIN_PREFILL_TOKENS
+    return saved_passes * prefix_len - tokens * gqa_group * member_cost
 
 
 def find_prefill_cascade_groups(
