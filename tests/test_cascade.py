@@ -781,6 +781,13 @@ PREFILL_CASES = [
     ("groups_and_lone", 64, (4, 2, 16), 128),
     ("many_groups", 16, (4, 2, 16), 16),
 ]
+if CUDA:  # the real shapes (Qwen3-0.6B's and 4 query heads per K/V head), block sizes 16 and 256
+    PREFILL_CASES += [
+        (name, size, heads, 128)
+        for name in PREFILL_LAYOUTS
+        for heads in ((16, 8, 128), (32, 8, 128))
+        for size in (16, 256)
+    ]
 
 
 @needs_triton
