@@ -34,6 +34,15 @@ is 64 groups of 8, one tile each per K/V head, 512 programs that each read one g
 once. Small groups leave rows of a 64-row tile empty, so the tile height follows the mean group
 size (`prefix_tiling`: 16 rows for groups of 8 with two query heads per K/V head), and the
 prefix is split along its keys only when the tiles alone leave the GPU short of two waves.
+
+Prefill (`cascade_prefill_attention`). The same prefix kernel with query tokens as members: a
+group's members are the flat indices of its sequences' new tokens, a tile holds MEMBERS of them
+(all query heads of one K/V head each, PREFILL_PREFIX_BLOCK_M rows), and a 4th column of the
+groups table names the sequence whose block table holds the prefix. No causal mask is needed:
+the prefix was cached before the step, so every query comes after all of its keys. Its
+partial results (o_p, lse_p per token and head, float32) are not merged by a combine kernel: the
+prefill kernel starts each member row's running state from them and walks only the sequence's
+own keys (prefill_attention.py's docstring), so each token's result is written once.
 """
 
 import math
