@@ -63,8 +63,8 @@ class Config:
     dtype: str | torch.dtype = "auto"
     load_format: str = "auto"
     enable_prefix_caching: bool = True
-    # True: decode never takes the cascade path (shared prefixes read once per group; CUDA,
-    # Triton backend), as vLLM's disable_cascade_attn.
+    # True: no step takes the cascade path (shared prefixes read once per group in decode and
+    # prefill; CUDA, Triton backend), as vLLM's disable_cascade_attn.
     disable_cascade_attn: bool = False
     attention_backend: str = "auto"
     # "auto": the model dtype; "fp8" (or "fp8_e4m3"): K/V stored as float8 e4m3 divided by a

@@ -1,16 +1,27 @@
-"""Cascade attention on a GPU: the kernels against plain paged decode, a sweep for the threshold,
-and whole runs with the cascade path on and off (CUDA only).
+"""Cascade attention on a GPU: the kernels against plain paged decode, a sweep for the decision
+rule's constants, and whole runs with the cascade path on and off (CUDA only).
 
     python3 scripts/bench_cascade.py kernel       # 512 x (2000 shared + 48..176 own), Qwen3-0.6B heads
-    python3 scripts/bench_cascade.py sweep        # group size x shared blocks: plain vs cascade
+    python3 scripts/bench_cascade.py kernel --layout n8   # 64 groups of 8 x (1000 shared + own)
+    python3 scripts/bench_cascade.py sweep        # groups x size x shared blocks: plain vs cascade,
+                                                  # and the cost model fitted to it
     python3 scripts/bench_cascade.py e2e          # 512 x (2000 shared + 48) -> 128, on and off
     python3 scripts/bench_cascade.py e2e --block-size 64   # finer sharing: 1984 of 2000 shared
     python3 scripts/bench_cascade.py parallel     # 64 prompts x n=8 -> 128, on and off
+    python3 scripts/bench_cascade.py e2e parallel # both on one engine (one start-up)
     python3 scripts/bench_cascade.py standard     # bench.py's workload, on and off
+    python3 scripts/bench_cascade.py prefill      # prefill attention alone: n x (1792 shared
+                                                  # cached + q new), plain vs cascade prefill
+    python3 scripts/bench_cascade.py suffixes --block-size 64   # 1024 x (2000 shared + 16)
+                                                  # -> 4: whole runs, prefill-heavy
+Whole runs take --decode-only: the cascade path for decode steps only (prefill plain), to tell
+the two apart.
 
-Kernel times are triton.testing.do_bench medians (CUDA events; L2 flushed between runs), bf16
-caches (or --kv-dtype fp8), 16 query / 8 K/V heads, head_dim 128, block size 256, every block at
-a random place in the pool. Sharing is at block granularity, as in the engine: of a 2000-token
+Kernel times are triton.testing.do_bench medians (CUDA events; L2 flushed between runs) of a CUDA
+graph replay of the call, as the engine runs decode (so the Python launch cost of the cascade's
+three kernels does not count; `kernel --eager` also times the plain calls), bf16 caches (or
+--kv-dtype fp8), 16 query / 8 K/V heads, head_dim 128, block size 256, every block at a random
+place in the pool. Sharing is at block granularity, as in the engine: of a 2000-token
 shared prompt the first 7 blocks (1792 tokens) are shared, the rest of the 8th block is each
 sequence's own copy. The floor is the K/V bytes that must be read (the shared blocks once, every
 sequence's own keys) over the device-to-device copy bandwidth.
@@ -18,25 +29,56 @@ sequence's own keys) over the device-to-device copy bandwidth.
 Whole runs use dummy Qwen3-0.6B weights; the cascade path is switched on the same engine (the
 step builders' `cascade` flags, what Config.disable_cascade_attn sets), each mode warmed up
 first on a prompt set of the same shape with another shared prefix (so kernels are compiled and
-the cascade CUDA graph captured, but the timed prefix is not cached yet).
+the cascade CUDA graph captured, but the timed prefix is not cached yet). Each cascade-on run
+also says how many decode steps took the cascade path and with how many groups.
 """
 
 import argparse
+import functools
 import math
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import triton
 
-from nanovllm.attention.cascade import find_cascade_groups
+from nanovllm.attention import cascade as cascade_rule
+from nanovllm.attention.cascade import (
+    PREFILL_PREFIX_ROWS,
+    find_cascade_groups,
+    find_prefill_cascade_groups,
+)
 from nanovllm.attention.triton_backend import TritonAttentionBackend
-from nanovllm.kernels.cascade_attention import cascade_decode_attention
+from nanovllm.kernels.cascade_attention import (
+    cascade_decode_attention,
+    cascade_prefill_attention,
+)
 from nanovllm.kernels.decode_attention import choose_num_splits, decode_attention
+from nanovllm.kernels.prefill_attention import prefill_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 256
+
+
+def graph_ms(fn: Callable[[], None], rep: int = 100) -> float:
+    """Median ms of a CUDA graph replay of fn (captured after one eager warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
+
+
+def timer(eager: bool) -> Callable[[Callable[[], None], int], float]:
+    """graph_ms, or do_bench of the eager calls."""
+    if eager:
+        return lambda fn, rep: triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    return graph_ms
 
 
 def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
@@ -91,7 +133,7 @@ class Batch:
         self.plain_bytes = sum(self.lens) * token_bytes
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
 
-    def time_plain(self, rep: int = 100) -> tuple[float, torch.Tensor]:
+    def time_plain(self, rep: int = 100, eager: bool = False) -> tuple[float, torch.Tensor]:
         splits = choose_num_splits(len(self.lens), KV_HEADS, max(self.lens), self.sms)
         out = torch.empty_like(self.q)
 
@@ -101,10 +143,19 @@ class Batch:
                 splits, out,
             )  # fmt: skip
 
-        return triton.testing.do_bench(run, warmup=25, rep=rep, return_mode="median"), out
+        return timer(eager)(run, rep), out
 
-    def time_cascade(self, rep: int = 100, **kw: int) -> tuple[float, torch.Tensor] | None:
-        found = find_cascade_groups(self.tables, self.lens, BLOCK, min_shared_tokens=1)
+    def rule(self) -> "cascade_rule.CascadeGroups | None":
+        """What the engine's decision rule does with this batch (None: the plain path)."""
+        return find_cascade_groups(self.tables, self.lens, BLOCK)
+
+    def time_cascade(
+        self, rep: int = 100, eager: bool = False, **kw: int
+    ) -> tuple[float, torch.Tensor] | None:
+        """The cascade kernels with every sharing group (whatever the rule decides)."""
+        found = find_cascade_groups(
+            self.tables, self.lens, BLOCK, min_saved_tokens=1, member_cost_tokens=0
+        )
         if found is None:
             return None
         prefix = torch.from_numpy(found.prefix_lens).cuda()
@@ -120,74 +171,183 @@ class Batch:
                 members, groups, 0.088, splits, found.max_prefix_len, self.sms, out, **kw,
             )  # fmt: skip
 
-        return triton.testing.do_bench(run, warmup=25, rep=rep, return_mode="median"), out
+        return timer(eager)(run, rep), out
 
 
 def kernel(args: argparse.Namespace) -> None:
+    """The issue's decode batch (--layout one) or n = 8 sampling's (--layout n8), plain against
+    cascade at a few tile shapes (None: the default tiling)."""
     kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16
     bw = copy_bandwidth()
     rng = random.Random(1)
-    shared_tokens = 2000
+    if args.layout == "one":
+        shared_tokens, num_groups, size, own = 2000, 1, 512, (48, 176)
+    else:  # 64 prompts of 1000 tokens, 8 completions each, 1..128 tokens generated
+        shared_tokens, num_groups, size, own = 1000, 64, 8, (1, 128)
     shared = shared_tokens // BLOCK
     rest = shared_tokens - shared * BLOCK  # in each sequence's own first block
-    owns = [rest + rng.randint(48, 176) for _ in range(512)]
-    batch = Batch([(512, shared, owns)], [], kv_dtype)
+    layout = [
+        (size, shared, [rest + rng.randint(*own) for _ in range(size)]) for _ in range(num_groups)
+    ]
+    batch = Batch(layout, [], kv_dtype)
     plain_ms, ref = batch.time_plain()
     print(
         f"device {torch.cuda.get_device_name(0)}, copy bandwidth {bw / 1e12:.2f} TB/s, {kv_dtype}"
     )
     print(
-        f"512 x ({shared_tokens} shared + 48..176 own), shared at block granularity: "
-        f"{shared * BLOCK} tokens; K/V to read plain {batch.plain_bytes / 1e9:.2f} GB, "
-        f"unique {batch.floor_bytes / 1e9:.3f} GB (floor {batch.floor_bytes / bw * 1e3:.3f} ms)"
+        f"{num_groups} group(s) of {size} x ({shared_tokens} shared + {own[0]}..{own[1]} own), "
+        f"shared at block granularity: {shared * BLOCK} tokens; K/V to read plain "
+        f"{batch.plain_bytes / 1e9:.2f} GB, unique {batch.floor_bytes / 1e9:.3f} GB "
+        f"(floor {batch.floor_bytes / bw * 1e3:.3f} ms); rule: "
+        f"{'cascade' if batch.rule() is not None else 'plain'}"
     )
     print(
-        f"plain paged decode: {plain_ms:.3f} ms ({batch.plain_bytes / plain_ms / 1e9:.2f} TB/s of K/V)"
+        f"plain paged decode (graph): {plain_ms:.3f} ms "
+        f"({batch.plain_bytes / plain_ms / 1e9:.2f} TB/s of K/V)"
     )
+    if args.eager:
+        eager_ms, _ = batch.time_plain(eager=True)
+        print(f"plain paged decode (eager): {eager_ms:.3f} ms")
     for kw in (
+        dict(prefix_block_m=None),
         dict(prefix_block_m=64),
         dict(prefix_block_m=128),
         dict(prefix_block_m=32),
+        dict(prefix_block_m=16),
         dict(prefix_block_m=64, block_n=32),
     ):
         ms, out = batch.time_cascade(**kw)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        print(f"cascade {kw}: {ms:.3f} ms, {plain_ms / ms:.2f}x faster, rel. diff {err:.1e}")
+        line = (
+            f"cascade {kw} (graph): {ms:.3f} ms, {plain_ms / ms:.2f}x faster, rel. diff {err:.1e}"
+        )
+        if args.eager:
+            line += f"; eager {batch.time_cascade(eager=True, **kw)[0]:.3f} ms"
+        print(line)
 
 
 def sweep(args: argparse.Namespace) -> None:
-    """One group of g sequences sharing p blocks (100 own tokens each) beside 64 lone sequences
-    of 600 tokens: time of the whole batch, plain and cascade."""
+    """G groups of s sequences sharing p blocks (100 own tokens each) beside 64 lone sequences
+    of 600 tokens: time of the whole batch (CUDA graph replays), plain and cascade, what the
+    decision rule does with it, and the rule's constants fitted to the table:
+        plain_ms - cascade_ms ~ a * saved - b * members - c,
+    saved = sum over groups of (s - 1) * p * block_size, so the step's fixed cost is c / a
+    token reads (CASCADE_MIN_SAVED_TOKENS) and a member's b / a (CASCADE_MEMBER_COST_TOKENS)."""
     kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16
-    print("group  shared_blocks  shared_x_size  plain_ms  cascade_ms  speedup")
-    for g in (2, 4, 8, 16, 32, 64, 256):
-        for p in (1, 2, 4, 8):
-            batch = Batch([(g, p, [100] * g)], [600] * 64, kv_dtype)
-            plain_ms, _ = batch.time_plain(rep=40)
-            ms, _ = batch.time_cascade(rep=40)
-            print(
-                f"{g:5d}  {p:13d}  {g * p * BLOCK:13d}  {plain_ms:8.3f}  {ms:10.3f}  {plain_ms / ms:7.2f}"
-            )
+    cases = [(1, s, p) for s in (2, 8, 32, 64, 256) for p in (1, 2, 4, 8)]
+    cases += [(g, s, p) for g in (4, 16, 64) for s in (2, 8) for p in (1, 3, 8)]
+    print(
+        "groups  size  shared_blocks  saved_tokens  plain_ms  cascade_ms  speedup  rule "
+        "(net saving)"
+    )
+    rows, wrong = [], []
+    for g, s, p in cases:
+        batch = Batch([(s, p, [100] * s)] * g, [600] * 64, kv_dtype)
+        plain_ms, _ = batch.time_plain(rep=30)
+        ms, _ = batch.time_cascade(rep=30)
+        saved = g * (s - 1) * p * BLOCK
+        found = batch.rule()
+        rule = f"cascade ({found.saved_tokens})" if found is not None else "plain"
+        print(
+            f"{g:6d}  {s:4d}  {p:13d}  {saved:12d}  {plain_ms:8.3f}  {ms:10.3f}  "
+            f"{plain_ms / ms:7.2f}  {rule}"
+        )
+        rows.append((saved, g * s, plain_ms - ms))
+        if (plain_ms > ms) != (found is not None):
+            wrong.append((g, s, p))
+    data = np.array(rows, dtype=np.float64)
+    # [rows, 3] columns: saved, -members, -1
+    design = np.stack([data[:, 0], -data[:, 1], -np.ones(len(data))], axis=1)
+    (a, b, c), *_ = np.linalg.lstsq(design, data[:, 2], rcond=None)
+    print(
+        f"fit: plain - cascade = {a * 1e6:.3f} ms per 1e6 saved token reads - {b * 1e3:.3f} us "
+        f"per member - {c * 1e3:.1f} us"
+    )
+    if a > 0:
+        print(
+            f"fitted constants: CASCADE_MIN_SAVED_TOKENS ~ {c / a:,.0f}, "
+            f"CASCADE_MEMBER_COST_TOKENS ~ {b / a:,.1f} (now "
+            f"{cascade_rule.CASCADE_MIN_SAVED_TOKENS:,}, "
+            f"{cascade_rule.CASCADE_MEMBER_COST_TOKENS})"
+        )
+    print(f"rule disagrees with the measured winner on {len(wrong)} of {len(cases)}: {wrong}")
+
+
+_ENGINES: dict[tuple[int, int], object] = {}
 
 
 def dummy_llm(max_num_seqs: int, block_size: int = 0) -> "object":
+    """A Qwen3-0.6B-shaped engine with dummy weights (one per shape in this process)."""
     from nanovllm import LLM
     from nanovllm.utils.dummy import write_model_folder
 
-    folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
-    path = write_model_folder(folder, "qwen3-0.6b", tokenizer=False)
-    return LLM(
-        path, load_format="dummy", max_num_seqs=max_num_seqs, skip_tokenizer_init=True,
-        kvcache_block_size=block_size,
-    )  # fmt: skip
+    key = (max_num_seqs, block_size)
+    if key not in _ENGINES:
+        folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
+        path = write_model_folder(folder, "qwen3-0.6b", tokenizer=False)
+        _ENGINES[key] = LLM(
+            path, load_format="dummy", max_num_seqs=max_num_seqs, skip_tokenizer_init=True,
+            kvcache_block_size=block_size,
+        )  # fmt: skip
+    return _ENGINES[key]
+
+
+DECODE_ONLY = False  # --decode-only: prefill steps never take the cascade path
 
 
 def set_cascade(llm: "object", on: bool) -> None:
     """Switch the cascade path on the running engine (what disable_cascade_attn decides)."""
     runner = llm.engine.runner
     runner.inputs.cascade = on
+    runner.inputs.cascade_prefill = not DECODE_ONLY
     if runner.graphs is not None:
         runner.graphs.cascade = on
+
+
+class StepCount:
+    """Counts the decode and prefill steps the grouping sees, those that take the cascade
+    path and their groups, by wrapping the rules where the step builders call them."""
+
+    WRAPPED = (
+        ("nanovllm.worker.cuda_graph", "find_cascade_groups", "decode"),
+        ("nanovllm.worker.inputs", "find_cascade_groups", "decode"),
+        ("nanovllm.worker.inputs", "find_prefill_cascade_groups", "prefill"),
+    )
+
+    def __enter__(self) -> "StepCount":
+        import importlib
+
+        # kind: [steps seen, steps on the cascade path, their groups]
+        self.counts = {"decode": [0, 0, 0], "prefill": [0, 0, 0]}
+        self._saved = []
+        for name, attr, kind in self.WRAPPED:
+            module = importlib.import_module(name)
+            original = getattr(module, attr)
+
+            def counting(
+                *args: object, _f: Callable = original, _c: list = self.counts[kind], **kw: object
+            ) -> object:
+                found = _f(*args, **kw)
+                _c[0] += 1
+                if found is not None:
+                    _c[1] += 1
+                    _c[2] += found.num_groups
+                return found
+
+            self._saved.append((module, attr, original))
+            setattr(module, attr, counting)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, attr, original in self._saved:
+            setattr(module, attr, original)
+
+    def __str__(self) -> str:
+        parts = []
+        for kind, (steps, on, groups) in self.counts.items():
+            mean = groups / on if on else 0
+            parts.append(f"{on} of {steps} {kind} steps cascade ({mean:.1f} groups each)")
+        return ", ".join(parts)
 
 
 def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "object"]:
@@ -211,16 +371,19 @@ def compare(llm: "object", make: "object", params: "object", label: str) -> None
         if seed >= 10:
             llm.generate(make(seed), warm, use_tqdm=False)
             continue
-        sec, produced, stats = timed(llm, make(seed), params)
+        with StepCount() as count:
+            sec, produced, stats = timed(llm, make(seed), params)
         results[on] = sec
         print(
             f"{label} cascade {'on ' if on else 'off'}: {sec:.3f} s, {produced / sec:,.0f} output "
             f"tok/s (prefill {stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s)"
+            + (f"; {count}" if on else "")
         )
     graphs = llm.engine.runner.graphs
-    used = graphs is not None and any(c for _, c in graphs.graphs)
+    used = sorted(key for key in graphs.graphs if key[1] > 0) if graphs is not None else []
     print(
-        f"{label}: speedup {results[False] / results[True]:.2f}x (cascade graphs captured: {used})"
+        f"{label}: speedup {results[False] / results[True]:.2f}x (cascade graphs captured, "
+        f"(batch, group rows): {used})"
     )
 
 
@@ -252,14 +415,81 @@ def e2e(args: argparse.Namespace) -> None:
 def parallel(args: argparse.Namespace) -> None:
     from nanovllm import SamplingParams
 
-    llm = dummy_llm(512)
+    llm = dummy_llm(512, args.block_size)
 
     def make(seed: int) -> list[list[int]]:
         rng = random.Random(seed)
         return [[rng.randrange(0, 150000) for _ in range(1000)] for _ in range(64)]
 
     params = SamplingParams(temperature=0.8, max_tokens=128, n=8, ignore_eos=True)
-    compare(llm, make, params, "n=8")
+    compare(llm, make, params, f"n=8 (block size {llm.config.kvcache_block_size})")
+
+
+def suffixes(args: argparse.Namespace) -> None:
+    """Many short suffixes after one shared prefix: 1024 x (2000 shared + 16 own) -> 4 tokens
+    (prefill-heavy; at block size 64, 1,984 shared and 32 new tokens per prompt)."""
+    from nanovllm import SamplingParams
+
+    llm = dummy_llm(512, args.block_size)
+
+    def make(seed: int) -> list[list[int]]:
+        rng = random.Random(seed)
+        shared = [rng.randrange(0, 150000) for _ in range(2000)]
+        return [shared + [rng.randrange(0, 150000) for _ in range(16)] for _ in range(1024)]
+
+    params = SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True)
+    compare(llm, make, params, f"suffixes (block size {llm.config.kvcache_block_size})")
+
+
+def prefill(args: argparse.Namespace) -> None:
+    """Prefill attention alone (CUDA graph replays): n sequences of q new tokens after the same
+    1,792 cached keys (7 blocks of 256), Qwen3-0.6B heads, the plain prefill kernel against
+    the cascade prefill, and what the rule decides."""
+    print("seqs  new_tokens  plain_ms  cascade_ms  speedup  rel_diff  rule (net saving)")
+    for n, q in ((1024, 16), (512, 32), (256, 64), (64, 256)):
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        shared, own = 7, math.ceil(q / BLOCK)
+        num_blocks = shared + n * own
+        ids = torch.randperm(num_blocks, device="cuda", generator=gen).tolist()
+        prefix = ids[:shared]
+        tables = [prefix + ids[shared + i * own : shared + (i + 1) * own] for i in range(n)]
+        shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+        k_cache = torch.randn(shape, device="cuda", generator=gen).bfloat16()
+        v_cache = torch.randn(shape, device="cuda", generator=gen).bfloat16()
+        # [n * q, num_heads, head_dim]
+        qs = torch.randn(n * q, HEADS, HEAD_DIM, device="cuda", generator=gen).bfloat16()
+        block_tables = torch.tensor(tables, device="cuda", dtype=torch.int32)
+        cu = torch.arange(0, n * q + 1, q, device="cuda", dtype=torch.int32)
+        seq_lens = torch.full((n,), shared * BLOCK + q, device="cuda", dtype=torch.int32)
+        ctx, new = [shared * BLOCK] * n, [q] * n
+        group = HEADS // KV_HEADS
+        found = find_prefill_cascade_groups(
+            tables, ctx, new, BLOCK, group, min_saved_tokens=0, member_cost_tokens=0
+        )
+        rule = find_prefill_cascade_groups(tables, ctx, new, BLOCK, group)
+        prefix_lens = torch.from_numpy(found.prefix_lens).cuda()
+        members = torch.from_numpy(found.members).cuda()
+        groups = torch.from_numpy(found.groups).cuda()
+        plain_out, out = torch.empty_like(qs), torch.empty_like(qs)
+        common = (qs, k_cache, v_cache, block_tables, cu, seq_lens, q, 0.088)
+
+        plain_run = functools.partial(prefill_attention, *common, plain_out)
+        cascade_run = functools.partial(
+            cascade_prefill_attention,
+            *common,
+            prefix_lens,
+            members,
+            groups,
+            out,
+            prefix_block_m=PREFILL_PREFIX_ROWS,
+        )
+        plain_ms, ms = graph_ms(plain_run, 50), graph_ms(cascade_run, 50)
+        err = ((out.float() - plain_out.float()).norm() / plain_out.float().norm()).item()
+        decided = f"cascade ({rule.saved_tokens})" if rule is not None else "plain"
+        print(
+            f"{n:4d}  {q:10d}  {plain_ms:8.3f}  {ms:10.3f}  {plain_ms / ms:7.2f}  {err:8.1e}  "
+            f"{decided}"
+        )
 
 
 def standard(args: argparse.Namespace) -> None:
@@ -285,11 +515,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["kernel", "sweep", "e2e", "parallel", "standard"])
+    parser.add_argument(
+        "what",
+        nargs="+",
+        choices=["kernel", "sweep", "e2e", "parallel", "standard", "prefill", "suffixes"],
+    )
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
-    parser.add_argument("--block-size", type=int, default=0, help="e2e: KV block size (0: 256)")
+    parser.add_argument(
+        "--block-size", type=int, default=0, help="whole runs: KV block size (0: 256)"
+    )
+    parser.add_argument("--layout", choices=["one", "n8"], default="one", help="kernel: batch")
+    parser.add_argument("--eager", action="store_true", help="kernel: also time eager calls")
+    parser.add_argument("--decode-only", action="store_true", help="whole runs: no cascade prefill")
     args = parser.parse_args()
-    globals()[args.what](args)
+    global DECODE_ONLY
+    DECODE_ONLY = args.decode_only
+    for what in args.what:
+        globals()[what](args)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def graph_times(runner: object, plan: object, batch: int) -> tuple[float, float]
     graphs.batch_sizes = [batch]  # only the size measured
     graphs.capture()
     graphs.run(plan)  # the step's inputs into the static buffers
-    graph = graphs.graphs[(batch, False)]
+    graph = graphs.graphs[(batch, 0)]
     wall = timed(graph.replay, runner.device, repeat=21)
     reps = 50
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

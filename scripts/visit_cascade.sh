@@ -1,29 +1,47 @@
 #!/usr/bin/env bash
-# GPU visit for cascade attention (issue 19), one H200, under 4 minutes (each step has a limit):
-#   the whole-engine cascade on/off test, the issue's shared-prefix run (cascade on and off),
-#   the kernel micro-benchmark, the kernel tests, the threshold sweep, n=8 parallel sampling and
-#   the standard workload with cascade on and off. Logs go to $OUT.
-# Run from the repository root:  bash scripts/visit_cascade.sh
-# Not included (time): python3 scripts/bench_cascade.py e2e --block-size 64 (finer sharing),
-#   python3 scripts/bench_cascade.py kernel --kv-dtype fp8.
+# GPU visit for cascade attention (issue 19), one H200, three parts of under 200 s each (every
+# step has its own limit, cut to what is left of the part's 195 s; a step that would start with
+# less than 10 s left is skipped and says so). Logs go to $OUT/NAME.log.
+#   bash scripts/visit_cascade.sh          part 1: the cascade tests (engine on/off, kernels),
+#       the decode kernel against plain decode for the issue's batch and for n = 8 sampling's
+#       64 groups, the prefill kernels, the sweep that fits the decision rule's constants
+#   PART=2 bash scripts/visit_cascade.sh   part 2: the shared-prefix run and n = 8 sampling at
+#       block size 256 (one engine), the standard workload on and off
+#   PART=3 bash scripts/visit_cascade.sh   part 3: the same two runs and the short-suffix run
+#       at block size 64 (one engine), the shared-prefix run with cascade for decode only
+# Run from the repository root. Not included: bench_cascade.py kernel --kv-dtype fp8.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+BUDGET=${BUDGET:-195}
+START=$SECONDS
 step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAME.log
   local limit=$1 name=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$limit" "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -40
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 10 ]; then echo "=== $name skipped (${left}s of the budget left)"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name ($(date +%T), limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -45
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - START))s in all"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null || true
-step 45 tests_engine python3 -m pytest -q -x -m "not slow" tests/test_cascade.py -k engine
-step 100 e2e python3 scripts/bench_cascade.py e2e
-if [ -z "${QUICK:-}" ]; then  # QUICK=1: only the engine test and the whole runs
-  step 15 kernel python3 scripts/bench_cascade.py kernel
-  step 45 tests_kernels python3 -m pytest -q -x -m "not slow" tests/test_cascade.py -k "not engine"
-  step 15 tests_decode python3 -m pytest -q -x tests/test_kernels.py -k test_decode_matches
-  step 20 sweep python3 scripts/bench_cascade.py sweep
-fi
-step 25 parallel python3 scripts/bench_cascade.py parallel
-step 30 standard python3 scripts/bench_cascade.py standard
-echo "=== done ($(date +%T))"
+case "${PART:-1}" in
+  1)
+    step 40 tests_engine python3 -m pytest -q -x -m "not slow" tests/test_cascade.py -k engine
+    step 45 tests_kernels python3 -m pytest -q -x -m "not slow" tests/test_cascade.py -k "not engine"
+    step 15 kernel_n8 python3 scripts/bench_cascade.py kernel --layout n8 --eager
+    step 15 kernel python3 scripts/bench_cascade.py kernel
+    step 20 prefill python3 scripts/bench_cascade.py prefill
+    step 40 sweep python3 scripts/bench_cascade.py sweep
+    ;;
+  2)
+    step 130 runs_256 python3 scripts/bench_cascade.py e2e parallel
+    step 50 standard python3 scripts/bench_cascade.py standard
+    ;;
+  3)
+    step 130 runs_64 python3 scripts/bench_cascade.py e2e parallel suffixes --block-size 64
+    step 55 e2e_decode_only python3 scripts/bench_cascade.py e2e --decode-only
+    ;;
+esac
+echo "=== done ($(date +%T), $((SECONDS - START))s)"

@@ -17,6 +17,8 @@ with o_x the softmax-normalised output of part x and lse_x = log(sum_k exp(s_k))
     out = (e^(lse_p - M) o_p + e^(lse_s - M) o_s) / (e^(lse_p - M) + e^(lse_s - M)),
     M = max(lse_p, lse_s),
 which is softmax attention over the union because e^lse_x is part x's softmax denominator.
+Prefill steps may carry it too: groups of sequences whose prefix was cached before the step,
+their members being query tokens (see utils/context.py's CascadeMetadata).
 Backends without it never see the cascade field.
 
 Fused KV store (`supports_fused_kv_store`). `forward` stores the step's k/v in their slots and
@@ -41,7 +43,7 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     supports_cuda_graphs: ClassVar[bool] = False
-    # Decode steps may carry AttentionMetadata.cascade (see the module docstring).
+    # Decode and prefill steps may carry AttentionMetadata.cascade (see the module docstring).
     supports_cascade: ClassVar[bool] = False
     # `attend` exists: callers may store K/V themselves (see the module docstring).
     supports_fused_kv_store: ClassVar[bool] = False

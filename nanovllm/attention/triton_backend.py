@@ -14,10 +14,12 @@ Fused store. With Qwen3's q/k norms the layer's fused kernel (kernels/norm_rope_
 k and v into their slots itself and calls `attend`, which skips `store_kv`: one launch a layer
 less (see attention/base.py and layers/attention.py).
 
-Cascade. When the step's metadata groups decode sequences by a shared prefix (`meta.cascade`,
-built with the rest of the step's inputs, see attention/cascade.py), decode runs the cascade
-kernels instead (kernels/cascade_attention.py): each group's prefix once for all its members,
-each sequence's own suffix with the paged kernel, merged exactly by log-sum-exp.
+Cascade. When the step's metadata groups sequences by a shared prefix (`meta.cascade`, built
+with the rest of the step's inputs, see attention/cascade.py), the step runs the cascade
+kernels instead (kernels/cascade_attention.py): each group's prefix once for all its members'
+queries, each sequence's own suffix with the paged decode kernel (merged exactly by
+log-sum-exp) or, in a prefill step, with the prefill kernel continuing from the prefix's
+running state.
 
 Float8 caches. Every kernel gets the layer's k_scale / v_scale tensors: store_kv writes
 k / k_scale and v / v_scale (saturated at +-448), attention folds k_scale into the score scale
@@ -134,6 +136,27 @@ class TritonAttentionBackend(AttentionBackend):
         from nanovllm.kernels.decode_attention import decode_attention
         from nanovllm.kernels.prefill_attention import prefill_attention
 
+        if meta.is_prefill and meta.cascade is not None:
+            from nanovllm.attention.cascade import PREFILL_PREFIX_ROWS
+            from nanovllm.kernels.cascade_attention import cascade_prefill_attention
+
+            c = meta.cascade
+            return cascade_prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.cu_seqlens_q,
+                meta.seq_lens,
+                meta.max_seqlen_q,
+                scale,
+                c.prefix_lens,
+                c.members,
+                c.groups,
+                prefix_block_m=PREFILL_PREFIX_ROWS,
+                k_scale=k_scale,
+                v_scale=v_scale,
+            )
         if meta.is_prefill:
             return prefill_attention(
                 q,

@@ -23,8 +23,26 @@ no group itself (they need no merge).
 Prefix tiling. One program per (tile, K/V head, prefix split). A tile holds MEMBERS consecutive
 members of one group (MEMBERS * GROUP <= BLOCK_M rows: row r is member r // GROUP, query head
 kv_head * GROUP + r % GROUP). The tiles of group g follow those of group g - 1; a program finds
-its group from the groups' tile counts (a prefix sum over at most a few groups), so the grid can
-be sized from an upper bound (fixed under CUDA graphs); programs past the last tile exit.
+its group from the groups' tile counts (a prefix sum over the groups table, at most
+MAX_CASCADE_GROUPS = 128 rows, in registers), so the grid can be sized from an upper bound
+(fixed under CUDA graphs); programs past the last tile exit at once. The bound: a group of s
+members takes ceil(s / MEMBERS) <= s / MEMBERS + 1 tiles and has at least two members, so
+num_members / MEMBERS + min(num_groups, num_members / 2) tiles cover any grouping.
+
+Many groups in one launch. All groups share the launch: n = 8 parallel sampling over 64 prompts
+is 64 groups of 8, one tile each per K/V head, 512 programs that each read one group's prefix
+once. Small groups leave rows of a 64-row tile empty, so the tile height follows the mean group
+size (`prefix_tiling`: 16 rows for groups of 8 with two query heads per K/V head), and the
+prefix is split along its keys only when the tiles alone leave the GPU short of two waves.
+
+Prefill (`cascade_prefill_attention`). The same prefix kernel with query tokens as members: a
+group's members are the flat indices of its sequences' new tokens, a tile holds MEMBERS of them
+(all query heads of one K/V head each, PREFILL_PREFIX_BLOCK_M rows), and a 4th column of the
+groups table names the sequence whose block table holds the prefix. No causal mask is needed:
+the prefix was cached before the step, so every query comes after all of its keys. Its
+partial results (o_p, lse_p per token and head, float32) are not merged by a combine kernel: the
+prefill kernel starts each member row's running state from them and walks only the sequence's
+own keys (prefill_attention.py's docstring), so each token's result is written once.
 """
 
 import math
@@ -41,10 +59,15 @@ from nanovllm.kernels.attention_tile import (
     query_for_cache,
 )
 from nanovllm.kernels.decode_attention import check_shapes, combine, launch_decode, partials
+from nanovllm.kernels.prefill_attention import prefill_attention
 from nanovllm.kernels.store_kv import kv_scales
 
 # Rows of query (sequence, head) pairs per prefix tile.
 PREFIX_BLOCK_M = 64
+# Rows of query (token, head) pairs per prefix tile of a cascade prefill: 64 tokens of a GQA
+# pair, so each prefix tile is read once for twice the queries of a plain prefill tile (64
+# tokens of one head).
+PREFILL_PREFIX_BLOCK_M = 128
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_groups"])
@@ -85,7 +108,11 @@ def _prefix_kernel(
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    COLS: tl.constexpr,
 ):
+    # Decode (COLS = 3): a member is a sequence, its one query is row `member` of q and the
+    # prefix lies in the first member's block table. Prefill (COLS = 4): a member is a query
+    # token (its flat index in q), the table's row is the group's 4th column.
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -94,8 +121,8 @@ def _prefix_kernel(
     # Which group this tile belongs to: groups [GROUPS_PAD] of (member_begin, member_end, P).
     offs_g = tl.arange(0, GROUPS_PAD)
     g_mask = offs_g < num_groups
-    begins = tl.load(groups_ptr + offs_g * 3, mask=g_mask, other=0).to(tl.int32)
-    ends = tl.load(groups_ptr + offs_g * 3 + 1, mask=g_mask, other=0).to(tl.int32)
+    begins = tl.load(groups_ptr + offs_g * COLS, mask=g_mask, other=0).to(tl.int32)
+    ends = tl.load(groups_ptr + offs_g * COLS + 1, mask=g_mask, other=0).to(tl.int32)
     tiles = tl.cdiv(ends - begins, MEMBERS)
     tiles_end = tl.cumsum(tiles, 0)  # one past each group's last tile
     grp = tl.sum((tiles_end <= tile).to(tl.int32), 0)
@@ -104,7 +131,7 @@ def _prefix_kernel(
         begin = tl.sum(tl.where(mine, begins, 0), 0)
         end = tl.sum(tl.where(mine, ends, 0), 0)
         first_tile = tl.sum(tl.where(mine, tiles_end - tiles, 0), 0)
-        prefix_len = tl.load(groups_ptr + grp * 3 + 2).to(tl.int32)
+        prefix_len = tl.load(groups_ptr + grp * COLS + 2).to(tl.int32)
 
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D_PAD)
@@ -124,7 +151,10 @@ def _prefix_kernel(
         # a float8 cache's k_scale folds into the score scale, its v_scale into the output
         qk_scale, v_scale = cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, k_cache_ptr)
         # Every member's first prefix_len keys live in the same blocks: read the first's table.
-        table = block_tables_ptr + tl.load(members_ptr + begin) * stride_bt
+        if COLS == 4:
+            table = block_tables_ptr + tl.load(groups_ptr + grp * COLS + 3) * stride_bt
+        else:
+            table = block_tables_ptr + tl.load(members_ptr + begin) * stride_bt
         tiles_per_split = tl.cdiv(tl.cdiv(prefix_len, BLOCK_N), NUM_SPLITS)
         start = split * tiles_per_split * BLOCK_N
         stop = tl.minimum(start + tiles_per_split * BLOCK_N, prefix_len)
@@ -165,7 +195,8 @@ def _prefix_kernel(
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        # partials [num_seqs, num_heads, PARTS, D_PAD]: this split's slot follows the suffix's
+        # partials [num_seqs (prefill: num_tokens), num_heads, PARTS, D_PAD]: this split's
+        # slot follows the suffix's
         row = (seqs * num_heads + heads) * PARTS + FIRST_PART + split
         tl.store(
             part_out_ptr + row[:, None] * D_PAD + offs_d[None, :],
@@ -179,6 +210,20 @@ def prefix_tiling(group: int, block_m: int = PREFIX_BLOCK_M) -> tuple[int, int]:
     """(members per prefix tile, rows per tile) for `group` query heads per K/V head."""
     members = max(1, block_m // group)
     return members, max(16, triton.next_power_of_2(members * group))
+
+
+def default_prefix_block_m(group: int, num_members: int, num_groups: int) -> int:
+    """Rows of a prefix tile for groups of num_members / num_groups members on average: enough
+    for a mean group's query rows (members x `group` query heads per K/V head), 16 to
+    PREFIX_BLOCK_M. Under CUDA graphs the counts are the graph's bounds (batch, group rows)."""
+    mean = math.ceil(max(1, num_members) / max(1, num_groups))
+    return max(16, min(PREFIX_BLOCK_M, triton.next_power_of_2(mean * group)))
+
+
+def max_prefix_tiles(num_members: int, num_groups: int, members_per_tile: int) -> int:
+    """Tiles that cover any grouping of num_members members into num_groups groups of at
+    least two (see the module docstring)."""
+    return math.ceil(num_members / members_per_tile) + min(num_groups, num_members // 2)
 
 
 def choose_prefix_splits(
@@ -206,7 +251,7 @@ def cascade_decode_attention(
     num_sms: int,
     out: torch.Tensor | None = None,
     block_n: int = 64,
-    prefix_block_m: int = PREFIX_BLOCK_M,
+    prefix_block_m: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -218,7 +263,7 @@ def cascade_decode_attention(
     indices group after group; groups: [num_groups, 3] (member_begin, member_end, prefix_len),
     rows with member_begin == member_end are unused; num_splits: splits of each suffix;
     max_prefix_len bounds the prefixes (it picks the prefix split count with num_sms);
-    prefix_block_m: query rows per prefix tile; k_scale, v_scale: a float8 cache's
+    prefix_block_m: query rows per prefix tile (None: default_prefix_block_m); k_scale, v_scale: a float8 cache's
     dequantisation scales ([1] float32, 1.0 when None).
     Returns [num_seqs, num_heads, head_dim] in q's dtype, equal to decode_attention's.
     """
@@ -230,9 +275,11 @@ def cascade_decode_attention(
     if num_seqs == 0:
         return out
     num_groups = groups.shape[0]
+    num_members = members.shape[0]
+    if prefix_block_m is None:
+        prefix_block_m = default_prefix_block_m(group, num_members, num_groups)
     members_per_tile, block_m = prefix_tiling(group, prefix_block_m)
-    # Every group may end in a partial tile: this bounds the tiles for any grouping.
-    max_tiles = math.ceil(members.shape[0] / members_per_tile) + num_groups
+    max_tiles = max_prefix_tiles(num_members, num_groups, members_per_tile)
     prefix_splits = choose_prefix_splits(max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n)
     parts = num_splits + prefix_splits
     part_out, part_lse = partials(q, parts)
@@ -284,8 +331,100 @@ def cascade_decode_attention(
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
+        COLS=3,
         num_warps=4,
         num_stages=2,
     )
     combine(part_out, part_lse, prefix_lens, out, num_splits)
     return out
+
+
+def cascade_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    prefix_lens: torch.Tensor,
+    tokens: torch.Tensor,
+    groups: torch.Tensor,
+    out: torch.Tensor | None = None,
+    prefix_block_m: int = PREFILL_PREFIX_BLOCK_M,
+    block_n: int = 64,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefill attention (prefill_attention's arguments and result) where groups of sequences
+    share a prefix cached before this step: each group's prefix attended once for all its
+    query tokens, then each sequence's own keys by the prefill kernel, continuing from the
+    prefix's result (see prefill_attention.py's module docstring for the merge).
+
+    prefix_lens: [num_seqs] each sequence's shared keys (0: in no group); tokens:
+    [num_member_tokens] flat query-token indices of the groups' members, group after group;
+    groups: [num_groups, 4] (token_begin, token_end, prefix_len, seq): group g's tokens are
+    tokens[begin:end], its prefix lies in sequence seq's block table (every member's first
+    prefix_len keys are the same blocks, all cached before this step).
+    """
+    group = check_shapes(q, k_cache, v_cache, "cascade_prefill_attention")
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_groups = groups.shape[0]
+    if groups.dim() != 2 or groups.shape[1] != 4:
+        raise ValueError(f"groups has shape {tuple(groups.shape)}; cascade prefill needs [G, 4]")
+    if num_tokens == 0 or num_groups == 0:
+        return prefill_attention(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale,
+            out, k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
+    members_per_tile, block_m = prefix_tiling(group, prefix_block_m)
+    # every group holds at least two tokens (one per member sequence at least)
+    max_tiles = max_prefix_tiles(tokens.shape[0], num_groups, members_per_tile)
+    d_pad = triton.next_power_of_2(head_dim)
+    # [num_tokens, num_heads, d_pad], [num_tokens, num_heads]: rows of member tokens written
+    prefix_out = torch.empty((num_tokens, num_heads, d_pad), dtype=torch.float32, device=q.device)
+    prefix_lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=q.device)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
+    _prefix_kernel[(max_tiles, num_kv_heads, 1)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        tokens,
+        groups,
+        num_groups,
+        prefix_out,
+        prefix_lse,
+        k_scale,
+        v_scale,
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride(),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        GROUP=group,
+        MEMBERS=members_per_tile,
+        BLOCK_M=block_m,
+        GROUPS_PAD=max(2, triton.next_power_of_2(num_groups)),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=1,
+        FIRST_PART=0,
+        PARTS=1,
+        ALIGNED=block_size % block_n == 0,
+        V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
+        IEEE=q.dtype == torch.float32,
+        COLS=4,
+        num_warps=8 if block_m >= 128 else 4,
+        num_stages=2,
+    )
+    return prefill_attention(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale, out,
+        block_n=block_n, k_scale=k_scale, v_scale=v_scale,
+        prefix=(prefix_lens, prefix_out, prefix_lse),
+    )  # fmt: skip

@@ -13,6 +13,18 @@ each token's cache row through the block table, and keeps flash-attention's runn
 and accumulator per row (the step shared with decode is in attention_tile.py; the algebra in
 decode_attention.py). Only the key tiles that cross the diagonal need the causal mask; the others
 are fully visible.
+
+Cascade prefill (kernels/cascade_attention.py). Sequences of a group share their first P keys,
+cached before this step; the group's prefix pass attends all its query tokens to keys 0..P-1
+at once and leaves, per (token, head), the normalised output o_p and its log-sum-exp lse_p
+(base 2). With `starts` (P of each sequence, 0 outside a group) this kernel then walks only
+keys P..end and starts its running state from the prefix's result instead of from nothing:
+m = lse_p, l = 1, acc = o_p is the state after the prefix's keys (acc / l = o_p and
+m + log2(l) = lse_p, the two things the online softmax keeps up to a common factor), so the
+usual updates over the remaining keys end in exact attention over all of them: the merge by
+log-sum-exp happens inside the loop, without another kernel or a second partial buffer. The
+loop starts at P rounded down to a key tile (tiles stay aligned for the block lookup and the
+diagonal test); the keys before P in that first tile are masked.
 """
 
 import torch
@@ -37,6 +49,9 @@ def _prefill_kernel(
     block_tables_ptr,
     cu_seqlens_q_ptr,
     seq_lens_ptr,
+    starts_ptr,
+    prefix_out_ptr,
+    prefix_lse_ptr,
     out_ptr,
     k_scale_ptr,
     v_scale_ptr,
@@ -62,10 +77,12 @@ def _prefill_kernel(
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
+    num_heads = tl.num_programs(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if tile * BLOCK_M < q_len:
@@ -92,13 +109,34 @@ def _prefill_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        first = 0  # the first key walked here (cascade: the end of the shared prefix)
+        if HAS_STARTS:
+            first = tl.load(starts_ptr + seq).to(tl.int32)
+            # [BLOCK_M] rows that continue from the prefix pass's result (vector masks: the
+            # interpreter rejects scalar operands)
+            cont = m_mask & ((tl.zeros([BLOCK_M], dtype=tl.int32) + first) > 0)
+            # prefix partials [num_tokens, num_heads] (lse), [num_tokens, num_heads, D_PAD]
+            rows = (q_start + offs_m).to(tl.int64) * num_heads + head
+            m_i = tl.load(prefix_lse_ptr + rows, mask=cont, other=float("-inf"))
+            l_i = tl.where(cont, 1.0, 0.0)
+            # (o_p already carries a float8 cache's v_scale, which the end applies again)
+            acc = (
+                tl.load(
+                    prefix_out_ptr + rows[:, None] * D_PAD + offs_d[None, :],
+                    mask=cont[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                / v_scale
+            )
         table = block_tables_ptr + seq.to(tl.int64) * stride_bt
         # Keys visible to the tile's last row, and the first key tile that needs the mask.
         end = tl.minimum(seq_len, ctx + (tile + 1) * BLOCK_M)
         diag = ((ctx + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
-        for n0 in range(0, end, BLOCK_N):
+        for n0 in range((first // BLOCK_N) * BLOCK_N, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
+            if HAS_STARTS:
+                n_mask = n_mask & (offs_n >= first)
             # [BLOCK_N, D_PAD]
             k, v_ptrs, v_mask = load_kv_tile(
                 q,
@@ -158,13 +196,18 @@ def prefill_attention(
     num_stages: int = 2,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries against all its cached keys.
 
     q: [num_tokens, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads,
     head_dim] (already holding this step's K/V); block_tables: [num_seqs, max_blocks];
     cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs] (cached + new keys); k_scale,
-    v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None).
+    v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None);
+    prefix: cascade prefill's (starts [num_seqs], prefix outputs [num_tokens, num_heads,
+    d_pad] float32, prefix log-sum-exps [num_tokens, num_heads] float32): sequence i's keys
+    before starts[i] were attended by the prefix pass, whose results its rows continue from
+    (see the module docstring); rows of sequences with starts[i] = 0 are not read.
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -182,6 +225,8 @@ def prefill_attention(
         return out
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
+    # unused placeholders without a prefix pass
+    starts, prefix_out, prefix_lse = prefix if prefix is not None else (seq_lens, out, out)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -189,6 +234,9 @@ def prefill_attention(
         block_tables,
         cu_seqlens_q,
         seq_lens,
+        starts,
+        prefix_out,
+        prefix_lse,
         out,
         k_scale,
         v_scale,
@@ -209,6 +257,7 @@ def prefill_attention(
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
+        HAS_STARTS=prefix is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -11,12 +11,16 @@ import torch
 
 @dataclass
 class CascadeMetadata:
-    """Decode sequences grouped by shared leading KV blocks (see attention/cascade.py): the
-    groups' shared prefixes are attended once per group, the rest per sequence."""
+    """Sequences grouped by shared leading KV blocks (see attention/cascade.py): the groups'
+    shared prefixes are attended once per group, the rest per sequence. In a prefill step the
+    members are the groups' query tokens and each group row names the sequence whose block
+    table holds the prefix."""
 
     prefix_lens: torch.Tensor  # [num_seqs] int64: keys shared with the sequence's group (0: none)
-    members: torch.Tensor  # [num_members] int64: sequence indices, group after group
-    # [num_groups, 3] int64: (member_begin, member_end, prefix_len); begin == end: unused row
+    # [num_members] int64: decode: sequence indices, prefill: flat token indices; group after group
+    members: torch.Tensor
+    # decode: [num_groups, 3] int64 (member_begin, member_end, prefix_len), begin == end an
+    # unused row; prefill: [num_groups, 4], the 4th column the sequence holding the prefix
     groups: torch.Tensor
     max_prefix_len: int  # bounds prefix_len (max_model_len under CUDA graphs)
 

@@ -11,12 +11,15 @@ stored) and length 0 (their attention output is zero), so they touch nothing rea
 covers the model and the LM head; sampling runs after it, eagerly.
 
 Cascade. With `cascade` on, each step's sequences are grouped by shared prefix blocks (attention/
-cascade.py); a step with a group replays a second graph of its batch size, captured with the
-cascade path the first time one is needed, its metadata in the same static buffer: each
-sequence's prefix length, the members group after group, and MAX_CASCADE_GROUPS rows of groups
-(unused rows empty). A step without a group replays the plain graph, unchanged. Capturing in the
-middle of a run computes the step once more before the replay (the warm-up forward): the same
-K/V into the same slots, so nothing changes.
+cascade.py); a step whose groups pay replays a cascade graph of its batch size, captured the
+first time one is needed, its metadata in the same static buffer: each sequence's prefix length,
+the members group after group, and the groups table. A cascade graph is captured for a number
+of group rows, the step's group count rounded up to a power of two (1, 2, 4, ...
+MAX_CASCADE_GROUPS; unused rows empty): the prefix kernel's grid and its split of the prefix are
+sized from that bound, so one group keeps the grid and splits it had with a small table, and a
+step of 64 groups gets a grid for 64 groups. A step without groups replays the plain graph,
+unchanged. Capturing in the middle of a run computes the step once more before the replay (the
+warm-up forward): the same K/V into the same slots, so nothing changes.
 """
 
 import logging
@@ -38,6 +41,14 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
     sizes += list(range(16, max_batch, 16))
     return sizes + [max_batch]
+
+
+def group_rows(num_groups: int) -> int:
+    """Rows of the groups table a cascade graph is captured with for num_groups groups: the
+    next power of two (at most MAX_CASCADE_GROUPS)."""
+    if not 0 < num_groups <= MAX_CASCADE_GROUPS:
+        raise ValueError(f"{num_groups} cascade groups; a step has 1..{MAX_CASCADE_GROUPS}")
+    return 1 << (num_groups - 1).bit_length()
 
 
 class CUDAGraphRunner:
@@ -92,13 +103,15 @@ class CUDAGraphRunner:
             views[4][: b + 1] = np.arange(b + 1)
             views[2][:] = -1
         self._buf.copy_(self._hosts[0])
-        # keyed by (batch size, cascade)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor | None] = {}
+        # keyed by (batch size, cascade group rows: 0 for the plain graph)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor | None] = {}
         self._pool = None
         self._stream = torch.cuda.Stream(self.device)
 
-    def _meta(self, batch: int, cascade: bool) -> AttentionMetadata:
+    def _meta(self, batch: int, group_rows: int) -> AttentionMetadata:
+        """The metadata over the static buffers; group_rows > 0: a cascade step with that many
+        rows of the groups table."""
         common = AttentionMetadata(
             is_prefill=False,
             slot_mapping=self.slots[:batch],
@@ -110,9 +123,12 @@ class CUDAGraphRunner:
             seq_lens_list=[],
             query_lens_list=[],
         )
-        if cascade:
+        if group_rows > 0:
             common.cascade = CascadeMetadata(
-                self.prefix_lens[:batch], self.members[:batch], self.groups, self.max_model_len
+                self.prefix_lens[:batch],
+                self.members[:batch],
+                self.groups[:group_rows],
+                self.max_model_len,
             )
         return self.backend.build_metadata(common, self.max_model_len)
 
@@ -121,12 +137,13 @@ class CUDAGraphRunner:
         """Capture every batch size of the ladder, largest first, in one shared memory pool
         (the cascade graphs are captured when first needed)."""
         for batch in reversed(self.batch_sizes):
-            self._capture(batch, False)
+            self._capture(batch, 0)
         torch.cuda.synchronize(self.device)
 
-    def _capture(self, batch: int, cascade: bool) -> None:
-        """Capture the graph of one batch size over the static buffers as they are."""
-        set_context(self._meta(batch, cascade))
+    def _capture(self, batch: int, group_rows: int) -> None:
+        """Capture the graph of one batch size (and cascade group rows, 0: plain) over the
+        static buffers as they are."""
+        set_context(self._meta(batch, group_rows))
         try:
             args = (self.input_ids[:batch], self.positions[:batch])
             self.forward(*args)  # warm-up: autotuning, lazy allocations
@@ -138,8 +155,8 @@ class CUDAGraphRunner:
             set_context(None)
         if self._pool is None:
             self._pool = graph.pool()
-        self.graphs[(batch, cascade)] = graph
-        self.outputs[(batch, cascade)] = out
+        self.graphs[(batch, group_rows)] = graph
+        self.outputs[(batch, group_rows)] = out
 
     def close(self) -> None:
         """Free the captured graphs. Needed before a tensor-parallel process group is destroyed:
@@ -193,7 +210,7 @@ class CUDAGraphRunner:
         self._copied[turn].record()
         if device_input_ids is not None:
             self.input_ids[:n].copy_(device_input_ids)
-        key = (batch, found is not None)
+        key = (batch, 0 if found is None else group_rows(found.num_groups))
         if key not in self.graphs:
             with torch.inference_mode():
                 self._capture(*key)

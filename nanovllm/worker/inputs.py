@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nanovllm.attention.cascade import find_cascade_groups
+from nanovllm.attention.cascade import find_cascade_groups, find_prefill_cascade_groups
 from nanovllm.utils.context import AttentionMetadata, CascadeMetadata
 
 
@@ -52,11 +52,17 @@ def pad_block_tables(block_tables: list[list[int]], width: int) -> np.ndarray:
 class InputBuilder:
     """Builds StepInputs for one device; keeps its buffers between steps."""
 
-    def __init__(self, device: torch.device, block_size: int, cascade: bool = False) -> None:
-        """cascade: group decode sequences by shared prefix blocks (AttentionMetadata.cascade)."""
+    def __init__(
+        self, device: torch.device, block_size: int, cascade: bool = False, gqa_group: int = 1
+    ) -> None:
+        """cascade: group decode sequences, and prefill sequences while `cascade_prefill` is
+        set, by shared prefix blocks (AttentionMetadata.cascade, see attention/cascade.py);
+        gqa_group: query heads per K/V head (the prefill rule counts tiles of both)."""
         self.device = device
         self.block_size = block_size
         self.cascade = cascade
+        self.cascade_prefill = True
+        self.gqa_group = gqa_group
         self._host: torch.Tensor | None = None
         self._device_buf: torch.Tensor | None = None
 
@@ -99,8 +105,17 @@ class InputBuilder:
         last_rows = cu_seqlens_q[1:][np.asarray(plan.sample_rows, dtype=np.int64)] - 1
         seq_lens_list = seq_lens.tolist()
         groups = None
-        if self.cascade and not plan.is_prefill and width > 0:
-            groups = find_cascade_groups(plan.block_tables, seq_lens_list, self.block_size)
+        if self.cascade and width > 0:
+            if not plan.is_prefill:
+                groups = find_cascade_groups(plan.block_tables, seq_lens_list, self.block_size)
+            elif self.cascade_prefill:
+                groups = find_prefill_cascade_groups(
+                    plan.block_tables,
+                    plan.context_lens,
+                    plan.query_lens,
+                    self.block_size,
+                    self.gqa_group,
+                )
         parts = [
             np.asarray(plan.input_ids, dtype=np.int64),
             positions,
@@ -128,8 +143,9 @@ class InputBuilder:
         cascade = None
         if groups is not None:
             prefix_lens, members, flat_groups = views[7:]
+            cols = groups.groups.shape[1]  # 3, or 4 for a prefill step (the table's sequence)
             cascade = CascadeMetadata(
-                prefix_lens, members, flat_groups.view(-1, 3), groups.max_prefix_len
+                prefix_lens, members, flat_groups.view(-1, cols), groups.max_prefix_len
             )
         meta = AttentionMetadata(
             is_prefill=plan.is_prefill,

@@ -92,7 +92,8 @@ class ModelRunner:
         self.grammar_masks = GrammarMasks(self.vocab_size, self.device)  # structured output
         # Cascade attention (shared prefixes read once per group) where the backend has it.
         cascade = self.attn_backend.supports_cascade and not config.disable_cascade_attn
-        self.inputs = InputBuilder(self.device, self.block_size, cascade)
+        gqa_group = hf.num_attention_heads // hf.num_key_value_heads
+        self.inputs = InputBuilder(self.device, self.block_size, cascade, gqa_group)
         self.startup_seconds = {"load": time.perf_counter() - start}
         self.graphs: CUDAGraphRunner | None = None
         start = time.perf_counter()
