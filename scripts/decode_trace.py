@@ -1,13 +1,15 @@
 """Per-step trace of bench.py's workload: where decode time goes by batch size (CUDA only).
 
-    python3 scripts/decode_trace.py
+    python3 scripts/decode_trace.py [--kv-cache-dtype fp8]
 
 Runs the standard workload and records, for every decode step, the batch size, the keys read
 (sum of sequence lengths) and the step's wall time. Each bucket of batch sizes is compared with its
-floor: K/V bytes read at the measured copy bandwidth (weights are not counted), so the gap
-shows the fixed per-step costs (weights, small kernels, host time) and attention efficiency.
+floor: K/V bytes read at the measured copy bandwidth, and the weights' bytes (read once a step)
+beside it, so the gap shows the fixed per-step costs (small kernels, host time) and attention
+efficiency.
 """
 
+import argparse
 import os
 import tempfile
 import time
@@ -20,11 +22,21 @@ from nanovllm.utils.dummy import write_model_folder
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8")
+    args = parser.parse_args()
     folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
-    llm = LLM(write_model_folder(folder, "qwen3-0.6b", tokenizer=False), load_format="dummy")
+    llm = LLM(
+        write_model_folder(folder, "qwen3-0.6b", tokenizer=False),
+        load_format="dummy",
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
     engine = llm.engine
     hf = llm.config.hf_config
-    kv_bytes_per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * hf.head_dim * 2
+    element = llm.config.kv_cache_dtype.itemsize
+    kv_bytes_per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * hf.head_dim * element
+    model = engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -52,7 +64,8 @@ def main() -> None:
             rows.append((num_tokens, keys, dt))
     total = time.perf_counter() - start
     print(f"{torch.cuda.get_device_name(0)}, copy {copy_bw / 1e12:.2f} TB/s; total {total:.2f} s")
-    print("batch      | steps | wall s | KV floor s | mean ms/step | floor ms/step")
+    print(f"KV cache {llm.config.kv_cache_dtype}; weights {weight_bytes / 1e9:.2f} GB a step")
+    print("batch      | steps | wall s | KV floor s | weights s | mean ms/step | floor ms/step")
     buckets = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 256)]
     for lo, hi in buckets:
         sel = [r for r in rows if lo <= r[0] <= hi]
@@ -60,13 +73,15 @@ def main() -> None:
             continue
         wall = sum(r[2] for r in sel)
         floor = sum(r[1] for r in sel) * kv_bytes_per_token / copy_bw
+        weights = len(sel) * weight_bytes / copy_bw
         print(
-            f"{lo:3d}..{hi:3d}   | {len(sel):5d} | {wall:6.2f} | {floor:10.2f} | "
-            f"{1e3 * wall / len(sel):12.2f} | {1e3 * floor / len(sel):13.2f}"
+            f"{lo:3d}..{hi:3d}   | {len(sel):5d} | {wall:6.2f} | {floor:10.2f} | {weights:9.2f} | "
+            f"{1e3 * wall / len(sel):12.2f} | {1e3 * (floor + weights) / len(sel):13.2f}"
         )
     wall = sum(r[2] for r in rows)
     floor = sum(r[1] for r in rows) * kv_bytes_per_token / copy_bw
-    print(f"all decode | {len(rows):5d} | {wall:6.2f} | {floor:10.2f}")
+    weights = len(rows) * weight_bytes / copy_bw
+    print(f"all decode | {len(rows):5d} | {wall:6.2f} | {floor:10.2f} | {weights:9.2f}")
     llm.shutdown()
 
 

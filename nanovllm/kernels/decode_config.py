@@ -30,12 +30,11 @@ max_seq_len = max_model_len, and replays it at every context length (worker/cuda
 Any rule that needs the context length to pick tiles would need graphs keyed by length as well;
 the table deliberately has none.
 
-Stages. Under Triton 3.6 for sm_90 the kernel's code is the same for num_stages 1 to 4 (PTX
-compared offline with triton.compile): the K and V tiles feed a 16-row MMA straight from
-registers, and Triton's software pipeliner only pipelines loads that go through shared memory,
-so no tile is loaded ahead (no cp.async). Latency is hidden only by other programs on the SM,
-and there are few: ptxas gives the 64-key kernel 254-255 registers a thread (2 programs of 4
-warps per SM), and the 128-key kernel with 4 warps spills. The field stays for other versions.
+Stages. Offline (triton.compile for sm_90, Triton 3.6, no spill report) the PTX looked the same
+for num_stages 1 to 4, but the sweep's binaries on the H200 differ by stages for several configs
+(float8 128 / 4 among them) and 3 stages measured best there at small batches, so the field is
+used. Registers on the H200 (the sweep's report): 93-98 a thread for 64 / 4, 120-127 for
+128 / 4, no spills.
 """
 
 import math
@@ -57,18 +56,20 @@ class DecodeConfig(NamedTuple):
 
 
 # (max load L = pairs per SM, block_n, num_warps, num_stages, waves); the first row with
-# L <= bound applies; the last row's bound is infinite. Initial guesses from the H200 table in
-# BENCHMARKS.md (one H200: 132 SMs, Qwen3-0.6B's 8 K/V heads, so L <= 0.5 is batch <= 8):
-# 16-bit caches: 64 / 4 / 2 reads at 92-98% of copy bandwidth with >= 1 pair per SM, 74% at
-# 8 x 8192 with two waves: more splits there. float8: 128 / 4 / 2 at 84-94% with >= 1 pair per
-# SM, but at 8 x 8192 (L = 0.48) 22% against 44% for 64 / 4 / 3 (and 27% for 64 / 4 / 2, whose
-# sm_90 binary is the same: that gap was noise, so the guess is 64-key tiles, not the stages).
+# L <= bound applies; the last row's bound is infinite. From the sweep on one H200 (132 SMs,
+# Qwen3-0.6B's 8 K/V heads, so L <= 0.5 is batch <= 8; `bench_kernels.py --sweep`, session 8,
+# in BENCHMARKS.md): 16-bit caches are within 1-2% of each shape's best with 64 / 4 / 2 in every
+# load group, and 4 waves beat 2 at batch 4-8 (0.0179 against 0.0184 ms, 0.0269 against
+# 0.0288); float8 keeps 128-key tiles everywhere (64-key tiles lost at every small batch:
+# 0.0259 against 0.0252 ms at 8 x 1k-2k, 0.0642 against 0.0577 at 8 x 8192), with 3 stages
+# and 3 waves at L <= 0.5 (128 / 4 / 3 was the best config, or within 2% of it, at batch 4-8
+# and 8 x 8192; its sm_90 binary differs from 2 stages').
 TABLE_16BIT: list[tuple[float, int, int, int, float]] = [
     (0.5, 64, 4, 2, 4.0),
     (math.inf, 64, 4, 2, 2.0),
 ]
 TABLE_FP8: list[tuple[float, int, int, int, float]] = [
-    (0.5, 64, 4, 2, 4.0),
+    (0.5, 128, 4, 3, 3.0),
     (math.inf, 128, 4, 2, 2.0),
 ]
 
