@@ -467,6 +467,9 @@ def prefill(args: argparse.Namespace) -> None:
             tables, ctx, new, BLOCK, group, min_saved_tokens=0, member_cost_tokens=0
         )
         rule = find_prefill_cascade_groups(tables, ctx, new, BLOCK, group)
+        if found is None:  # the prefix pass would run the same tiles: nothing to compare
+            print(f"{n:4d}  {q:10d}  (no tile saved: the rule's model has no cascade here)")
+            continue
         prefix_lens = torch.from_numpy(found.prefix_lens).cuda()
         members = torch.from_numpy(found.members).cuda()
         groups = torch.from_numpy(found.groups).cuda()

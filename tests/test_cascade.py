@@ -120,13 +120,16 @@ def test_many_small_groups_pay_together() -> None:
     assert per_group < cascade.CASCADE_MIN_SAVED_TOKENS
     assert found.saved_tokens == 64 * per_group
     assert sorted(found.members.tolist()) == list(range(512))
-    # one prompt's completions alone, or a quarter of the prompts: below the threshold
-    assert find_cascade_groups(tables[:8], lens[:8], 256) is None
-    assert find_cascade_groups(tables[:128], lens[:128], 256) is None
+    # as many prompts as the threshold needs take the path, one fewer does not
+    need = -(-cascade.CASCADE_MIN_SAVED_TOKENS // per_group)
+    assert need > 1
+    assert find_cascade_groups(tables[: 8 * (need - 1)], lens[: 8 * (need - 1)], 256) is None
+    found = find_cascade_groups(tables[: 8 * need], lens[: 8 * need], 256)
+    assert found is not None and found.num_groups == need
     # the group limit keeps the most saving groups; what they save is what is compared
     found = find_cascade_groups(tables, lens, 256, max_groups=16, min_saved_tokens=1)
     assert found is not None and found.num_groups == 16 and found.saved_tokens == 16 * per_group
-    assert find_cascade_groups(tables, lens, 256, max_groups=16) is None
+    assert find_cascade_groups(tables, lens, 256, max_groups=need - 1) is None
 
 
 def test_no_sharing_builds_no_group() -> None:

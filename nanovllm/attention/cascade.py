@@ -17,15 +17,14 @@ The decision rule is a cost model in units of K/V tokens read (one token = every
 and value row of one layer), decided once per step for all groups together:
 - a group of `size` members sharing P tokens saves (size - 1) * P token reads (the plain kernel
   reads the prefix once per member, the prefix pass about once per group) and costs about
-  CASCADE_MEMBER_COST_TOKENS per member (its partial results are written and merged: for the
-  Qwen3-0.6B shape, 16 heads x 3 partials x 128 floats written and read back are about 12
-  tokens' worth of bytes); its net saving is the difference, and a group is kept only when it
-  is positive;
+  CASCADE_MEMBER_COST_TOKENS per member (its partial results are written and merged, and it
+  is one more row of the prefix pass: fitted on an H200); its net saving is the difference, and
+  a group is kept only when it is positive;
 - the step takes the cascade path when the kept groups' net savings add up to at least
   CASCADE_MIN_SAVED_TOKENS: the fixed cost of the two extra launches (prefix pass and merge),
-  measured on an H200 (scripts/bench_cascade.py sweep, see BENCHMARKS.md).
-So many small groups that pay nothing alone (n > 1 parallel sampling: 64 groups of 8 sharing
-768 tokens save 344,064 token reads together) take the path, one small group does not, and a
+  fitted on an H200 (scripts/bench_cascade.py sweep, see BENCHMARKS.md).
+So many small groups that pay too little alone (n > 1 parallel sampling: 64 groups of 8 sharing
+768 tokens save 64 x 3,456 net token reads together) take the path, one small group does not, and a
 step with no sharing never builds a group. At most MAX_CASCADE_GROUPS groups are kept (the
 largest net savings first), which bounds the metadata of a CUDA-graph step.
 
@@ -54,14 +53,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# The fixed cost of a cascade step, in token reads saved: the step takes the cascade path when
-# its groups' net savings reach it. One H200 (scripts/bench_cascade.py sweep, bf16, 16/8 heads
-# x 128, one group beside 64 unshared sequences, eager launches): the cascade pass lost up to
-# 131,072 shared tokens x group size (0.91x) and won from 262,144 (1.24x); see BENCHMARKS.md.
-CASCADE_MIN_SAVED_TOKENS = 200_000
-# What each member of a group costs, in token reads (its partials written and merged; see the
-# module docstring: derived from the bytes moved, not measured on its own).
-CASCADE_MEMBER_COST_TOKENS = 16
+# The fixed cost of a cascade step, in token reads saved, and what each member of a group costs
+# (its partials written and merged). Fitted on one H200 (scripts/bench_cascade.py sweep: 38
+# cases of 1-64 groups of 2-256 members sharing 1-8 blocks of 256 beside 64 unshared sequences,
+# CUDA-graph replays, bf16, 16/8 heads x 128; session 8 in BENCHMARKS.md): plain - cascade =
+# 0.419 ms per 1e6 saved token reads - 0.098 us per member - 5.6 us, so the break-even is
+# 13,442 saved reads and 233 reads a member; both rounded up. (The eager sweep before gave
+# 200,000: its launches cost more than the kernels.)
+CASCADE_MIN_SAVED_TOKENS = 16_384
+CASCADE_MEMBER_COST_TOKENS = 240
 # The most groups one step cascades: the size of the groups table of a CUDA-graph step (and so
 # of the prefix kernel's group search; 128 groups of 2 fill 256 sequences, n = 8 sampling over
 # 64 prompts needs 64).
