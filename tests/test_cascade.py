@@ -108,6 +108,58 @@ def parallel_sampling_tables(
     return tables, lens
 
 
+def _walk_one_depth_at_a_time(members, depth, tables, usable):
+    """The trie walk's definition, one depth per pass (the reference for cascade._best_split,
+    which skips the depths every member shares at once): (blocks saved, [(members, depth)])."""
+    while True:
+        children: dict[int, list[int]] = {}
+        for i in members:
+            if usable[i] > depth:
+                children.setdefault(tables[i][depth], []).append(i)
+        if len(children) == 1 and len(next(iter(children.values()))) == len(members):
+            depth += 1
+            continue
+        break
+    here = (len(members) - 1) * depth
+    deeper_saved, deeper = 0, []
+    for child in children.values():
+        if len(child) > 1:
+            saved, groups = _walk_one_depth_at_a_time(child, depth + 1, tables, usable)
+            deeper_saved += saved
+            deeper += groups
+    if deeper_saved > here:
+        return deeper_saved, deeper
+    return here, [(members, depth)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_trie_walk_skips_shared_depths_exactly(seed: int) -> None:
+    """_best_split's skip over the depths all members share finds the groups the one-depth-a-
+    time walk finds, on random tries: nested shared prefixes, members whose usable blocks end
+    inside the shared part or right at it, single blocks."""
+    from nanovllm.attention import cascade
+
+    rng = random.Random(seed)
+    trunk = list(range(rng.randint(1, 12)))
+    tables, usable, fresh = [], [], 1000
+    for _ in range(rng.randint(2, 60)):
+        cut = rng.randint(1, len(trunk))
+        branch = [100 + rng.randint(0, 2), 200 + rng.randint(0, 3)][: rng.randint(0, 2)]
+        own = [fresh, fresh + 1]
+        fresh += 2
+        table = trunk[:cut] + branch + own
+        tables.append(table)
+        usable.append(rng.randint(1, len(table)))
+    members = list(range(len(tables)))
+    for start in range(2):  # from depth 0, and from depth 1 within the first block's set
+        chosen = [i for i in members if usable[i] > start]
+        if start and len({tables[i][0] for i in chosen}) != 1 or len(chosen) < 2:
+            continue
+        got = cascade._best_split(chosen, start, tables, usable)
+        want = _walk_one_depth_at_a_time(chosen, start, tables, usable)
+        assert got == want
+
+
 def test_many_small_groups_pay_together() -> None:
     """n = 8 sampling of 64 prompts of 3 shared blocks of 256: each group saves 7 x 768 token
     reads less 8 members' costs, too little alone, 64 of them pass the step's threshold."""

@@ -181,16 +181,20 @@ def _best_split(
 ) -> tuple[int, list[tuple[list[int], int]]]:
     """(blocks saved, groups) for members sharing blocks 0..depth-1: stop at this depth or go
     deeper into the children (see the module docstring)."""
-    while True:
-        children: dict[int, list[int]] = defaultdict(list)
-        for i in members:
-            if usable[i] > depth:
-                children[tables[i][depth]].append(i)
-        # All members go on together: the shared prefix is one block longer.
-        if len(children) == 1 and len(next(iter(children.values()))) == len(members):
-            depth += 1
-            continue
-        break
+    # All members go on together while every one has a usable block at `depth` and it is the
+    # same block: skip those depths at once. The rows (all limit - depth long) share what their
+    # lexicographic smallest and largest share (min and max compare lists in C), so a long
+    # shared prefix costs one slice a member, not one dict insertion a member per block.
+    limit = min(usable[i] for i in members)
+    if limit > depth:
+        rows = [tables[i][depth:limit] for i in members]
+        lo, hi = min(rows), max(rows)
+        common = next((j for j, (a, b) in enumerate(zip(lo, hi, strict=True)) if a != b), len(lo))
+        depth += common
+    children: dict[int, list[int]] = defaultdict(list)
+    for i in members:
+        if usable[i] > depth:
+            children[tables[i][depth]].append(i)
     here = (len(members) - 1) * depth
     deeper_saved, deeper = 0, []
     for child in children.values():
