@@ -7,6 +7,7 @@ rule's constants, and whole runs with the cascade path on and off (CUDA only).
                                                   # and the cost model fitted to it
     python3 scripts/bench_cascade.py e2e          # 512 x (2000 shared + 48) -> 128, on and off
     python3 scripts/bench_cascade.py e2e --block-size 64   # finer sharing: 1984 of 2000 shared
+    python3 scripts/bench_cascade.py e2e --profile  # then a run each way under torch.profiler
     python3 scripts/bench_cascade.py parallel     # 64 prompts x n=8 -> 128, on and off
     python3 scripts/bench_cascade.py e2e parallel # both on one engine (one start-up)
     python3 scripts/bench_cascade.py standard     # bench.py's workload, on and off
@@ -409,7 +410,60 @@ def e2e(args: argparse.Namespace) -> None:
         f"{shared} shared tokens at block size {llm.config.kvcache_block_size}, "
         f"{bw / 1e12:.2f} TB/s); without sharing {(kv + 128 * (512 - 1) * shared * token_bytes) / bw:.3f} s"
     )
-    compare(llm, make, SamplingParams(temperature=0.6, max_tokens=128, ignore_eos=True), "e2e")
+    params = SamplingParams(temperature=0.6, max_tokens=128, ignore_eos=True)
+    compare(llm, make, params, "e2e")
+    if args.profile:
+        set_cascade(llm, True)
+        profile_run(llm, make(2), params, "e2e cascade on")
+        set_cascade(llm, False)
+        profile_run(llm, make(3), params, "e2e cascade off")
+
+
+def profile_run(llm: "object", prompts: list, params: "object", label: str) -> None:
+    """One whole run under torch.profiler: GPU time by kernel kind, per decode step, and how
+    much of the run's wall time the GPU was busy (the union of kernel intervals)."""
+    import json
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with StepCount() as count, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sec, produced, stats = timed(llm, prompts, params)
+    path = os.path.join(tempfile.gettempdir(), "bench_cascade_trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    steps = max(1, stats.steps)  # all steps, prefill ones too: the decode steps are most
+    total: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
+    for e in kernels:
+        kind = kind_of(e["name"])
+        total[kind] += e.get("dur", 0)
+        launches[kind] += 1
+    print(
+        f"--- profile {label}: {sec:.3f} s under the profiler ({produced} tokens; prefill "
+        f"{stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s), GPU busy "
+        f"{busy / 1e6:.3f} s over {(spans[-1][1] - spans[0][0]) / 1e6:.3f} s from first to last "
+        f"kernel; {count}; per step ({steps}), kernels of all steps:"
+    )
+    for kind in sorted(total, key=total.get, reverse=True)[:25]:
+        print(
+            f"  {kind:<62} {launches[kind] / steps:8.1f} launches {total[kind] / steps / 1e3:8.3f} ms"
+        )
+
+
+def kind_of(name: str) -> str:
+    """A kernel's kind: the products as one, the rest by short name (as profile_steps.py)."""
+    low = name.lower()
+    if any(m in low for m in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas", "splitk")):
+        return "GEMM (cuBLAS)"
+    short = name.split("<")[0].split("(")[0].strip().removeprefix("void ").split("::")[-1]
+    return short[:60] or name[:60]
 
 
 def parallel(args: argparse.Namespace) -> None:
@@ -530,6 +584,9 @@ def main() -> None:
     parser.add_argument("--layout", choices=["one", "n8"], default="one", help="kernel: batch")
     parser.add_argument("--eager", action="store_true", help="kernel: also time eager calls")
     parser.add_argument("--decode-only", action="store_true", help="whole runs: no cascade prefill")
+    parser.add_argument(
+        "--profile", action="store_true", help="e2e: then one run each way under torch.profiler"
+    )
     args = parser.parse_args()
     global DECODE_ONLY
     DECODE_ONLY = args.decode_only
