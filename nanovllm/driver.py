@@ -254,7 +254,8 @@ class RequestDriver:
             yield self.output(req)
 
     def _submit(self, req: Request) -> None:
-        req.seqs = self.engine.add_request(req.prompt_token_ids, req.params)
+        # (prepare validated the request when it was read)
+        req.seqs = self.engine.add_request(req.prompt_token_ids, req.params, validated=True)
         params = req.params
         if params.stop:
             for seq in req.seqs:

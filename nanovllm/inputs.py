@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 from typing import TYPE_CHECKING, Any, TypedDict
 
+import numpy as np
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -74,8 +76,8 @@ def as_token_ids(value: object) -> list[int] | None:
 
     Accepts lists / tuples of ints or numpy integers and 1-D integer numpy arrays or tensors.
     """
-    if type(value) is list and all(type(t) is int for t in value):
-        return value[:]  # the common case, fast
+    if type(value) is list and set(map(type, value)) == {int}:
+        return value[:]  # the common case, fast (no Python-level loop: long prompts add up)
     if isinstance(value, (str, dict, *_BYTES)):
         return None
     if hasattr(value, "ndim") and hasattr(value, "tolist"):  # numpy array, torch tensor
@@ -85,6 +87,21 @@ def as_token_ids(value: object) -> list[int] | None:
     if not isinstance(value, SequenceABC) or not all(_is_token_id(t) for t in value):
         return None
     return [int(t) for t in value]
+
+
+def token_ids_in_range(token_ids: list[int], vocab: int) -> bool:
+    """True if every entry is an int (not a bool) in [0, vocab); at C speed, for long prompts."""
+    if not token_ids or set(map(type, token_ids)) != {int}:
+        return bool(token_ids) and all(_is_plain_id(t, vocab) for t in token_ids)
+    try:
+        ids = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))
+    except OverflowError:
+        return False
+    return bool(ids.min() >= 0 and ids.max() < vocab)
+
+
+def _is_plain_id(t: object, vocab: int) -> bool:
+    return isinstance(t, int) and 0 <= t < vocab
 
 
 def _bytes_error(where: str) -> ValueError:

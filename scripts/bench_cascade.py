@@ -352,13 +352,35 @@ class StepCount:
 
 
 def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "object"]:
-    llm.engine.stats = type(llm.engine.stats)()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    """(seconds, output tokens, the engine's stats) of one generate call; the stats also get
+    `before_steps` and `after_steps`: host seconds before the first step (reading, validating
+    and queueing the prompts) and after the last (building the outputs)."""
+    engine = llm.engine
+    engine.stats = type(engine.stats)()
+    marks: list[tuple[float, float]] = []
+    step = engine.step
+
+    def stepping(*args: object, **kw: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return step(*args, **kw)
+        finally:
+            marks.append((t0, time.perf_counter()))
+
+    engine.step = stepping
+    try:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+    finally:
+        del engine.step  # the class's method again
     produced = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return time.perf_counter() - t, produced, llm.engine.stats
+    stats = engine.stats
+    stats.before_steps = marks[0][0] - t if marks else 0.0
+    stats.after_steps = end - marks[-1][1] if marks else 0.0
+    return end - t, produced, stats
 
 
 def compare(llm: "object", make: "object", params: "object", label: str) -> None:
@@ -377,8 +399,9 @@ def compare(llm: "object", make: "object", params: "object", label: str) -> None
         results[on] = sec
         print(
             f"{label} cascade {'on ' if on else 'off'}: {sec:.3f} s, {produced / sec:,.0f} output "
-            f"tok/s (prefill {stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s)"
-            + (f"; {count}" if on else "")
+            f"tok/s (prefill {stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s, "
+            f"host before the first step {stats.before_steps:.3f} s, after the last "
+            f"{stats.after_steps:.3f} s)" + (f"; {count}" if on else "")
         )
     graphs = llm.engine.runner.graphs
     used = sorted(key for key in graphs.graphs if key[1] > 0) if graphs is not None else []

@@ -196,6 +196,35 @@ def test_invalid_request_leaves_engine_usable(
     assert_idle_and_working(llm, probe_expected)
 
 
+@pytest.mark.parametrize(
+    ("ids", "ok"),
+    [
+        ([0, 5, 511], True),
+        (list(range(512)) * 8, True),
+        ([3, True], True),  # a bool is an int to the engine's own check, as before
+        ([0, 512], False),
+        ([-1, 3], False),
+        ([3, 2**70], False),
+        ([3, 1.0], False),
+        ([3, np.int64(4)], False),
+        ([3, "4"], False),
+        ([], False),
+    ],
+)
+def test_token_ids_in_range(ids: list[Any], ok: bool) -> None:
+    """The engine's vocabulary check (C speed for long prompts) agrees with a plain loop."""
+    from nanovllm.inputs import token_ids_in_range
+
+    assert token_ids_in_range(ids, 512) is ok
+
+
+def test_engine_add_request_still_validates(llm: LLM, probe_expected: list[int]) -> None:
+    """The engine's own entry point checks what the LLM facade checked before calling it."""
+    with pytest.raises(ValueError, match="prompt token id 600 is outside the vocabulary"):
+        llm.engine.add_request([5, 600], greedy())
+    assert_idle_and_working(llm, probe_expected)
+
+
 def test_max_model_len_caps_the_completion(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
     limit = 32
     prompts = random_prompts([20, 31, 25], seed=3)

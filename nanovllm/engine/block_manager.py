@@ -131,13 +131,13 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def first_miss_hash(self, seq: Sequence) -> int | None:
+    def first_miss_hash(self, seq: Sequence, hits: list[int] | None = None) -> int | None:
         """Hash of seq's first full block that the cache cannot serve now (the block after its
         hits), or None when there is none (prefix caching off, or no such full block before the
-        last token)."""
+        last token). `hits`: _match_prefix(seq) when the caller has it (the cache unchanged)."""
         if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return None
-        i = len(self._match_prefix(seq))
+        i = len(self._match_prefix(seq) if hits is None else hits)
         if i >= (len(seq) - 1) // self.block_size:
             return None
         return self._block_hash(seq, i)
@@ -171,11 +171,17 @@ class BlockManager:
         reused_live = sum(1 for b in hits if self.blocks[b].ref_count > 0)
         return seq.num_blocks - reused_live
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """True if all of seq's current tokens fit, counting prefix-cache hits."""
-        return self._blocks_needed(seq, self._match_prefix(seq)) <= self.num_free_blocks
+    def prefix_hits(self, seq: Sequence) -> list[int]:
+        """Ids of the cached blocks seq would reuse now: pass them to can_allocate,
+        first_miss_hash and allocate while the cache is unchanged (one walk of the prefix)."""
+        return self._match_prefix(seq)
 
-    def allocate(self, seq: Sequence) -> None:
+    def can_allocate(self, seq: Sequence, hits: list[int] | None = None) -> bool:
+        """True if all of seq's current tokens fit, counting prefix-cache hits."""
+        hits = self._match_prefix(seq) if hits is None else hits
+        return self._blocks_needed(seq, hits) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, hits: list[int] | None = None) -> None:
         """Give seq blocks for all its tokens, reusing cached prefix blocks.
 
         Sets seq.num_cached_tokens to the number of tokens whose K/V came from the cache.
@@ -183,7 +189,7 @@ class BlockManager:
         """
         if seq.block_table:
             raise RuntimeError(f"{seq} already holds blocks")
-        hits = self._match_prefix(seq)
+        hits = self._match_prefix(seq) if hits is None else hits
         needed = self._blocks_needed(seq, hits)
         if needed > self.num_free_blocks:
             raise RuntimeError(

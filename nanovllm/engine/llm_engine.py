@@ -26,6 +26,7 @@ from nanovllm.engine.tp_workers import (
     defer_sigint,
     threads_per_rank,
 )
+from nanovllm.inputs import token_ids_in_range
 from nanovllm.sample.state import to_device
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import GrammarCompiler, load_tokenizer
@@ -113,8 +114,8 @@ class LLMEngine:
         if n > limit:
             raise ValueError(f"prompt has {n} tokens but max_model_len is {limit}")
         vocab = self.config.hf_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
+        if not token_ids_in_range(token_ids, vocab):
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
@@ -132,11 +133,14 @@ class LLMEngine:
                     f"max_logprobs={k}) (-1 allows up to the vocabulary size)"
                 )
 
-    def add_request(self, token_ids: list[int], params: SamplingParams) -> list[Sequence]:
-        """Validate and queue one request; returns its params.n Sequences (completion i is
-        sampled with params.for_completion(i))."""
+    def add_request(
+        self, token_ids: list[int], params: SamplingParams, validated: bool = False
+    ) -> list[Sequence]:
+        """Validate (unless the caller just did: `validated`) and queue one request; returns its
+        params.n Sequences (completion i is sampled with params.for_completion(i))."""
         self._check_usable()
-        self.validate(token_ids, params)
+        if not validated:
+            self.validate(token_ids, params)
         seqs = request_sequences(token_ids, params, self.config.kvcache_block_size)
         self.attach_grammars(seqs)
         self.scheduler.add_group(seqs)

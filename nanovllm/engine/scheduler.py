@@ -133,11 +133,14 @@ class Scheduler:
                 computing.update(bm.completed_block_hashes(seq, n))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if (seq.needs_prompt_logprobs and logit_rows == 0) or not bm.can_allocate(seq):
+            if seq.needs_prompt_logprobs and logit_rows == 0:
                 break
-            if computing and bm.first_miss_hash(seq) in computing:
+            hits = bm.prefix_hits(seq)  # (the cache does not change until allocate)
+            if not bm.can_allocate(seq, hits):
+                break
+            if computing and bm.first_miss_hash(seq, hits) in computing:
                 break  # it hits that block next step (see the module docstring)
-            bm.allocate(seq)
+            bm.allocate(seq, hits)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

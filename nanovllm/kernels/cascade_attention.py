@@ -11,14 +11,18 @@ same physical blocks. Sequence i's attention over its keys 0..n_i-1 is cut into 
   sequence (P = 0, the whole context, for sequences in no group).
 Both cut their key range into splits when that fills the GPU better, and every split leaves a
 normalised partial output o_j and its log-sum-exp lse_j (base 2) in one buffer
-[num_seqs, num_heads, suffix splits + prefix splits, d_pad].
+[num_seqs, num_heads, suffix splits + prefix splits, d_pad] (one suffix split: the prefix's only).
 
 The merge is exact: softmax over the union of disjoint key sets is the lse-weighted mean of the
 parts' softmax outputs, out = sum_j 2^(lse_j - M) o_j / sum_j 2^(lse_j - M) with M = max_j lse_j,
 since 2^lse_j is part j's softmax denominator. A part with no keys has lse = -inf and weight 0.
-The combine kernel of decode_attention.py does it, reading the prefix parts only for sequences
-with a shared prefix; with one suffix split, the paged kernel writes the output of sequences in
-no group itself (they need no merge).
+With one suffix split (the common case: a big batch) the prefix pass runs first and the paged
+kernel starts each grouped sequence's running state from the prefix parts (m = M,
+l = sum_j 2^(lse_j - M), acc = sum_j 2^(lse_j - M) o_j), so it writes every output itself: two
+launches a layer. With several suffix splits both passes leave partials and the combine kernel
+of decode_attention.py merges them, reading the prefix parts only for sequences with a shared
+prefix (the paged kernel writes the output of sequences in no group itself when it has one
+split).
 
 Prefix tiling. One program per (tile, K/V head, prefix split). A tile holds MEMBERS consecutive
 members of one group (MEMBERS * GROUP <= BLOCK_M rows: row r is member r // GROUP, query head
@@ -281,24 +285,29 @@ def cascade_decode_attention(
     members_per_tile, block_m = prefix_tiling(group, prefix_block_m)
     max_tiles = max_prefix_tiles(num_members, num_groups, members_per_tile)
     prefix_splits = choose_prefix_splits(max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n)
-    parts = num_splits + prefix_splits
+    # One suffix split: the prefix first, then the paged kernel from its partials (two
+    # launches). Several: both leave partials, merged by the combine kernel.
+    fold = num_splits == 1
+    first_part = 0 if fold else num_splits
+    parts = first_part + prefix_splits
     part_out, part_lse = partials(q, parts)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
-    launch_decode(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        prefix_lens,
-        scale,
-        num_splits,
-        out,
-        (part_out, part_lse),
-        block_n,
-        k_scale=k_scale,
-        v_scale=v_scale,
-    )
+    if not fold:
+        launch_decode(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            prefix_lens,
+            scale,
+            num_splits,
+            out,
+            (part_out, part_lse),
+            block_n,
+            k_scale=k_scale,
+            v_scale=v_scale,
+        )
     _prefix_kernel[(max_tiles, num_kv_heads, prefix_splits)](
         q,
         k_cache,
@@ -326,7 +335,7 @@ def cascade_decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=prefix_splits,
-        FIRST_PART=num_splits,
+        FIRST_PART=first_part,
         PARTS=parts,
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
@@ -335,7 +344,13 @@ def cascade_decode_attention(
         num_warps=4,
         num_stages=2,
     )
-    combine(part_out, part_lse, prefix_lens, out, num_splits)
+    if fold:
+        launch_decode(
+            q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, scale, 1, out,
+            block_n=block_n, k_scale=k_scale, v_scale=v_scale, prefix=(part_out, part_lse),
+        )  # fmt: skip
+    else:
+        combine(part_out, part_lse, prefix_lens, out, num_splits)
     return out
 
 

@@ -34,8 +34,9 @@ per tile, and a token-minor V tile is read whole, past the sequence's end too (t
 exactly 0; the slots hold finite values, as store_kv saturates), so its loads stay vectorised.
 
 Cascade (kernels/cascade_attention.py) runs the same kernel from a per-sequence first key
-(`starts`, the end of its group's shared prefix) and leaves partials for the shared prefix's
-to join in the combine kernel.
+(`starts`, the end of its group's shared prefix). With one split it starts from the shared
+prefix's partial results (PREFIX_PARTS, computed first) and writes the output itself; with
+several it leaves partials for the prefix's to join in the combine kernel.
 """
 
 import math
@@ -94,6 +95,7 @@ def _decode_kernel(
     WRITE_PARTS: tl.constexpr,
     SOLO: tl.constexpr,
     HAS_STARTS: tl.constexpr,
+    PREFIX_PARTS: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
@@ -130,6 +132,29 @@ def _decode_kernel(
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    if PREFIX_PARTS > 0:
+        # Cascade, one split: start from the shared prefix's PREFIX_PARTS partials (o_j, lse_j)
+        # [num_seqs, num_heads, PREFIX_PARTS, D_PAD] (written only where first > 0). Their
+        # merge as a running state: m = max_j lse_j, l = sum_j 2^(lse_j - m), acc = sum_j
+        # 2^(lse_j - m) o_j (o_j carries v_scale, acc does not: divided out).
+        firsts = tl.zeros([G_PAD], dtype=tl.int32) + first
+        grouped = g_mask & (firsts > 0)
+        base = (seq * num_heads + heads) * PREFIX_PARTS
+        for j in tl.static_range(PREFIX_PARTS):
+            m_i = tl.maximum(
+                m_i, tl.load(part_lse_ptr + base + j, mask=grouped, other=float("-inf"))
+            )
+        for j in tl.static_range(PREFIX_PARTS):
+            lse = tl.load(part_lse_ptr + base + j, mask=grouped, other=float("-inf"))
+            w = tl.where(lse > float("-inf"), tl.exp2(lse - m_i), 0.0)
+            o = tl.load(
+                part_out_ptr + (base + j)[:, None] * D_PAD + offs_d[None, :],
+                mask=grouped[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            l_i += w
+            acc += w[:, None] * o
+        acc = acc / v_scale
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -377,16 +402,25 @@ def launch_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     maxnreg: int | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Run the paged decode kernel over keys starts[i]..seq_lens[i]-1 of each sequence (all of
     them without starts). Without `partial` (one split, no starts) it writes `out`; else it
     fills slots 0..num_splits-1 of the partial buffers (see `partials`), except that with
     starts and one split a sequence whose start is 0 gets its output written to `out`.
-    k_scale, v_scale, maxnreg: as decode_attention's."""
+    `prefix` (with starts, one split, no `partial`): the shared prefixes' partial buffers, all
+    their slots, where starts[i] > 0; each such sequence starts from their merge and its output
+    is written to `out` (no combine kernel). k_scale, v_scale, maxnreg: as decode_attention's."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    if partial is None:
+    prefix_parts = 0
+    if prefix is not None:
+        if starts is None or num_splits != 1 or partial is not None:
+            raise ValueError("a prefix to start from needs starts, one split and no partials")
+        part_out, part_lse = prefix
+        parts, prefix_parts = 0, part_out.shape[2]
+    elif partial is None:
         part_out = part_lse = out  # unused placeholders
         parts = 0
     else:
@@ -424,6 +458,7 @@ def launch_decode(
         WRITE_PARTS=partial is not None,
         SOLO=starts is not None and num_splits == 1,
         HAS_STARTS=starts is not None,
+        PREFIX_PARTS=prefix_parts,
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
