@@ -221,7 +221,7 @@ class RequestDriver:
                 raise ValueError(f"stop strings {params.stop!r} need a tokenizer")
             if params.structured_outputs is not None and self.tokenizer is None:
                 raise ValueError("structured_outputs need a tokenizer")
-            self.engine.validate(ids, params)
+            self.engine.validate(ids, params, ints=True)  # (as_token_ids' or a tokenizer's)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
         return Request(str(i), text, ids, params)

@@ -89,10 +89,14 @@ def as_token_ids(value: object) -> list[int] | None:
     return [int(t) for t in value]
 
 
-def token_ids_in_range(token_ids: list[int], vocab: int) -> bool:
-    """True if every entry is an int (not a bool) in [0, vocab); at C speed, for long prompts."""
-    if not token_ids or set(map(type, token_ids)) != {int}:
-        return bool(token_ids) and all(_is_plain_id(t, vocab) for t in token_ids)
+def token_ids_in_range(token_ids: list[int], vocab: int, ints: bool = False) -> bool:
+    """True if every entry is an int in [0, vocab) (a bool counts as an int here); at C speed,
+    for long prompts. `ints`: the caller knows every entry is an int (as_token_ids' result, a
+    tokenizer's): only the range is checked."""
+    if not token_ids:
+        return False
+    if not ints and set(map(type, token_ids)) != {int}:
+        return all(_is_plain_id(t, vocab) for t in token_ids)
     try:
         ids = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))
     except OverflowError:

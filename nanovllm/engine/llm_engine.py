@@ -106,15 +106,16 @@ class LLMEngine:
             config.eos_token_ids,
         )
 
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if the request cannot be served; changes nothing."""
+    def validate(self, token_ids: list[int], params: SamplingParams, ints: bool = False) -> None:
+        """Raise ValueError if the request cannot be served; changes nothing. `ints`: the caller
+        knows every token id is an int (only their range is checked)."""
         n, limit = len(token_ids), self.config.max_model_len
         if n == 0:
             raise ValueError("prompt is empty")
         if n > limit:
             raise ValueError(f"prompt has {n} tokens but max_model_len is {limit}")
         vocab = self.config.hf_config.vocab_size
-        if not token_ids_in_range(token_ids, vocab):
+        if not token_ids_in_range(token_ids, vocab, ints):
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         bad = [t for t in params.stop_token_ids if t >= vocab]
