@@ -209,6 +209,9 @@ def kernel(args: argparse.Namespace) -> None:
     if args.eager:
         eager_ms, _ = batch.time_plain(eager=True)
         print(f"plain paged decode (eager): {eager_ms:.3f} ms")
+    if args.tiles:
+        tiles(batch, plain_ms, ref)
+        return
     for kw in (
         dict(prefix_block_m=None),
         dict(prefix_block_m=64),
@@ -225,6 +228,46 @@ def kernel(args: argparse.Namespace) -> None:
         if args.eager:
             line += f"; eager {batch.time_cascade(eager=True, **kw)[0]:.3f} ms"
         print(line)
+
+
+def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
+    """kernel --tiles: the prefix pass's tile rows / keys / warps / stages, then the suffix
+    pass's keys / warps / stages (the one-split path, which starts from the prefix's partials),
+    each against the engine's defaults (kernels/cascade_attention.py PREFIX_LAUNCH,
+    SUFFIX_LAUNCH); every result checked against the plain kernel's."""
+    from nanovllm.kernels import cascade_attention as ca
+
+    saved = (dict(ca.PREFIX_LAUNCH), dict(ca.SUFFIX_LAUNCH))
+
+    def run(label: str, **kw: int) -> None:
+        result = batch.time_cascade(**kw)
+        if result is None:
+            print(f"{label}: no group")
+            return
+        ms, out = result
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        print(f"{label}: {ms:.4f} ms ({plain_ms / ms:.2f}x plain), rel. diff {err:.1e}")
+
+    run(f"defaults {saved}")
+    for block_m in (64, 128):
+        for block_n in (32, 64, 128):
+            for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+                ca.PREFIX_LAUNCH.update(num_warps=warps, num_stages=stages)
+                ca.SUFFIX_LAUNCH.update(block_n=64)
+                try:
+                    run(
+                        f"prefix rows {block_m} keys {block_n} warps {warps} stages {stages}",
+                        prefix_block_m=block_m,
+                        block_n=block_n,
+                    )
+                except Exception as e:  # out of shared memory, say
+                    print(f"prefix rows {block_m} keys {block_n} {warps}/{stages}: {e!r:.120}")
+    ca.PREFIX_LAUNCH.update(saved[0])
+    for block_n in (32, 64, 128):
+        for warps, stages in ((2, 2), (4, 2), (4, 3), (8, 2)):
+            ca.SUFFIX_LAUNCH.update(block_n=block_n, num_warps=warps, num_stages=stages)
+            run(f"suffix keys {block_n} warps {warps} stages {stages}")
+    ca.SUFFIX_LAUNCH.update(saved[1])
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -435,6 +478,20 @@ def e2e(args: argparse.Namespace) -> None:
     )
     params = SamplingParams(temperature=0.6, max_tokens=128, ignore_eos=True)
     compare(llm, make, params, "e2e")
+    if args.host_profile:
+        import cProfile
+        import pstats
+
+        set_cascade(llm, True)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        sec, _, stats = timed(llm, make(4), params)
+        profiler.disable()
+        print(
+            f"--- host profile, cascade on: {sec:.3f} s under cProfile (prefill "
+            f"{stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s)"
+        )
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     if args.profile:
         set_cascade(llm, True)
         profile_run(llm, make(2), params, "e2e cascade on")
@@ -606,13 +663,20 @@ def main() -> None:
     )
     parser.add_argument("--layout", choices=["one", "n8"], default="one", help="kernel: batch")
     parser.add_argument("--eager", action="store_true", help="kernel: also time eager calls")
+    parser.add_argument(
+        "--host-profile", action="store_true", help="e2e: then one cascade run under cProfile"
+    )
+    parser.add_argument(
+        "--tiles", action="store_true", help="kernel: sweep the prefix and suffix launch settings"
+    )
     parser.add_argument("--decode-only", action="store_true", help="whole runs: no cascade prefill")
     parser.add_argument(
         "--profile", action="store_true", help="e2e: then one run each way under torch.profiler"
     )
     args = parser.parse_args()
-    global DECODE_ONLY
+    global DECODE_ONLY, BLOCK
     DECODE_ONLY = args.decode_only
+    BLOCK = args.block_size or BLOCK  # kernel and sweep too
     for what in args.what:
         globals()[what](args)
 

@@ -72,6 +72,11 @@ PREFIX_BLOCK_M = 64
 # pair, so each prefix tile is read once for twice the queries of a plain prefill tile (64
 # tokens of one head).
 PREFILL_PREFIX_BLOCK_M = 128
+# Launch settings of a decode step's prefix pass, and of its suffix pass when that starts from
+# the prefix's partials (one split; block_n None: the call's block_n). Module-level so that
+# scripts/bench_cascade.py `kernel --tiles` can sweep them.
+PREFIX_LAUNCH = {"num_warps": 4, "num_stages": 2}
+SUFFIX_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_groups"])
@@ -341,13 +346,14 @@ def cascade_decode_attention(
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
         COLS=3,
-        num_warps=4,
-        num_stages=2,
+        **PREFIX_LAUNCH,
     )
     if fold:
         launch_decode(
             q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, scale, 1, out,
-            block_n=block_n, k_scale=k_scale, v_scale=v_scale, prefix=(part_out, part_lse),
+            block_n=SUFFIX_LAUNCH["block_n"] or block_n, num_warps=SUFFIX_LAUNCH["num_warps"],
+            num_stages=SUFFIX_LAUNCH["num_stages"], k_scale=k_scale, v_scale=v_scale,
+            prefix=(part_out, part_lse),
         )  # fmt: skip
     else:
         combine(part_out, part_lse, prefix_lens, out, num_splits)
