@@ -36,6 +36,15 @@ def test_benchmark_main_prints_summary(capsys: pytest.CaptureFixture[str]) -> No
     assert re.search(r"nano-vllm / transformers = [\d.]+x", out), out
 
 
+def test_block_size_flag_wins_over_engine_args(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, shape="tiny")
+    args = parser.parse_args(["--device", "cpu", "--block-size", "32"])
+    work = dict(num_seqs=2, input_range=(8, 40), output_range=(2, 3))
+    main(args, work, dict(max_model_len=128, kvcache_block_size=16))
+    assert "block size 32" in capsys.readouterr().out
+
+
 def test_engine_is_freed_before_transformers_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """--compare-hf: nothing of the benchmark keeps nano-vllm's model and KV cache alive while
     transformers runs (on a GPU both would not fit)."""

@@ -77,6 +77,9 @@ def add_common_args(parser: argparse.ArgumentParser, shape: str) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8 (CUDA)")
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="kvcache_block_size (default: the engine's)"
+    )
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--dp", type=int, default=1, help="data_parallel_size (replicas)")
     parser.add_argument("--seed", type=int, default=0)
@@ -218,6 +221,7 @@ def main(
     Returns the seconds nano-vllm took, and transformers' with --compare-hf (else None).
     """
     path, load_format = model_path(args)
+    block = getattr(args, "block_size", None)  # --block-size wins over a preset's
     start = time.perf_counter()
     llm = LLM(
         path,
@@ -230,7 +234,7 @@ def main(
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         skip_tokenizer_init=True,  # token-id workload: no tokenizer, no warning about one
-        **engine_args,
+        **(engine_args | ({} if block is None else {"kvcache_block_size": block})),
     )
     # data-parallel replicas keep their runners (and start-up seconds) to themselves
     startup = getattr(getattr(llm.engine, "runner", None), "startup_seconds", {})
@@ -270,6 +274,8 @@ def main(
     )
     if llm.config.kv_cache_dtype != dtype:
         desc += f", KV cache {str(llm.config.kv_cache_dtype).removeprefix('torch.')}"
+    if block is not None:
+        desc += f", block size {llm.config.kvcache_block_size}"
     tps = work.num_output_tokens / elapsed
     total = work.num_output_tokens + work.num_prompt_tokens
     print(f"Total: {total} tok, Time: {elapsed:.2f} s, Throughput: {tps:.2f} tok/s (output)")
