@@ -1,5 +1,6 @@
 """BlockManager: paged allocation, growth, reference counts and prefix caching."""
 
+from array import array
 from collections import Counter
 from collections.abc import Iterable
 
@@ -48,7 +49,7 @@ def snapshot(bm: BlockManager) -> tuple:
     return (
         list(bm.free_block_ids),
         sorted(bm.used_block_ids),
-        [(b.ref_count, b.hash, b.token_ids) for b in bm.blocks],
+        [(b.ref_count, b.hash, b.token_bytes) for b in bm.blocks],
         dict(bm.hash_to_block),
         bm.num_lookup_tokens,
         bm.num_hit_tokens,
@@ -434,10 +435,10 @@ def test_reset_prefix_cache_forgets_hashes(bm16: BlockManager) -> None:
 def constant_hash(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every block hashes the same: only the token (and parent) comparison can tell them apart."""
 
-    def colliding_hash(token_ids: list[int], parent_hash: int = -1) -> int:
+    def colliding_hash(token_bytes: bytes, parent_hash: int = -1) -> int:
         return 12345
 
-    monkeypatch.setattr(block_manager_module, "compute_block_hash", colliding_hash)
+    monkeypatch.setattr(block_manager_module, "hash_block_bytes", colliding_hash)
 
 
 @pytest.mark.usefixtures("constant_hash")
@@ -530,7 +531,7 @@ def test_freed_cached_blocks_can_be_hit_and_leave_the_free_list() -> None:
     bm.allocate(filler)
     assert bm.num_free_blocks == 0
     assert all(
-        bm.blocks[block_id].token_ids == tuple(b.block_tokens(i))
+        bm.blocks[block_id].token_bytes == array("q", b.block_tokens(i)).tobytes()
         for i, block_id in enumerate(cached)
     )
     bm.deallocate(b)
@@ -818,3 +819,21 @@ def test_random_operations_keep_pool_consistent(
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+def test_block_hashes_computed_together_equal_one_at_a_time() -> None:
+    """A sequence's hash chain, computed for many blocks at once from one bytes conversion,
+    equals compute_block_hash applied block by block (and grows correctly later)."""
+    from nanovllm.engine.block_manager import compute_block_hash
+
+    bs = 16
+    bm = BlockManager(num_blocks=16, block_size=bs)
+    seq = make_seq(distinct_tokens(5 * bs + 3, 40), bs)
+    expected, parent = [], -1
+    for i in range(5):
+        parent = compute_block_hash(seq.block_tokens(i), parent)
+        expected.append(parent)
+    assert bm._block_hash(seq, 2) == expected[2]
+    assert seq.block_hashes == expected[:3]
+    assert bm._block_hash(seq, 4) == expected[4]
+    assert seq.block_hashes == expected

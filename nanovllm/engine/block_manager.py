@@ -10,9 +10,9 @@ tokens produce the same n hashes. `hash_to_block` maps a hash to a block whose K
 those tokens. Rules:
 - A block is registered only after its K/V has been computed (`cache_computed_blocks`, called
   after each step), never at allocation: a block that is merely reserved cannot be hit.
-- A hit is confirmed by comparing token ids and the parent block (the block before it when it
-  was computed must be the block this sequence hit just before), so a hash collision can never
-  share wrong K/V.
+- A hit is confirmed by comparing token ids (as int64 bytes: one memcmp) and the parent block
+  (the block before it when it was computed must be the block this sequence hit just before),
+  so a hash collision can never share wrong K/V.
 - A hit never covers the sequence's last token: its logits are needed, so at least one token
   is always computed.
 - Blocks carry a reference count. A block whose count drops to 0 goes to the end of the free
@@ -36,13 +36,14 @@ from nanovllm.engine.sequence import Sequence
 class Block:
     """One block of the pool: its reference count and, once computed and full, its hash."""
 
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "parent")
+    __slots__ = ("block_id", "ref_count", "hash", "token_bytes", "parent")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
         self.hash = -1
-        self.token_ids: tuple[int, ...] = ()
+        # Its token ids as int64 bytes (what its hash covers), once registered.
+        self.token_bytes = b""
         # Block that held the preceding tokens when this one was computed (-1: first block).
         self.parent = -1
 
@@ -50,13 +51,16 @@ class Block:
         return f"Block({self.block_id}, ref={self.ref_count}, hash={self.hash})"
 
 
+def hash_block_bytes(token_bytes: bytes, parent_hash: int = -1) -> int:
+    """xxhash64 of (parent block's hash, this block's token ids as int64 bytes)."""
+    if parent_hash == -1:
+        return xxhash.xxh64_intdigest(token_bytes)
+    return xxhash.xxh64_intdigest(parent_hash.to_bytes(8, "little") + token_bytes)
+
+
 def compute_block_hash(token_ids: list[int], parent_hash: int = -1) -> int:
     """xxhash64 of (parent block's hash, this block's token ids)."""
-    h = xxhash.xxh64()
-    if parent_hash != -1:
-        h.update(parent_hash.to_bytes(8, "little"))
-    h.update(array("q", token_ids).tobytes())
-    return h.intdigest()
+    return hash_block_bytes(array("q", token_ids).tobytes(), parent_hash)
 
 
 class BlockManager:
@@ -101,18 +105,30 @@ class BlockManager:
         self.hash_to_block.clear()
         for block in self.blocks:
             block.hash = -1
-            block.token_ids = ()
+            block.token_bytes = b""
             block.parent = -1
 
     # -- hashing -------------------------------------------------------------------------------
 
+    def _token_bytes(self, seq: Sequence, first: int, end: int) -> bytes:
+        """Token ids of seq's blocks first..end-1 as int64 bytes (one conversion)."""
+        bs = self.block_size
+        return array("q", seq.token_ids[first * bs : end * bs]).tobytes()
+
     def _block_hash(self, seq: Sequence, i: int) -> int:
-        """Hash of full block i of seq, computed on demand and memoised on the sequence."""
-        while len(seq.block_hashes) <= i:
-            j = len(seq.block_hashes)
-            parent = seq.block_hashes[j - 1] if j > 0 else -1
-            seq.block_hashes.append(compute_block_hash(seq.block_tokens(j), parent))
-        return seq.block_hashes[i]
+        """Hash of full block i of seq, computed on demand and memoised on the sequence; the
+        missing hashes before it are computed together (one conversion of their tokens to
+        bytes, not one per block)."""
+        hashes = seq.block_hashes
+        if len(hashes) <= i:
+            first, end = len(hashes), i + 1
+            raw = self._token_bytes(seq, first, end)
+            step = self.block_size * 8
+            parent = hashes[-1] if hashes else -1
+            for j in range(end - first):
+                parent = hash_block_bytes(raw[j * step : (j + 1) * step], parent)
+                hashes.append(parent)
+        return hashes[i]
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks equal to seq's leading full blocks (never its last token)."""
@@ -120,13 +136,21 @@ class BlockManager:
             return []  # (prompt_logprobs needs every prompt position's logits)
         hits: list[int] = []
         # Only blocks that end before the last token may be hit.
-        for i in range((len(seq) - 1) // self.block_size):
-            block_id = self.hash_to_block.get(self._block_hash(seq, i))
+        candidates = (len(seq) - 1) // self.block_size
+        if candidates == 0:
+            return hits
+        self._block_hash(seq, candidates - 1)  # every candidate's hash (registered later anyway)
+        if seq.block_hashes[0] not in self.hash_to_block:
+            return hits
+        raw = self._token_bytes(seq, 0, candidates)
+        step = self.block_size * 8
+        for i in range(candidates):
+            block_id = self.hash_to_block.get(seq.block_hashes[i])
             if block_id is None:
                 break
             block = self.blocks[block_id]
             parent = hits[-1] if hits else -1
-            if block.token_ids != tuple(seq.block_tokens(i)) or block.parent != parent:
+            if block.parent != parent or block.token_bytes != raw[i * step : (i + 1) * step]:
                 break
             hits.append(block_id)
         return hits
@@ -160,7 +184,7 @@ class BlockManager:
         if block.hash != -1 and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]
         block.hash = -1
-        block.token_ids = ()
+        block.token_bytes = b""
         block.parent = -1
         block.ref_count = 1
         self.used_block_ids.add(block_id)
@@ -228,6 +252,16 @@ class BlockManager:
         needed = (len(seq) + lookahead + self.block_size - 1) // self.block_size
         return max(0, needed - len(seq.block_table))
 
+    def total_blocks_to_append(self, seqs: list[Sequence], lookahead: int = 0) -> int:
+        """sum(blocks_to_append(seq, lookahead) for seq in seqs), computed inline (a decode
+        step asks it for every running sequence)."""
+        bs, total = self.block_size, 0
+        for seq in seqs:
+            n = (len(seq.token_ids) + lookahead + bs - 1) // bs - len(seq.block_table)
+            if n > 0:
+                total += n
+        return total
+
     def can_append(self, seq: Sequence) -> bool:
         """True if the blocks for seq's current tokens can be had (at most one new one per step)."""
         return seq.num_blocks - len(seq.block_table) <= self.num_free_blocks
@@ -235,7 +269,8 @@ class BlockManager:
     def may_append(self, seq: Sequence, lookahead: int = 0) -> None:
         """Grow seq's block table to cover all its tokens (a new block when one was crossed),
         and `lookahead` tokens not appended yet (a step computed before its input is known)."""
-        while self.blocks_to_append(seq, lookahead) > 0:
+        needed = (len(seq.token_ids) + lookahead + self.block_size - 1) // self.block_size
+        while len(seq.block_table) < needed:
             if not self.free_block_ids:
                 raise RuntimeError(f"no free block left to grow {seq}")
             seq.block_table.append(self._take_free_block())
@@ -250,7 +285,7 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash != h:
                 block.hash = h
-                block.token_ids = tuple(seq.block_tokens(i))
+                block.token_bytes = self._token_bytes(seq, i, i + 1)
                 block.parent = seq.block_table[i - 1] if i > 0 else -1
                 # An equal block already registered (computed twice concurrently) stays the target.
                 self.hash_to_block.setdefault(h, block.block_id)

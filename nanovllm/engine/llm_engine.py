@@ -231,7 +231,7 @@ class LLMEngine:
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         bm = self.block_manager
-        needed = sum(bm.blocks_to_append(seq, 1) for seq in seqs)
+        needed = bm.total_blocks_to_append(seqs, 1)
         return (
             not self.scheduler.waiting
             and needed <= bm.num_free_blocks

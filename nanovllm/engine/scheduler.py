@@ -194,10 +194,12 @@ class Scheduler:
         part of that sequence's prefill (nothing to sample yet).
         """
         finished = []
+        bs = self.block_manager.block_size
         for seq, token_id in zip(seqs, token_ids, strict=True):
             seq.num_cached_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            self.block_manager.cache_computed_blocks(seq)
+            if seq.num_cached_tokens // bs > seq.num_cached_blocks:  # a block filled up
+                self.block_manager.cache_computed_blocks(seq)
             if token_id is None:
                 continue
             seq.append_token(token_id)
