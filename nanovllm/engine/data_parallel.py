@@ -187,11 +187,14 @@ class DataParallelEngine:
                 f"call shutdown() and create a new LLM"
             )
 
-    def add_request(self, token_ids: list[int], params: SamplingParams) -> list[Sequence]:
-        """Validate and queue one request; returns its params.n Sequences. The request goes to
-        a replica, whole, at the next step()."""
+    def add_request(
+        self, token_ids: list[int], params: SamplingParams, validated: bool = False
+    ) -> list[Sequence]:
+        """Validate (unless the caller just did: `validated`) and queue one request; returns its
+        params.n Sequences. The request goes to a replica, whole, at the next step()."""
         self._check_usable()
-        self.validate(token_ids, params)
+        if not validated:
+            self.validate(token_ids, params)
         group = request_sequences(token_ids, params, self.config.kvcache_block_size)
         self._waiting.append(group)
         return group
