@@ -425,12 +425,12 @@ def test_sampling_kernel_greedy_rows_and_distribution() -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = 6
     logits = torch.randn(2, vocab, generator=gen) * 2
-    draws = 400 if INTERPRET and not CUDA else 20000
+    draws = 300 if INTERPRET and not CUDA else 20000
     # row 0 greedy, the other rows copies of row 1 at temperature 0.8
     rows = torch.cat([logits[:1], logits[1:].expand(draws, vocab)]).to(DEVICE)
     temps = torch.tensor([0.0] + [0.8] * draws, device=DEVICE)
     counts = torch.zeros(vocab)
-    for seed in range(5):
+    for seed in range(4):
         keys = torch.arange(draws + 1, device=DEVICE) + seed * (draws + 1)
         tokens = sample_full_rows(rows, temps, None, keys).cpu()
         assert tokens[0].item() == logits[0].argmax().item()
@@ -440,8 +440,9 @@ def test_sampling_kernel_greedy_rows_and_distribution() -> None:
     # 5 degrees of freedom: P(chi2 > 30) is about 1.5e-5
     assert chi2 < 30, (counts, expected)
     # equal keys, equal draws, wherever the row sits; other keys, other draws
-    keys = torch.full((draws + 1,), 12345, device=DEVICE)
-    same = sample_full_rows(rows, temps, None, keys).cpu()
+    few = min(draws + 1, 64)
+    keys = torch.full((few,), 12345, device=DEVICE)
+    same = sample_full_rows(rows[:few], temps[:few], None, keys).cpu()
     assert len(set(same[1:].tolist())) == 1
     other = sample_full_rows(rows[:2], temps[:2], None, keys[:2] + 1).cpu()
     alone = sample_full_rows(rows[1:2], temps[1:2], None, keys[1:2]).cpu()
@@ -828,8 +829,10 @@ def topk_rows_case(k: int, vocab: int, seed: int, penalised: bool):
     return logits, args
 
 
-@pytest.mark.parametrize("penalised", [False, True])
-@pytest.mark.parametrize("k", [1, 5, 20, 50, 64])
+# every k once, penalised and not in turn (the interpreter runs these slowly: one case per k)
+@pytest.mark.parametrize(
+    ("k", "penalised"), [(1, False), (5, True), (20, False), (50, True), (64, False)]
+)
 def test_threshold_topk_exact(k: int, penalised: bool) -> None:
     """kernel_topk's threshold way returns exactly the k largest (penalised) values, largest
     first, ties to the smallest ids, on rows with ties, crowding, -inf and few finite entries;
