@@ -17,5 +17,5 @@ step 60 bench python3 bench.py
 step 60 bench_fp8 python3 bench.py --kv-cache-dtype fp8
 TAIL=8 step 200 cuda_tests python3 -m pytest -q tests/test_cuda.py
 TAIL=8 step 150 cascade_engine python3 -m pytest -q tests/test_cascade.py -k "engine"
-[ -n "${TOPK:-}" ] && OUT=$OUT/topk bash scripts/visit_topk.sh 2>&1 | tail -30  # TOPK=1: also
+[ -n "${TOPK:-}" ] && OUT=$OUT/topk bash scripts/visit_topk.sh 2>&1 | tail -30
 echo "=== done ($(date +%T))"
