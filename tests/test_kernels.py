@@ -814,7 +814,7 @@ def topk_rows_case(k: int, vocab: int, seed: int, penalised: bool):
     logits[2, 7::5] = torch.where(torch.arange(len(logits[2, 7::5])) % 3 == 0, 40.0, 39.0)
     logits[3] = float("-inf")
     logits[4] = float("-inf")
-    logits[4, [3, 500, vocab - 1]] = torch.tensor([1.0, -2.0, 1.0])
+    logits[4, [3, 500, vocab - 1]] = torch.tensor([1.0, -2.0, 1.0], device=logits.device)
     logits[5] = float("-inf")
     logits[5, 32 : 32 + 2 * k + 3] = torch.linspace(-1, 1, 2 * k + 3)
     logits[6] = (logits[6] * 4).round() / 4

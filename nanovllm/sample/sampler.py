@@ -17,10 +17,10 @@ How it avoids a full-vocabulary sort: rows that truncate take only their K best 
 (topk_rows, K = the batch's largest top-k, or TOP_P_CANDIDATES for rows with top-p alone),
 and (c)-(f) run on those [B, K] candidates. On CUDA, for K <= KERNEL_TOPK, the K best come
 from kernel_topk (with the penalties applied inside when nothing else needs the penalised
-row): by default each 4096-entry chunk's best 8 (kernels/sampling.py chunk_topk), their top K,
-and the rows where a chunk may hold more redone; or (TOPK_WAY "threshold", kernels/topk.py)
-each sub-chunk's maximum, the K-th largest of those as a threshold (at least K entries reach
-it), the entries that reach it compacted and ranked. Else torch.topk over chunks, then over
+row): by default (TOPK_WAY "threshold", kernels/topk.py) each sub-chunk's maximum, the K-th
+largest of those as a threshold (at least K entries reach it), the entries that reach it
+compacted and ranked; or ("chunks") each 4096-entry chunk's best 8 (kernels/sampling.py
+chunk_topk), their top K, and the rows where a chunk may hold more redone. Else torch.topk over chunks, then over
 the chunks' best. That is exact for top-k rows. For a top-p-only row it
 is exact when the candidates hold at least top_p of the row's probability (the nucleus then lies
 inside them); rows where they do not are redone (see below). Min-p is a floor
@@ -69,10 +69,11 @@ TOPK_SUB = 512
 TOPK_CAPACITY = 1024
 # kernel_topk's chunks way: its first pass keeps this many per chunk.
 FIRST_ROUNDS = 8
-# kernel_topk's way: "chunks" is the one measured on the GPU (BENCHMARKS.md, session 7);
-# "threshold" (kernels/topk.py) is exact and tested but not yet timed on a GPU
-# (scripts/visit_topk.sh compares the two); switch when it is measured faster.
-TOPK_WAY = "chunks"
+# kernel_topk's way. "threshold" (kernels/topk.py) measured faster than "chunks" at every
+# setting on an H200 (scripts/visit_topk.sh, BENCHMARKS.md session 9): sampler step for 256 x
+# 151,936 rows at Qwen3's defaults 192 against 312 us, heavy 464 against 794 us, k = 20 alone
+# 128 against 295 us, rows that fall back 183 against 1,154 us; exact in both ways.
+TOPK_WAY = "threshold"
 
 
 def apply_penalties(logits: Tensor, rows: SamplingRows) -> Tensor:
