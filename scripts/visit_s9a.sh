@@ -3,13 +3,7 @@
 # (scripts/bench_prefetch.py), then the shared-prefix run at block size 64 with a profile of a
 # whole run each way (bench_cascade.py e2e --profile). Logs to $OUT.
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAME.log
-  local limit=$1 name=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$limit" "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -60
-}
+source scripts/visit_lib.sh  # step(), $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 step 150 prefetch python3 scripts/bench_prefetch.py
 step 200 cascade64 python3 scripts/bench_cascade.py e2e --block-size 64 --profile

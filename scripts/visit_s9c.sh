@@ -3,13 +3,7 @@
 # settings at block size 64 (bench_cascade kernel --tiles), the shared-prefix run with the host
 # under cProfile, and bench.py's standard workload at block sizes 256 and 64. Logs to $OUT.
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAME.log
-  local limit=$1 name=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$limit" "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -${TAIL:-45}
-}
+source scripts/visit_lib.sh  # step(), $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 TAIL=60 step 150 tiles python3 scripts/bench_cascade.py kernel --block-size 64 --tiles
 step 150 host python3 scripts/bench_cascade.py e2e --block-size 64 --host-profile

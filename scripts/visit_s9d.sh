@@ -4,13 +4,7 @@
 # engine tests and the cascade engine tests (TOPK=1: then the threshold top-k, visit_topk.sh).
 # Logs to $OUT.
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAME.log
-  local limit=$1 name=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$limit" "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -${TAIL:-25}
-}
+source scripts/visit_lib.sh  # step(), $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 step 120 cascade64 python3 scripts/bench_cascade.py e2e parallel --block-size 64
 step 60 bench python3 bench.py
