@@ -140,14 +140,16 @@ class BlockManager:
         if candidates == 0:
             return hits
         self._block_hash(seq, candidates - 1)  # every candidate's hash (registered later anyway)
-        if seq.block_hashes[0] not in self.hash_to_block:
-            return hits
-        raw = self._token_bytes(seq, 0, candidates)
-        step = self.block_size * 8
-        for i in range(candidates):
-            block_id = self.hash_to_block.get(seq.block_hashes[i])
+        # The blocks whose hashes are cached, then their tokens confirmed (converted once).
+        found = []
+        for h in seq.block_hashes[:candidates]:
+            block_id = self.hash_to_block.get(h)
             if block_id is None:
                 break
+            found.append(block_id)
+        raw = self._token_bytes(seq, 0, len(found)) if found else b""
+        step = self.block_size * 8
+        for i, block_id in enumerate(found):
             block = self.blocks[block_id]
             parent = hits[-1] if hits else -1
             if block.parent != parent or block.token_bytes != raw[i * step : (i + 1) * step]:
@@ -247,14 +249,9 @@ class BlockManager:
         seq.num_cached_tokens = 0
         seq.num_cached_blocks = 0
 
-    def blocks_to_append(self, seq: Sequence, lookahead: int = 0) -> int:
-        """New blocks seq needs to hold its tokens plus `lookahead` more."""
-        needed = (len(seq) + lookahead + self.block_size - 1) // self.block_size
-        return max(0, needed - len(seq.block_table))
-
     def total_blocks_to_append(self, seqs: list[Sequence], lookahead: int = 0) -> int:
-        """sum(blocks_to_append(seq, lookahead) for seq in seqs), computed inline (a decode
-        step asks it for every running sequence)."""
+        """New blocks all of seqs need to hold their tokens plus `lookahead` more each (a
+        decode step asks it for every running sequence: the arithmetic is inline)."""
         bs, total = self.block_size, 0
         for seq in seqs:
             n = (len(seq.token_ids) + lookahead + bs - 1) // bs - len(seq.block_table)
