@@ -3,9 +3,11 @@
     python3 scripts/bench_host_step.py [--seqs 512] [--block-size 64] [--steps 60]
 
 `seqs` prompts of 2,000 shared + 48 own tokens go through the scheduler and block manager as
-the engine drives them (sampled tokens made up): the prefill scheduling (prefix hashing and
-matching, allocation, postprocess) in total, then per decode step the median ms of the
-schedule, the run-ahead block check and growth, the cascade grouping, and the postprocess.
+the engine drives them (sampled tokens made up): reading the prompts (the driver's token-id
+check and range check) and queueing them, the prefill steps' schedule (prefix hashing and
+matching, allocation), plan, input build (host side, cascade grouping included) and
+postprocess, then per decode step the median ms of the schedule, the run-ahead block check and
+growth, the cascade grouping, and the postprocess.
 """
 
 import argparse
@@ -13,11 +15,16 @@ import random
 import statistics
 import time
 
+import torch
+
 from nanovllm.attention.cascade import find_cascade_groups
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.llm_engine import request_sequences
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_plan import plan_step
+from nanovllm.inputs import as_token_ids, token_ids_in_range
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.worker.inputs import InputBuilder
 
 
 def main() -> None:
@@ -31,20 +38,40 @@ def main() -> None:
     params = SamplingParams(temperature=0.6, max_tokens=args.steps + 2, ignore_eos=True)
     bm = BlockManager(args.seqs * (2200 // bs + 4), bs)
     sch = Scheduler(bm, args.seqs, 16384, 4096, [2])
-    seqs = [
-        Sequence(shared + [rng.randrange(0, 150000) for _ in range(48)], params, bs)
-        for _ in range(args.seqs)
-    ]
-    start = time.perf_counter()
-    for seq in seqs:
-        sch.add_group([seq])
+    prompts = [shared + [rng.randrange(0, 150000) for _ in range(48)] for _ in range(args.seqs)]
+    builder = InputBuilder(torch.device("cpu"), bs, cascade=True, gqa_group=2)
+    took: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        took[name] = took.get(name, 0.0) + (now - since) * 1e3
+        return now
+
+    t = time.perf_counter()
+    ids = [as_token_ids(p) for p in prompts]
+    t = lap("token ids", t)
+    for one in ids:
+        assert token_ids_in_range(one, 151936, ints=True)
+    t = lap("range check", t)
+    for one in ids:
+        sch.add_group(request_sequences(one, params, bs))
+    t = lap("queue", t)
     sizes = []
     while sch.waiting:
         batch, _ = sch.schedule()
-        done = [s.num_uncached_tokens <= s.num_scheduled_tokens for s in batch]
-        sch.postprocess(batch, [rng.randrange(0, 150000) if d else None for d in done])
+        t = lap("schedule", t)
+        plan = plan_step(batch, True)
+        t = lap("plan", t)
+        builder.build(plan)
+        t = lap("build", t)
+        sampled = set(plan.sample_rows)
+        tokens = [rng.randrange(0, 150000) if i in sampled else None for i in range(len(batch))]
+        t = time.perf_counter()
+        sch.postprocess(batch, tokens)
+        t = lap("postprocess", t)
         sizes.append(len(batch))
-    print(f"prefill scheduling: {(time.perf_counter() - start) * 1e3:.1f} ms, steps {sizes}")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in took.items())
+    print(f"before the first step and prefill steps {sizes}, host ms: {parts}")
     times: dict[str, list[float]] = {"schedule": [], "run-ahead": [], "groups": [], "post": []}
     for _ in range(args.steps):
         t0 = time.perf_counter()
