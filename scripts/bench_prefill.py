@@ -8,8 +8,7 @@ Qwen3-0.6B heads (16 query, 8 K/V, head_dim 128), bfloat16, blocks in random ord
 - `long`: 16 x 1,024 new tokens, nothing cached, block size 256 (bench.py's longest prompts);
 - `mid`: 64 x 256 new tokens, nothing cached;
 - `2k`: 8 x 2,048 new tokens, nothing cached.
-Each row: block_m / block_n / warps / stages / packed (the rows of a tile: tokens x the 2 query heads
-of a K/V head, instead of tokens of one head), the median ms of CUDA-graph replays, and TFLOP/s
+Each row: block_m / block_n / warps / stages, the median ms of CUDA-graph replays, and TFLOP/s
 (4 x heads x head_dim x the visible (query, key) pairs, causal). The first row of a shape is
 the engine's default; the output of every setting is compared with it.
 """
@@ -40,7 +39,7 @@ def graph_ms(fn: "object", rep: int = 50) -> float:
     return triton.testing.do_bench(graph.replay, warmup=10, rep=rep, return_mode="median")
 
 
-def case(name: str, configs: list[tuple[int, int, int, int, bool]]) -> None:
+def case(name: str, configs: list[tuple[int, int, int, int]]) -> None:
     n, q, ctx, bs = SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
     per_seq = (ctx + q + bs - 1) // bs
@@ -62,9 +61,9 @@ def case(name: str, configs: list[tuple[int, int, int, int, bool]]) -> None:
     flops = 4 * HEADS * HEAD_DIM * pairs
     ref = None
     print(f"--- {name}: {n} x {q} new after {ctx} cached, block {bs}; {flops / 1e9:.1f} GFLOP")
-    for bm, bn, warps, stages, pack in configs:
+    for bm, bn, warps, stages in configs:
         out = torch.empty_like(qs)
-        kw = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, pack=pack)
+        kw = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
 
         def run(out: torch.Tensor = out, kw: dict = kw) -> None:
             prefill_attention(qs, k_cache, v_cache, block_tables, cu, seq_lens, q, 0.088, out, **kw)
@@ -72,16 +71,12 @@ def case(name: str, configs: list[tuple[int, int, int, int, bool]]) -> None:
         try:
             ms = graph_ms(run)
         except Exception as e:  # noqa: BLE001 (a setting that does not fit: say so, go on)
-            print(
-                f"  {bm:4d} {bn:4d} {warps} {stages} {pack:d}: failed ({type(e).__name__}: {e})"[
-                    :160
-                ]
-            )
+            print(f"  {bm:4d} {bn:4d} {warps} {stages}: failed ({type(e).__name__}: {e})"[:160])
             continue
         if ref is None:
             ref = out.float()
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        print(f"  {bm:4d} {bn:4d} {warps} {stages} {pack:d}: {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s"
+        print(f"  {bm:4d} {bn:4d} {warps} {stages}: {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s"
               f"  rel diff {err:.1e}")  # fmt: skip
 
 
@@ -90,13 +85,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer settings")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     args = parser.parse_args()
-    default = (64, 64, 4, 2, False)
+    default = (64, 64, 4, 2)
     configs = [default]
-    for pack, bm, bn in itertools.product((False, True), (64, 128), (64, 128)):
+    for bm, bn in itertools.product((64, 128), (64, 128)):
         launch = [(4, 2), (4, 3)] if bm == 64 else [(4, 2), (4, 3), (8, 2), (8, 3)]
         if args.quick:
             launch = launch[1:2] + launch[3:]
-        configs += [(bm, bn, w, s, pack) for w, s in launch if (bm, bn, w, s, pack) != default]
+        configs += [(bm, bn, w, s) for w, s in launch if (bm, bn, w, s) != default]
     for name in args.shapes.split(","):
         case(name, configs)
 

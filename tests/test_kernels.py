@@ -1128,33 +1128,3 @@ def test_default_block_n() -> None:
         128,
         128,
     ]
-
-
-@pytest.mark.parametrize("heads", [(4, 2, 32), (6, 2, 16), (4, 1, 16), (2, 2, 32)])
-@pytest.mark.parametrize("block_m", [8, 16])
-def test_prefill_packed_rows_match_one_head_tiles(
-    heads: tuple[int, int, int], block_m: int
-) -> None:
-    """pack=True (a tile's rows = tokens x the query heads of one K/V head; 3 heads a K/V head
-    leave rows of the tile unused) gives the per-head tiles' result, with and without a
-    cascade prefix to continue from, on chunks that cross tile and block boundaries."""
-    from nanovllm.kernels.prefill_attention import prefill_attention
-
-    dtype = DTYPES[-1]
-    case = Case([9, 13, 1], [3, 17, 30], heads, 16, dtype, seed=block_m + heads[0]).to(DEVICE)
-    m = case.meta
-    args = (case.q, case.k_cache, case.v_cache, m.block_tables, m.cu_seqlens_q, m.seq_lens)
-    gen = torch.Generator().manual_seed(5)
-    num_tokens, num_heads, head_dim = case.q.shape
-    d_pad = 1 << (head_dim - 1).bit_length()
-    prefix = (  # sequences 1 and 2 continue from made-up prefix partials of their first 16 keys
-        torch.tensor([0, 16, 16], dtype=torch.int32, device=DEVICE),
-        torch.randn(num_tokens, num_heads, d_pad, generator=gen).to(DEVICE),
-        torch.randn(num_tokens, num_heads, generator=gen).to(DEVICE),
-    )
-    for pre in (None, prefix):
-        plain = prefill_attention(*args, m.max_seqlen_q, case.scale, block_m=block_m, block_n=8,
-                                  prefix=pre)  # fmt: skip
-        packed = prefill_attention(*args, m.max_seqlen_q, case.scale, block_m=block_m, block_n=8,
-                                   prefix=pre, pack=True)  # fmt: skip
-        assert rel_err(packed.cpu(), plain.cpu()) < TOL[dtype] / 10

@@ -6,10 +6,7 @@ q_len of seq_len positions: the first ctx = seq_len - q_len keys were cached bef
 cache by store_kv just before. Query j (absolute position ctx + j) sees keys 0..ctx + j (causal
 with the offset), so a plain prefill (ctx = 0), a prefix hit and a later chunk are one case.
 
-Tiling. One program per (query tile of BLOCK_M rows, sequence, query head), or with `pack` per
-(tile, sequence, K/V head): then the rows are BLOCK_M // GROUP tokens x the GROUP query heads
-that share the K/V head (row r: token r // GROUP, head kv_head * GROUP + r % GROUP), so each key
-tile is loaded once for all of them and the products are GROUP times taller. Programs whose tile
+Tiling. One program per (query tile of BLOCK_M rows, sequence, query head). Programs whose tile
 starts past the sequence's q_len exit at once (the grid is sized by the longest q_len). The
 program walks key tiles of BLOCK_N tokens from 0 up to the last key its last row can see, finding
 each token's cache row through the block table, and keeps flash-attention's running maximum, sum
@@ -81,33 +78,26 @@ def _prefill_kernel(
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
     HAS_STARTS: tl.constexpr,
-    ROWS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
-    # Each token takes ROWS rows: query heads slot * ROWS .. slot * ROWS + ROWS - 1 (ROWS is
-    # 1, or GROUP: all heads of one K/V head).
-    slot = tl.program_id(2)
-    num_heads = tl.num_programs(2) * ROWS
-    kv_head = slot * ROWS // GROUP
-    TOKENS: tl.constexpr = BLOCK_M // ROWS  # tokens per tile
+    head = tl.program_id(2)
+    num_heads = tl.num_programs(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    if tile * TOKENS < q_len:
+    if tile * BLOCK_M < q_len:
         seq_len = tl.load(seq_lens_ptr + seq)
         ctx = seq_len - q_len
-        r = tl.arange(0, BLOCK_M)
-        # [BLOCK_M] each row's token (among the sequence's new ones) and query head
-        offs_m = tile * TOKENS + r // ROWS
-        heads = slot * ROWS + r % ROWS
+        kv_head = head // GROUP
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D_PAD)
-        m_mask = (offs_m < q_len) & (r < TOKENS * ROWS)
+        m_mask = offs_m < q_len
         d_mask = offs_d < HEAD_DIM
         # [BLOCK_M, D_PAD]
         q = tl.load(
             q_ptr
             + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt
-            + heads[:, None] * stride_qh
+            + head * stride_qh
             + offs_d[None, :],
             mask=m_mask[:, None] & d_mask[None, :],
             other=0.0,
@@ -126,7 +116,7 @@ def _prefill_kernel(
             # interpreter rejects scalar operands)
             cont = m_mask & ((tl.zeros([BLOCK_M], dtype=tl.int32) + first) > 0)
             # prefix partials [num_tokens, num_heads] (lse), [num_tokens, num_heads, D_PAD]
-            rows = (q_start + offs_m).to(tl.int64) * num_heads + heads
+            rows = (q_start + offs_m).to(tl.int64) * num_heads + head
             m_i = tl.load(prefix_lse_ptr + rows, mask=cont, other=float("-inf"))
             l_i = tl.where(cont, 1.0, 0.0)
             # (o_p already carries a float8 cache's v_scale, which the end applies again)
@@ -140,8 +130,8 @@ def _prefill_kernel(
             )
         table = block_tables_ptr + seq.to(tl.int64) * stride_bt
         # Keys visible to the tile's last row, and the first key tile that needs the mask.
-        end = tl.minimum(seq_len, ctx + (tile + 1) * TOKENS)
-        diag = ((ctx + tile * TOKENS) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(seq_len, ctx + (tile + 1) * BLOCK_M)
+        diag = ((ctx + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
         for n0 in range((first // BLOCK_N) * BLOCK_N, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
@@ -183,7 +173,7 @@ def _prefill_kernel(
         tl.store(
             out_ptr
             + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot
-            + heads[:, None] * stride_oh
+            + head * stride_oh
             + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=m_mask[:, None] & d_mask[None, :],
@@ -207,7 +197,6 @@ def prefill_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    pack: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries against all its cached keys.
 
@@ -219,8 +208,6 @@ def prefill_attention(
     d_pad] float32, prefix log-sum-exps [num_tokens, num_heads] float32): sequence i's keys
     before starts[i] were attended by the prefix pass, whose results its rows continue from
     (see the module docstring); rows of sequences with starts[i] = 0 are not read.
-    pack: a tile's block_m rows are block_m // group tokens x the group query heads of one K/V
-    head (module docstring; block_m must be at least the group).
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -236,10 +223,7 @@ def prefill_attention(
         out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    rows = num_heads // num_kv_heads if pack else 1
-    if block_m < rows:
-        raise ValueError(f"block_m={block_m} holds no token of {rows} packed heads")
-    grid = (triton.cdiv(max_seqlen_q, block_m // rows), num_seqs, num_heads // rows)
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     # unused placeholders without a prefix pass
     starts, prefix_out, prefix_lse = prefix if prefix is not None else (seq_lens, out, out)
@@ -274,7 +258,6 @@ def prefill_attention(
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
         HAS_STARTS=prefix is not None,
-        ROWS=rows,
         num_warps=num_warps,
         num_stages=num_stages,
     )
