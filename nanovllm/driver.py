@@ -49,6 +49,7 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    prompt_bytes: bytes | None = None  # the ids as int64 bytes (engine.validate's result)
     seqs: list[Sequence] = field(default_factory=list)
     num_finished: int = 0
 
@@ -221,10 +222,11 @@ class RequestDriver:
                 raise ValueError(f"stop strings {params.stop!r} need a tokenizer")
             if params.structured_outputs is not None and self.tokenizer is None:
                 raise ValueError("structured_outputs need a tokenizer")
-            self.engine.validate(ids, params, ints=True)  # (as_token_ids' or a tokenizer's)
+            # (ints: as_token_ids' or a tokenizer's)
+            prompt_bytes = self.engine.validate(ids, params, ints=True)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
-        return Request(str(i), text, ids, params)
+        return Request(str(i), text, ids, params, prompt_bytes)
 
     def lazy_requests(self, prompts: Iterable[Any], params: Iterator[object]) -> Iterator[Request]:
         """Requests prepared one by one as the prompts (and params) are read."""
@@ -254,8 +256,9 @@ class RequestDriver:
             yield self.output(req)
 
     def _submit(self, req: Request) -> None:
-        # (prepare validated the request when it was read)
-        req.seqs = self.engine.add_request(req.prompt_token_ids, req.params, validated=True)
+        # (prepare validated the request when it was read: its prompt_bytes say so)
+        req.seqs = self.engine.add_request(req.prompt_token_ids, req.params, req.prompt_bytes)
+        req.prompt_bytes = None  # (the sequences hold them now)
         params = req.params
         if params.stop:
             for seq in req.seqs:

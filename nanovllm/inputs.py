@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+from array import array
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -93,15 +94,25 @@ def token_ids_in_range(token_ids: list[int], vocab: int, ints: bool = False) -> 
     """True if every entry is an int in [0, vocab) (a bool counts as an int here); at C speed,
     for long prompts. `ints`: the caller knows every entry is an int (as_token_ids' result, a
     tokenizer's): only the range is checked."""
+    return token_bytes_in_range(token_ids, vocab, ints) is not None
+
+
+def token_bytes_in_range(token_ids: list[int], vocab: int, ints: bool = False) -> bytes | None:
+    """The ids as int64 bytes (what the prefix cache hashes: Sequence.prompt_bytes) if every
+    entry is an int in [0, vocab), else None; see token_ids_in_range."""
     if not token_ids:
-        return False
+        return None
     if not ints and set(map(type, token_ids)) != {int}:
-        return all(_is_plain_id(t, vocab) for t in token_ids)
+        if not all(_is_plain_id(t, vocab) for t in token_ids):
+            return None
     try:
-        ids = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))
-    except OverflowError:
-        return False
-    return bool(ids.min() >= 0 and ids.max() < vocab)
+        ids = array("q", token_ids)  # one conversion at C speed
+    except (OverflowError, TypeError):
+        return None
+    view = np.frombuffer(ids, dtype=np.int64)
+    if view.min() < 0 or view.max() >= vocab:
+        return None
+    return ids.tobytes()
 
 
 def _is_plain_id(t: object, vocab: int) -> bool:

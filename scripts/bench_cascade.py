@@ -325,18 +325,19 @@ def dummy_llm(max_num_seqs: int, block_size: int = 0) -> "object":
     from nanovllm import LLM
     from nanovllm.utils.dummy import write_model_folder
 
-    key = (max_num_seqs, block_size)
+    key = (max_num_seqs, block_size, KV_CACHE_DTYPE)
     if key not in _ENGINES:
         folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
         path = write_model_folder(folder, "qwen3-0.6b", tokenizer=False)
         _ENGINES[key] = LLM(
             path, load_format="dummy", max_num_seqs=max_num_seqs, skip_tokenizer_init=True,
-            kvcache_block_size=block_size,
+            kvcache_block_size=block_size, kv_cache_dtype=KV_CACHE_DTYPE,
         )  # fmt: skip
     return _ENGINES[key]
 
 
 DECODE_ONLY = False  # --decode-only: prefill steps never take the cascade path
+KV_CACHE_DTYPE = "auto"  # --kv-dtype fp8: whole runs with a float8 cache
 
 
 def set_cascade(llm: "object", on: bool) -> None:
@@ -467,7 +468,7 @@ def e2e(args: argparse.Namespace) -> None:
 
     # The floor of the decode steps: the K/V that must be read (the shared blocks once, each
     # sequence's own tokens) and the weights, each step, at the copy bandwidth.
-    token_bytes = 28 * KV_HEADS * HEAD_DIM * 2 * 2
+    token_bytes = 28 * KV_HEADS * HEAD_DIM * 2 * (1 if KV_CACHE_DTYPE == "fp8" else 2)
     shared = 2000 // llm.config.kvcache_block_size * llm.config.kvcache_block_size
     weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     kv = sum(shared + 512 * (2048 - shared + t) for t in range(128)) * token_bytes
@@ -657,7 +658,9 @@ def main() -> None:
         nargs="+",
         choices=["kernel", "sweep", "e2e", "parallel", "standard", "prefill", "suffixes"],
     )
-    parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
+    parser.add_argument(
+        "--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the cache (whole runs too)"
+    )
     parser.add_argument(
         "--block-size", type=int, default=0, help="whole runs: KV block size (0: 256)"
     )
@@ -674,8 +677,9 @@ def main() -> None:
         "--profile", action="store_true", help="e2e: then one run each way under torch.profiler"
     )
     args = parser.parse_args()
-    global DECODE_ONLY, BLOCK
+    global DECODE_ONLY, BLOCK, KV_CACHE_DTYPE
     DECODE_ONLY = args.decode_only
+    KV_CACHE_DTYPE = "fp8" if args.kv_dtype == "fp8" else "auto"
     BLOCK = args.block_size or BLOCK  # kernel and sweep too
     for what in args.what:
         globals()[what](args)

@@ -22,7 +22,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.llm_engine import request_sequences
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.step_plan import plan_step
-from nanovllm.inputs import as_token_ids, token_ids_in_range
+from nanovllm.inputs import as_token_ids, token_bytes_in_range
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.worker.inputs import InputBuilder
 
@@ -50,11 +50,10 @@ def main() -> None:
     t = time.perf_counter()
     ids = [as_token_ids(p) for p in prompts]
     t = lap("token ids", t)
-    for one in ids:
-        assert token_ids_in_range(one, 151936, ints=True)
+    checked = [token_bytes_in_range(one, 151936, ints=True) for one in ids]
     t = lap("range check", t)
-    for one in ids:
-        sch.add_group(request_sequences(one, params, bs))
+    for one, prompt_bytes in zip(ids, checked, strict=True):
+        sch.add_group(request_sequences(one, params, bs, prompt_bytes))
     t = lap("queue", t)
     sizes = []
     while sch.waiting:

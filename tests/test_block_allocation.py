@@ -837,3 +837,35 @@ def test_block_hashes_computed_together_equal_one_at_a_time() -> None:
     assert seq.block_hashes == expected[:3]
     assert bm._block_hash(seq, 4) == expected[4]
     assert seq.block_hashes == expected
+    # Generated tokens fill blocks past the prompt: their hashes come from the tokens.
+    for t in distinct_tokens(2 * bs, 900):
+        seq.append_token(t)
+    fifth = compute_block_hash(seq.block_tokens(5), expected[4])
+    assert bm._block_hash(seq, 6) == compute_block_hash(seq.block_tokens(6), fifth)
+
+
+def test_prompt_bytes_given_or_converted_hit_the_same_blocks() -> None:
+    """A sequence built with its prompt's int64 bytes (engine.validate's result) hits the
+    blocks of one that converted its own prompt, including a block that held prompt and
+    generated tokens there and is all prompt here."""
+    from nanovllm.inputs import token_bytes_in_range
+
+    bs = 8
+    bm = BlockManager(num_blocks=32, block_size=bs)
+    prompt = distinct_tokens(3 * bs + 5, 70)
+    first = make_seq(prompt, bs)
+    assert first.prompt_bytes is None
+    bm.allocate(first)
+    for t in (7, 8, 9):  # block 3 is full now: 5 prompt tokens, 3 generated
+        first.append_token(t)
+    bm.may_append(first)
+    first.num_cached_tokens = len(first)
+    bm.cache_computed_blocks(first)
+    assert first.prompt_bytes == array("q", prompt).tobytes()  # converted on first use
+    ids = prompt + [7, 8, 9, 10]
+    given = token_bytes_in_range(ids, 1000, ints=True)
+    assert given == array("q", ids).tobytes()
+    second = Sequence(ids, None, bs, prompt_bytes=given)
+    bm.allocate(second)
+    assert second.block_table[:4] == first.block_table[:4]
+    assert second.num_cached_tokens == 4 * bs

@@ -51,11 +51,10 @@ class Block:
         return f"Block({self.block_id}, ref={self.ref_count}, hash={self.hash})"
 
 
-def hash_block_bytes(token_bytes: bytes, parent_hash: int = -1) -> int:
-    """xxhash64 of (parent block's hash, this block's token ids as int64 bytes)."""
-    if parent_hash == -1:
-        return xxhash.xxh64_intdigest(token_bytes)
-    return xxhash.xxh64_intdigest(parent_hash.to_bytes(8, "little") + token_bytes)
+def hash_block_bytes(token_bytes: bytes | memoryview, parent_hash: int = -1) -> int:
+    """xxhash64 of this block's token ids as int64 bytes, seeded with the parent block's hash
+    (0 for the first block)."""
+    return xxhash.xxh64_intdigest(token_bytes, parent_hash if parent_hash != -1 else 0)
 
 
 def compute_block_hash(token_ids: list[int], parent_hash: int = -1) -> int:
@@ -111,8 +110,13 @@ class BlockManager:
     # -- hashing -------------------------------------------------------------------------------
 
     def _token_bytes(self, seq: Sequence, first: int, end: int) -> bytes:
-        """Token ids of seq's blocks first..end-1 as int64 bytes (one conversion)."""
+        """Token ids of seq's blocks first..end-1 as int64 bytes: a slice of the prompt's bytes
+        (converted once per sequence) when the blocks lie in the prompt."""
         bs = self.block_size
+        if end * bs <= seq.num_prompt_tokens:
+            if seq.prompt_bytes is None:
+                seq.prompt_bytes = array("q", seq.prompt_token_ids).tobytes()
+            return seq.prompt_bytes[first * bs * 8 : end * bs * 8]
         return array("q", seq.token_ids[first * bs : end * bs]).tobytes()
 
     def _block_hash(self, seq: Sequence, i: int) -> int:
@@ -122,7 +126,7 @@ class BlockManager:
         hashes = seq.block_hashes
         if len(hashes) <= i:
             first, end = len(hashes), i + 1
-            raw = self._token_bytes(seq, first, end)
+            raw = memoryview(self._token_bytes(seq, first, end))
             step = self.block_size * 8
             parent = hashes[-1] if hashes else -1
             for j in range(end - first):

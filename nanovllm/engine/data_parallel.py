@@ -188,14 +188,14 @@ class DataParallelEngine:
             )
 
     def add_request(
-        self, token_ids: list[int], params: SamplingParams, validated: bool = False
+        self, token_ids: list[int], params: SamplingParams, prompt_bytes: bytes | None = None
     ) -> list[Sequence]:
-        """Validate (unless the caller just did: `validated`) and queue one request; returns its
-        params.n Sequences. The request goes to a replica, whole, at the next step()."""
+        """Validate and queue one request (`prompt_bytes`: as LLMEngine.add_request); returns
+        its params.n Sequences. The request goes to a replica, whole, at the next step()."""
         self._check_usable()
-        if not validated:
-            self.validate(token_ids, params)
-        group = request_sequences(token_ids, params, self.config.kvcache_block_size)
+        if prompt_bytes is None:
+            prompt_bytes = self.validate(token_ids, params)
+        group = request_sequences(token_ids, params, self.config.kvcache_block_size, prompt_bytes)
         self._waiting.append(group)
         return group
 

@@ -26,7 +26,7 @@ from nanovllm.engine.tp_workers import (
     defer_sigint,
     threads_per_rank,
 )
-from nanovllm.inputs import token_ids_in_range
+from nanovllm.inputs import token_bytes_in_range
 from nanovllm.sample.state import to_device
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import GrammarCompiler, load_tokenizer
@@ -106,16 +106,19 @@ class LLMEngine:
             config.eos_token_ids,
         )
 
-    def validate(self, token_ids: list[int], params: SamplingParams, ints: bool = False) -> None:
+    def validate(self, token_ids: list[int], params: SamplingParams, ints: bool = False) -> bytes:
         """Raise ValueError if the request cannot be served; changes nothing. `ints`: the caller
-        knows every token id is an int (only their range is checked)."""
+        knows every token id is an int (only their range is checked). Returns the ids as int64
+        bytes (pass them to add_request: the prefix cache hashes them, and they are not checked
+        again)."""
         n, limit = len(token_ids), self.config.max_model_len
         if n == 0:
             raise ValueError("prompt is empty")
         if n > limit:
             raise ValueError(f"prompt has {n} tokens but max_model_len is {limit}")
         vocab = self.config.hf_config.vocab_size
-        if not token_ids_in_range(token_ids, vocab, ints):
+        prompt_bytes = token_bytes_in_range(token_ids, vocab, ints)
+        if prompt_bytes is None:
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         bad = [t for t in params.stop_token_ids if t >= vocab]
@@ -133,16 +136,18 @@ class LLMEngine:
                     f"{name}={k} exceeds max_logprobs={cap}; raise it with LLM(..., "
                     f"max_logprobs={k}) (-1 allows up to the vocabulary size)"
                 )
+        return prompt_bytes
 
     def add_request(
-        self, token_ids: list[int], params: SamplingParams, validated: bool = False
+        self, token_ids: list[int], params: SamplingParams, prompt_bytes: bytes | None = None
     ) -> list[Sequence]:
-        """Validate (unless the caller just did: `validated`) and queue one request; returns its
-        params.n Sequences (completion i is sampled with params.for_completion(i))."""
+        """Validate and queue one request; returns its params.n Sequences (completion i is
+        sampled with params.for_completion(i)). `prompt_bytes`: what validate() returned for
+        these ids, when the caller just validated them (they are not checked again)."""
         self._check_usable()
-        if not validated:
-            self.validate(token_ids, params)
-        seqs = request_sequences(token_ids, params, self.config.kvcache_block_size)
+        if prompt_bytes is None:
+            prompt_bytes = self.validate(token_ids, params)
+        seqs = request_sequences(token_ids, params, self.config.kvcache_block_size, prompt_bytes)
         self.attach_grammars(seqs)
         self.scheduler.add_group(seqs)
         return seqs
@@ -409,11 +414,15 @@ class LLMEngine:
 
 
 def request_sequences(
-    token_ids: list[int], params: SamplingParams, block_size: int
+    token_ids: list[int], params: SamplingParams, block_size: int, prompt_bytes: bytes | None = None
 ) -> list[Sequence]:
-    """The params.n Sequences of one request (completion i sampled with for_completion(i))."""
+    """The params.n Sequences of one request (completion i sampled with for_completion(i));
+    prompt_bytes: token_ids as int64 bytes, when the caller has them."""
     return [
-        Sequence(token_ids, params.for_completion(i), block_size, index=i) for i in range(params.n)
+        Sequence(
+            token_ids, params.for_completion(i), block_size, index=i, prompt_bytes=prompt_bytes
+        )
+        for i in range(params.n)
     ]
 
 

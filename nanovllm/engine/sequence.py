@@ -40,6 +40,7 @@ class Sequence:
         sampling_params: SamplingParams | None = None,
         block_size: int = 256,
         index: int = 0,
+        prompt_bytes: bytes | None = None,
     ) -> None:
         if not token_ids:
             raise ValueError("a sequence needs at least one prompt token")
@@ -47,6 +48,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        # The prompt's ids as int64 bytes (what the prefix cache hashes and compares), converted
+        # once: given by the caller that validated them, else on first use (BlockManager).
+        self.prompt_bytes = prompt_bytes
         self.sampling_params = sampling_params or SamplingParams()
         self.block_size = block_size
         self.block_table: list[int] = []
