@@ -433,16 +433,22 @@ def compare(llm: "object", make: "object", params: "object", label: str) -> None
 
     warm = SamplingParams(temperature=params.temperature, max_tokens=4, n=params.n, ignore_eos=True)
     results = {}
-    for seed, on in ((10, False), (11, True), (0, False), (1, True)):
-        set_cascade(llm, on)
+    engine = llm.engine
+    for seed, on in ((10, False), (11, True), (0, False), (1, True), (5, "serial")):
+        set_cascade(llm, bool(on))
         if seed >= 10:
             llm.generate(make(seed), warm, use_tqdm=False)
             continue
+        # "serial": cascade on, each prefill step waited for before the next is scheduled
+        overlap = engine._prefill_overlap
+        engine._prefill_overlap = overlap and on != "serial"
         with StepCount() as count:
             sec, produced, stats = timed(llm, make(seed), params)
+        engine._prefill_overlap = overlap
         results[on] = sec
+        name = {False: "off", True: "on ", "serial": "on, prefill steps one at a time"}[on]
         print(
-            f"{label} cascade {'on ' if on else 'off'}: {sec:.3f} s, {produced / sec:,.0f} output "
+            f"{label} cascade {name}: {sec:.3f} s, {produced / sec:,.0f} output "
             f"tok/s (prefill {stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s, "
             f"host before the first step {stats.before_steps:.3f} s, after the last "
             f"{stats.after_steps:.3f} s)" + (f"; {count}" if on else "")
@@ -531,6 +537,21 @@ def profile_run(llm: "object", prompts: list, params: "object", label: str) -> N
         f"{stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s), GPU busy "
         f"{busy / 1e6:.3f} s over {(spans[-1][1] - spans[0][0]) / 1e6:.3f} s from first to last "
         f"kernel; {count}; per step ({steps}), kernels of all steps:"
+    )
+    # Where the device waited: the gaps between consecutive kernels, by size.
+    edges = (5, 20, 100, 1000, float("inf"))
+    idle = {edge: [0, 0.0] for edge in edges}
+    end = spans[0][1]
+    for start, stop in spans[1:]:
+        gap = start - end
+        if gap > 0:
+            edge = next(e for e in edges if gap < e)
+            idle[edge][0] += 1
+            idle[edge][1] += gap
+        end = max(end, stop)
+    print(
+        "  idle gaps between kernels (us: count, total ms): "
+        + ", ".join(f"<{e:g}: {n}, {t / 1e3:.1f}" for e, (n, t) in idle.items())
     )
     for kind in sorted(total, key=total.get, reverse=True)[:25]:
         print(

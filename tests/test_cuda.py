@@ -66,6 +66,8 @@ def greedy_tokens(
         first = llm.generate(prompts, params, use_tqdm=False)
         second = llm.generate(prompts, params, use_tqdm=False)
         ahead = llm.engine.stats.steps_ahead
+        # several prefill steps a pass: all but the first launched behind the one before
+        assert llm.engine.stats.prefill_steps_ahead > 0
     a = [o.outputs[0].token_ids for o in first]
     assert a == [o.outputs[0].token_ids for o in second]
     graphs = kwargs.get("attention_backend") != "torch" and not kwargs.get("enforce_eager")

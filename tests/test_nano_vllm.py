@@ -75,7 +75,61 @@ def test_chunked_prefill_matches(
         max_num_seqs=max_seqs,
     ) as llm:
         outs = llm.generate(MIXED, greedy(), use_tqdm=False)
+        # several prefill steps: each but the first was launched behind the one before
+        assert llm.engine.stats.prefill_steps_ahead > 0
     assert token_ids(outs) == reference
+
+
+def test_overlapped_prefill_steps_change_nothing(
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefill steps launched behind the previous one (their tokens marked computed before the
+    previous step's tokens are applied) give the same tokens, logprobs and prompt logprobs as
+    steps run one at a time (NANOVLLM_RUN_AHEAD=0): chunked prompts, prefix hits within the
+    batch, n = 2, requests that finish on their first token."""
+    shared = random_prompts([40], seed=11)[0]
+    prompts = [shared + p for p in random_prompts([3, 50, 9, 70, 1, 33], seed=12)]
+    params = [
+        greedy(prompt_logprobs=2),
+        SamplingParams(temperature=0.8, seed=5, n=2, max_tokens=12, logprobs=2),
+        greedy(max_tokens=1),
+        greedy(logprobs=1),
+        SamplingParams(temperature=0.6, top_k=20, top_p=0.9, seed=7, max_tokens=16),
+        greedy(max_tokens=1, prompt_logprobs=1),
+    ]
+    common = dict(kvcache_block_size=16, max_num_batched_tokens=48, max_num_seqs=4)
+    results = []
+    for run_ahead in ("1", "0"):
+        monkeypatch.setenv("NANOVLLM_RUN_AHEAD", run_ahead)
+        with LLM(tiny_model_dir, **common) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            ahead = llm.engine.stats.prefill_steps_ahead
+            bm = llm.engine.block_manager
+            assert bm.num_free_blocks == bm.num_blocks
+        assert (ahead > 0) == (run_ahead == "1"), ahead
+        results.append(outs)
+    for a, b in zip(*results, strict=True):
+        assert a.prompt_logprobs == b.prompt_logprobs
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert [c.logprobs for c in a.outputs] == [c.logprobs for c in b.outputs]
+    assert results[0][0].prompt_logprobs is not None
+
+
+def test_abort_with_a_prefill_step_launched_ahead(tiny_model_dir: str) -> None:
+    """Aborting while a prefill step runs behind another frees every block; the engine then
+    serves the next call."""
+    prompts = random_prompts([60, 60, 60, 60], seed=13)
+    with LLM(tiny_model_dir, kvcache_block_size=16, max_num_batched_tokens=64) as llm:
+        engine = llm.engine
+        seqs = [s for p in prompts for s in engine.add_request(p, greedy())]
+        engine.step()
+        assert engine._prefill_ahead is not None
+        engine.abort(seqs)
+        assert engine._prefill_ahead is None and engine.is_finished()
+        bm = engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+        outs = llm.generate(prompts[:1], greedy(), use_tqdm=False)
+    assert len(outs[0].outputs[0].token_ids) == MAX_TOKENS
 
 
 def test_prefix_cache_hits_match(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:

@@ -50,6 +50,7 @@ class EngineStats:
     decode_seconds: float = 0.0
     steps: int = 0
     steps_ahead: int = 0  # decode steps launched before the previous step's tokens were known
+    prefill_steps_ahead: int = 0  # prefill steps launched behind another (_finish_prefill)
     sampled_tokens: int = 0  # output tokens applied to sequences (progress bars read this)
 
 
@@ -64,6 +65,9 @@ class LLMEngine:
         self.stats = EngineStats()
         # a decode step launched but not postprocessed: (its sequences, their pending tokens)
         self._ahead: tuple[list[Sequence], PendingTokens] | None = None
+        # a prefill step launched while the previous one's tokens were on their way, already
+        # marked computed (see _finish_prefill): (sequences, plan, pending tokens or None)
+        self._prefill_ahead: tuple[list[Sequence], StepPlan, PendingTokens | None] | None = None
         # NANOVLLM_RUN_AHEAD=0 turns running ahead off (to measure what it brings)
         self._run_ahead = os.environ.get("NANOVLLM_RUN_AHEAD", "1") != "0"
         # Structured output: the facade's tokenizer (else loaded from the model folder) and
@@ -95,6 +99,8 @@ class LLMEngine:
         except BaseException:
             self.shutdown()
             raise
+        # prefill steps launched behind each other (see _finish_prefill)
+        self._prefill_overlap = self._run_ahead and self.workers is None
         self.block_manager = BlockManager(
             self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
@@ -182,7 +188,8 @@ class LLMEngine:
         """Run one step; returns (sequences finished in it, tokens it completed, was it a prefill).
 
         A decode step may be left running ahead (see _step_ahead): its tokens then count in the
-        call that applies them.
+        call that applies them. A prefill step may launch the next prefill step before its own
+        tokens are applied (see _finish_prefill); the next call completes that one.
         """
         self._check_usable()
         start = time.perf_counter()
@@ -190,17 +197,17 @@ class LLMEngine:
             finished, num_tokens = self._step_ahead()
             self._record(False, num_tokens, time.perf_counter() - start)
             return finished, num_tokens, False
+        if self._prefill_ahead is not None:  # launched by the previous call
+            seqs, plan, pending = self._prefill_ahead
+            self._prefill_ahead = None
+            return self._finish_prefill(seqs, plan, pending, start, marked=True)
         seqs, is_prefill = self.scheduler.schedule()
-        plan = plan_step(seqs, is_prefill)
-        spans = plan_prompt_logprobs(seqs, plan) if is_prefill else None
-        if self.workers is None:
-            logits = self.runner.execute(plan)
-        else:
-            logits = self._execute_on_all_ranks(plan)
-        if spans:
-            num_sampled = len(plan.sample_rows)
-            record_prompt_logprobs(spans, logits[num_sampled:])
-            logits = logits[:num_sampled]
+        plan, logits = self._launch(seqs, is_prefill)
+        if is_prefill and self._prefill_overlap:
+            pending = None
+            if plan.sample_rows:
+                pending = self._sample_async([seqs[i] for i in plan.sample_rows], logits)
+            return self._finish_prefill(seqs, plan, pending, start, marked=False)
         token_ids: list[int | None] = [None] * len(seqs)
         if plan.sample_rows:
             sample_seqs = [seqs[i] for i in plan.sample_rows]
@@ -217,6 +224,67 @@ class LLMEngine:
         self.stats.sampled_tokens += len(plan.sample_rows)
         self._record(is_prefill, len(plan.input_ids), time.perf_counter() - start)
         return finished, len(plan.input_ids), is_prefill
+
+    def _launch(self, seqs: list[Sequence], is_prefill: bool) -> tuple[StepPlan, torch.Tensor]:
+        """Plan and run the forward pass of a scheduled step (prompt logprobs recorded at once);
+        returns (plan, the logits of its sampled rows)."""
+        plan = plan_step(seqs, is_prefill)
+        spans = plan_prompt_logprobs(seqs, plan) if is_prefill else None
+        if self.workers is None:
+            logits = self.runner.execute(plan)
+        else:
+            logits = self._execute_on_all_ranks(plan)
+        if spans:
+            num_sampled = len(plan.sample_rows)
+            record_prompt_logprobs(spans, logits[num_sampled:])
+            logits = logits[:num_sampled]
+        return plan, logits
+
+    # Overlapping prefill steps. A prefill step's host work (scheduling, planning, building the
+    # inputs, launching some 300 kernels) would leave the device idle between prefill steps. So
+    # once a prefill step is launched and its sampling queued, the engine marks its tokens
+    # computed (mark_computed: nothing there needs the sampled tokens; later steps that read
+    # its blocks run after it on the device), schedules and launches the next prefill step
+    # (of other sequences, or further chunks) behind it, and only then waits for the first
+    # step's tokens and applies them. The launched step completes the same way in the next
+    # call. Only a next step of prefill work is launched early (a decode step needs the
+    # tokens); not with tensor-parallel workers (their steps are waited for as a unit).
+
+    def _finish_prefill(
+        self,
+        seqs: list[Sequence],
+        plan: StepPlan,
+        pending: PendingTokens | None,
+        start: float,
+        marked: bool,
+    ) -> tuple[list[Sequence], int, bool]:
+        """Complete a launched prefill step (see above); returns step()'s result."""
+        if not marked:
+            self.scheduler.mark_computed(seqs)
+        following = self.scheduler.schedule_prefill()
+        if following:
+            next_plan, logits = self._launch(following, True)
+            self.scheduler.mark_computed(following)
+            next_pending = None
+            if next_plan.sample_rows:
+                rows = [following[i] for i in next_plan.sample_rows]
+                next_pending = self._sample_async(rows, logits)
+            self._prefill_ahead = (following, next_plan, next_pending)
+            self.stats.prefill_steps_ahead += 1
+        finished = self._apply_prefill(seqs, plan, pending)
+        self._record(True, len(plan.input_ids), time.perf_counter() - start)
+        return finished, len(plan.input_ids), True
+
+    def _apply_prefill(
+        self, seqs: list[Sequence], plan: StepPlan, pending: PendingTokens | None
+    ) -> list[Sequence]:
+        """Wait for a marked prefill step's tokens (if it sampled any) and apply them."""
+        token_ids: list[int | None] = [None] * len(seqs)
+        if pending is not None:
+            for row, token in zip(plan.sample_rows, self._tokens(pending), strict=True):
+                token_ids[row] = token
+            self.stats.sampled_tokens += len(plan.sample_rows)
+        return self.scheduler.apply_tokens(seqs, token_ids)
 
     # Running one decode step ahead. The GPU would idle while the host applies a step's tokens
     # (postprocess) and plans the next one. Instead, when a decode step's tokens are left on the
@@ -296,7 +364,11 @@ class LLMEngine:
         return self.runner.sample_async(seqs, logits)
 
     def finish_pending(self) -> list[Sequence]:
-        """Wait for and apply a decode step left running ahead; returns what finished in it."""
+        """Wait for and apply a step left running ahead; returns what finished in it."""
+        if self._prefill_ahead is not None:
+            seqs, plan, pending = self._prefill_ahead
+            self._prefill_ahead = None
+            return self._apply_prefill(seqs, plan, pending)
         if self._ahead is None:
             return []
         seqs, pending = self._ahead

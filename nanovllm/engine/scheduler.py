@@ -20,9 +20,11 @@ The algorithm, one call of `schedule()` at a time:
    running sequence is preempted (its blocks freed, it goes back to the front of the waiting
    queue and is recomputed later, usually hitting its own cached blocks), possibly itself.
 
-`postprocess()` then records what was computed, registers full blocks in the prefix cache,
-appends sampled tokens and finishes sequences on stop strings / EOS / stop tokens /
-max_tokens / max_model_len, freeing their blocks. Stop strings are checked only for sequences
+`postprocess()` then records what was computed, registers full blocks in the prefix cache
+(`mark_computed`), appends sampled tokens and finishes sequences on stop strings / EOS / stop
+tokens / max_tokens / max_model_len, freeing their blocks (`apply_tokens`). The engine may call
+the two halves apart: a launched prefill step is marked computed at once, and the next prefill
+step (`schedule_prefill`) is scheduled and launched before the first one's tokens are applied. Stop strings are checked only for sequences
 that carry a detokenizer (those with stop strings), so the others pay one attribute test.
 
 A request with n > 1 completions (`add_group`) queues its first sequence alone; the others
@@ -193,13 +195,32 @@ class Scheduler:
         token_ids[i] is the token sampled for seqs[i], or None where the step computed only
         part of that sequence's prefill (nothing to sample yet).
         """
-        finished = []
+        self.mark_computed(seqs)
+        return self.apply_tokens(seqs, token_ids)
+
+    def schedule_prefill(self) -> list[Sequence]:
+        """The next prefill step's sequences, or [] when there is no prefill work (no decode
+        step is chosen): what the engine launches while the previous step's tokens are on
+        their way (mark_computed that step first)."""
+        return self._schedule_prefill()
+
+    def mark_computed(self, seqs: list[Sequence]) -> None:
+        """The first half of postprocess: the step's scheduled tokens count as computed and
+        the blocks they filled join the prefix cache. It needs no sampled token, so the engine
+        may call it as soon as the step is launched: any later step that reads those blocks runs
+        after it on the device."""
         bs = self.block_manager.block_size
-        for seq, token_id in zip(seqs, token_ids, strict=True):
+        for seq in seqs:
             seq.num_cached_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             if seq.num_cached_tokens // bs > seq.num_cached_blocks:  # a block filled up
                 self.block_manager.cache_computed_blocks(seq)
+
+    def apply_tokens(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
+        """The second half of postprocess (after mark_computed): append the sampled tokens and
+        finish sequences; returns the finished ones."""
+        finished = []
+        for seq, token_id in zip(seqs, token_ids, strict=True):
             if token_id is None:
                 continue
             seq.append_token(token_id)

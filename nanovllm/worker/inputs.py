@@ -4,8 +4,9 @@
 `InputBuilder` turns it into the flat-batch tensors of one forward pass with numpy (no Python
 loop over tokens), packs every integer array into one persistent (pinned, on CUDA) int64 host
 buffer and moves it to the device with a single non-blocking copy into a persistent device
-buffer; the step's tensors are views of that buffer. Rank 0 overwrites the host buffer only after
-the previous step's sampled tokens came back, which is after that step's copy finished.
+buffer; the step's tensors are views of that buffer. Two host buffers alternate, and one is
+overwritten only after its last copy left it (an event), so a step can be built while the
+previous step's copy is still queued.
 """
 
 from dataclasses import dataclass, field
@@ -63,19 +64,31 @@ class InputBuilder:
         self.cascade = cascade
         self.cascade_prefill = True
         self.gqa_group = gqa_group
-        self._host: torch.Tensor | None = None
+        # Two pinned host buffers used in turn (CUDA), each with an event recorded after its
+        # copy to the device: a step can be built while the previous step's copy is queued
+        # (the engine launches a prefill step behind the previous one). The device buffer is
+        # shared: its copies and the kernels that read it are ordered on the stream.
+        self._hosts: list[torch.Tensor | None] = [None, None]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self._device_buf: torch.Tensor | None = None
 
     def _buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host and device int64 buffers of at least n elements (grown by doubling)."""
-        if self._host is None or self._host.numel() < n:
-            size = max(n, 2 * (self._host.numel() if self._host is not None else 4096))
-            pin = self.device.type == "cuda"
-            self._host = torch.empty(size, dtype=torch.int64, pin_memory=pin)
-            self._device_buf = (
-                torch.empty(size, dtype=torch.int64, device=self.device) if pin else self._host
-            )
-        return self._host, self._device_buf
+        """This turn's host buffer and the device buffer, int64, of at least n elements (grown
+        by doubling)."""
+        pin = self.device.type == "cuda"
+        turn = self._turn if pin else 0
+        host = self._hosts[turn]
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # its last copy has left it
+        if host is None or host.numel() < n:
+            size = max(n, 2 * (host.numel() if host is not None else 4096))
+            host = self._hosts[turn] = torch.empty(size, dtype=torch.int64, pin_memory=pin)
+            if not pin:
+                self._device_buf = host
+            elif self._device_buf is None or self._device_buf.numel() < size:
+                self._device_buf = torch.empty(size, dtype=torch.int64, device=self.device)
+        return host, self._device_buf
 
     def build(self, plan: StepPlan) -> StepInputs:
         """The step's device tensors (see StepInputs and AttentionMetadata)."""
@@ -138,6 +151,9 @@ class InputBuilder:
             host_np[start : start + part.size] = part
         if dev is not host:
             dev[:total].copy_(host[:total], non_blocking=True)
+            event = self._copied[self._turn] = self._copied[self._turn] or torch.cuda.Event()
+            event.record()
+            self._turn ^= 1
         views = [dev[start : start + n] for start, n in zip(starts, sizes, strict=False)]
         input_ids, pos, slots, lens, cu, rows, flat_tables = views[:7]
         cascade = None
