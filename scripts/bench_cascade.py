@@ -398,7 +398,8 @@ class StepCount:
 def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "object"]:
     """(seconds, output tokens, the engine's stats) of one generate call; the stats also get
     `before_steps` and `after_steps`: host seconds before the first step (reading, validating
-    and queueing the prompts) and after the last (building the outputs)."""
+    and queueing the prompts) and after the last (building the outputs), and `waited`: host
+    seconds spent waiting for sampled tokens (near 0: the host, not the device, sets the pace)."""
     engine = llm.engine
     engine.stats = type(engine.stats)()
     marks: list[tuple[float, float]] = []
@@ -411,7 +412,20 @@ def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "
         finally:
             marks.append((t0, time.perf_counter()))
 
+    # The host's slack: wall time spent waiting for sampled tokens (the device still busy).
+    from nanovllm.worker.model_runner import PendingTokens
+
+    result, waited = PendingTokens.result, [0.0]
+
+    def waiting(self: PendingTokens, *args: object, **kw: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return result(self, *args, **kw)
+        finally:
+            waited[0] += time.perf_counter() - t0
+
     engine.step = stepping
+    PendingTokens.result = waiting
     try:
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -420,10 +434,12 @@ def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "
         end = time.perf_counter()
     finally:
         del engine.step  # the class's method again
+        PendingTokens.result = result
     produced = sum(len(c.token_ids) for o in outs for c in o.outputs)
     stats = engine.stats
     stats.before_steps = marks[0][0] - t if marks else 0.0
     stats.after_steps = end - marks[-1][1] if marks else 0.0
+    stats.waited = waited[0]
     return end - t, produced, stats
 
 
@@ -451,7 +467,8 @@ def compare(llm: "object", make: "object", params: "object", label: str) -> None
             f"{label} cascade {name}: {sec:.3f} s, {produced / sec:,.0f} output "
             f"tok/s (prefill {stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s, "
             f"host before the first step {stats.before_steps:.3f} s, after the last "
-            f"{stats.after_steps:.3f} s)" + (f"; {count}" if on else "")
+            f"{stats.after_steps:.3f} s, waiting for tokens {stats.waited:.3f} s)"
+            + (f"; {count}" if on else "")
         )
     graphs = llm.engine.runner.graphs
     used = sorted(key for key in graphs.graphs if key[1] > 0) if graphs is not None else []

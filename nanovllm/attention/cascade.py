@@ -48,6 +48,7 @@ the group's first member's; 0 < prefix_len < seq_len for every member (the newes
 always in the suffix).
 """
 
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -158,6 +159,36 @@ def find_cascade_groups(
     prefix_lens = np.zeros(num_seqs, dtype=np.int64)
     prefix_lens[members] = np.repeat(prefix, sizes)
     return CascadeGroups(members, groups, prefix_lens, int(saved))
+
+
+class DecodeGroupFinder:
+    """find_cascade_groups for consecutive decode steps, reusing the last result while it
+    cannot have changed: the same block-table lists (a table only grows at its end, so the same
+    list keeps its leading blocks), the same count of usable blocks per sequence and the same
+    thresholds. Grouping 512 sequences costs about 0.5 ms of host time a step; the check, a
+    tenth of that, and a group's usable blocks change once in block_size steps."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._key: tuple[float, float, bytes] | None = None
+        self._tables: list[Sequence[int]] = []  # (referenced: their ids cannot be reused)
+        self._found: CascadeGroups | None = None
+
+    def find(
+        self, block_tables: Sequence[Sequence[int]], seq_lens: np.ndarray
+    ) -> CascadeGroups | None:
+        """find_cascade_groups(block_tables, seq_lens, block_size); seq_lens: int64 array."""
+        lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+        usable = np.where(seq_lens > 0, np.minimum((seq_lens - 1) // self.block_size, lens), 0)
+        key = (CASCADE_MIN_SAVED_TOKENS, CASCADE_MEMBER_COST_TOKENS, usable.tobytes())
+        if (
+            key != self._key
+            or len(block_tables) != len(self._tables)
+            or not all(map(operator.is_, block_tables, self._tables))
+        ):
+            self._found = find_cascade_groups(block_tables, seq_lens.tolist(), self.block_size)
+            self._key, self._tables = key, list(block_tables)
+        return self._found
 
 
 def _trie_groups(
