@@ -251,7 +251,7 @@ def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
     run(f"defaults {saved}")
     for block_m in (64, 128):
         for block_n in (32, 64, 128):
-            for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+            for warps, stages in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3)):
                 ca.PREFIX_LAUNCH.update(num_warps=warps, num_stages=stages)
                 ca.SUFFIX_LAUNCH.update(block_n=64)
                 try:
@@ -264,7 +264,7 @@ def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
                     print(f"prefix rows {block_m} keys {block_n} {warps}/{stages}: {e!r:.120}")
     ca.PREFIX_LAUNCH.update(saved[0])
     for block_n in (32, 64, 128):
-        for warps, stages in ((2, 2), (4, 2), (4, 3), (8, 2)):
+        for warps, stages in ((2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (8, 2)):
             ca.SUFFIX_LAUNCH.update(block_n=block_n, num_warps=warps, num_stages=stages)
             run(f"suffix keys {block_n} warps {warps} stages {stages}")
     ca.SUFFIX_LAUNCH.update(saved[1])
