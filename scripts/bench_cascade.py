@@ -353,9 +353,9 @@ class StepCount:
     """Counts the decode and prefill steps the grouping sees, those that take the cascade
     path and their groups, by wrapping the rules where the step builders call them."""
 
-    WRAPPED = (
-        ("nanovllm.worker.cuda_graph", "find_cascade_groups", "decode"),
-        ("nanovllm.worker.inputs", "find_cascade_groups", "decode"),
+    WRAPPED = (  # (module, attribute path, kind)
+        ("nanovllm.attention.cascade", "DecodeGroupFinder.find", "decode"),  # graph steps
+        ("nanovllm.worker.inputs", "find_cascade_groups", "decode"),  # eager decode steps
         ("nanovllm.worker.inputs", "find_prefill_cascade_groups", "prefill"),
     )
 
@@ -365,8 +365,11 @@ class StepCount:
         # kind: [steps seen, steps on the cascade path, their groups]
         self.counts = {"decode": [0, 0, 0], "prefill": [0, 0, 0]}
         self._saved = []
-        for name, attr, kind in self.WRAPPED:
+        for name, path, kind in self.WRAPPED:
             module = importlib.import_module(name)
+            *owners, attr = path.split(".")
+            for owner in owners:  # a method: wrapped on its class
+                module = getattr(module, owner)
             original = getattr(module, attr)
 
             def counting(
