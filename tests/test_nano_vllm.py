@@ -132,6 +132,35 @@ def test_abort_with_a_prefill_step_launched_ahead(tiny_model_dir: str) -> None:
     assert len(outs[0].outputs[0].token_ids) == MAX_TOKENS
 
 
+def test_failed_launch_behind_a_prefill_step_loses_nothing(tiny_model_dir: str) -> None:
+    """A prefill step launched behind another that fails (here: its forward pass raises)
+    raises from step(), yet the first step's tokens are applied and the engine then completes
+    every request with the tokens a clean run gives."""
+    prompts = random_prompts([60, 60, 60, 60], seed=14)
+    common = dict(kvcache_block_size=16, max_num_batched_tokens=64)
+    with LLM(tiny_model_dir, **common) as llm:
+        expected = token_ids(llm.generate(prompts, greedy(), use_tqdm=False))
+    with LLM(tiny_model_dir, **common) as llm:
+        engine = llm.engine
+        seqs = [s for p in prompts for s in engine.add_request(p, greedy())]
+        execute, calls = engine.runner.execute, []
+
+        def failing(*args: object, **kw: object) -> object:
+            calls.append(1)
+            if len(calls) == 2:  # the step launched behind the first
+                raise RuntimeError("injected")
+            return execute(*args, **kw)
+
+        engine.runner.execute = failing
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+        del engine.runner.execute
+        assert len(seqs[0].completion_token_ids) == 1  # the first step's token was applied
+        while not engine.is_finished():
+            engine.step()
+    assert [s.completion_token_ids for s in seqs] == expected
+
+
 def test_prefix_cache_hits_match(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
     prefix = random_prompts([70], seed=1)[0]
     suffixes = random_prompts([1, 9, 30, 47], seed=2)

@@ -261,17 +261,19 @@ class LLMEngine:
         """Complete a launched prefill step (see above); returns step()'s result."""
         if not marked:
             self.scheduler.mark_computed(seqs)
-        following = self.scheduler.schedule_prefill()
-        if following:
-            next_plan, logits = self._launch(following, True)
-            self.scheduler.mark_computed(following)
-            next_pending = None
-            if next_plan.sample_rows:
-                rows = [following[i] for i in next_plan.sample_rows]
-                next_pending = self._sample_async(rows, logits)
-            self._prefill_ahead = (following, next_plan, next_pending)
-            self.stats.prefill_steps_ahead += 1
-        finished = self._apply_prefill(seqs, plan, pending)
+        try:
+            following = self.scheduler.schedule_prefill()
+            if following:
+                next_plan, logits = self._launch(following, True)
+                self.scheduler.mark_computed(following)
+                next_pending = None
+                if next_plan.sample_rows:
+                    rows = [following[i] for i in next_plan.sample_rows]
+                    next_pending = self._sample_async(rows, logits)
+                self._prefill_ahead = (following, next_plan, next_pending)
+                self.stats.prefill_steps_ahead += 1
+        finally:  # (a failed launch still leaves this step's tokens applied)
+            finished = self._apply_prefill(seqs, plan, pending)
         self._record(True, len(plan.input_ids), time.perf_counter() - start)
         return finished, len(plan.input_ids), True
 
