@@ -86,3 +86,34 @@ def test_decode_group_finder_equals_finding_anew(monkeypatch) -> None:  # noqa: 
         assert same(found, expected), step
         assert (found is None) == (step >= 10), step
         lens = lens + 1
+
+
+def test_memory_profile_sets_aside_cascade_prefill_scratch(monkeypatch) -> None:  # noqa: ANN001
+    """The cache's budget leaves room for what the warm-up forward does not allocate: cascade
+    prefill's float32 partials (a row per token and head, head_dim padded, plus a
+    log-sum-exp), subtracted from the budget byte for byte."""
+    from nanovllm.kernels import HAS_TRITON
+    from nanovllm.worker import kv_cache
+
+    gib = 2**30
+    for name, value in {
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda device: None,
+        "synchronize": lambda device: None,
+        "mem_get_info": lambda device: (70 * gib, 80 * gib),  # 10 GiB in use
+        "memory_reserved": lambda device: 6 * gib,  # torch's: 4 GiB are someone else's
+        "max_memory_allocated": lambda device: 5 * gib,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    class Config:
+        gpu_memory_utilization = 0.5
+
+    free = kv_cache.cuda_free_bytes(Config(), torch.device("cuda"), lambda: None)
+    assert free == 40 * gib - 4 * gib - 5 * gib
+    assert kv_cache.cuda_free_bytes(Config(), torch.device("cuda"), lambda: None, 123) == free - 123
+    if HAS_TRITON:
+        from nanovllm.kernels.cascade_attention import prefill_scratch_bytes
+
+        assert prefill_scratch_bytes(16384, 16, 128) == 4 * 16384 * 16 * (128 + 1)
+        assert prefill_scratch_bytes(10, 4, 96) == 4 * 10 * 4 * (128 + 1)

@@ -360,6 +360,13 @@ def cascade_decode_attention(
     return out
 
 
+def prefill_scratch_bytes(num_tokens: int, num_heads: int, head_dim: int) -> int:
+    """Bytes of cascade_prefill_attention's float32 prefix partials for a step of num_tokens
+    tokens (output rows padded to a power of two, and a log-sum-exp per row): alive only inside
+    one layer's attention, but not part of the memory profile's forward (it has no cache)."""
+    return 4 * num_tokens * num_heads * (triton.next_power_of_2(head_dim) + 1)
+
+
 def cascade_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -405,6 +412,7 @@ def cascade_prefill_attention(
     max_tiles = max_prefix_tiles(tokens.shape[0], num_groups, members_per_tile)
     d_pad = triton.next_power_of_2(head_dim)
     # [num_tokens, num_heads, d_pad], [num_tokens, num_heads]: rows of member tokens written
+    # (prefill_scratch_bytes: what the memory profile sets aside for them)
     prefix_out = torch.empty((num_tokens, num_heads, d_pad), dtype=torch.float32, device=q.device)
     prefix_lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=q.device)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)

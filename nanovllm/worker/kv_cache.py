@@ -2,7 +2,8 @@
 
 Pool size, in blocks: `num_kvcache_blocks` when given; else on CUDA what is left of
 gpu_memory_utilization x total memory after weights and a warm-up forward at the largest batch
-(minus memory PyTorch does not own: the CUDA context, other processes), on CPU and MPS
+(minus memory PyTorch does not own: the CUDA context, other processes, and scratch memory the
+warm-up does not show: cascade prefill's partials), on CPU and MPS
 kv_cache_memory_gb; then capped at max_num_seqs x ceil(max_model_len / block_size) blocks, which
 every sequence at full length could never exceed. Ranks agree on the smallest pool.
 """
@@ -26,8 +27,11 @@ def block_bytes(layers: list[Attention], block_size: int, dtype: torch.dtype) ->
     return 2 * len(layers) * per_layer
 
 
-def cuda_free_bytes(config: Config, device: torch.device, warm_up: Callable[[], None]) -> int:
-    """Bytes left for the cache under gpu_memory_utilization after `warm_up` (a full forward)."""
+def cuda_free_bytes(
+    config: Config, device: torch.device, warm_up: Callable[[], None], reserve: int = 0
+) -> int:
+    """Bytes left for the cache under gpu_memory_utilization after `warm_up` (a full forward)
+    and `reserve` bytes of scratch memory the warm-up does not use."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     warm_up()
@@ -43,7 +47,7 @@ def cuda_free_bytes(config: Config, device: torch.device, warm_up: Callable[[], 
         non_torch / 2**30,
         peak / 2**30,
     )
-    return int(total * config.gpu_memory_utilization - non_torch - peak)
+    return int(total * config.gpu_memory_utilization - non_torch - peak - reserve)
 
 
 def allocate_kv_cache(
@@ -52,8 +56,10 @@ def allocate_kv_cache(
     device: torch.device,
     group: TPGroup,
     warm_up: Callable[[], None],
+    reserve: int = 0,
 ) -> int:
-    """Size the pool, give every attention layer its K and V cache; returns the block count."""
+    """Size the pool, give every attention layer its K and V cache; returns the block count.
+    `reserve`: bytes of scratch memory that steps need beyond the warm-up forward's peak."""
     block_size = config.kvcache_block_size
     nbytes = block_bytes(layers, block_size, config.kv_cache_dtype)
     blocks_per_seq = (config.max_model_len + block_size - 1) // block_size
@@ -61,7 +67,7 @@ def allocate_kv_cache(
         num_blocks = config.num_kvcache_blocks
     else:
         if device.type == "cuda":
-            num_blocks = max(0, cuda_free_bytes(config, device, warm_up)) // nbytes
+            num_blocks = max(0, cuda_free_bytes(config, device, warm_up, reserve)) // nbytes
         else:
             num_blocks = int(config.kv_cache_memory_gb * 2**30) // nbytes
         num_blocks = min(num_blocks, config.max_num_seqs * blocks_per_seq)

@@ -97,8 +97,16 @@ class ModelRunner:
         self.startup_seconds = {"load": time.perf_counter() - start}
         self.graphs: CUDAGraphRunner | None = None
         start = time.perf_counter()
+        reserve = 0
+        if cascade:  # cascade prefill's float32 partials (not in the profile's cacheless forward)
+            from nanovllm.kernels.cascade_attention import prefill_scratch_bytes
+
+            layer = self.attention_layers[0]
+            reserve = prefill_scratch_bytes(
+                config.max_num_batched_tokens, layer.num_heads, layer.head_dim
+            )
         self.num_kvcache_blocks = allocate_kv_cache(
-            config, self.attention_layers, self.device, self.group, self._profile_run
+            config, self.attention_layers, self.device, self.group, self._profile_run, reserve
         )
         self.startup_seconds["kv_cache"] = time.perf_counter() - start
         # The first prefill with a cache (the memory profile above had none, CUDA graphs below
