@@ -24,8 +24,9 @@ The algorithm, one call of `schedule()` at a time:
 (`mark_computed`), appends sampled tokens and finishes sequences on stop strings / EOS / stop
 tokens / max_tokens / max_model_len, freeing their blocks (`apply_tokens`). The engine may call
 the two halves apart: a launched prefill step is marked computed at once, and the next prefill
-step (`schedule_prefill`) is scheduled and launched before the first one's tokens are applied. Stop strings are checked only for sequences
-that carry a detokenizer (those with stop strings), so the others pay one attribute test.
+step (`schedule_prefill`) is scheduled and launched before the first one's tokens are applied.
+Stop strings are checked only for sequences that carry a detokenizer (those with stop strings),
+so the others pay one attribute test.
 
 A request with n > 1 completions (`add_group`) queues its first sequence alone; the others
 are held on it and go to the front of the waiting queue when it samples its first token. By
