@@ -232,7 +232,7 @@ def kernel(args: argparse.Namespace) -> None:
 
 def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
     """kernel --tiles: the prefix pass's tile rows / keys / warps / stages, then the suffix
-    pass's keys / warps / stages (the one-split path, which starts from the prefix's partials),
+    pass's keys / warps / stages (the one-split path, where the last part merges),
     each against the engine's defaults (kernels/cascade_attention.py PREFIX_LAUNCH,
     SUFFIX_LAUNCH); every result checked against the plain kernel's."""
     from nanovllm.kernels import cascade_attention as ca
@@ -690,6 +690,121 @@ def standard(args: argparse.Namespace) -> None:
         )
 
 
+def overlap(args: argparse.Namespace) -> None:
+    """The issue's decode batch at block 64 (512 x (2000 shared + 48..176 own), one layer): the
+    prefix pass (tensor cores) and the suffix pass (memory) one after the other, as the engine
+    runs them, against the two on two streams at once (a fork and join inside the graph), with
+    and without a combine kernel after them; launch settings varied. Graph replays."""
+    from nanovllm.kernels import cascade_attention as ca
+    from nanovllm.kernels.decode_attention import combine, launch_decode, partials
+    from nanovllm.kernels.store_kv import kv_scales
+
+    kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else torch.bfloat16
+    bw = copy_bandwidth()
+    rng = random.Random(1)
+    shared = 2000 // BLOCK
+    rest = 2000 - shared * BLOCK
+    batch = Batch([(512, shared, [rest + rng.randint(48, 176) for _ in range(512)])], [], kv_dtype)
+    plain_ms, ref = batch.time_plain()
+    fold_ms, fold_out = batch.time_cascade()
+    print(
+        f"device {torch.cuda.get_device_name(0)}, copy {bw / 1e12:.2f} TB/s, {kv_dtype}, block "
+        f"{BLOCK}: plain {plain_ms:.4f} ms, cascade as the engine runs it {fold_ms:.4f} ms; "
+        f"floor {batch.floor_bytes / bw * 1e3:.4f} ms"
+    )
+    found = find_cascade_groups(
+        batch.tables, batch.lens, BLOCK, min_saved_tokens=1, member_cost_tokens=0
+    )
+    prefix = torch.from_numpy(found.prefix_lens).cuda()
+    members = torch.from_numpy(found.members).cuda()
+    groups = torch.from_numpy(found.groups).cuda()
+    q, k, v = batch.q, batch.k_cache, batch.v_cache
+    k_scale, v_scale = kv_scales(k, None, None)
+    out = torch.empty_like(q)
+    side = torch.cuda.Stream(priority=-1)
+
+    def case(
+        label: str,
+        block_m: int = 64,
+        splits: int = 0,
+        p_warps: int = 4,
+        p_stages: int = 2,
+        s_block_n: int = 64,
+        s_warps: int = 4,
+        s_stages: int = 2,
+        mode: str = "parallel",
+    ) -> None:
+        members_per_tile, rows = ca.prefix_tiling(2, block_m)
+        max_tiles = ca.max_prefix_tiles(512, 1, members_per_tile)
+        n = splits or ca.choose_prefix_splits(max_tiles, KV_HEADS, found.max_prefix_len, batch.sms)
+        part_out, part_lse = partials(q, 1 + n)
+
+        def prefix_pass() -> None:
+            ca.launch_prefix(
+                q, k, v, batch.block_tables, members, groups, 0.088, (part_out, part_lse), 1,
+                members_per_tile, rows, max_tiles, n, 64, k_scale, v_scale, cols=3,
+                num_warps=p_warps, num_stages=p_stages,
+            )  # fmt: skip
+
+        def suffix_pass() -> None:
+            launch_decode(
+                q, k, v, batch.block_tables, batch.seq_lens, prefix, 0.088, 1, out,
+                (part_out, part_lse), s_block_n, num_warps=s_warps, num_stages=s_stages,
+            )  # fmt: skip
+
+        def run() -> None:
+            if mode == "prefix":
+                prefix_pass()
+            elif mode == "suffix":
+                suffix_pass()
+            elif mode == "sequential":
+                prefix_pass()
+                suffix_pass()
+                combine(part_out, part_lse, prefix, out, 1)
+            else:
+                main = torch.cuda.current_stream()
+                first, second = (prefix_pass, suffix_pass)
+                if mode.startswith("parallel-suffix-first"):
+                    first, second = second, first
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    first()
+                second()
+                main.wait_stream(side)
+                if not mode.endswith("nocombine"):
+                    combine(part_out, part_lse, prefix, out, 1)
+
+        ms = graph_ms(run)
+        line = f"{label:<58} {ms:.4f} ms"
+        if mode in ("sequential", "parallel", "parallel-suffix-first"):
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            line += f", rel. diff {err:.1e}"
+        print(line, flush=True)
+
+    case("prefix pass alone (64 rows, 4 warps, 2 stages)", mode="prefix")
+    case("prefix alone, 128 rows, 8 warps", block_m=128, p_warps=8, mode="prefix")
+    for n in (1, 2, 4):
+        case(f"prefix alone, {n} split(s)", splits=n, mode="prefix")
+    case("suffix pass alone (64 keys, 4 warps, 2 stages)", mode="suffix")
+    case("suffix alone, 32 keys, 2 warps", s_block_n=32, s_warps=2, mode="suffix")
+    case("sequential + combine", mode="sequential")
+    case("parallel (prefix on side stream) + combine")
+    case("parallel, no combine", mode="parallel-nocombine")
+    case("parallel, suffix launched first, + combine", mode="parallel-suffix-first")
+    case("parallel, suffix 32 keys 2 warps, + combine", s_block_n=32, s_warps=2)
+    case("parallel, prefix 128 rows 8 warps, + combine", block_m=128, p_warps=8)
+    case("parallel, prefix 1 split, + combine", splits=1)
+    case("parallel, prefix 4 splits, + combine", splits=4)
+    case(
+        "parallel, prefix 128/8, suffix 32/2, no combine",
+        block_m=128,
+        p_warps=8,
+        s_block_n=32,
+        s_warps=2,
+        mode="parallel-nocombine",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -697,7 +812,16 @@ def main() -> None:
     parser.add_argument(
         "what",
         nargs="+",
-        choices=["kernel", "sweep", "e2e", "parallel", "standard", "prefill", "suffixes"],
+        choices=[
+            "kernel",
+            "sweep",
+            "e2e",
+            "parallel",
+            "standard",
+            "prefill",
+            "suffixes",
+            "overlap",
+        ],
     )
     parser.add_argument(
         "--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the cache (whole runs too)"

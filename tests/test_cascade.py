@@ -357,7 +357,7 @@ class SharedCase:
         step's; pad_members: members padded to num_seqs entries and the prefix bound set to
         the longest sequence, as a graph's (see worker/cuda_graph.py).
         """
-        from nanovllm.kernels.cascade_attention import cascade_decode_attention
+        from nanovllm.kernels.cascade_attention import _COUNTERS, cascade_decode_attention
 
         found = find_cascade_groups(self.tables, self.seq_lens_list, self.block_size, **EVERY)
         assert found is not None
@@ -372,7 +372,7 @@ class SharedCase:
             max_prefix_len = max(self.seq_lens_list)
         # [num_seqs, num_heads, head_dim], poisoned: an element left unwritten shows
         out = torch.full_like(self.q, float("nan"), device=DEVICE)
-        return cascade_decode_attention(
+        result = cascade_decode_attention(
             self.q.to(DEVICE),
             self.k_cache.to(DEVICE),
             self.v_cache.to(DEVICE),
@@ -389,7 +389,12 @@ class SharedCase:
             prefix_block_m=kw.get("prefix_block_m"),
             k_scale=self.k_scale,
             v_scale=self.v_scale,
+            suffix_first=kw.get("suffix_first", False),
         ).cpu()
+        # the merge counters are left at zero for the next launch
+        counters = _COUNTERS.get(torch.device(DEVICE))
+        assert counters is None or not counters.any()
+        return result
 
     def plain(self) -> torch.Tensor:
         """The plain paged decode kernel's output."""
@@ -492,12 +497,29 @@ def test_cascade_with_graph_sized_metadata(
 @needs_triton
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("num_sms", [1, 64])
-def test_cascade_splits(num_splits: int, num_sms: int) -> None:
-    """Suffix splits and prefix splits (num_sms picks how many) give the same result."""
+@pytest.mark.parametrize("suffix_first", [False, True])
+def test_cascade_splits(num_splits: int, num_sms: int, suffix_first: bool) -> None:
+    """Suffix splits and prefix splits (num_sms picks how many) give the same result, whichever
+    pass runs first (with one suffix split the later one merges; the helper checks the merge
+    counters are back at zero)."""
     groups, lone = LAYOUTS["several_groups_and_lone"]
     case = SharedCase(groups, lone, (4, 2, 16), 16, torch.float32, seed=num_splits)
-    out = case.cascade(num_splits=num_splits, num_sms=num_sms)
+    out = case.cascade(num_splits=num_splits, num_sms=num_sms, suffix_first=suffix_first)
     assert rel_err(out, case.reference()) < TOL[torch.float32]
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["many_groups", "big_group"])
+def test_cascade_prefix_pass_merges(layout: str) -> None:
+    """The prefix pass launched last merges every grouped row (the suffix pass left its part):
+    the output equals plain attention, and again on a second call (the counters were reset)."""
+    groups, lone = LAYOUTS[layout]
+    case = SharedCase(groups, lone, (4, 2, 16), 16, torch.float32, seed=11)
+    ref = case.reference()
+    for num_sms in (1, 64):
+        out = case.cascade(num_sms=num_sms, suffix_first=True)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOL[torch.float32]
 
 
 def token_minor(cache: torch.Tensor) -> torch.Tensor:

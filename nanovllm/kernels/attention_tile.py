@@ -161,3 +161,52 @@ def online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
         v = v.to(tl.float32) if IEEE else v.to(tl.float16)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i, acc
+
+
+@triton.jit
+def publish_and_merge(
+    out, lse, rows, mask, slot, part_out_ptr, part_lse_ptr, counters_ptr, PARTS: tl.constexpr
+):
+    """Cascade decode's merge without a combine kernel (kernels/cascade_attention.py): leave
+    this program's part of each row (out [R, D] float32, normalised; lse [R], base 2) in slot
+    `slot` of the partial buffers ([rows, PARTS, D] and [rows, PARTS], row = seq * num_heads +
+    head), then count it in the row's counter. The program that brings a row's count to PARTS
+    holds the last part: it merges all of them (out = sum_j 2^(lse_j - M) o_j / sum_j
+    2^(lse_j - M), M = max_j lse_j; a part with lse = -inf weighs 0) and sets the counter back
+    to 0 for the next launch. Returns (merged [R, D], last [R]): write out the rows in `last`.
+
+    Every thread's stores come before the barrier, the count after it (an acq_rel atomic, so the
+    parts are visible to whoever counts after), and the merging program reads the parts from L2
+    (`.cg`: another multiprocessor wrote them; no stale L1 line may answer)."""
+    d = tl.arange(0, out.shape[1])
+    base = rows * PARTS
+    tl.store(
+        part_out_ptr + (base + slot)[:, None] * out.shape[1] + d[None, :], out, mask=mask[:, None]
+    )
+    tl.store(part_lse_ptr + base + slot, lse, mask=mask)
+    tl.debug_barrier()
+    seen = tl.atomic_add(counters_ptr + rows, 1, mask=mask, sem="acq_rel")
+    last = mask & (seen == PARTS - 1)
+    m = tl.zeros_like(lse) + float("-inf")
+    for j in tl.static_range(PARTS):
+        part = tl.load(
+            part_lse_ptr + base + j, mask=last, other=float("-inf"), cache_modifier=".cg"
+        )
+        m = tl.maximum(m, part)
+    total = tl.zeros_like(lse)
+    merged = tl.zeros_like(out)
+    for j in tl.static_range(PARTS):
+        part = tl.load(
+            part_lse_ptr + base + j, mask=last, other=float("-inf"), cache_modifier=".cg"
+        )
+        w = tl.where(part > float("-inf"), tl.exp2(part - m), 0.0)
+        o = tl.load(
+            part_out_ptr + (base + j)[:, None] * out.shape[1] + d[None, :],
+            mask=last[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        total += w
+        merged += w[:, None] * o
+    tl.store(counters_ptr + rows, tl.zeros_like(seen), mask=last)
+    return merged / tl.where(total > 0, total, 1.0)[:, None], last

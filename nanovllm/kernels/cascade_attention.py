@@ -11,18 +11,26 @@ same physical blocks. Sequence i's attention over its keys 0..n_i-1 is cut into 
   sequence (P = 0, the whole context, for sequences in no group).
 Both cut their key range into splits when that fills the GPU better, and every split leaves a
 normalised partial output o_j and its log-sum-exp lse_j (base 2) in one buffer
-[num_seqs, num_heads, suffix splits + prefix splits, d_pad] (one suffix split: the prefix's only).
+[num_seqs, num_heads, suffix splits + prefix splits, d_pad].
 
 The merge is exact: softmax over the union of disjoint key sets is the lse-weighted mean of the
 parts' softmax outputs, out = sum_j 2^(lse_j - M) o_j / sum_j 2^(lse_j - M) with M = max_j lse_j,
 since 2^lse_j is part j's softmax denominator. A part with no keys has lse = -inf and weight 0.
-With one suffix split (the common case: a big batch) the prefix pass runs first and the paged
-kernel starts each grouped sequence's running state from the prefix parts (m = M,
-l = sum_j 2^(lse_j - M), acc = sum_j 2^(lse_j - M) o_j), so it writes every output itself: two
-launches a layer. With several suffix splits both passes leave partials and the combine kernel
-of decode_attention.py merges them, reading the prefix parts only for sequences with a shared
-prefix (the paged kernel writes the output of sequences in no group itself when it has one
-split).
+
+Side by side. The prefix pass is bound by its products (tensor cores), the suffix pass by
+memory, so on a GPU they run at once: the prefix pass on a second stream, forked from and joined
+back into the layer's stream (`side_by_side`; a CUDA graph captures two parallel branches), with
+about one wave of prefix programs so that suffix programs fit beside them on every
+multiprocessor. One H200, 512 sequences x (1,984 shared + 64..192 own keys), one layer: 0.112
+ms side by side (with a combine kernel after) against 0.140 ms one after the other
+(BENCHMARKS.md). With one suffix split (the common case: a big batch) no combine kernel runs
+either: each pass leaves its parts and counts them in a per-(sequence, head) counter, and the
+program that brings a row's count to the number of parts merges them and writes the output
+(attention_tile.publish_and_merge; it also sets the counter back to zero for the next launch).
+Sequences in no group get their output from the paged kernel directly. With several suffix
+splits (small batches) both passes leave partials and the combine kernel of
+decode_attention.py merges them after the join, reading the prefix parts only for sequences
+with a shared prefix.
 
 Prefix tiling. One program per (tile, K/V head, prefix split). A tile holds MEMBERS consecutive
 members of one group (MEMBERS * GROUP <= BLOCK_M rows: row r is member r // GROUP, query head
@@ -37,7 +45,8 @@ Many groups in one launch. All groups share the launch: n = 8 parallel sampling 
 is 64 groups of 8, one tile each per K/V head, 512 programs that each read one group's prefix
 once. Small groups leave rows of a 64-row tile empty, so the tile height follows the mean group
 size (`prefix_tiling`: 16 rows for groups of 8 with two query heads per K/V head), and the
-prefix is split along its keys only when the tiles alone leave the GPU short of two waves.
+prefix is split along its keys only when the tiles alone leave the GPU short of a wave (beside
+a one-split suffix pass) or two (several suffix splits).
 
 Prefill (`cascade_prefill_attention`). The same prefix kernel with query tokens as members: a
 group's members are the flat indices of its sequences' new tokens, a tile holds MEMBERS of them
@@ -50,6 +59,7 @@ own keys (prefill_attention.py's docstring), so each token's result is written o
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -60,6 +70,7 @@ from nanovllm.kernels.attention_tile import (
     dot,
     load_kv_tile,
     online_softmax_step,
+    publish_and_merge,
     query_for_cache,
 )
 from nanovllm.kernels.decode_attention import check_shapes, combine, launch_decode, partials
@@ -72,8 +83,8 @@ PREFIX_BLOCK_M = 64
 # pair, so each prefix tile is read once for twice the queries of a plain prefill tile (64
 # tokens of one head).
 PREFILL_PREFIX_BLOCK_M = 128
-# Launch settings of a decode step's prefix pass, and of its suffix pass when that starts from
-# the prefix's partials (one split; block_n None: the call's block_n). Module-level so that
+# Launch settings of a decode step's prefix pass, and of its suffix pass when that merges
+# (one split; block_n None: the call's block_n). Module-level so that
 # scripts/bench_cascade.py `kernel --tiles` can sweep them.
 PREFIX_LAUNCH = {"num_warps": 4, "num_stages": 2}
 SUFFIX_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 2}
@@ -90,11 +101,15 @@ def _prefix_kernel(
     num_groups,
     part_out_ptr,
     part_lse_ptr,
+    out_ptr,
+    counters_ptr,
     k_scale_ptr,
     v_scale_ptr,
     qk_scale,
     stride_qs,
     stride_qh,
+    stride_os,
+    stride_oh,
     stride_kb,
     stride_kt,
     stride_kh,
@@ -118,6 +133,7 @@ def _prefix_kernel(
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
     COLS: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
     # Decode (COLS = 3): a member is a sequence, its one query is row `member` of q and the
     # prefix lies in the first member's block table. Prefill (COLS = 4): a member is a query
@@ -206,13 +222,105 @@ def _prefix_kernel(
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         # partials [num_seqs (prefill: num_tokens), num_heads, PARTS, D_PAD]: this split's
         # slot follows the suffix's
-        row = (seqs * num_heads + heads) * PARTS + FIRST_PART + split
-        tl.store(
-            part_out_ptr + row[:, None] * D_PAD + offs_d[None, :],
-            out,
-            mask=m_mask[:, None] & d_mask[None, :],
-        )
-        tl.store(part_lse_ptr + row, lse, mask=m_mask)
+        if MERGE:  # decode with one suffix split: the last part of a row merges (module doc)
+            merged, last = publish_and_merge(
+                out,
+                lse,
+                seqs * num_heads + heads,
+                m_mask,
+                FIRST_PART + split,
+                part_out_ptr,
+                part_lse_ptr,
+                counters_ptr,
+                PARTS,
+            )
+            tl.store(
+                out_ptr + seqs[:, None] * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                merged.to(out_ptr.dtype.element_ty),
+                mask=last[:, None] & d_mask[None, :],
+            )
+        else:
+            row = (seqs * num_heads + heads) * PARTS + FIRST_PART + split
+            tl.store(
+                part_out_ptr + row[:, None] * D_PAD + offs_d[None, :],
+                out,
+                mask=m_mask[:, None] & d_mask[None, :],
+            )
+            tl.store(part_lse_ptr + row, lse, mask=m_mask)
+
+
+def launch_prefix(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    members: torch.Tensor,
+    groups: torch.Tensor,
+    scale: float,
+    partial: tuple[torch.Tensor, torch.Tensor],
+    first_part: int,
+    members_per_tile: int,
+    block_m: int,
+    max_tiles: int,
+    num_splits: int,
+    block_n: int,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    cols: int,
+    num_warps: int,
+    num_stages: int,
+    merge: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """Run the prefix pass (_prefix_kernel) over max_tiles tiles x K/V heads x num_splits key
+    splits; each split's partial result goes to slot first_part + split of `partial`
+    ([rows, num_heads, parts, d_pad], [rows, num_heads, parts]: rows are sequences in decode,
+    cols = 3, query tokens in prefill, cols = 4). merge (decode): (out, merge counters): the
+    pass that brings a row's last part writes its merged output (publish_and_merge)."""
+    head_dim = q.shape[2]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    part_out, part_lse = partial
+    out, counters = merge if merge is not None else (part_out, part_lse)  # (unused if None)
+    _prefix_kernel[(max_tiles, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        members,
+        groups,
+        groups.shape[0],
+        part_out,
+        part_lse,
+        out,
+        counters,
+        k_scale,
+        v_scale,
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride(),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim),
+        GROUP=q.shape[1] // num_kv_heads,
+        MEMBERS=members_per_tile,
+        BLOCK_M=block_m,
+        GROUPS_PAD=max(2, triton.next_power_of_2(groups.shape[0])),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        FIRST_PART=first_part,
+        PARTS=part_lse.shape[-1] if part_lse.dim() == 3 else 1,
+        ALIGNED=block_size % block_n == 0,
+        V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
+        IEEE=q.dtype == torch.float32,
+        COLS=cols,
+        MERGE=merge is not None,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
 def prefix_tiling(group: int, block_m: int = PREFIX_BLOCK_M) -> tuple[int, int]:
@@ -236,12 +344,17 @@ def max_prefix_tiles(num_members: int, num_groups: int, members_per_tile: int) -
 
 
 def choose_prefix_splits(
-    max_tiles: int, num_kv_heads: int, max_prefix_len: int, num_sms: int, block_n: int = 64
+    max_tiles: int,
+    num_kv_heads: int,
+    max_prefix_len: int,
+    num_sms: int,
+    block_n: int = 64,
+    waves: float = 2.0,
 ) -> int:
-    """Splits of the shared prefix so that about two waves of programs cover the GPU; never
-    more than the longest prefix has key tiles, at most 16."""
+    """Splits of the shared prefix so that about `waves` waves of programs cover the GPU;
+    never more than the longest prefix has key tiles, at most 16."""
     programs = max(1, max_tiles * num_kv_heads)
-    wanted = math.ceil(2 * num_sms / programs)
+    wanted = math.ceil(waves * num_sms / programs)
     return max(1, min(wanted, math.ceil(max_prefix_len / block_n), 16))
 
 
@@ -263,6 +376,7 @@ def cascade_decode_attention(
     prefix_block_m: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    suffix_first: bool = False,
 ) -> torch.Tensor:
     """Decode attention (one query per sequence) with shared prefixes attended once per group.
 
@@ -272,8 +386,9 @@ def cascade_decode_attention(
     indices group after group; groups: [num_groups, 3] (member_begin, member_end, prefix_len),
     rows with member_begin == member_end are unused; num_splits: splits of each suffix;
     max_prefix_len bounds the prefixes (it picks the prefix split count with num_sms);
-    prefix_block_m: query rows per prefix tile (None: default_prefix_block_m); k_scale, v_scale: a float8 cache's
-    dequantisation scales ([1] float32, 1.0 when None).
+    prefix_block_m: query rows per prefix tile (None: default_prefix_block_m); k_scale, v_scale:
+    a float8 cache's dequantisation scales ([1] float32, 1.0 when None); suffix_first: the
+    suffix pass launches first (see side_by_side).
     Returns [num_seqs, num_heads, head_dim] in q's dtype, equal to decode_attention's.
     """
     group = check_shapes(q, k_cache, v_cache, "cascade_decode_attention")
@@ -289,75 +404,90 @@ def cascade_decode_attention(
         prefix_block_m = default_prefix_block_m(group, num_members, num_groups)
     members_per_tile, block_m = prefix_tiling(group, prefix_block_m)
     max_tiles = max_prefix_tiles(num_members, num_groups, members_per_tile)
-    prefix_splits = choose_prefix_splits(max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n)
-    # One suffix split: the prefix first, then the paged kernel from its partials (two
-    # launches). Several: both leave partials, merged by the combine kernel.
-    fold = num_splits == 1
-    first_part = 0 if fold else num_splits
-    parts = first_part + prefix_splits
-    part_out, part_lse = partials(q, parts)
-    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
-    if not fold:
-        launch_decode(
-            q,
-            k_cache,
-            v_cache,
-            block_tables,
-            seq_lens,
-            prefix_lens,
-            scale,
-            num_splits,
-            out,
-            (part_out, part_lse),
-            block_n,
-            k_scale=k_scale,
-            v_scale=v_scale,
-        )
-    _prefix_kernel[(max_tiles, num_kv_heads, prefix_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        members,
-        groups,
-        num_groups,
-        part_out,
-        part_lse,
-        k_scale,
-        v_scale,
-        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
-        q.stride(0),
-        q.stride(1),
-        *k_cache.stride()[:3],
-        *v_cache.stride(),
-        block_tables.stride(0),
-        HEAD_DIM=head_dim,
-        D_PAD=triton.next_power_of_2(head_dim),
-        GROUP=group,
-        MEMBERS=members_per_tile,
-        BLOCK_M=block_m,
-        GROUPS_PAD=max(2, triton.next_power_of_2(num_groups)),
-        BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
-        NUM_SPLITS=prefix_splits,
-        FIRST_PART=first_part,
-        PARTS=parts,
-        ALIGNED=block_size % block_n == 0,
-        V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
-        IEEE=q.dtype == torch.float32,
-        COLS=3,
-        **PREFIX_LAUNCH,
+    # One suffix split (any big batch): the passes run side by side and the last part of a
+    # row merges (no third launch); the prefix pass then takes about one wave of programs, so
+    # that suffix programs fit beside it on every multiprocessor. Several suffix splits: both
+    # leave partials, merged by the combine kernel after them.
+    merged = num_splits == 1
+    prefix_splits = choose_prefix_splits(
+        max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n, waves=1.0 if merged else 2.0
     )
-    if fold:
-        launch_decode(
-            q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, scale, 1, out,
-            block_n=SUFFIX_LAUNCH["block_n"] or block_n, num_warps=SUFFIX_LAUNCH["num_warps"],
-            num_stages=SUFFIX_LAUNCH["num_stages"], k_scale=k_scale, v_scale=v_scale,
-            prefix=(part_out, part_lse),
+    first_part = 1 if merged else num_splits
+    part_out, part_lse = partials(q, first_part + prefix_splits)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
+    counters = merge_counters(q.device, num_seqs * num_heads) if merged else None
+
+    def prefix_pass() -> None:
+        launch_prefix(
+            q, k_cache, v_cache, block_tables, members, groups, scale, (part_out, part_lse),
+            first_part, members_per_tile, block_m, max_tiles, prefix_splits, block_n, k_scale,
+            v_scale, cols=3, merge=(out, counters) if merged else None, **PREFIX_LAUNCH,
         )  # fmt: skip
-    else:
+
+    def suffix_pass() -> None:
+        if merged:
+            launch_decode(
+                q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, scale, 1, out,
+                block_n=SUFFIX_LAUNCH["block_n"] or block_n,
+                num_warps=SUFFIX_LAUNCH["num_warps"], num_stages=SUFFIX_LAUNCH["num_stages"],
+                k_scale=k_scale, v_scale=v_scale, merge=(part_out, part_lse, counters),
+            )  # fmt: skip
+        else:
+            launch_decode(
+                q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, scale, num_splits,
+                out, (part_out, part_lse), block_n, k_scale=k_scale, v_scale=v_scale,
+            )  # fmt: skip
+
+    side_by_side(prefix_pass, suffix_pass, q.device, suffix_first)
+    if not merged:
         combine(part_out, part_lse, prefix_lens, out, num_splits)
     return out
+
+
+# The side stream of each device the prefix pass runs on, and the merge counters (int32, zero
+# between launches: the merging program sets a row's back), both made once per device.
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def merge_counters(device: torch.device, rows: int) -> torch.Tensor:
+    """At least `rows` zeroed int32 merge counters on device, kept for later launches. The
+    first call with a size happens outside graph capture (the capture's warm-up step), so the
+    buffer a graph records is never replaced."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < rows:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("cascade merge counters grew during CUDA graph capture")
+        buf = torch.zeros(max(rows, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def side_by_side(
+    prefix_pass: Callable[[], None],
+    suffix_pass: Callable[[], None],
+    device: torch.device,
+    suffix_first: bool = False,
+) -> None:
+    """Launch both passes, the prefix pass on a second stream of the device when it is a GPU
+    (forked from and joined back into the current stream, so CUDA graphs capture two parallel
+    branches): tensor-core tiles and memory-bound suffix reads then share the multiprocessors.
+    Elsewhere (the interpreter) one after the other, the prefix pass first unless
+    suffix_first (the tests use both orders: either pass may be the one that merges)."""
+    first, second = (suffix_pass, prefix_pass) if suffix_first else (prefix_pass, suffix_pass)
+    if device.type != "cuda":
+        first()
+        second()
+        return
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        first()
+    second()
+    main.wait_stream(side)
 
 
 def prefill_scratch_bytes(num_tokens: int, num_heads: int, head_dim: int) -> int:
@@ -416,42 +546,11 @@ def cascade_prefill_attention(
     prefix_out = torch.empty((num_tokens, num_heads, d_pad), dtype=torch.float32, device=q.device)
     prefix_lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=q.device)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
-    _prefix_kernel[(max_tiles, num_kv_heads, 1)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        tokens,
-        groups,
-        num_groups,
-        prefix_out,
-        prefix_lse,
-        k_scale,
-        v_scale,
-        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
-        q.stride(0),
-        q.stride(1),
-        *k_cache.stride()[:3],
-        *v_cache.stride(),
-        block_tables.stride(0),
-        HEAD_DIM=head_dim,
-        D_PAD=d_pad,
-        GROUP=group,
-        MEMBERS=members_per_tile,
-        BLOCK_M=block_m,
-        GROUPS_PAD=max(2, triton.next_power_of_2(num_groups)),
-        BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
-        NUM_SPLITS=1,
-        FIRST_PART=0,
-        PARTS=1,
-        ALIGNED=block_size % block_n == 0,
-        V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
-        IEEE=q.dtype == torch.float32,
-        COLS=4,
-        num_warps=8 if block_m >= 128 else 4,
-        num_stages=2,
-    )
+    launch_prefix(
+        q, k_cache, v_cache, block_tables, tokens, groups, scale, (prefix_out, prefix_lse), 0,
+        members_per_tile, block_m, max_tiles, 1, block_n, k_scale, v_scale, cols=4,
+        num_warps=8 if block_m >= 128 else 4, num_stages=2,
+    )  # fmt: skip
     return prefill_attention(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale, out,
         block_n=block_n, k_scale=k_scale, v_scale=v_scale,

@@ -34,9 +34,10 @@ per tile, and a token-minor V tile is read whole, past the sequence's end too (t
 exactly 0; the slots hold finite values, as store_kv saturates), so its loads stay vectorised.
 
 Cascade (kernels/cascade_attention.py) runs the same kernel from a per-sequence first key
-(`starts`, the end of its group's shared prefix). With one split it starts from the shared
-prefix's partial results (PREFIX_PARTS, computed first) and writes the output itself; with
-several it leaves partials for the prefix's to join in the combine kernel.
+(`starts`, the end of its group's shared prefix), while the prefix pass runs beside it. With one
+split its result is one part of each grouped row and the pass that brings a row's last part
+merges them (MERGE_PARTS, attention_tile.publish_and_merge); with several it leaves partials
+for the prefix's to join in the combine kernel.
 """
 
 import math
@@ -50,6 +51,7 @@ from nanovllm.kernels.attention_tile import (
     dot,
     load_kv_tile,
     online_softmax_step,
+    publish_and_merge,
     query_for_cache,
 )
 from nanovllm.kernels.store_kv import kv_scales
@@ -69,6 +71,7 @@ def _decode_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    counters_ptr,
     k_scale_ptr,
     v_scale_ptr,
     qk_scale,
@@ -95,7 +98,7 @@ def _decode_kernel(
     WRITE_PARTS: tl.constexpr,
     SOLO: tl.constexpr,
     HAS_STARTS: tl.constexpr,
-    PREFIX_PARTS: tl.constexpr,
+    MERGE_PARTS: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
@@ -132,29 +135,6 @@ def _decode_kernel(
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
-    if PREFIX_PARTS > 0:
-        # Cascade, one split: start from the shared prefix's PREFIX_PARTS partials (o_j, lse_j)
-        # [num_seqs, num_heads, PREFIX_PARTS, D_PAD] (written only where first > 0). Their
-        # merge as a running state: m = max_j lse_j, l = sum_j 2^(lse_j - m), acc = sum_j
-        # 2^(lse_j - m) o_j (o_j carries v_scale, acc does not: divided out).
-        firsts = tl.zeros([G_PAD], dtype=tl.int32) + first
-        grouped = g_mask & (firsts > 0)
-        base = (seq * num_heads + heads) * PREFIX_PARTS
-        for j in tl.static_range(PREFIX_PARTS):
-            m_i = tl.maximum(
-                m_i, tl.load(part_lse_ptr + base + j, mask=grouped, other=float("-inf"))
-            )
-        for j in tl.static_range(PREFIX_PARTS):
-            lse = tl.load(part_lse_ptr + base + j, mask=grouped, other=float("-inf"))
-            w = tl.where(lse > float("-inf"), tl.exp2(lse - m_i), 0.0)
-            o = tl.load(
-                part_out_ptr + (base + j)[:, None] * D_PAD + offs_d[None, :],
-                mask=grouped[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            l_i += w
-            acc += w[:, None] * o
-        acc = acc / v_scale
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -191,7 +171,29 @@ def _decode_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale
     store_mask = g_mask[:, None] & d_mask[None, :]
     o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
-    if not WRITE_PARTS:
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    if MERGE_PARTS > 0:
+        # Cascade, one split: a sequence in no group (first == 0) has its whole result here;
+        # a grouped one's suffix is part 0 of MERGE_PARTS, merged by whichever pass brings its
+        # last part (attention_tile.publish_and_merge).
+        # [G_PAD] (masks built from vectors: the interpreter rejects scalar operands)
+        firsts = tl.zeros([G_PAD], dtype=tl.int32) + first
+        solo = g_mask & (firsts == 0)
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=solo[:, None] & d_mask[None, :])
+        grouped = g_mask & (firsts > 0)
+        merged, last = publish_and_merge(
+            out,
+            lse,
+            seq * num_heads + heads,
+            grouped,
+            0,
+            part_out_ptr,
+            part_lse_ptr,
+            counters_ptr,
+            MERGE_PARTS,
+        )
+        tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=last[:, None] & d_mask[None, :])
+    elif not WRITE_PARTS:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         # partials: out [num_seqs, num_heads, parts, D_PAD], lse [num_seqs, num_heads, parts]
@@ -214,7 +216,6 @@ def _decode_kernel(
             out,
             mask=part_rows[:, None] & d_mask[None, :],
         )
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=part_rows)
 
 
@@ -402,24 +403,27 @@ def launch_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     maxnreg: int | None = None,
-    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Run the paged decode kernel over keys starts[i]..seq_lens[i]-1 of each sequence (all of
     them without starts). Without `partial` (one split, no starts) it writes `out`; else it
     fills slots 0..num_splits-1 of the partial buffers (see `partials`), except that with
     starts and one split a sequence whose start is 0 gets its output written to `out`.
-    `prefix` (with starts, one split, no `partial`): the shared prefixes' partial buffers, all
-    their slots, where starts[i] > 0; each such sequence starts from their merge and its output
-    is written to `out` (no combine kernel). k_scale, v_scale, maxnreg: as decode_attention's."""
+    `merge` (with starts, one split, no `partial`): a cascade's partial buffers (all its parts)
+    and merge counters ([num_seqs * num_heads] int32, zero): where starts[i] > 0 this kernel's
+    result is part 0, and the pass that brings a row's last part writes its merged output
+    (attention_tile.publish_and_merge); sequences with start 0 get their output written.
+    k_scale, v_scale, maxnreg: as decode_attention's."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    prefix_parts = 0
-    if prefix is not None:
+    merge_parts = 0
+    counters = out  # unused placeholder
+    if merge is not None:
         if starts is None or num_splits != 1 or partial is not None:
-            raise ValueError("a prefix to start from needs starts, one split and no partials")
-        part_out, part_lse = prefix
-        parts, prefix_parts = 0, part_out.shape[2]
+            raise ValueError("a cascade merge needs starts, one split and no partials")
+        part_out, part_lse, counters = merge
+        parts, merge_parts = 0, part_out.shape[2]
     elif partial is None:
         part_out = part_lse = out  # unused placeholders
         parts = 0
@@ -437,6 +441,7 @@ def launch_decode(
         out,
         part_out,
         part_lse,
+        counters,
         k_scale,
         v_scale,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
@@ -458,7 +463,7 @@ def launch_decode(
         WRITE_PARTS=partial is not None,
         SOLO=starts is not None and num_splits == 1,
         HAS_STARTS=starts is not None,
-        PREFIX_PARTS=prefix_parts,
+        MERGE_PARTS=merge_parts,
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
