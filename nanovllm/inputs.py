@@ -8,15 +8,21 @@ shape works the same. Nothing here imports torch or transformers until a tokeniz
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import numbers
 import os
+import sysconfig
 from array import array
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
+
+from nanovllm.utils import cbuild
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -72,12 +78,38 @@ def _is_token_id(t: object) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
+@functools.cache
+def _c_ids() -> ctypes.CDLL | None:
+    """token_ids.c's functions (exact_ints, token_bytes), built on first use; None without a
+    C compiler or Python's headers (the Python path below then does the same work)."""
+    include = sysconfig.get_paths().get("include")
+    if os.environ.get("NANOVLLM_CPU_KERNELS") == "0" or not include:
+        return None
+    lib = cbuild.load(
+        Path(__file__).with_name("token_ids.c"), [["-O2", f"-I{include}"]], [], ctypes.PyDLL
+    )
+    if lib is None:
+        return None
+    lib.exact_ints.argtypes, lib.exact_ints.restype = [ctypes.py_object], ctypes.c_int
+    lib.token_bytes.argtypes = [ctypes.py_object, ctypes.c_int64]
+    lib.token_bytes.restype = ctypes.py_object
+    return lib
+
+
+def _exact_ints(ids: list) -> bool:
+    """Whether every item of the list is an exact int (no bools): at C speed."""
+    lib = _c_ids()
+    if lib is not None:
+        return bool(lib.exact_ints(ids))
+    return set(map(type, ids)) == {int}
+
+
 def as_token_ids(value: object) -> list[int] | None:
     """value as a new list of int token ids, or None if it is not a sequence of integers.
 
     Accepts lists / tuples of ints or numpy integers and 1-D integer numpy arrays or tensors.
     """
-    if type(value) is list and set(map(type, value)) == {int}:
+    if type(value) is list and _exact_ints(value):
         return value[:]  # the common case, fast (no Python-level loop: long prompts add up)
     if isinstance(value, (str, dict, *_BYTES)):
         return None
@@ -102,6 +134,11 @@ def token_bytes_in_range(token_ids: list[int], vocab: int, ints: bool = False) -
     entry is an int in [0, vocab), else None; see token_ids_in_range."""
     if not token_ids:
         return None
+    lib = _c_ids()
+    if lib is not None and type(token_ids) is list:
+        ids = lib.token_bytes(token_ids, vocab)  # one pass: exact ints in range -> bytes
+        if ids is not None:
+            return ids
     if not ints and set(map(type, token_ids)) != {int}:
         if not all(_is_plain_id(t, vocab) for t in token_ids):
             return None

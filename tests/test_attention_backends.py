@@ -9,6 +9,7 @@ import torch
 from nanovllm.attention import select_backend
 from nanovllm.attention.torch_backend import TorchAttentionBackend
 from nanovllm.kernels import cpu
+from nanovllm.utils import cbuild
 
 
 def test_auto_on_cpu_is_cpu_in_float32_else_torch() -> None:
@@ -110,7 +111,7 @@ def test_cpu_kernels_fall_back_to_a_temp_folder(
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(blocker / "cache"))  # cannot be created
-    monkeypatch.setattr(cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(cbuild.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     cpu._library.cache_clear()
     try:
         assert cpu.available()

@@ -211,11 +211,52 @@ def test_invalid_request_leaves_engine_usable(
         ([], False),
     ],
 )
-def test_token_ids_in_range(ids: list[Any], ok: bool) -> None:
-    """The engine's vocabulary check (C speed for long prompts) agrees with a plain loop."""
-    from nanovllm.inputs import token_ids_in_range
+@pytest.mark.parametrize("c_helper", [True, False])
+def test_token_ids_in_range(
+    ids: list[Any], ok: bool, c_helper: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's vocabulary check agrees with a plain loop, with token_ids.c (one pass at C
+    speed for lists of exact ints) and without it (no compiler: the Python path)."""
+    from nanovllm import inputs
 
-    assert token_ids_in_range(ids, 512) is ok
+    if c_helper and inputs._c_ids() is None:
+        pytest.skip("no C compiler or Python headers")
+    if not c_helper:
+        monkeypatch.setattr(inputs, "_c_ids", lambda: None)
+    assert inputs.token_ids_in_range(ids, 512) is ok
+    result = inputs.token_bytes_in_range(ids, 512)
+    if ok:
+        assert result == np.asarray([int(t) for t in ids], dtype=np.int64).tobytes()
+    else:
+        assert result is None
+
+
+@pytest.mark.parametrize("c_helper", [True, False])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([0, 5, 2**62], [0, 5, 2**62]),
+        ([3, True], None),  # a bool is not a token id here
+        ([3, 1.0], None),
+        ([3, np.int64(4)], [3, 4]),  # numpy integers: the general path
+        ((3, 4), [3, 4]),
+        ([], []),
+        ("34", None),
+    ],
+)
+def test_as_token_ids(
+    value: Any, expected: list[int] | None, c_helper: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nanovllm import inputs
+
+    if c_helper and inputs._c_ids() is None:
+        pytest.skip("no C compiler or Python headers")
+    if not c_helper:
+        monkeypatch.setattr(inputs, "_c_ids", lambda: None)
+    ids = inputs.as_token_ids(value)
+    assert ids == expected
+    if ids is not None:
+        assert ids is not value and all(type(t) is int for t in ids)
 
 
 def test_engine_add_request_still_validates(llm: LLM, probe_expected: list[int]) -> None:

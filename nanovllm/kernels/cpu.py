@@ -19,7 +19,8 @@ for each new number of rows, so `packed_linear` pads rows to a few bucket sizes.
 
 Building: cpu.c is compiled once per machine with the system's C compiler (`$CC`, else `cc`;
 `-O3 -march=native -fopenmp`, about a second) into a cache folder (`$NANOVLLM_CACHE_DIR`, else
-`~/.cache/nanovllm`), under a name hashed from the source, the flags and the CPU. The library
+`~/.cache/nanovllm`), under a name hashed from the source, the flags and the CPU
+(utils/cbuild.py). The library
 links the libgomp that torch has already loaded, so both share one thread pool. Without a
 compiler (or if the build fails) `available()` is False and every caller takes the torch path;
 `NANOVLLM_CPU_KERNELS=0` chooses the torch path too, for the linear layers as well.
@@ -27,16 +28,13 @@ compiler (or if the build fails) `available()` is False and every caller takes t
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from nanovllm.utils import cbuild
 
 logger = logging.getLogger(__name__)
 
@@ -59,76 +57,9 @@ SIGNATURES = {
 }
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(
-                line for line in f if line.startswith(("model name", "flags", "Features"))
-            )
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _cache_dirs() -> list[Path]:
-    """Where built libraries go: $NANOVLLM_CACHE_DIR or ~/.cache/nanovllm, else a temp folder."""
-    first = os.environ.get("NANOVLLM_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "nanovllm"
-    )
-    user = getattr(os, "getuid", lambda: 0)()
-    return [Path(first), Path(tempfile.gettempdir()) / f"nanovllm-{user}"]
-
-
-def _build(compiler: str, flags: list[str], folder: Path) -> Path | None:
-    """The shared library built from SOURCE with these flags in folder (or found there), or
-    None if the compiler fails. Raises OSError if the folder cannot be written."""
-    parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode()]
-    key = hashlib.sha256(b"\0".join([*parts, _cpu_signature().encode()])).hexdigest()[:16]
-    target = folder / f"cpu-{key}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: processes building at once never load half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
-    cmd = [compiler, *flags, "-shared", "-fPIC", "-std=c11", str(SOURCE), "-o", tmp, "-lm"]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            logger.info("building %s failed: %s", SOURCE.name, result.stderr.strip()[-500:])
-            return None
-        os.replace(tmp, target)
-        return target
-    except subprocess.SubprocessError as e:
-        logger.info("building %s failed: %s", SOURCE.name, e)
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _load(compiler: str) -> ctypes.CDLL | None:
-    """Build (or find) and load the library: each flag set in turn, in the first cache folder
-    that can be written and loaded from."""
-    for folder in _cache_dirs():
-        try:
-            for flags in FLAG_SETS:
-                path = _build(compiler, flags, folder)
-                if path is not None:
-                    return ctypes.CDLL(str(path))
-            return None  # the compiler failed with every flag set
-        except OSError as e:  # an unwritable folder, or one whose files cannot be loaded
-            logger.info("CPU kernels in %s: %s", folder, e)
-    return None
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        logger.info("no C compiler (%s): the CPU kernels are unavailable", compiler)
-        return None
-    lib = _load(compiler)
+    lib = cbuild.load(SOURCE, FLAG_SETS, libs=["-lm"])
     if lib is None:
         return None
     for name, argtypes in SIGNATURES.items():

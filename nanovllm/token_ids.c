@@ -1,0 +1,50 @@
+/*
+ * Prompt token ids at C speed (nanovllm/inputs.py loads this through ctypes.PyDLL: the GIL is
+ * held and Python exceptions pass through). A long prompt given as a list of ints costs the
+ * host one Python-level check and one conversion per token otherwise (about 60 ns a token:
+ * 60 ms for 512 prompts of 2,048 tokens, all before the first step); here both are one pass.
+ *
+ *   exact_ints(list)          1 if every item is an exact int (not a bool or other subclass),
+ *                             else 0
+ *   token_bytes(list, vocab)  the items as native int64 bytes if every one is an exact int in
+ *                             [0, vocab), else None
+ * Anything else (tuples, numpy integers, bools, out-of-range ids) is left to the Python path,
+ * which accepts or names it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+int exact_ints(PyObject *list) {
+    if (!PyList_CheckExact(list))
+        return 0;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyLong_CheckExact(PyList_GET_ITEM(list, i)))
+            return 0;
+    return 1;
+}
+
+PyObject *token_bytes(PyObject *list, int64_t vocab) {
+    if (!PyList_CheckExact(list))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(int64_t));
+    if (out == NULL)
+        return NULL;
+    int64_t *dst = (int64_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        int overflow = 0;
+        if (!PyLong_CheckExact(item))
+            goto refuse;
+        long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (overflow || v < 0 || v >= vocab)  /* (an exact int sets no error) */
+            goto refuse;
+        dst[i] = (int64_t)v;
+    }
+    return out;
+refuse:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+}
