@@ -427,8 +427,21 @@ def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "
         finally:
             waited[0] += time.perf_counter() - t0
 
+    # Python's garbage collector: collections during the run and their time (ms).
+    import gc
+
+    collected, gc_started = [0, 0.0], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            collected[0] += 1
+            collected[1] += (time.perf_counter() - gc_started[0]) * 1e3
+
     engine.step = stepping
     PendingTokens.result = waiting
+    gc.callbacks.append(on_gc)
     try:
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -438,11 +451,13 @@ def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "
     finally:
         del engine.step  # the class's method again
         PendingTokens.result = result
+        gc.callbacks.remove(on_gc)
     produced = sum(len(c.token_ids) for o in outs for c in o.outputs)
     stats = engine.stats
     stats.before_steps = marks[0][0] - t if marks else 0.0
     stats.after_steps = end - marks[-1][1] if marks else 0.0
     stats.waited = waited[0]
+    stats.gc = (collected[1], collected[0])
     return end - t, produced, stats
 
 
@@ -470,7 +485,8 @@ def compare(llm: "object", make: "object", params: "object", label: str) -> None
             f"{label} cascade {name}: {sec:.3f} s, {produced / sec:,.0f} output "
             f"tok/s (prefill {stats.prefill_seconds:.3f} s, decode {stats.decode_seconds:.3f} s, "
             f"host before the first step {stats.before_steps:.3f} s, after the last "
-            f"{stats.after_steps:.3f} s, waiting for tokens {stats.waited:.3f} s)"
+            f"{stats.after_steps:.3f} s, waiting for tokens {stats.waited:.3f} s, "
+            f"{stats.gc[1]} garbage collections {stats.gc[0]:.1f} ms)"
             + (f"; {count}" if on else "")
         )
     graphs = llm.engine.runner.graphs
@@ -540,7 +556,8 @@ def profile_run(llm: "object", prompts: list, params: "object", label: str) -> N
     prof.export_chrome_trace(path)
     with open(path) as f:
         kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
-    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in kernels)
+    kernels.sort(key=lambda e: e["ts"])
+    spans = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in kernels]
     busy, end = 0.0, float("-inf")
     for start, stop in spans:
         busy += max(0.0, stop - max(start, end))
@@ -573,6 +590,18 @@ def profile_run(llm: "object", prompts: list, params: "object", label: str) -> N
         "  idle gaps between kernels (us: count, total ms): "
         + ", ".join(f"<{e:g}: {n}, {t / 1e3:.1f}" for e, (n, t) in idle.items())
     )
+    # The long gaps, in order: when (ms after the first kernel), how long, between which kernels.
+    end, first = spans[0][1], spans[0][0]
+    for i in range(1, len(spans)):
+        gap = spans[i][0] - end
+        if gap >= 300:
+            print(
+                f"    gap at {(end - first) / 1e3:8.2f} ms: {gap / 1e3:6.2f} ms, after "
+                f"{kind_of(kernels[i - 1]['name'])[:40]}, before {kind_of(kernels[i]['name'])[:40]}"
+            )
+        end = max(end, spans[i][1])
+    gc_ms, gc_count = stats.gc
+    print(f"  Python garbage collections during the run: {gc_count}, {gc_ms:.1f} ms")
     for kind in sorted(total, key=total.get, reverse=True)[:25]:
         print(
             f"  {kind:<62} {launches[kind] / steps:8.1f} launches {total[kind] / steps / 1e3:8.3f} ms"
