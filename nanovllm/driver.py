@@ -25,6 +25,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.inputs import parse_prompt
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils import collector
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -239,11 +240,15 @@ class RequestDriver:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run_all(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
-        """Run every request; their outputs in the order of `requests` (request_id = index)."""
+    def run_all(
+        self, requests: list[Request], use_tqdm: bool, freeze: bool = False
+    ) -> list[RequestOutput]:
+        """Run every request; their outputs in the order of `requests` (request_id = index).
+        freeze: the caller froze the garbage collector's objects and unfreezes them after the
+        run; the queued sequences are frozen too (utils/collector.py)."""
         outputs: list[RequestOutput | None] = [None] * len(requests)
         progress = Progress(use_tqdm and bool(requests), self.engine, len(requests))
-        for req in self.drive(iter(requests), None, progress):
+        for req in self.drive(iter(requests), None, progress, freeze):
             outputs[int(req.request_id)] = self.output(req)
         return outputs
 
@@ -271,7 +276,11 @@ class RequestDriver:
                 )
 
     def drive(
-        self, requests: Iterator[Request], window: int | None, progress: Progress
+        self,
+        requests: Iterator[Request],
+        window: int | None,
+        progress: Progress,
+        freeze: bool = False,
     ) -> Iterator[Request]:
         """Feed requests (at most `window` sequences in flight; None: all), step the engine and
         yield each request when all its completions have finished.
@@ -287,19 +296,22 @@ class RequestDriver:
         try:
             gc.set_threshold(*gc_thresholds[:2], FULL_COLLECTION_EVERY)
             while True:
-                while not exhausted and (window is None or len(active) < window):
-                    try:
-                        req = next(requests)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    except ValueError as e:
-                        error, exhausted = e, True
-                        break
-                    self._submit(req)
-                    progress.admitted(req)
-                    for seq in req.seqs:
-                        active[seq.seq_id] = req
+                with collector.paused():  # (queueing long prompts: utils/collector.py)
+                    while not exhausted and (window is None or len(active) < window):
+                        try:
+                            req = next(requests)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        except ValueError as e:
+                            error, exhausted = e, True
+                            break
+                        self._submit(req)
+                        progress.admitted(req)
+                        for seq in req.seqs:
+                            active[seq.seq_id] = req
+                    if freeze:  # (the queued sequences too: see utils/collector.py)
+                        gc.freeze()
                 if not active:
                     break
                 finished, _, _ = self.engine.step()

@@ -7,6 +7,7 @@ run by nanovllm.driver (tokenize and validate, feed the engine, step it, build t
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as SequenceABC
@@ -19,6 +20,7 @@ from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.inputs import PromptType, load_tokenizer, prompt_iterable
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils import collector
 
 if TYPE_CHECKING:  # transformers loads with the first tokenizer (import nanovllm stays light)
     from transformers import PreTrainedTokenizerBase
@@ -111,11 +113,19 @@ class LLM:
         driver.check_usable()
         prompt_list = list(prompt_iterable(prompts))
         params_list = driver.params_list(sampling_params, len(prompt_list))
-        requests = [
-            driver.prepare(i, p, sp)
-            for i, (p, sp) in enumerate(zip(prompt_list, params_list, strict=True))
-        ]
-        return driver.run_all(requests, use_tqdm)
+        # Long prompts are read without the garbage collector, and what is alive then is left
+        # out of its passes until the run ends (utils/collector.py).
+        with collector.paused():
+            requests = [
+                driver.prepare(i, p, sp)
+                for i, (p, sp) in enumerate(zip(prompt_list, params_list, strict=True))
+            ]
+            frozen = collector.freeze_for_run()
+        try:
+            return driver.run_all(requests, use_tqdm, freeze=frozen)
+        finally:
+            if frozen:
+                gc.unfreeze()
 
     def generate_iter(
         self,

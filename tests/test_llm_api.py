@@ -498,3 +498,47 @@ def test_kv_cache_too_small(tiny_model_dir: str, probe_expected: list[int]) -> N
     ) as llm:
         out = llm.generate([PROBE], greedy(), use_tqdm=False)
     assert out[0].outputs[0].token_ids == probe_expected
+
+
+@pytest.mark.parametrize("app_froze", [False, True])
+def test_generate_freezes_the_collector_for_the_run(
+    llm: LLM, probe_expected: list[int], app_froze: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch run reads its prompts with the garbage collector paused and keeps what was alive
+    before its first step out of the collector's passes (gc.freeze) while it steps; after it
+    the collector is as it was: on, same thresholds, nothing frozen that was not before (and
+    objects an application froze stay frozen)."""
+    import gc
+
+    seen: list[tuple[bool, int]] = []
+    step = llm.engine.step
+
+    def stepping() -> Any:
+        seen.append((gc.isenabled(), gc.get_freeze_count()))
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", stepping)
+    thresholds = gc.get_threshold()
+    if app_froze:
+        gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        prompts = random_prompts([30, 12], seed=4)
+        outs = llm.generate(prompts, greedy(), use_tqdm=False)
+        assert len(outs) == 2
+        assert seen and all(enabled for enabled, _ in seen)
+        if app_froze:  # not ours to unfreeze: the run freezes nothing more (frozen objects
+            # can still be freed by reference counting, so the count may only fall)
+            assert all(count <= before for _, count in seen)
+        else:  # the prompts, requests and sequences frozen while the run steps
+            assert all(count > 0 for _, count in seen)
+        assert gc.isenabled() and gc.get_threshold() == thresholds
+        assert gc.get_freeze_count() <= before if app_froze else gc.get_freeze_count() == 0
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate([[5, 10**6]], greedy(), use_tqdm=False)
+        assert gc.isenabled()
+        assert gc.get_freeze_count() <= before if app_froze else gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+    monkeypatch.undo()
+    assert_idle_and_working(llm, probe_expected)

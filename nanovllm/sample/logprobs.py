@@ -10,10 +10,7 @@ copy; a sequence keeps its rows flat (`LogprobRecords`), and they become {token 
 dicts on the host in bulk when the output is built (not per token per step; see "Host side").
 """
 
-import gc
 from array import array
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -22,6 +19,7 @@ from torch import Tensor
 from nanovllm.kernels import use_kernels
 from nanovllm.outputs import Logprob
 from nanovllm.sample.sampler import topk_rows
+from nanovllm.utils.collector import paused
 
 
 def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> Tensor:
@@ -85,7 +83,7 @@ def to_entries(rows: np.ndarray, token_ids: list[int], ks: list[int]) -> list[di
     width = (rows.shape[1] - 2) // 2
     if ks and max(ks) > width:
         raise ValueError(f"k={max(ks)} exceeds the {width} top entries the rows hold")
-    with _gc_paused():
+    with paused():
         vals = rows[:, 2 : 2 + width].tolist()
         ids = rows[:, 2 + width :].astype(np.int64).tolist()
         if any(k != width for k in ks):
@@ -137,7 +135,7 @@ class LogprobRecords:
         k = self.k
         # [num_tokens, 3 + 2k]
         block = np.frombuffer(self.data, dtype=np.float64).reshape(-1, 3 + 2 * k)
-        with _gc_paused():
+        with paused():
             chosen = block[:, 1].tolist()
             entries = _make_entries(
                 block[:, 0].astype(np.int64).tolist(),
@@ -152,18 +150,6 @@ class LogprobRecords:
 
 # Ranks of the top entries (1 = the most likely): zip stops at the row's k.
 _RANKS = range(1, 1 << 31)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off inside (back to its former state after)."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _make_entries(
