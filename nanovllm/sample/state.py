@@ -150,7 +150,8 @@ class SamplingState:
         self, key: int, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
     ) -> int:
         """Give request `key` a slot; its parameters and (with penalties) token statistics are
-        written by the next `rows` call. Returns the slot."""
+        written by the next `rows` call. Returns the slot. prompt_ids are read only when
+        needs_prompt_ids(params) (the caller may pass [] otherwise)."""
         if key in self._slot_of:
             raise RuntimeError(f"request {key} already holds sampling slot {self._slot_of[key]}")
         if not self._free:
@@ -349,6 +350,13 @@ class SamplingState:
         if rows.any_penalty:
             assert self.counts is not None
             self.counts.index_put_((rows.slots, tokens), rows.ones32, accumulate=True)
+
+
+def needs_prompt_ids(p: SamplingParams) -> bool:
+    """Whether admitting a request with these parameters reads its prompt's ids: the penalties
+    count tokens (copying a long prompt's ids for nothing costs the host, and the copy is a
+    container the garbage collector walks)."""
+    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
 def _seed_key(seed: int) -> int:

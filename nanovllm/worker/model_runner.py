@@ -22,7 +22,7 @@ from nanovllm.kernels import cpu
 from nanovllm.layers.attention import Attention
 from nanovllm.models.registry import build_model
 from nanovllm.sample import SamplingState, gather_logprobs, sample
-from nanovllm.sample.state import to_device
+from nanovllm.sample.state import needs_prompt_ids, to_device
 from nanovllm.structured.masks import GrammarMasks
 from nanovllm.utils.context import set_context
 from nanovllm.utils.dist import SINGLE, create_group, use_group
@@ -238,10 +238,11 @@ class ModelRunner:
         for seq in seqs:
             slot = state.lookup(seq.seq_id)
             if slot is None:
+                params = seq.sampling_params
                 slot = state.admit(
                     seq.seq_id,
-                    seq.sampling_params,
-                    seq.prompt_token_ids,
+                    params,
+                    seq.prompt_token_ids if needs_prompt_ids(params) else [],
                     seq.completion_token_ids,
                 )
             slots.append(slot)
