@@ -430,17 +430,21 @@ def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "
     # Python's garbage collector: collections during the run and their time (ms).
     import gc
 
-    collected, gc_started = [0, 0.0], [0.0]
+    collected, gc_started, slow = [0, 0.0], [0.0], []
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             gc_started[0] = time.perf_counter()
         else:
+            ms = (time.perf_counter() - gc_started[0]) * 1e3
             collected[0] += 1
-            collected[1] += (time.perf_counter() - gc_started[0]) * 1e3
+            collected[1] += ms
+            if ms >= 1.0:  # (generation, ms, ms since the call began, engine steps so far)
+                slow.append((info["generation"], ms, (gc_started[0] - t) * 1e3, len(marks)))
 
     engine.step = stepping
     PendingTokens.result = waiting
+    t = time.perf_counter()
     gc.callbacks.append(on_gc)
     try:
         torch.cuda.synchronize()
@@ -458,6 +462,11 @@ def timed(llm: "object", prompts: list, params: "object") -> tuple[float, int, "
     stats.after_steps = end - marks[-1][1] if marks else 0.0
     stats.waited = waited[0]
     stats.gc = (collected[1], collected[0])
+    if slow:
+        print(
+            "    collections of 1 ms or more (generation, ms, at ms, after step): "
+            + ", ".join(f"({g}, {ms:.1f}, {at:.0f}, {n})" for g, ms, at, n in slow)
+        )
     return end - t, produced, stats
 
 
