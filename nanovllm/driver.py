@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
-from nanovllm.inputs import parse_prompt
+from nanovllm.inputs import parse_prompt, untrack_ids
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils import collector
@@ -225,6 +225,7 @@ class RequestDriver:
                 raise ValueError("structured_outputs need a tokenizer")
             # (ints: as_token_ids' or a tokenizer's)
             prompt_bytes = self.engine.validate(ids, params, ints=True)
+            untrack_ids(ids)  # (a new list in every case above: the request's own)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
         return Request(str(i), text, ids, params, prompt_bytes)

@@ -91,6 +91,7 @@ def _c_ids() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.exact_ints.argtypes, lib.exact_ints.restype = [ctypes.py_object], ctypes.c_int
+    lib.untrack.argtypes, lib.untrack.restype = [ctypes.py_object], ctypes.c_int
     lib.token_bytes.argtypes = [ctypes.py_object, ctypes.c_int64]
     lib.token_bytes.restype = ctypes.py_object
     return lib
@@ -102,6 +103,16 @@ def _exact_ints(ids: list) -> bool:
     if lib is not None:
         return bool(lib.exact_ints(ids))
     return set(map(type, ids)) == {int}
+
+
+def untrack_ids(ids: list[int]) -> list[int]:
+    """ids (a list of exact ints the engine owns: no one else appends to it), taken out of the
+    cyclic garbage collector's passes (token_ids.c `untrack`; ints cannot form a cycle, and a
+    pass would walk every element); unchanged without the C helper. Returns ids."""
+    lib = _c_ids()
+    if lib is not None and type(ids) is list:
+        lib.untrack(ids)
+    return ids
 
 
 def as_token_ids(value: object) -> list[int] | None:

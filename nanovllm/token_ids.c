@@ -8,6 +8,12 @@
  *                             else 0
  *   token_bytes(list, vocab)  the items as native int64 bytes if every one is an exact int in
  *                             [0, vocab), else None
+ *   untrack(list)             take a list of exact ints out of the cyclic garbage collector's
+ *                             sight (1 if it did): ints cannot form a cycle, and every pass of
+ *                             the collector would walk each element (a million for 512
+ *                             prompts of 2,048 tokens; see utils/collector.py). CPython does
+ *                             the same for tuples and dicts of atomic values by itself. Used
+ *                             on the engine's own copies of token ids.
  * Anything else (tuples, numpy integers, bools, out-of-range ids) is left to the Python path,
  * which accepts or names it.
  */
@@ -47,4 +53,11 @@ PyObject *token_bytes(PyObject *list, int64_t vocab) {
 refuse:
     Py_DECREF(out);
     Py_RETURN_NONE;
+}
+
+int untrack(PyObject *list) {
+    if (!exact_ints(list) || !PyObject_GC_IsTracked(list))
+        return 0;
+    PyObject_GC_UnTrack(list);
+    return 1;
 }

@@ -542,3 +542,27 @@ def test_generate_freezes_the_collector_for_the_run(
         gc.unfreeze()
     monkeypatch.undo()
     assert_idle_and_working(llm, probe_expected)
+
+
+def test_engine_copies_of_token_ids_leave_the_collector(llm: LLM) -> None:
+    """The engine's own lists of token ids (a request's, each sequence's) are out of the cyclic
+    garbage collector's passes when token_ids.c is built (ints cannot form a cycle); the
+    caller's list is left as it was, and a sequence's list still grows."""
+    import gc
+
+    from nanovllm import inputs
+    from nanovllm.engine.sequence import Sequence
+
+    if inputs._c_ids() is None:
+        pytest.skip("no C compiler or Python headers")
+    prompt = random_prompts([40], seed=6)[0]
+    req = llm._driver.prepare(0, prompt, greedy())
+    assert gc.is_tracked(prompt)  # the caller's
+    assert req.prompt_token_ids == prompt and req.prompt_token_ids is not prompt
+    assert not gc.is_tracked(req.prompt_token_ids)
+    seq = Sequence(prompt, greedy())
+    assert not gc.is_tracked(seq.token_ids)
+    seq.append_token(7)
+    assert seq.token_ids[-1] == 7 and len(seq) == 41
+    mixed = [1, [2]]
+    assert inputs.untrack_ids(mixed) is mixed and gc.is_tracked(mixed)  # holds a container
