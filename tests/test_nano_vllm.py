@@ -179,6 +179,36 @@ def test_prefix_cache_hits_match(tiny_model_dir: str, hf_model: torch.nn.Module)
     assert all(o.num_cached_tokens > 0 for o in again)
 
 
+def test_prompts_share_a_prefix_computed_in_the_same_step(
+    tiny_model_dir: str, hf_model: torch.nn.Module
+) -> None:
+    """Prompts with a common prefix, all new to the cache and in one step: the first computes
+    the prefix's full blocks and the others attend to them in that same step (the layer stores
+    every new K/V row before attending), computing only their own tails. Tokens equal HF's."""
+    prefix = random_prompts([70], seed=4)[0]
+    suffixes = random_prompts([1, 9, 30, 47], seed=5)
+    prompts = [prefix + s for s in suffixes]
+    expected = [hf_greedy(hf_model, p, MAX_TOKENS) for p in prompts]
+    with LLM(tiny_model_dir, kvcache_block_size=16) as llm:
+        scheduler = llm.engine.scheduler
+        schedule_prefill, prefill_steps = scheduler._schedule_prefill, []
+
+        def counting() -> list:
+            seqs = schedule_prefill()
+            if seqs:
+                prefill_steps.append(len(seqs))
+            return seqs
+
+        scheduler._schedule_prefill = counting
+        outs = llm.generate(prompts, greedy(), use_tqdm=False)
+        stats = llm.engine.stats
+    assert token_ids(outs) == expected
+    assert prefill_steps == [4]  # one prefill step for all four
+    assert outs[0].num_cached_tokens == 0
+    assert all(o.num_cached_tokens == 64 for o in outs[1:])  # the prefix's 4 full blocks
+    assert stats.prefill_tokens == sum(map(len, prompts)) - 3 * 64  # computed once
+
+
 def test_preemption_matches(tiny_model_dir: str, hf_model: torch.nn.Module) -> None:
     # Each sequence grows from 2 to 5 blocks of 16; 8 of them cannot all fit in 16 blocks.
     prompts = random_prompts([30, 31, 25, 20, 33, 29, 18, 30], seed=7)

@@ -288,24 +288,26 @@ def test_prompt_computed_blocks_are_hit_by_later_prompt() -> None:
     h.assert_drained()
 
 
-def test_prompt_waits_a_step_for_blocks_another_prompt_computes(harness: Harness) -> None:
-    """A prompt whose first uncached full block is computed by a prompt of this step is not
-    admitted in this step (it would compute the block again): next step it hits it. Prompts
-    behind it wait too (FIFO); a prompt sharing only a partial block is not held back."""
+def test_prompt_hits_blocks_another_prompt_of_the_step_computes(harness: Harness) -> None:
+    """A prompt whose next full blocks a prompt of the same step computes hits them there (the
+    step stores every new K/V row before attending): it computes only its tail, in that step,
+    and holds the same physical blocks; prompts behind it are admitted too. A prompt sharing
+    only a partial block, or blocks with other contents, computes its own."""
     h = harness
     shared = prompt(50)
-    a = h.add(shared, max_tokens=1)
-    b = h.add(shared, max_tokens=1)
+    a = h.add(shared, max_tokens=2)  # (still running after the step: their blocks held)
+    b = h.add(shared, max_tokens=2)
     c = h.add(prompt(30, start=20_000), max_tokens=1)  # shares nothing, behind b
     step = h.step()
-    assert step.seqs == [a] and step.num_tokens == [50]
+    assert step.seqs == [a, b, c]
+    assert b.num_prefix_hit_tokens == 48 and step.num_tokens == [50, 2, 30]
+    assert b.block_table[:3] == a.block_table[:3] and b.block_table[3] != a.block_table[3]
+    h.run()
+    d = h.add(shared[:10] + [7] * 20, max_tokens=2)  # its first full block differs
+    e = h.add(shared[:10] + [8] * 20, max_tokens=2)
     step = h.step()
-    assert step.seqs == [b, c]
-    assert b.num_prefix_hit_tokens == 48 and step.num_tokens == [2, 30]
-    d = h.add(shared[:10] + [7] * 20, max_tokens=1)  # its first full block differs
-    e = h.add(shared[:10] + [8] * 20, max_tokens=1)
-    step = h.step()
-    assert step.seqs == [d, e]
+    assert step.seqs == [d, e] and step.num_tokens == [30, 30]
+    assert d.block_table[0] != e.block_table[0]
     h.run()
     h.assert_drained()
 

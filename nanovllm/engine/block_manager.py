@@ -161,25 +161,40 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def first_miss_hash(self, seq: Sequence, hits: list[int] | None = None) -> int | None:
-        """Hash of seq's first full block that the cache cannot serve now (the block after its
-        hits), or None when there is none (prefix caching off, or no such full block before the
-        last token). `hits`: _match_prefix(seq) when the caller has it (the cache unchanged)."""
-        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
-            return None
-        i = len(self._match_prefix(seq) if hits is None else hits)
-        if i >= (len(seq) - 1) // self.block_size:
-            return None
-        return self._block_hash(seq, i)
+    def inflight_hits(
+        self, seq: Sequence, hits: list[int], computing: dict[int, tuple[Sequence, int]]
+    ) -> list[int]:
+        """seq's prefix hits (`hits`: prefix_hits(seq)) continued by blocks that sequences of
+        the step being scheduled fill: `computing` maps such a block's hash to (the sequence
+        computing it, its index). A step writes all its new K/V rows into the cache before any
+        of its attention reads them (every layer stores, then attends), so seq may attend to
+        them in the same step instead of computing them again. Confirmed like cached hits: the
+        same parent block and the same tokens; never seq's last token."""
+        candidates = (len(seq) - 1) // self.block_size
+        out = list(hits)
+        while len(out) < candidates:
+            i = len(out)
+            entry = computing.get(self._block_hash(seq, i))
+            if entry is None or entry[1] != i:
+                break
+            owner = entry[0]
+            parent = out[-1] if out else -1
+            if (owner.block_table[i - 1] if i > 0 else -1) != parent or self._token_bytes(
+                owner, i, i + 1
+            ) != self._token_bytes(seq, i, i + 1):
+                break
+            out.append(owner.block_table[i])
+        return out
 
-    def completed_block_hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
-        """Hashes of the full blocks of seq that computing its next num_tokens tokens (from
-        num_cached_tokens on) completes: registered in the prefix cache after that step."""
+    def completed_blocks(self, seq: Sequence, num_tokens: int) -> dict[int, tuple[Sequence, int]]:
+        """The full blocks of seq that computing its next num_tokens tokens (from
+        num_cached_tokens on) completes, as {hash: (seq, block index)}: registered in the
+        prefix cache after that step, hit in it by inflight_hits."""
         if not self.enable_prefix_caching:
-            return []
+            return {}
         start = seq.num_cached_tokens // self.block_size
         end = min(seq.num_cached_tokens + num_tokens, len(seq)) // self.block_size
-        return [self._block_hash(seq, i) for i in range(start, end)]
+        return {self._block_hash(seq, i): (seq, i) for i in range(start, end)}
 
     # -- allocation ----------------------------------------------------------------------------
 
@@ -203,7 +218,7 @@ class BlockManager:
 
     def prefix_hits(self, seq: Sequence) -> list[int]:
         """Ids of the cached blocks seq would reuse now: pass them to can_allocate,
-        first_miss_hash and allocate while the cache is unchanged (one walk of the prefix)."""
+        inflight_hits and allocate while the cache is unchanged (one walk of the prefix)."""
         return self._match_prefix(seq)
 
     def can_allocate(self, seq: Sequence, hits: list[int] | None = None) -> bool:

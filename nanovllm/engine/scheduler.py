@@ -9,10 +9,10 @@ The algorithm, one call of `schedule()` at a time:
       allocates blocks for every current token (prefix-cache hits count as already computed).
    Each sequence gets min(its uncomputed tokens, budget left): a prompt longer than the budget
    is chunked over several steps and only the step that computes its last token samples.
-   Admission stops (until the next step) at a waiting sequence whose first uncached full
-   block is one that a sequence of this step computes: next step that block is in the prefix
-   cache, so a batch of prompts with a common prefix computes it once, not once per prompt
-   admitted in the same step.
+   A waiting sequence whose next full blocks are ones a sequence of this step computes hits
+   them like cached blocks: every layer stores the step's new K/V rows before it attends, so
+   a batch of prompts with a common prefix computes it once, in the first step, together with
+   the other prompts' own tokens (BlockManager.inflight_hits).
    Sequences that want prompt logprobs also share a budget of PROMPT_LOGPROB_ROWS tokens a
    step (each of their tokens needs a logits row).
 2. Otherwise a decode step: every running sequence computes its one new token. A sequence whose
@@ -118,8 +118,9 @@ class Scheduler:
         logit_rows = self.max_prompt_logprob_rows
         scheduled: list[Sequence] = []
         bm = self.block_manager
-        # hashes of the full blocks this step computes (prefix-cache entries after it)
-        computing: set[int] = set()
+        # the full blocks this step computes, {hash: (sequence, index)}: later admissions of
+        # this step may hit them (BlockManager.inflight_hits)
+        computing: dict[int, tuple[Sequence, int]] = {}
         for seq in self.running:
             if budget == 0:
                 break
@@ -133,16 +134,16 @@ class Scheduler:
                 seq.num_scheduled_tokens = n
                 budget -= n
                 scheduled.append(seq)
-                computing.update(bm.completed_block_hashes(seq, n))
+                computing.update(bm.completed_blocks(seq, n))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.needs_prompt_logprobs and logit_rows == 0:
                 break
             hits = bm.prefix_hits(seq)  # (the cache does not change until allocate)
+            if computing:  # and blocks this step fills (see the module docstring)
+                hits = bm.inflight_hits(seq, hits, computing)
             if not bm.can_allocate(seq, hits):
                 break
-            if computing and bm.first_miss_hash(seq, hits) in computing:
-                break  # it hits that block next step (see the module docstring)
             bm.allocate(seq, hits)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -154,7 +155,7 @@ class Scheduler:
             seq.num_scheduled_tokens = n
             budget -= n
             scheduled.append(seq)
-            computing.update(bm.completed_block_hashes(seq, n))
+            computing.update(bm.completed_blocks(seq, n))
         return scheduled
 
     def _schedule_decode(self) -> list[Sequence]:
