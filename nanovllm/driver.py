@@ -311,8 +311,9 @@ class RequestDriver:
                         progress.admitted(req)
                         for seq in req.seqs:
                             active[seq.seq_id] = req
-                    if freeze:  # (the queued sequences too: see utils/collector.py)
+                    if freeze:  # the queued sequences too, once (utils/collector.py)
                         gc.freeze()
+                        freeze = False
                 if not active:
                     break
                 finished, _, _ = self.engine.step()
