@@ -312,6 +312,22 @@ def test_prompt_hits_blocks_another_prompt_of_the_step_computes(harness: Harness
     h.assert_drained()
 
 
+def test_prompt_logprobs_prompt_computes_blocks_others_compute_in_the_step(
+    harness: Harness,
+) -> None:
+    """A prompt that wants prompt logprobs never hits blocks (it needs every position's
+    logits), not even ones another prompt of the same step computes."""
+    h = harness
+    shared = prompt(50)
+    a = h.add(shared, max_tokens=2)
+    b = h.add(shared, max_tokens=2, prompt_logprobs=1)
+    step = h.step()
+    assert step.seqs == [a, b] and step.num_tokens == [50, 50]
+    assert b.num_prefix_hit_tokens == 0 and b.block_table[0] != a.block_table[0]
+    h.run()
+    h.assert_drained()
+
+
 def test_prompt_waits_while_a_chunked_prompt_computes_the_shared_blocks() -> None:
     """With a chunked prefill, the later prompt waits each step the earlier one computes a
     block it would compute too, then hits all of them."""

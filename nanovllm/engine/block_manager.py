@@ -170,6 +170,8 @@ class BlockManager:
         of its attention reads them (every layer stores, then attends), so seq may attend to
         them in the same step instead of computing them again. Confirmed like cached hits: the
         same parent block and the same tokens; never seq's last token."""
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
+            return hits  # (as _match_prefix: prompt_logprobs needs every position's logits)
         candidates = (len(seq) - 1) // self.block_size
         out = list(hits)
         while len(out) < candidates:
