@@ -499,6 +499,42 @@ def test_collision_shifted_content_is_not_hit() -> None:
     check_pool(bm, [a, b])
 
 
+@pytest.fixture
+def position_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block's hash depends on its position (the parent chain) only: blocks at the same place
+    of any two prompts collide, and only the token comparison can tell them apart."""
+
+    def chained_hash(token_bytes: bytes, parent_hash: int = -1) -> int:
+        return (parent_hash * 31 + 7) & ((1 << 62) - 1)
+
+    monkeypatch.setattr(block_manager_module, "hash_block_bytes", chained_hash)
+
+
+@pytest.mark.usefixtures("position_hash")
+def test_inflight_hits_confirm_the_tokens() -> None:
+    """Blocks another sequence of the step computes are hit only as far as their tokens agree
+    (one comparison for the run, then block by block), whatever the hashes say."""
+    bs = 16
+    bm = BlockManager(num_blocks=32, block_size=bs)
+    a = make_seq(distinct_tokens(3 * bs + 1, 100), bs)
+    bm.allocate(a)
+    computing = bm.completed_blocks(a, len(a))  # blocks 0..2 fill in this step
+    assert [i for _, i in computing.values()] == [0, 1, 2]
+    same = make_seq(a.token_ids[: 3 * bs] + [5, 6], bs)
+    assert bm.inflight_hits(same, bm.prefix_hits(same), computing) == a.block_table[:3]
+    first_only = make_seq(a.token_ids[:bs] + distinct_tokens(2 * bs + 1, 900), bs)
+    assert bm.inflight_hits(first_only, [], computing) == a.block_table[:1]
+    first_two = make_seq(a.token_ids[: 2 * bs] + distinct_tokens(bs + 1, 700), bs)
+    assert bm.inflight_hits(first_two, [], computing) == a.block_table[:2]
+    other = make_seq(distinct_tokens(3 * bs + 1, 500), bs)
+    assert bm.inflight_hits(other, [], computing) == []
+    short = make_seq(a.token_ids[: 2 * bs], bs)  # never its last token: block 1 holds it
+    assert bm.inflight_hits(short, [], computing) == a.block_table[:1]
+    bm.allocate(same, bm.inflight_hits(same, [], computing))
+    assert same.num_cached_tokens == 3 * bs and same.block_table[:3] == a.block_table[:3]
+    check_pool(bm, [a, same])
+
+
 # -- freed but cached blocks, eviction -----------------------------------------------------------
 
 

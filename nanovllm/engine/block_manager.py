@@ -173,19 +173,34 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return hits  # (as _match_prefix: prompt_logprobs needs every position's logits)
         candidates = (len(seq) - 1) // self.block_size
-        out = list(hits)
-        while len(out) < candidates:
-            i = len(out)
-            entry = computing.get(self._block_hash(seq, i))
+        if candidates == 0:
+            return hits
+        self._block_hash(seq, candidates - 1)  # (prefix_hits computed them: memoised)
+        hashes, out, i = seq.block_hashes, list(hits), len(hits)
+        while i < candidates:
+            entry = computing.get(hashes[i])
             if entry is None or entry[1] != i:
                 break
             owner = entry[0]
-            parent = out[-1] if out else -1
-            if (owner.block_table[i - 1] if i > 0 else -1) != parent or self._token_bytes(
-                owner, i, i + 1
-            ) != self._token_bytes(seq, i, i + 1):
+            if (owner.block_table[i - 1] if i > 0 else -1) != (out[-1] if out else -1):
+                break  # another parent block
+            end = i + 1  # the run of blocks this owner computes (each one's parent the last)
+            while end < candidates:
+                entry = computing.get(hashes[end])
+                if entry is None or entry[0] is not owner or entry[1] != end:
+                    break
+                end += 1
+            # the run's tokens confirmed in one comparison, block by block only on a mismatch
+            if self._token_bytes(owner, i, end) != self._token_bytes(seq, i, end):
+                same = i
+                while self._token_bytes(owner, same, same + 1) == self._token_bytes(
+                    seq, same, same + 1
+                ):
+                    same += 1
+                out.extend(owner.block_table[i:same])
                 break
-            out.append(owner.block_table[i])
+            out.extend(owner.block_table[i:end])
+            i = end
         return out
 
     def completed_blocks(self, seq: Sequence, num_tokens: int) -> dict[int, tuple[Sequence, int]]:
