@@ -80,8 +80,9 @@ def _is_token_id(t: object) -> bool:
 
 @functools.cache
 def _c_ids() -> ctypes.CDLL | None:
-    """token_ids.c's functions (exact_ints, token_bytes), built on first use; None without a
-    C compiler or Python's headers (the Python path below then does the same work)."""
+    """token_ids.c's functions (exact_ints, token_bytes, untrack), built on first use; None
+    without a C compiler or Python's headers, or with NANOVLLM_CPU_KERNELS=0 (the Python path
+    below then does the same work, and nothing is untracked)."""
     include = sysconfig.get_paths().get("include")
     if os.environ.get("NANOVLLM_CPU_KERNELS") == "0" or not include:
         return None
