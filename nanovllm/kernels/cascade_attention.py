@@ -21,9 +21,10 @@ Side by side. The prefix pass is bound by its products (tensor cores), the suffi
 memory, so on a GPU they run at once: the prefix pass on a second stream, forked from and joined
 back into the layer's stream (`side_by_side`; a CUDA graph captures two parallel branches), with
 about one wave of prefix programs so that suffix programs fit beside them on every
-multiprocessor. One H200, 512 sequences x (1,984 shared + 64..192 own keys), one layer: 0.112
-ms side by side (with a combine kernel after) against 0.140 ms one after the other
-(BENCHMARKS.md). With one suffix split (the common case: a big batch) no combine kernel runs
+multiprocessor. One H200, 512 sequences x (1,984 shared + 64..192 own keys), one layer: 0.1105
+ms side by side, against 0.1164 ms for the prefix pass first and the paged kernel starting from
+its partials, and 0.1417 ms one after the other with a combine kernel (BENCHMARKS.md, session
+11). With one suffix split (the common case: a big batch) no combine kernel runs
 either: each pass leaves its parts and counts them in a per-(sequence, head) counter, and the
 program that brings a row's count to the number of parts merges them and writes the output
 (attention_tile.publish_and_merge; it also sets the counter back to zero for the next launch).
