@@ -32,7 +32,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_plan import plan_step
 from nanovllm.utils.dummy import write_model_folder
-from nanovllm.worker.cuda_graph import CUDAGraphRunner, halves_min_batch
+from nanovllm.worker.cuda_graph import CUDAGraphRunner
 
 GEMM_MARKS = ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas", "splitk")
 
@@ -108,15 +108,17 @@ def graph_times(runner: object, plan: object, batch: int) -> tuple[float, float]
     """(synchronised wall ms of one replay, ms per replay back to back) of the decode step's
     CUDA graph (model + LM head) captured at exactly this batch with the current settings."""
     model = runner.model
+
+    def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+        return model.compute_logits(model(ids, pos))
+
     graphs = CUDAGraphRunner(
-        model,
-        model.compute_logits,
+        forward,
         runner.attn_backend,
         runner.device,
         batch,
         runner.config.max_model_len,
         runner.block_size,
-        halves_from=halves_min_batch(),
     )
     graphs.batch_sizes = [batch]  # only the size measured
     graphs.capture()

@@ -89,22 +89,6 @@ def test_fp32_triton_equals_torch_backend(tiny_model_dir: str, block_size: int) 
     assert eager == reference
 
 
-@pytest.mark.parametrize("block_size", [16, 256])
-def test_fp32_halves_equal_torch_backend(
-    tiny_model_dir: str, block_size: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Decode graphs from 2 rows on run as two halves on two streams (cuda_graph.py): greedy
-    tokens still equal the torch backend's, and one graph of one piece below the threshold."""
-    monkeypatch.setenv("NANOVLLM_DECODE_HALVES", "2")
-    common = dict(dtype="float32", kvcache_block_size=block_size, max_num_batched_tokens=300)
-    reference = greedy_tokens(tiny_model_dir, attention_backend="torch", **common)
-    with LLM(tiny_model_dir, device="cuda", num_kvcache_blocks=400, **common) as llm:
-        graphs = llm.engine.runner.graphs
-        assert graphs.halves_from == 2
-        assert graphs.halved == set(graphs.batch_sizes) - {1}
-    assert greedy_tokens(tiny_model_dir, attention_backend="triton", **common) == reference
-
-
 def test_preemption_with_graphs_equals_torch_backend(tiny_model_dir: str) -> None:
     """A pool too small for every sequence at once: preemption (and no room to run ahead)."""
     common = dict(

@@ -2,10 +2,9 @@
 InputBuilder's alternating host buffers (CPU here; tests/test_cuda.py runs the engine on both)."""
 
 import numpy as np
-import pytest
 import torch
 
-from nanovllm.worker.cuda_graph import HALVES_MIN_BATCH, TableRows, halves_min_batch
+from nanovllm.worker.cuda_graph import TableRows
 from nanovllm.worker.inputs import InputBuilder, StepPlan
 
 
@@ -118,13 +117,3 @@ def test_memory_profile_sets_aside_cascade_prefill_scratch(monkeypatch) -> None:
 
         assert prefill_scratch_bytes(16384, 16, 128) == 4 * 16384 * 16 * (128 + 1)
         assert prefill_scratch_bytes(10, 4, 96) == 4 * 10 * 4 * (128 + 1)
-
-
-def test_halves_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NANOVLLM_DECODE_HALVES", raising=False)
-    assert halves_min_batch() == HALVES_MIN_BATCH
-    monkeypatch.setenv("NANOVLLM_DECODE_HALVES", "0")
-    assert halves_min_batch() == 0
-    monkeypatch.setenv("NANOVLLM_DECODE_HALVES", "-3")
-    with pytest.raises(ValueError, match="NANOVLLM_DECODE_HALVES.*'-3'"):
-        halves_min_batch()

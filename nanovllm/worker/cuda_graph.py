@@ -20,21 +20,9 @@ sized from that bound, so one group keeps the grid and splits it had with a smal
 step of 64 groups gets a grid for 64 groups. A step without groups replays the plain graph,
 unchanged. Capturing in the middle of a run computes the step once more before the replay (the
 warm-up forward): the same K/V into the same slots, so nothing changes.
-
-Two halves. A plain graph of at least HALVES_MIN_BATCH rows runs the decoder layers as two
-independent halves of the batch, the second on a side stream (forked from the capture stream
-and joined back before the LM head, which runs once over both): the graph holds two parallel
-branches. Why: a decode layer alternates products that cost a fixed 4-7 us whatever their rows
-and leave most multiprocessors idle (measured in BENCHMARKS.md) with attention, which is bound
-by memory bandwidth. With two branches, one half's products run while the other half's
-attention streams K/V. Each half has its own metadata (rows [0, h) and [h, batch) of the same
-static buffers, its own decode configuration) and nothing is shared between the branches but
-read-only weights and the K/V cache, where each half writes only its own slots. One rank only:
-collectives on two streams could interleave differently across ranks.
 """
 
 import logging
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -46,20 +34,6 @@ from nanovllm.utils.context import AttentionMetadata, CascadeMetadata, set_conte
 from nanovllm.worker.inputs import StepPlan
 
 logger = logging.getLogger(__name__)
-
-# Decode batches from this size on run as two halves side by side (see the module docstring).
-HALVES_MIN_BATCH = 128
-
-
-def halves_min_batch() -> int:
-    """The smallest plain graph that runs as two halves: NANOVLLM_DECODE_HALVES if set (0: never,
-    to measure what the halves bring), else HALVES_MIN_BATCH."""
-    value = os.environ.get("NANOVLLM_DECODE_HALVES", "").strip()
-    if not value:
-        return HALVES_MIN_BATCH
-    if not value.isdigit():
-        raise ValueError(f"NANOVLLM_DECODE_HALVES must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -82,22 +56,15 @@ class CUDAGraphRunner:
 
     def __init__(
         self,
-        body: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        head: Callable[[torch.Tensor], torch.Tensor | None],
+        forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
         backend: AttentionBackend,
         device: torch.device,
         max_batch: int,
         max_model_len: int,
         block_size: int,
         cascade: bool = False,
-        halves_from: int = 0,
     ) -> None:
-        """body(input_ids, positions) -> hidden states and head(hidden) -> logits (None off
-        rank 0) make the step's forward; plain graphs of halves_from rows or more (0: none) run
-        the body as two halves side by side."""
-        self.body, self.head = body, head
-        self.halves_from = halves_from
-        self.halved: set[int] = set()  # batch sizes whose graph runs two halves
+        self.forward = forward
         self.cascade = cascade
         self.backend = backend
         self.device = device
@@ -143,18 +110,16 @@ class CUDAGraphRunner:
         self.outputs: dict[tuple[int, int], torch.Tensor | None] = {}
         self._pool = None
         self._stream = torch.cuda.Stream(self.device)
-        self._side = torch.cuda.Stream(self.device)  # the second half's branch
 
-    def _meta(self, batch: int, group_rows: int, start: int = 0) -> AttentionMetadata:
-        """The metadata of rows [start, batch) over the static buffers; group_rows > 0: a
-        cascade step (start 0) with that many rows of the groups table."""
-        n = batch - start
+    def _meta(self, batch: int, group_rows: int) -> AttentionMetadata:
+        """The metadata over the static buffers; group_rows > 0: a cascade step with that many
+        rows of the groups table."""
         common = AttentionMetadata(
             is_prefill=False,
-            slot_mapping=self.slots[start:batch],
-            seq_lens=self.seq_lens[start:batch],
-            cu_seqlens_q=self.cu_seqlens[: n + 1],  # one query a row: 0, 1, ..., n
-            block_tables=self.block_tables[start:batch],
+            slot_mapping=self.slots[:batch],
+            seq_lens=self.seq_lens[:batch],
+            cu_seqlens_q=self.cu_seqlens[: batch + 1],
+            block_tables=self.block_tables[:batch],
             max_seqlen_q=1,
             max_seqlen_k=self.max_model_len,
             seq_lens_list=[],
@@ -177,37 +142,17 @@ class CUDAGraphRunner:
             self._capture(batch, 0)
         torch.cuda.synchronize(self.device)
 
-    def _forward(self, batch: int, group_rows: int) -> torch.Tensor | None:
-        """The step's forward over the first `batch` rows of the static buffers: in one piece,
-        or (a plain step from halves_from rows on) as two halves, the second on the side
-        stream."""
-        if group_rows > 0 or not 0 < self.halves_from <= batch:
-            set_context(self._meta(batch, group_rows))
-            return self.head(self.body(self.input_ids[:batch], self.positions[:batch]))
-        half = batch // 2
-        main = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(main)
-        set_context(self._meta(half, 0))
-        # [half, hidden]
-        top = self.body(self.input_ids[:half], self.positions[:half])
-        with torch.cuda.stream(self._side):
-            set_context(self._meta(batch, 0, start=half))
-            # [batch - half, hidden]
-            bottom = self.body(self.input_ids[half:batch], self.positions[half:batch])
-        main.wait_stream(self._side)
-        bottom.record_stream(main)  # allocated on the side stream, read on the main one
-        self.halved.add(batch)
-        return self.head(torch.cat([top, bottom]))
-
     def _capture(self, batch: int, group_rows: int) -> None:
         """Capture the graph of one batch size (and cascade group rows, 0: plain) over the
         static buffers as they are."""
+        set_context(self._meta(batch, group_rows))
         try:
-            self._forward(batch, group_rows)  # warm-up: autotuning, lazy allocations
+            args = (self.input_ids[:batch], self.positions[:batch])
+            self.forward(*args)  # warm-up: autotuning, lazy allocations
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-                out = self._forward(batch, group_rows)
+                out = self.forward(*args)
         finally:
             set_context(None)
         if self._pool is None:

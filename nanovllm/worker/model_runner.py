@@ -27,7 +27,7 @@ from nanovllm.structured.masks import GrammarMasks
 from nanovllm.utils.context import set_context
 from nanovllm.utils.dist import SINGLE, create_group, use_group
 from nanovllm.utils.loader import load_model
-from nanovllm.worker.cuda_graph import CUDAGraphRunner, halves_min_batch
+from nanovllm.worker.cuda_graph import CUDAGraphRunner
 from nanovllm.worker.inputs import InputBuilder, StepPlan
 from nanovllm.worker.kv_cache import allocate_kv_cache, block_bytes
 
@@ -122,22 +122,20 @@ class ModelRunner:
             model = self.model  # the graph runner must not hold the runner (no cycle)
             group = self.group
 
-            def body(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
                 # Every rank takes rank 0's input ids: a step run ahead has them only on
                 # rank 0's device (the tokens it has just sampled). A no-op on one rank.
                 group.broadcast(ids, src=0)
-                return model(ids, pos)
+                return model.compute_logits(model(ids, pos))
 
             self.graphs = CUDAGraphRunner(
-                body,
-                model.compute_logits,
+                forward,
                 self.attn_backend,
                 self.device,
                 min(config.max_num_seqs, 512),
                 config.max_model_len,
                 self.block_size,
                 cascade,
-                halves_from=halves_min_batch() if self.world_size == 1 else 0,
             )
             self.graphs.capture()
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
