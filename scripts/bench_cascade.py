@@ -615,6 +615,20 @@ def profile_run(llm: "object", prompts: list, params: "object", label: str) -> N
         print(
             f"  {kind:<62} {launches[kind] / steps:8.1f} launches {total[kind] / steps / 1e3:8.3f} ms"
         )
+    # The products one by one: cuBLAS's kernel (its name holds the tile) and grid, mean time.
+    gemms: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for e in kernels:
+        if kind_of(e["name"]) == "GEMM (cuBLAS)":
+            grid = str(e.get("args", {}).get("grid", ""))
+            gemms[(e["name"].split("(")[0].removeprefix("void ")[:70], grid)].append(
+                e.get("dur", 0)
+            )
+    print("  products by kernel and grid: launches a step, mean us, ms a step")
+    for (name, grid), durs in sorted(gemms.items(), key=lambda kv: -sum(kv[1]))[:14]:
+        print(
+            f"    {name:<70} {grid:<16} {len(durs) / steps:6.1f} {sum(durs) / len(durs):7.1f} "
+            f"{sum(durs) / steps / 1e3:7.3f}"
+        )
 
 
 def kind_of(name: str) -> str:
