@@ -242,14 +242,20 @@ class RequestDriver:
     # -- running -------------------------------------------------------------------------------
 
     def run_all(
-        self, requests: list[Request], use_tqdm: bool, freeze: bool = False
+        self,
+        requests: list[Request],
+        use_tqdm: bool,
+        freeze: bool = False,
+        resume_collector: bool = False,
     ) -> list[RequestOutput]:
         """Run every request; their outputs in the order of `requests` (request_id = index).
         freeze: the caller froze the garbage collector's objects and unfreezes them after the
-        run; the queued sequences are frozen too (utils/collector.py)."""
+        run; the queued sequences are frozen too. resume_collector: the caller switched the
+        collector off while it read the prompts; it comes back on after the first step
+        (utils/collector.py)."""
         outputs: list[RequestOutput | None] = [None] * len(requests)
         progress = Progress(use_tqdm and bool(requests), self.engine, len(requests))
-        for req in self.drive(iter(requests), None, progress, freeze):
+        for req in self.drive(iter(requests), None, progress, freeze, resume_collector):
             outputs[int(req.request_id)] = self.output(req)
         return outputs
 
@@ -282,9 +288,11 @@ class RequestDriver:
         window: int | None,
         progress: Progress,
         freeze: bool = False,
+        resume_collector: bool = False,
     ) -> Iterator[Request]:
         """Feed requests (at most `window` sequences in flight; None: all), step the engine and
-        yield each request when all its completions have finished.
+        yield each request when all its completions have finished. freeze, resume_collector:
+        see run_all.
 
         A ValueError from `requests` (a bad prompt) is raised after the requests in flight have
         finished and been yielded. Whatever way the loop ends, unfinished requests are aborted.
@@ -294,6 +302,8 @@ class RequestDriver:
         error: ValueError | None = None
         exhausted = False
         gc_thresholds = gc.get_threshold()
+        # (not when the application switched the collector off)
+        settle = resume_collector or gc.isenabled()
         try:
             gc.set_threshold(*gc_thresholds[:2], FULL_COLLECTION_EVERY)
             while True:
@@ -316,7 +326,19 @@ class RequestDriver:
                         freeze = False
                 if not active:
                     break
-                finished, _, _ = self.engine.step()
+                if settle:
+                    # The first step still without the collector; then one pass over the young
+                    # generations (the prompts just read among them) while the device runs the
+                    # step launched behind it. What survives goes to the oldest generation,
+                    # which no pass walks during the run (utils/collector.py).
+                    with collector.paused():
+                        finished, _, _ = self.engine.step()
+                    gc.collect(1)
+                    if resume_collector:
+                        gc.enable()
+                    settle = False
+                else:
+                    finished, _, _ = self.engine.step()
                 done = []
                 for seq in finished:
                     req = active.pop(seq.seq_id)

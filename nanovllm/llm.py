@@ -113,19 +113,24 @@ class LLM:
         driver.check_usable()
         prompt_list = list(prompt_iterable(prompts))
         params_list = driver.params_list(sampling_params, len(prompt_list))
-        # Long prompts are read without the garbage collector, and what is alive then is left
-        # out of its passes until the run ends (utils/collector.py).
-        with collector.paused():
+        # Long prompts are read without the garbage collector, which stays off until the run's
+        # first step is launched; what is alive then is left out of its passes until the run
+        # ends (utils/collector.py).
+        collecting = gc.isenabled()
+        gc.disable()
+        frozen = False
+        try:
             requests = [
                 driver.prepare(i, p, sp)
                 for i, (p, sp) in enumerate(zip(prompt_list, params_list, strict=True))
             ]
             frozen = collector.freeze_for_run()
-        try:
-            return driver.run_all(requests, use_tqdm, freeze=frozen)
+            return driver.run_all(requests, use_tqdm, freeze=frozen, resume_collector=collecting)
         finally:
             if frozen:
                 gc.unfreeze()
+            if collecting:
+                gc.enable()
 
     def generate_iter(
         self,

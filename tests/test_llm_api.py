@@ -504,29 +504,42 @@ def test_kv_cache_too_small(tiny_model_dir: str, probe_expected: list[int]) -> N
 def test_generate_freezes_the_collector_for_the_run(
     llm: LLM, probe_expected: list[int], app_froze: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch run reads its prompts with the garbage collector paused and keeps what was alive
-    before its first step out of the collector's passes (gc.freeze) while it steps; after it
-    the collector is as it was: on, same thresholds, nothing frozen that was not before (and
+    """A batch run reads its prompts and launches its first step with the garbage collector
+    paused, then makes one pass over the young generations (while the device runs the next
+    step) and keeps what was alive before its first step out of the collector's passes
+    (gc.freeze, unless the application froze objects itself) while it steps; after it the
+    collector is as it was: on, same thresholds, nothing frozen that was not before (and
     objects an application froze stay frozen)."""
     import gc
 
     seen: list[tuple[bool, int]] = []
+    events: list[tuple[str, int]] = []  # ("step", collector on) and ("gc", generation)
     step = llm.engine.step
 
     def stepping() -> Any:
         seen.append((gc.isenabled(), gc.get_freeze_count()))
+        events.append(("step", int(gc.isenabled())))
         return step()
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            events.append(("gc", info["generation"]))
 
     monkeypatch.setattr(llm.engine, "step", stepping)
     thresholds = gc.get_threshold()
     if app_froze:
         gc.freeze()
+    gc.callbacks.append(on_gc)
     try:
         before = gc.get_freeze_count()
         prompts = random_prompts([30, 12], seed=4)
         outs = llm.generate(prompts, greedy(), use_tqdm=False)
+        gc.callbacks.remove(on_gc)
         assert len(outs) == 2
-        assert seen and all(enabled for enabled, _ in seen)
+        # no pass before the first step (run paused), then the explicit pass over the young
+        # generations, then the collector on for every later step
+        assert events[:2] == [("step", 0), ("gc", 1)], events[:4]
+        assert len(seen) > 1 and all(enabled for enabled, _ in seen[1:])
         if app_froze:  # not ours to unfreeze: the run freezes nothing more (frozen objects
             # can still be freed by reference counting, so the count may only fall)
             assert all(count <= before for _, count in seen)
@@ -539,6 +552,8 @@ def test_generate_freezes_the_collector_for_the_run(
         assert gc.isenabled()
         assert gc.get_freeze_count() <= before if app_froze else gc.get_freeze_count() == 0
     finally:
+        if on_gc in gc.callbacks:
+            gc.callbacks.remove(on_gc)
         gc.unfreeze()
     monkeypatch.undo()
     assert_idle_and_working(llm, probe_expected)

@@ -19,8 +19,14 @@ a 15 ms gap of the device between two decode steps). So:
   unfreezing at the end would release those too;
 - the engine's own lists of token ids (a request's, each sequence's) are not tracked at all
   (inputs.untrack_ids, through token_ids.c: a list of ints cannot be part of a cycle), which
-  works whatever else froze what.
-With all three, the collections of that H200 run took 6-13 ms (BENCHMARKS.md, session 11).
+  works whatever else froze what;
+- the collector stays off until the run's first step is launched (driver.drive): then one
+  explicit pass over the young generations runs while the device works on the step launched
+  behind it, and what survives goes to the oldest generation, which no pass walks during the
+  run. Where nothing could be frozen, this is what keeps the caller's prompt lists out of the
+  run: before it, the first young pass walked them before the first step (5-7 ms) and a middle
+  pass in the decode (6-9 ms, a gap of the device; session 12's H200 runs).
+With all of these, the collections of that H200 run took 6-13 ms (BENCHMARKS.md, session 11).
 """
 
 import gc
