@@ -80,7 +80,7 @@ def _is_token_id(t: object) -> bool:
 
 @functools.cache
 def _c_ids() -> ctypes.CDLL | None:
-    """token_ids.c's functions (exact_ints, token_bytes, untrack), built on first use; None
+    """token_ids.c's functions (token_bytes, untrack, copy_ids), built on first use; None
     without a C compiler or Python's headers, or with NANOVLLM_CPU_KERNELS=0 (the Python path
     below then does the same work, and nothing is untracked)."""
     include = sysconfig.get_paths().get("include")
@@ -91,19 +91,21 @@ def _c_ids() -> ctypes.CDLL | None:
     )
     if lib is None:
         return None
-    lib.exact_ints.argtypes, lib.exact_ints.restype = [ctypes.py_object], ctypes.c_int
     lib.untrack.argtypes, lib.untrack.restype = [ctypes.py_object], ctypes.c_int
     lib.token_bytes.argtypes = [ctypes.py_object, ctypes.c_int64]
     lib.token_bytes.restype = ctypes.py_object
+    lib.copy_ids.argtypes, lib.copy_ids.restype = [ctypes.py_object], ctypes.py_object
     return lib
 
 
-def _exact_ints(ids: list) -> bool:
-    """Whether every item of the list is an exact int (no bools): at C speed."""
+def copy_ids(ids: list[int]) -> list[int] | None:
+    """A new list of ids' items if ids is a list of exact ints (no bools), else None; with the
+    C helper the copy is also out of the garbage collector's passes (see untrack_ids), all in
+    one pass over the items."""
     lib = _c_ids()
     if lib is not None:
-        return bool(lib.exact_ints(ids))
-    return set(map(type, ids)) == {int}
+        return lib.copy_ids(ids)
+    return ids[:] if type(ids) is list and set(map(type, ids)) <= {int} else None
 
 
 def untrack_ids(ids: list[int]) -> list[int]:
@@ -121,8 +123,10 @@ def as_token_ids(value: object) -> list[int] | None:
 
     Accepts lists / tuples of ints or numpy integers and 1-D integer numpy arrays or tensors.
     """
-    if type(value) is list and _exact_ints(value):
-        return value[:]  # the common case, fast (no Python-level loop: long prompts add up)
+    if type(value) is list:  # the common case, fast (no Python-level loop: long prompts add up)
+        ids = copy_ids(value)
+        if ids is not None:
+            return ids
     if isinstance(value, (str, dict, *_BYTES)):
         return None
     if hasattr(value, "ndim") and hasattr(value, "tolist"):  # numpy array, torch tensor

@@ -581,3 +581,24 @@ def test_engine_copies_of_token_ids_leave_the_collector(llm: LLM) -> None:
     assert seq.token_ids[-1] == 7 and len(seq) == 41
     mixed = [1, [2]]
     assert inputs.untrack_ids(mixed) is mixed and gc.is_tracked(mixed)  # holds a container
+    # copy_ids: one pass; refuses (None) anything but a list of exact ints
+    ids = [5, 2**70, 0, -3]
+    copied = inputs.copy_ids(ids)
+    assert copied == ids and copied is not ids and not gc.is_tracked(copied)
+    copied.append(1)
+    assert ids == [5, 2**70, 0, -3]
+    for bad in ([1, True], [1, 2.0], (1, 2), [1, [2]], "12"):
+        assert inputs.copy_ids(bad) is None
+    assert inputs.copy_ids([]) == []
+
+
+def test_copy_ids_without_the_c_helper(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanovllm import inputs
+
+    monkeypatch.setattr(inputs, "_c_ids", lambda: None)
+    ids = [5, 2**70, 0]
+    copied = inputs.copy_ids(ids)
+    assert copied == ids and copied is not ids
+    for bad in ([1, True], [1, 2.0], (1, 2), [1, [2]], "12"):
+        assert inputs.copy_ids(bad) is None
+    assert inputs.copy_ids([]) == []

@@ -6,7 +6,7 @@ from itertools import count
 import numpy as np
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.inputs import untrack_ids
+from nanovllm.inputs import copy_ids
 from nanovllm.outputs import Logprob
 from nanovllm.sample.logprobs import LogprobRecords
 from nanovllm.sampling_params import SamplingParams
@@ -47,8 +47,9 @@ class Sequence:
             raise ValueError("a sequence needs at least one prompt token")
         self.seq_id = next(Sequence._ids)
         self.status = SequenceStatus.WAITING
-        # (the engine's own copy, out of the garbage collector's passes: inputs.untrack_ids)
-        self.token_ids = untrack_ids(list(token_ids))
+        # (the engine's own copy, out of the garbage collector's passes: inputs.copy_ids)
+        ids = copy_ids(token_ids)
+        self.token_ids = ids if ids is not None else list(token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         # The prompt's ids as int64 bytes (what the prefix cache hashes and compares), converted
         # once: given by the caller that validated them, else on first use (BlockManager).
