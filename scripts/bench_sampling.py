@@ -137,12 +137,8 @@ def topk_variants(logits: torch.Tensor, steps: int) -> None:
 
     temps = torch.full((rows,), 0.6, device=dev)
     keys = torch.arange(rows, device=dev)
-    print(f"whole-row draw (sample_full_rows) of {rows} x {vocab}: device us per call")
-    for fast in (False, True):  # Gumbel noise's logs by tl.log (before) or lg2.approx
-        sampling.FAST_LOG = fast
-        for parts in (1, None):
-            fn = lambda parts=parts: sampling.sample_full_rows(logits, temps, None, keys, parts)  # noqa: E731
-            print(f"  fast log {fast!s:5s} parts {parts!s:4s} {device_us(fn, steps):9.1f}")
+    fn = lambda: sampling.sample_full_rows(logits, temps, None, keys)  # noqa: E731
+    print(f"whole-row draw (sample_full_rows) of {rows} x {vocab}: {device_us(fn, steps):.1f} us")
     print(f"top-k of {rows} x {vocab} {logits.dtype}: device us per call")
     for k in (5, 20, 50):
         ways = {

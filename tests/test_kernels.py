@@ -451,29 +451,46 @@ def test_sampling_kernel_greedy_rows_and_distribution() -> None:
 
 
 @pytest.mark.parametrize("with_floor", [False, True])
-def test_sampling_kernel_parts_do_not_change_tokens(with_floor: bool) -> None:
-    """A row cut into parts gives the same token as the whole row: the random numbers belong
-    to the token index, and the parts' best values are compared with ties to the smallest id
-    (a greedy row whose largest logit occurs in two parts takes the first)."""
-    from nanovllm.kernels.sampling import sample_full_rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sampling_kernel_is_the_inverse_cdf(with_floor: bool, dtype: torch.dtype) -> None:
+    """Each sampled row's token is the inverse CDF of softmax(logits / T) (above the floor) at
+    its key's u (computed here in float64), whatever chunk it falls in; greedy rows take the
+    first largest logit, across chunks too."""
+    from nanovllm.kernels.sampling import draw_chunk, sample_full_rows
+    from nanovllm.sample.state import uniform_from_keys
 
     gen = torch.Generator().manual_seed(3)
-    vocab = 20000  # 5 chunks of 4 x 1024
-    logits = torch.randn(6, vocab, generator=gen) * 2
-    logits[0, 19000] = logits[0, 9000] = 50.0  # greedy row 0: a tie across parts
+    vocab = 20000  # 5 chunks of 4,096, the last one partial
+    assert draw_chunk(vocab) == 4096
+    rows = 40
+    logits = torch.randn(rows, vocab, generator=gen) * 2
+    logits[0, 19000] = logits[0, 9000] = 50.0  # greedy row 0: a tie across chunks
     logits[1, 19999] = 50.0  # greedy row 1: the last token
-    temps = torch.tensor([0.0, 0.0, 0.7, 1.0, 1.3, 0.5], device=DEVICE)
+    logits[2, 12288:] += 6.0  # mass concentrated in the last chunks
+    logits[3, :100] += 8.0  # ... in the first
+    logits = logits.to(dtype).float()  # the values the kernel reads
+    temps = torch.cat([torch.zeros(2), torch.rand(rows - 2, generator=gen) * 1.5 + 0.2])
+    keys = torch.randint(0, 2**32, (rows,), generator=gen)
+    scaled = logits.double() / torch.where(temps > 0, temps, 1.0).double()[:, None]
     floor = None
+    if with_floor:  # as the sampler's min-p floor, min_p 0.01
+        floor = (scaled.amax(dim=-1) + math.log(0.01)).float()
+        scaled = scaled.masked_fill(scaled < floor.double()[:, None], float("-inf"))
+    got = sample_full_rows(
+        logits.to(dtype).to(DEVICE),
+        temps.to(DEVICE),
+        floor.to(DEVICE) if floor is not None else None,
+        keys.to(DEVICE),
+    ).cpu()
+    assert got[:2].tolist() == [9000, 19999]
+    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
+    u = uniform_from_keys(keys).double()
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    # a float32 sum can land on the other side of a boundary only when u sits within about
+    # 1e-6 of it: no row here does (checked against the float64 neighbours)
+    assert torch.equal(got[2:], expected[2:]), (got[2:], expected[2:])
     if with_floor:
-        scale = torch.where(temps > 0, temps, 1.0).cpu()  # as the sampler's min-p floor
-        floor = (logits.amax(dim=-1) / scale + math.log(0.01)).to(DEVICE)
-    logits = logits.to(DEVICE)
-    keys = torch.randint(0, 2**32, (6,), generator=gen).to(DEVICE)
-    whole = sample_full_rows(logits, temps, floor, keys, parts=1).cpu()
-    assert whole[:2].tolist() == [9000, 19999]
-    for parts in (2, 3, 5, 64):
-        got = sample_full_rows(logits, temps, floor, keys, parts=parts).cpu()
-        assert torch.equal(got, whole), parts
+        assert bool((scaled.gather(1, got[:, None]) > float("-inf")).all())
 
 
 def test_sampling_kernel_floor() -> None:

@@ -1,16 +1,19 @@
-"""Sampling kernels: a whole-row draw in one pass over the logits, and the penalties.
+"""Sampling kernels: a whole-row draw in two short passes over the logits, and the penalties.
 
-Whole-row draw. Drawing token i with probability softmax(l / T)_i is the same as taking
-argmax_i(l_i / T + g_i) with g_i independent standard Gumbel noise (g = -log(-log(u)), u
-uniform). One program per (row, part of the vocabulary) walks its part in chunks, draws u with
-Triton's counter-based Philox generator keyed by the row's own key (counter = the token index;
-four draws per generator call), and keeps the running best; a second kernel takes the best of
-the row's parts (ties: the smallest token id). Greedy rows (T = 0) take the plain argmax. An
-optional per-row floor on l / T drops the tokens under it (min-p: floor = max / T + log(min_p)).
-Nothing is written but each part's best: the softmax, the noise and the probabilities never touch
-memory. Since the noise depends only on the row's key and the token index, a row's token depends
-neither on the other rows of the batch nor on the parts. The two logs of the noise take one
-`lg2.approx` instruction each (the kernel was compute-bound on the precise log's polynomial).
+Whole-row draw, by the inverse CDF. Token i of a row is drawn with probability
+softmax(l / T)_i as the first token whose running sum of exp(l / T - c) passes u times the
+total (u uniform in (0, 1), one per row from its key: sample/state.py uniform_from_keys, the
+CPU path's too). The row is cut into chunks of a fixed size (draw_chunk: 4,096 tokens for
+vocabularies up to 64 chunks). The first kernel, one program per (row, chunk), finds the
+chunk's largest l / T and its sum of exp(l / T - that largest); the second, one program per
+row, weighs the chunks' sums to the row's largest value, finds the chunk whose running sum
+passes u * total, and reads that chunk again (a few KB) for the token. Greedy rows (T = 0)
+take the first chunk holding the row's largest logit and its first token holding it. An
+optional per-row floor on l / T drops the tokens under it (min-p: floor = max / T +
+log(min_p)). One random number a row instead of one a token (a Gumbel-max draw made one per
+token, and the random numbers were the kernel's main cost: 0.13-0.14 ms for 256-512 rows of
+151,936 logits on an H200, BENCHMARKS.md). Since the chunks depend on the vocabulary only, a
+row's token depends neither on the other rows of the batch nor on how the work is launched.
 
 Penalties. One program per (row, chunk of the vocabulary) reads the row's logits and its slot's
 output-token counts and prompt marks (sample/state.py) and writes the penalised float32 logits:
@@ -19,17 +22,16 @@ presence and frequency (minus presence * [count > 0] + frequency * count).
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter (CPU tests) cannot run inline PTX; it takes tl.log instead.
-FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
 # Rows are cut into at most this many parts (one compiled variant of the merge kernels; the
 # batch size and the parts are not specialised on either, so no kernel compiles mid-run).
 MAX_PARTS = 64
+# The whole-row draw cuts a row into at most this many chunks (draw_chunk).
+MAX_DRAW_CHUNKS = 64
 # A packed key below every real one (_pack of -inf included): "no entry".
 NO_KEY = tl.constexpr(-(2**63))
 # logsumexp_and_rank finds at most this many largest entries in its pass (logprobs' top k).
@@ -37,99 +39,105 @@ MAX_FUSED_TOP = 16
 
 
 @triton.jit
-def _noise_log(x, FAST: tl.constexpr):
-    # ln(x) for the Gumbel noise: one MUFU lg2.approx (relative error ~2**-22) on a GPU, where
-    # tl.log is a ~20-instruction polynomial and the draw's main cost
-    if FAST:
-        y = tl.inline_asm_elementwise(
-            "lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-        return y * 0.6931471805599453
-    else:
-        return tl.log(x)
+def _chunk_stats_kernel(
+    logits_ptr,
+    temps_ptr,
+    floor_ptr,
+    max_ptr,
+    sum_ptr,
+    arg_ptr,
+    stride,
+    temp_stride,
+    V,
+    NUM_CHUNKS,
+    HAS_FLOOR: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # One program per (row, chunk of CHUNK tokens): the chunk's largest l / T (and the first
+    # token holding it) and its sum of exp(l / T - that largest value), tokens under the
+    # row's floor left out.
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    t = tl.load(temps_ptr + row * temp_stride)
+    inv_t = 1.0 / tl.where(t > 0, t, 1.0)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < V
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=mask, other=float("-inf"))
+    x = x.to(tl.float32) * inv_t
+    if HAS_FLOOR:  # (a greedy row's floor never removes its largest logit)
+        x = tl.where(x < tl.load(floor_ptr + row), float("-inf"), x)
+    top = tl.max(x, 0)
+    first = tl.min(tl.where(x == top, offs, V), 0)
+    safe = tl.where(top == float("-inf"), 0.0, top)  # (a chunk without a token: sum 0)
+    total = tl.sum(tl.exp2((x - safe) * 1.4426950408889634), 0)
+    at = row * NUM_CHUNKS + chunk
+    tl.store(max_ptr + at, top)
+    tl.store(sum_ptr + at, total)
+    tl.store(arg_ptr + at, first)
 
 
-@triton.jit(do_not_specialize=["SPAN"])
-def _sample_kernel(
+@triton.jit
+def _draw_kernel(
     logits_ptr,
     temps_ptr,
     floor_ptr,
     keys_ptr,
-    best_val_ptr,
-    best_idx_ptr,
+    max_ptr,
+    sum_ptr,
+    arg_ptr,
+    out_ptr,
     stride,
     temp_stride,
     V,
-    SPAN,
+    NUM_CHUNKS,
     HAS_FLOOR: tl.constexpr,
-    FAST: tl.constexpr,
-    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    C_PAD: tl.constexpr,
 ):
-    # One program per (row, part of SPAN tokens; SPAN a multiple of 4 * BLOCK). Each Philox
-    # call yields four 32-bit draws, so a chunk is four sub-blocks of BLOCK tokens sharing one
-    # call per lane: the counter of lane j of the chunk at token c is c / 4 + j, whatever the
-    # parts. Every lane keeps its own best value and index; one reduction at the end writes the
-    # part's best (ties: the smallest token id) for _pick_kernel.
+    # One program per row: the chunks' weights w_c = sum_c * exp(max_c - M) (M the row's
+    # largest l / T), the target u * sum(w), the chunk whose running sum passes it, then the
+    # token within that chunk whose running sum of exp(l / T - max_c) passes what is left.
+    # Greedy rows (T = 0) take the first chunk holding M and its first token holding it.
     row = tl.program_id(0)
-    part = tl.program_id(1)
     t = tl.load(temps_ptr + row * temp_stride)
-    key = tl.load(keys_ptr + row)
-    sampled = t > 0
-    inv_t = 1.0 / tl.where(sampled, t, 1.0)
-    floor = float("-inf")
+    inv_t = 1.0 / tl.where(t > 0, t, 1.0)
+    cs = tl.arange(0, C_PAD)
+    cmask = cs < NUM_CHUNKS
+    at = row * NUM_CHUNKS + cs
+    tops = tl.load(max_ptr + at, mask=cmask, other=float("-inf"))
+    top = tl.max(tops, 0)
+    greedy_chunk = tl.min(tl.where(cmask & (tops == top), cs, NUM_CHUNKS - 1), 0)
+    greedy_token = tl.load(arg_ptr + row * NUM_CHUNKS + greedy_chunk)
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.load(sum_ptr + at, mask=cmask, other=0.0) * tl.exp2((tops - safe) * 1.4426950408889634)
+    w = tl.where(cmask & (tops > float("-inf")), w, 0.0)
+    cw = tl.cumsum(w, 0)
+    total = tl.max(cw, 0)
+    # u in (0, 1) from the row's key: sample/state.py uniform_from_keys
+    key = tl.load(keys_ptr + row).to(tl.uint32)
+    u = ((_mix32(key ^ 0x9E3779B9) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    target = u * total
+    last_chunk = tl.max(tl.where(w > 0, cs, 0), 0)
+    k = tl.minimum(tl.sum(tl.where(cmask & (cw <= target), 1, 0), 0), last_chunk)
+    before = tl.sum(tl.where(cs == k, cw - w, 0.0), 0)
+    top_k = tl.sum(tl.where(cs == k, tops, 0.0), 0)
+    # what is left of the target, in the chunk's own scale exp(l / T - max_k)
+    inner = (target - before) * tl.exp2((safe - top_k) * 1.4426950408889634)
+    offs = tl.arange(0, CHUNK)
+    mask = k * CHUNK + offs < V
+    x = tl.load(
+        logits_ptr + row.to(tl.int64) * stride + k * CHUNK + offs, mask=mask, other=float("-inf")
+    )
+    x = x.to(tl.float32) * inv_t
     if HAS_FLOOR:
-        floor = tl.load(floor_ptr + row)
-    lanes = tl.arange(0, BLOCK)
-    best_val = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    best_idx = tl.zeros([BLOCK], dtype=tl.int32)
-    base = logits_ptr + row.to(tl.int64) * stride
-    first = part * SPAN
-    for start in range(first, tl.minimum(first + SPAN, V), 4 * BLOCK):
-        r0, r1, r2, r3 = tl.randint4x(key, start // 4 + lanes)
-        for k in tl.static_range(4):
-            if k == 0:
-                r = r0
-            elif k == 1:
-                r = r1
-            elif k == 2:
-                r = r2
-            else:
-                r = r3
-            offs = start + k * BLOCK + lanes
-            mask = offs < V
-            x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            if HAS_FLOOR:  # (a greedy row's floor never removes its largest logit)
-                x = tl.where(x < floor, float("-inf"), x)
-            # uniform in (0, 1) from the top 24 bits
-            u = ((r.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            x = tl.where(sampled, x - _noise_log(-_noise_log(u, FAST), FAST), x)
-            better = mask & (x > best_val)
-            best_idx = tl.where(better, offs, best_idx)
-            best_val = tl.where(better, x, best_val)
-    # the lane holding the largest value; ties go to the smallest token id
-    top = tl.max(best_val, 0)
-    winner = tl.min(tl.where(best_val == top, best_idx, V), 0)
-    out = row * tl.num_programs(1) + part
-    tl.store(best_val_ptr + out, top)
-    tl.store(best_idx_ptr + out, tl.where(winner < V, winner, 0))
-
-
-@triton.jit(do_not_specialize=["B", "PARTS"])
-def _pick_kernel(
-    best_val_ptr, best_idx_ptr, out_ptr, B, PARTS, ROWS: tl.constexpr, P: tl.constexpr
-):
-    # Per row, the part with the largest best value (the first on ties: the smallest token id,
-    # as parts are in token order) and its token id.
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    parts = tl.arange(0, P)
-    mask = (rows[:, None] < B) & (parts[None, :] < PARTS)
-    at = rows[:, None] * PARTS + parts[None, :]
-    val = tl.load(best_val_ptr + at, mask=mask, other=float("-inf"))
-    top = tl.max(val, 1)
-    first = tl.min(tl.where(val == top[:, None], parts[None, :], P), 1)
-    first = tl.minimum(first, PARTS - 1)  # (NaN rows)
-    idx = tl.load(best_idx_ptr + rows * PARTS + first, mask=rows < B, other=0)
-    tl.store(out_ptr + rows, idx.to(tl.int64), mask=rows < B)
+        x = tl.where(x < tl.load(floor_ptr + row), float("-inf"), x)
+    e = tl.exp2((x - top_k) * 1.4426950408889634)
+    ce = tl.cumsum(e, 0)
+    # rounding between the two sums must not step past the chunk's last possible token
+    last = tl.max(tl.where(e > 0, offs, 0), 0)
+    pos = tl.minimum(tl.sum(tl.where(mask & (ce <= inner), 1, 0), 0), last)
+    token = tl.where(t > 0, k * CHUNK + pos, greedy_token)
+    tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
 
 
 def num_sms(device: torch.device) -> int:
@@ -144,50 +152,61 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def draw_chunk(vocab: int) -> int:
+    """Tokens per chunk of the whole-row draw: 4096, or more for vocabularies past 64 chunks
+    (a function of the vocabulary alone, so that a row's token never depends on the batch)."""
+    return max(4096, triton.next_power_of_2(triton.cdiv(vocab, MAX_DRAW_CHUNKS)))
+
+
 def sample_full_rows(
     logits: torch.Tensor,
     temperatures: torch.Tensor,
     floor: torch.Tensor | None,
     keys: torch.Tensor,
-    parts: int | None = None,
 ) -> torch.Tensor:
-    """One token per row of logits [B, V]: greedy where the temperature is 0, else a draw from
-    softmax(logits / T) restricted to logits / T >= floor (when given). temperatures [B] (may be
-    a strided column), floor [B] float32 or None, keys [B] int64 in [0, 2**32). Returns [B]
-    int64. Each row is cut into `parts` (default: enough programs to fill the device) whose
-    best draws a second kernel compares; the tokens do not depend on the parts."""
+    """One token per row of logits [B, V]: greedy where the temperature is 0 (the first
+    largest logit), else a draw from softmax(logits / T) restricted to logits / T >= floor
+    (when given), by the inverse CDF at u = uniform_from_keys(key). temperatures [B] (may be a
+    strided column), floor [B] float32 or None, keys [B] int64 in [0, 2**32). Returns [B]
+    int64. Two kernels: per (row, chunk) its largest value and sum, then per row the chunk and
+    the token (see the module docstring)."""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
-    block = min(1024, triton.next_power_of_2(triton.cdiv(vocab, 4)))
-    chunks = triton.cdiv(vocab, 4 * block)
-    if parts is None:  # some 8 programs an SM
-        parts = triton.cdiv(8 * num_sms(logits.device), num_rows)
-    parts = max(1, min(parts, chunks, MAX_PARTS))
-    span = triton.cdiv(chunks, parts) * 4 * block
-    parts = triton.cdiv(vocab, span)
-    best_val = torch.empty(num_rows, parts, dtype=torch.float32, device=logits.device)
-    best_idx = torch.empty(num_rows, parts, dtype=torch.int32, device=logits.device)
-    _sample_kernel[(num_rows, parts)](
+    chunk = draw_chunk(vocab)
+    chunks = triton.cdiv(vocab, chunk)
+    tops = torch.empty(num_rows, chunks, dtype=torch.float32, device=logits.device)
+    sums = torch.empty_like(tops)
+    args = torch.empty(num_rows, chunks, dtype=torch.int32, device=logits.device)
+    floor_arg = floor if floor is not None else temperatures
+    common = (logits.stride(0), temperatures.stride(0), vocab, chunks)
+    _chunk_stats_kernel[(num_rows, chunks)](
         logits,
         temperatures,
-        floor if floor is not None else temperatures,
-        keys,
-        best_val,
-        best_idx,
-        logits.stride(0),
-        temperatures.stride(0),
-        vocab,
-        span,
+        floor_arg,
+        tops,
+        sums,
+        args,
+        *common,
         HAS_FLOOR=floor is not None,
-        FAST=FAST_LOG,
-        BLOCK=block,
+        CHUNK=chunk,
         num_warps=4,
     )
-    rows = 16
-    _pick_kernel[(triton.cdiv(num_rows, rows),)](
-        best_val, best_idx, out, num_rows, parts, ROWS=rows, P=MAX_PARTS
+    _draw_kernel[(num_rows,)](
+        logits,
+        temperatures,
+        floor_arg,
+        keys,
+        tops,
+        sums,
+        args,
+        out,
+        *common,
+        HAS_FLOOR=floor is not None,
+        CHUNK=chunk,
+        C_PAD=MAX_DRAW_CHUNKS,
+        num_warps=8,
     )
     return out
 
