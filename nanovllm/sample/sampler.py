@@ -26,10 +26,11 @@ is exact when the candidates hold at least top_p of the row's probability (the n
 inside them); rows where they do not are redone (see below). Min-p is a floor
 on the scaled logit, max + log(min_p), so it needs no normalisation at all.
 
-Rows that do not truncate are drawn from the whole row in one pass: on CUDA by a fused kernel
-(Gumbel-max with counter-based random numbers, kernels/sampling.py), elsewhere by the inverse
-CDF with one uniform per row. Either way a row's randomness comes from its key alone (see
-state.py), so a seeded request's tokens do not depend on the batch. Nothing here waits for the
+Rows that do not truncate are drawn from the whole row by the inverse CDF with one uniform per
+row (uniform_from_keys): on CUDA by two short kernels over fixed chunks of the row
+(kernels/sampling.py), elsewhere by running sums over blocks (pick_two_level). Either way a
+row's randomness comes from its key alone (see state.py), so a seeded request's tokens do not
+depend on the batch. Nothing here waits for the
 device. Top-p-only rows whose candidates fall short are redone: on CUDA by a kernel that
 searches the nucleus's floor on the scaled logits (kernels/sampling.py, no host read) and a
 whole-row draw above it; elsewhere by a sort of those rows (after a host read).
