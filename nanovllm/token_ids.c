@@ -35,6 +35,24 @@ int exact_ints(PyObject *list) {
     return 1;
 }
 
+/* An exact int's value when it fits one internal digit (every token id does), read directly;
+ * else through the API (about 3x slower a token, measured on 512 prompts of 2,048 ids). */
+static inline long long int_value(PyObject *item, int *overflow) {
+#if PY_VERSION_HEX >= 0x030C0000
+    if (PyUnstable_Long_IsCompact((PyLongObject *)item))
+        return (long long)PyUnstable_Long_CompactValue((PyLongObject *)item);
+#else
+    Py_ssize_t size = Py_SIZE(item);
+    if (size == 0)
+        return 0;
+    if (size == 1)
+        return (long long)((PyLongObject *)item)->ob_digit[0];
+    if (size == -1)
+        return -(long long)((PyLongObject *)item)->ob_digit[0];
+#endif
+    return PyLong_AsLongLongAndOverflow(item, overflow);
+}
+
 PyObject *token_bytes(PyObject *list, int64_t vocab) {
     if (!PyList_CheckExact(list))
         Py_RETURN_NONE;
@@ -48,7 +66,7 @@ PyObject *token_bytes(PyObject *list, int64_t vocab) {
         int overflow = 0;
         if (!PyLong_CheckExact(item))
             goto refuse;
-        long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+        long long v = int_value(item, &overflow);
         if (overflow || v < 0 || v >= vocab)  /* (an exact int sets no error) */
             goto refuse;
         dst[i] = (int64_t)v;

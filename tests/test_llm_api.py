@@ -205,6 +205,8 @@ def test_invalid_request_leaves_engine_usable(
         ([0, 512], False),
         ([-1, 3], False),
         ([3, 2**70], False),
+        ([3, -(2**70)], False),
+        ([2**30 + 5], False),
         ([3, 1.0], False),
         ([3, np.int64(4)], False),
         ([3, "4"], False),
@@ -229,6 +231,20 @@ def test_token_ids_in_range(
         assert result == np.asarray([int(t) for t in ids], dtype=np.int64).tobytes()
     else:
         assert result is None
+
+
+@pytest.mark.parametrize("c_helper", [True, False])
+def test_token_bytes_of_large_ids(c_helper: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids past one internal digit of a Python int (2**30) convert exactly (token_ids.c reads
+    one-digit ints directly, others through the API)."""
+    from nanovllm import inputs
+
+    if c_helper and inputs._c_ids() is None:
+        pytest.skip("no C compiler or Python headers")
+    if not c_helper:
+        monkeypatch.setattr(inputs, "_c_ids", lambda: None)
+    ids = [0, 7, 2**30 - 1, 2**30, 2**31 + 7, 2**62]
+    assert inputs.token_bytes_in_range(ids, 2**63 - 1) == np.asarray(ids, np.int64).tobytes()
 
 
 @pytest.mark.parametrize("c_helper", [True, False])
