@@ -1145,15 +1145,3 @@ def test_default_block_n() -> None:
         128,
         128,
     ]
-
-
-def test_prefill_stages_rule() -> None:
-    """Three pipeline stages only for 16-bit steps whose new tokens fit one query tile."""
-    from nanovllm.kernels.prefill_attention import prefill_stages
-
-    q16 = torch.empty(4, 2, 8, dtype=torch.bfloat16)
-    cache16 = torch.empty(1, 16, 1, 8, dtype=torch.bfloat16)
-    assert prefill_stages(q16, cache16, 64, 64) == 3
-    assert prefill_stages(q16, cache16, 65, 64) == 2
-    assert prefill_stages(q16.float(), cache16.float(), 16, 64) == 2
-    assert prefill_stages(q16, cache16.to(torch.float8_e4m3fn), 16, 64) == 2

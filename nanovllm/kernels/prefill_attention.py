@@ -193,7 +193,7 @@ def prefill_attention(
     block_m: int = 64,
     block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int | None = None,
+    num_stages: int = 2,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -204,7 +204,6 @@ def prefill_attention(
     head_dim] (already holding this step's K/V); block_tables: [num_seqs, max_blocks];
     cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs] (cached + new keys); k_scale,
     v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None);
-    num_stages: None chooses (prefill_stages);
     prefix: cascade prefill's (starts [num_seqs], prefix outputs [num_tokens, num_heads,
     d_pad] float32, prefix log-sum-exps [num_tokens, num_heads] float32): sequence i's keys
     before starts[i] were attended by the prefix pass, whose results its rows continue from
@@ -224,8 +223,6 @@ def prefill_attention(
         out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    if num_stages is None:
-        num_stages = prefill_stages(q, k_cache, max_seqlen_q, block_m)
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     # unused placeholders without a prefix pass
@@ -265,13 +262,3 @@ def prefill_attention(
         num_stages=num_stages,
     )
     return out
-
-
-def prefill_stages(q: torch.Tensor, k_cache: torch.Tensor, max_seqlen_q: int, block_m: int) -> int:
-    """Pipeline stages of the key loop: 3 where every sequence's new tokens fit one query tile
-    and q and the cache are 16-bit (a step of short suffixes after a long cached prefix: each
-    program walks many key tiles, and a deeper pipeline was 8% faster on an H200:
-    scripts/bench_prefill.py, shape `shared`), else 2 (best for long prompts; and three
-    float32 stages would not fit in shared memory)."""
-    short = max_seqlen_q <= block_m
-    return 3 if short and q.element_size() == 2 and k_cache.dtype == q.dtype else 2
