@@ -545,6 +545,8 @@ def test_generate_freezes_the_collector_for_the_run(
     thresholds = gc.get_threshold()
     if app_froze:
         gc.freeze()
+    # (some Pythons start with objects frozen, as the H200 machine's 3.12: the same case)
+    app_froze = gc.get_freeze_count() > 0
     gc.callbacks.append(on_gc)
     try:
         before = gc.get_freeze_count()
