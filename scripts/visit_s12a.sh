@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Session 12, first GPU visit (one H200): decode graphs as two halves on two streams
 # (worker/cuda_graph.py) against one piece, and the shared-prefix run at block size 16.
+# (The halves were reverted in a868afe: NANOVLLM_DECODE_HALVES no longer exists, so the three
+# bf16 and two FP8 runs now measure the same code.)
 set -uo pipefail
 source scripts/visit_lib.sh  # step(), $OUT
 md5sum nanovllm/worker/cuda_graph.py | cut -c1-12
