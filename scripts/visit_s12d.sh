@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 12, fourth GPU visit (one H200): the prefill stages rule, the CUDA tests after the
 # sampler change, and the shared-prefix run at the session's code.
-# (The prefill stages rule was reverted in afcd5ea: the None row now means two stages.)
+# (The prefill stages rule and bench_prefill.py's row for it were reverted in afcd5ea.)
 set -uo pipefail
 source scripts/visit_lib.sh  # step(), $OUT
 md5sum nanovllm/kernels/sampling.py nanovllm/kernels/prefill_attention.py | cut -c1-12
