@@ -4,8 +4,6 @@
  * host one Python-level check and one conversion per token otherwise (about 60 ns a token:
  * 60 ms for 512 prompts of 2,048 tokens, all before the first step); here both are one pass.
  *
- *   exact_ints(list)          1 if every item is an exact int (not a bool or other subclass),
- *                             else 0
  *   token_bytes(list, vocab)  the items as native int64 bytes if every one is an exact int in
  *                             [0, vocab), else None
  *   untrack(list)             take a list of exact ints out of the cyclic garbage collector's
@@ -25,7 +23,8 @@
 #include <Python.h>
 #include <stdint.h>
 
-int exact_ints(PyObject *list) {
+/* 1 if every item is an exact int (not a bool or other subclass), else 0 (untrack's check). */
+static int exact_ints(PyObject *list) {
     if (!PyList_CheckExact(list))
         return 0;
     Py_ssize_t n = PyList_GET_SIZE(list);
