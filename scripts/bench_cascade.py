@@ -212,6 +212,9 @@ def kernel(args: argparse.Namespace) -> None:
     if args.tiles:
         tiles(batch, plain_ms, ref)
         return
+    if args.configs:
+        configs(batch, plain_ms, ref)
+        return
     for kw in (
         dict(prefix_block_m=None),
         dict(prefix_block_m=64),
@@ -268,6 +271,88 @@ def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
             ca.SUFFIX_LAUNCH.update(block_n=block_n, num_warps=warps, num_stages=stages)
             run(f"suffix keys {block_n} warps {warps} stages {stages}")
     ca.SUFFIX_LAUNCH.update(saved[1])
+
+
+def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
+    """kernel --configs: the prefix pass alone at tile rows x keys x warps x stages x splits
+    (its partials only), the suffix pass alone in either grid order, then the engine's path
+    (both passes side by side, the last part merging) at the best prefix settings and either
+    grid order; every engine-path result checked against the plain kernel's."""
+    from nanovllm.kernels import cascade_attention as ca
+    from nanovllm.kernels import decode_attention as da
+    from nanovllm.kernels.store_kv import kv_scales
+
+    found = find_cascade_groups(
+        batch.tables, batch.lens, BLOCK, min_saved_tokens=1, member_cost_tokens=0
+    )
+    prefix = torch.from_numpy(found.prefix_lens).cuda()
+    members = torch.from_numpy(found.members).cuda()
+    groups = torch.from_numpy(found.groups).cuda()
+    q, k, v = batch.q, batch.k_cache, batch.v_cache
+    k_scale, v_scale = kv_scales(k, None, None)
+    group = HEADS // KV_HEADS
+    results = []
+    for rows, keys, warps, stages in (
+        (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3),
+        (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 4, 2), (32, 64, 4, 2),
+    ):  # fmt: skip
+        members_per_tile, block_m = ca.prefix_tiling(group, rows)
+        max_tiles = ca.max_prefix_tiles(len(batch.lens), 1, members_per_tile)
+        for splits in (1, 2, 4):
+            prefix_pass = functools.partial(
+                ca.launch_prefix, q, k, v, batch.block_tables, members, groups, 0.088,
+                da.partials(q, 1 + splits), 1, members_per_tile, block_m, max_tiles, splits,
+                keys, k_scale, v_scale, cols=3, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+            try:
+                ms = graph_ms(prefix_pass)
+            except Exception as e:  # out of shared memory, say
+                print(
+                    f"prefix alone rows {rows} keys {keys} {warps}/{stages} x{splits}: {e!r:.100}"
+                )
+                continue
+            programs = max_tiles * KV_HEADS * splits
+            print(
+                f"prefix alone rows {rows} keys {keys} warps {warps} stages {stages} x{splits} "
+                f"({programs} programs): {ms:.4f} ms",
+                flush=True,
+            )
+            results.append((ms, rows, keys, warps, stages, splits))
+    out = torch.empty_like(q)
+    for head_major in (False, True):
+        da.HEAD_MAJOR = head_major
+        suffix_pass = functools.partial(
+            da.launch_decode, q, k, v, batch.block_tables, batch.seq_lens, prefix, 0.088, 1, out,
+            da.partials(q, 2), 64,
+        )  # fmt: skip
+        print(f"suffix alone, head-major {head_major}: {graph_ms(suffix_pass):.4f} ms", flush=True)
+    saved = dict(ca.PREFIX_LAUNCH)
+    best = sorted(results)[:6]
+    tried = [(64, 64, 4, 2, None)] + [(r, kk, w, st, sp) for _, r, kk, w, st, sp in best]
+    for head_major in (False, True):
+        da.HEAD_MAJOR = head_major
+        for rows, keys, warps, stages, splits in tried:
+            ca.PREFIX_LAUNCH.update(block_n=keys, splits=splits, num_warps=warps, num_stages=stages)
+            ms, got = batch.time_cascade(prefix_block_m=rows)
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            print(
+                f"engine path, head-major {head_major}, prefix rows {rows} keys {keys} "
+                f"{warps}/{stages} x{splits or 'auto'}: {ms:.4f} ms ({plain_ms / ms:.2f}x plain), "
+                f"rel. diff {err:.1e}",
+                flush=True,
+            )
+    ca.PREFIX_LAUNCH.update(saved)
+    da.HEAD_MAJOR = False
+    lone = Batch([], [600] * 256, batch.k_cache.dtype)
+    for head_major in (False, True):
+        da.HEAD_MAJOR = head_major
+        ms, _ = lone.time_plain()
+        print(
+            f"plain decode 256 x 600 (bench.py's late steps), head-major {head_major}: "
+            f"{ms:.4f} ms ({lone.plain_bytes / ms / 1e9:.2f} TB/s)",
+            flush=True,
+        )
+    da.HEAD_MAJOR = False
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -894,6 +979,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--tiles", action="store_true", help="kernel: sweep the prefix and suffix launch settings"
+    )
+    parser.add_argument(
+        "--configs", action="store_true", help="kernel: prefix settings, splits, grid order"
     )
     parser.add_argument("--decode-only", action="store_true", help="whole runs: no cascade prefill")
     parser.add_argument(

@@ -85,9 +85,9 @@ PREFIX_BLOCK_M = 64
 # tokens of one head).
 PREFILL_PREFIX_BLOCK_M = 128
 # Launch settings of a decode step's prefix pass, and of its suffix pass when that merges
-# (one split; block_n None: the call's block_n). Module-level so that
-# scripts/bench_cascade.py `kernel --tiles` can sweep them.
-PREFIX_LAUNCH = {"num_warps": 4, "num_stages": 2}
+# (one split; block_n None: the call's block_n; splits None: choose_prefix_splits).
+# Module-level so that scripts/bench_cascade.py `kernel --tiles` can sweep them.
+PREFIX_LAUNCH = {"block_n": None, "splits": None, "num_warps": 4, "num_stages": 2}
 SUFFIX_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 2}
 
 
@@ -410,9 +410,12 @@ def cascade_decode_attention(
     # that suffix programs fit beside it on every multiprocessor. Several suffix splits: both
     # leave partials, merged by the combine kernel after them.
     merged = num_splits == 1
-    prefix_splits = choose_prefix_splits(
-        max_tiles, num_kv_heads, max_prefix_len, num_sms, block_n, waves=1.0 if merged else 2.0
-    )
+    launch = dict(PREFIX_LAUNCH)
+    prefix_block_n = launch.pop("block_n") or block_n
+    prefix_splits = launch.pop("splits") or choose_prefix_splits(
+        max_tiles, num_kv_heads, max_prefix_len, num_sms, prefix_block_n,
+        waves=1.0 if merged else 2.0,
+    )  # fmt: skip
     first_part = 1 if merged else num_splits
     part_out, part_lse = partials(q, first_part + prefix_splits)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
@@ -421,8 +424,8 @@ def cascade_decode_attention(
     def prefix_pass() -> None:
         launch_prefix(
             q, k_cache, v_cache, block_tables, members, groups, scale, (part_out, part_lse),
-            first_part, members_per_tile, block_m, max_tiles, prefix_splits, block_n, k_scale,
-            v_scale, cols=3, merge=(out, counters) if merged else None, **PREFIX_LAUNCH,
+            first_part, members_per_tile, block_m, max_tiles, prefix_splits, prefix_block_n,
+            k_scale, v_scale, cols=3, merge=(out, counters) if merged else None, **launch,
         )  # fmt: skip
 
     def suffix_pass() -> None:
