@@ -274,85 +274,66 @@ def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
 
 
 def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
-    """kernel --configs: the prefix pass alone at tile rows x keys x warps x stages x splits
-    (its partials only), the suffix pass alone in either grid order, then the engine's path
-    (both passes side by side, the last part merging) at the best prefix settings and either
-    grid order; every engine-path result checked against the plain kernel's."""
+    """kernel --configs: the engine's path (both passes side by side, the last part merging)
+    at prefix settings (keys, warps, stages, register cap, splits) x suffix settings (keys,
+    warps, stages, register cap), the prefix pass alone at the register caps; every result
+    checked against the plain kernel's."""
     from nanovllm.kernels import cascade_attention as ca
-    from nanovllm.kernels import decode_attention as da
+    from nanovllm.kernels.decode_attention import partials
     from nanovllm.kernels.store_kv import kv_scales
 
     found = find_cascade_groups(
         batch.tables, batch.lens, BLOCK, min_saved_tokens=1, member_cost_tokens=0
     )
-    prefix = torch.from_numpy(found.prefix_lens).cuda()
     members = torch.from_numpy(found.members).cuda()
     groups = torch.from_numpy(found.groups).cuda()
     q, k, v = batch.q, batch.k_cache, batch.v_cache
     k_scale, v_scale = kv_scales(k, None, None)
-    group = HEADS // KV_HEADS
-    results = []
-    for rows, keys, warps, stages in (
-        (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3),
-        (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 4, 2), (32, 64, 4, 2),
-    ):  # fmt: skip
-        members_per_tile, block_m = ca.prefix_tiling(group, rows)
-        max_tiles = ca.max_prefix_tiles(len(batch.lens), 1, members_per_tile)
-        for splits in (1, 2, 4):
-            prefix_pass = functools.partial(
-                ca.launch_prefix, q, k, v, batch.block_tables, members, groups, 0.088,
-                da.partials(q, 1 + splits), 1, members_per_tile, block_m, max_tiles, splits,
-                keys, k_scale, v_scale, cols=3, num_warps=warps, num_stages=stages,
-            )  # fmt: skip
-            try:
-                ms = graph_ms(prefix_pass)
-            except Exception as e:  # out of shared memory, say
-                print(
-                    f"prefix alone rows {rows} keys {keys} {warps}/{stages} x{splits}: {e!r:.100}"
-                )
-                continue
-            programs = max_tiles * KV_HEADS * splits
-            print(
-                f"prefix alone rows {rows} keys {keys} warps {warps} stages {stages} x{splits} "
-                f"({programs} programs): {ms:.4f} ms",
-                flush=True,
-            )
-            results.append((ms, rows, keys, warps, stages, splits))
-    out = torch.empty_like(q)
-    for head_major in (False, True):
-        da.HEAD_MAJOR = head_major
-        suffix_pass = functools.partial(
-            da.launch_decode, q, k, v, batch.block_tables, batch.seq_lens, prefix, 0.088, 1, out,
-            da.partials(q, 2), 64,
+    members_per_tile, block_m = ca.prefix_tiling(HEADS // KV_HEADS, 64)
+    max_tiles = ca.max_prefix_tiles(len(batch.lens), 1, members_per_tile)
+    for keys, maxnreg, splits in ((64, None, 1), (64, 128, 1), (64, 128, 2), (32, None, 1),
+                                  (32, 128, 1), (32, 128, 2), (32, 96, 2)):  # fmt: skip
+        prefix_pass = functools.partial(
+            ca.launch_prefix, q, k, v, batch.block_tables, members, groups, 0.088,
+            partials(q, 1 + splits), 1, members_per_tile, block_m, max_tiles, splits, keys,
+            k_scale, v_scale, cols=3, num_warps=4, num_stages=2, maxnreg=maxnreg,
         )  # fmt: skip
-        print(f"suffix alone, head-major {head_major}: {graph_ms(suffix_pass):.4f} ms", flush=True)
-    saved = dict(ca.PREFIX_LAUNCH)
-    best = sorted(results)[:6]
-    tried = [(64, 64, 4, 2, None)] + [(r, kk, w, st, sp) for _, r, kk, w, st, sp in best]
-    for head_major in (False, True):
-        da.HEAD_MAJOR = head_major
-        for rows, keys, warps, stages, splits in tried:
-            ca.PREFIX_LAUNCH.update(block_n=keys, splits=splits, num_warps=warps, num_stages=stages)
-            ms, got = batch.time_cascade(prefix_block_m=rows)
-            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-            print(
-                f"engine path, head-major {head_major}, prefix rows {rows} keys {keys} "
-                f"{warps}/{stages} x{splits or 'auto'}: {ms:.4f} ms ({plain_ms / ms:.2f}x plain), "
-                f"rel. diff {err:.1e}",
-                flush=True,
-            )
-    ca.PREFIX_LAUNCH.update(saved)
-    da.HEAD_MAJOR = False
-    lone = Batch([], [600] * 256, batch.k_cache.dtype)
-    for head_major in (False, True):
-        da.HEAD_MAJOR = head_major
-        ms, _ = lone.time_plain()
         print(
-            f"plain decode 256 x 600 (bench.py's late steps), head-major {head_major}: "
-            f"{ms:.4f} ms ({lone.plain_bytes / ms / 1e9:.2f} TB/s)",
+            f"prefix alone keys {keys} regs {maxnreg} x{splits}: {graph_ms(prefix_pass):.4f} ms",
             flush=True,
         )
-    da.HEAD_MAJOR = False
+    saved = (dict(ca.PREFIX_LAUNCH), dict(ca.SUFFIX_LAUNCH))
+    prefix_settings = (  # keys, warps, stages, maxnreg, splits
+        (64, 4, 2, None, None), (64, 4, 2, 128, None), (64, 4, 2, 168, None),
+        (32, 4, 2, None, None), (32, 4, 2, 128, None), (32, 4, 3, 128, None),
+        (64, 4, 2, 128, 2), (32, 4, 2, 128, 2), (32, 4, 2, 96, 2),
+    )  # fmt: skip
+    suffix_settings = ((64, 4, 2, None), (32, 2, 2, None), (32, 4, 2, None), (64, 4, 3, None))
+    results = []
+    for pk, pw, ps, pr, sp in prefix_settings:
+        for sk, sw, ss, sr in suffix_settings:
+            ca.PREFIX_LAUNCH.update(block_n=pk, num_warps=pw, num_stages=ps, maxnreg=pr, splits=sp)
+            ca.SUFFIX_LAUNCH.update(block_n=sk, num_warps=sw, num_stages=ss, maxnreg=sr)
+            label = f"prefix {pk}/{pw}/{ps} regs {pr} x{sp or 'auto'}, suffix {sk}/{sw}/{ss}"
+            try:
+                ms, got = batch.time_cascade(prefix_block_m=64)
+            except Exception as e:  # out of resources, say
+                print(f"engine path, {label}: {e!r:.100}")
+                continue
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            results.append((ms, label, dict(ca.PREFIX_LAUNCH), dict(ca.SUFFIX_LAUNCH)))
+            print(f"engine path, {label}: {ms:.4f} ms, rel. diff {err:.1e}", flush=True)
+    ca.PREFIX_LAUNCH.update(saved[0])
+    ca.SUFFIX_LAUNCH.update(saved[1])
+    results.sort(key=lambda r: r[0])
+    print("best five:")
+    for ms, label, _, _ in results[:5]:
+        print(f"  {ms:.4f} ms  {label}")
+    if results and os.environ.get("OUT"):  # for a visit script's next step
+        import json
+
+        with open(os.path.join(os.environ["OUT"], "best_launch.json"), "w") as f:
+            json.dump({"prefix": results[0][2], "suffix": results[0][3]}, f)
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -983,11 +964,25 @@ def main() -> None:
     parser.add_argument(
         "--configs", action="store_true", help="kernel: prefix settings, splits, grid order"
     )
+    parser.add_argument(
+        "--prefix-launch", default="", help="JSON: update cascade_attention.PREFIX_LAUNCH"
+    )
+    parser.add_argument(
+        "--suffix-launch", default="", help="JSON: update cascade_attention.SUFFIX_LAUNCH"
+    )
     parser.add_argument("--decode-only", action="store_true", help="whole runs: no cascade prefill")
     parser.add_argument(
         "--profile", action="store_true", help="e2e: then one run each way under torch.profiler"
     )
     args = parser.parse_args()
+    if args.prefix_launch or args.suffix_launch:
+        import json
+
+        from nanovllm.kernels import cascade_attention as ca
+
+        ca.PREFIX_LAUNCH.update(json.loads(args.prefix_launch or "{}"))
+        ca.SUFFIX_LAUNCH.update(json.loads(args.suffix_launch or "{}"))
+        print(f"launch settings: prefix {ca.PREFIX_LAUNCH}, suffix {ca.SUFFIX_LAUNCH}")
     global DECODE_ONLY, BLOCK, KV_CACHE_DTYPE
     DECODE_ONLY = args.decode_only
     KV_CACHE_DTYPE = "fp8" if args.kv_dtype == "fp8" else "auto"

@@ -87,8 +87,10 @@ PREFILL_PREFIX_BLOCK_M = 128
 # Launch settings of a decode step's prefix pass, and of its suffix pass when that merges
 # (one split; block_n None: the call's block_n; splits None: choose_prefix_splits).
 # Module-level so that scripts/bench_cascade.py `kernel --tiles` can sweep them.
-PREFIX_LAUNCH = {"block_n": None, "splits": None, "num_warps": 4, "num_stages": 2}
-SUFFIX_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 2}
+PREFIX_LAUNCH = {
+    "block_n": None, "splits": None, "num_warps": 4, "num_stages": 2, "maxnreg": None,
+}  # fmt: skip
+SUFFIX_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 2, "maxnreg": None}
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_groups"])
@@ -271,12 +273,14 @@ def launch_prefix(
     num_warps: int,
     num_stages: int,
     merge: tuple[torch.Tensor, torch.Tensor] | None = None,
+    maxnreg: int | None = None,
 ) -> None:
     """Run the prefix pass (_prefix_kernel) over max_tiles tiles x K/V heads x num_splits key
     splits; each split's partial result goes to slot first_part + split of `partial`
     ([rows, num_heads, parts, d_pad], [rows, num_heads, parts]: rows are sequences in decode,
     cols = 3, query tokens in prefill, cols = 4). merge (decode): (out, merge counters): the
-    pass that brings a row's last part writes its merged output (publish_and_merge)."""
+    pass that brings a row's last part writes its merged output (publish_and_merge). maxnreg:
+    a register cap per thread (None: the compiler's choice)."""
     head_dim = q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
     part_out, part_lse = partial
@@ -321,6 +325,7 @@ def launch_prefix(
         MERGE=merge is not None,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
 
 
@@ -434,7 +439,8 @@ def cascade_decode_attention(
                 q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, scale, 1, out,
                 block_n=SUFFIX_LAUNCH["block_n"] or block_n,
                 num_warps=SUFFIX_LAUNCH["num_warps"], num_stages=SUFFIX_LAUNCH["num_stages"],
-                k_scale=k_scale, v_scale=v_scale, merge=(part_out, part_lse, counters),
+                maxnreg=SUFFIX_LAUNCH["maxnreg"], k_scale=k_scale, v_scale=v_scale,
+                merge=(part_out, part_lse, counters),
             )  # fmt: skip
         else:
             launch_decode(
