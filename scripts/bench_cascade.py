@@ -276,45 +276,29 @@ def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
 def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
     """kernel --configs: the engine's path (both passes side by side, the last part merging)
     at prefix settings (keys, warps, stages, register cap, splits) x suffix settings (keys,
-    warps, stages, register cap), the prefix pass alone at the register caps; every result
-    checked against the plain kernel's."""
+    warps, stages, register cap); every result checked against the plain kernel's. With $OUT
+    set, the best settings go to $OUT/best_launch.json (bench_cascade.py --prefix-launch,
+    --suffix-launch take them)."""
     from nanovllm.kernels import cascade_attention as ca
-    from nanovllm.kernels.decode_attention import partials
-    from nanovllm.kernels.store_kv import kv_scales
+    from nanovllm.kernels import decode_attention as da
 
-    found = find_cascade_groups(
-        batch.tables, batch.lens, BLOCK, min_saved_tokens=1, member_cost_tokens=0
-    )
-    members = torch.from_numpy(found.members).cuda()
-    groups = torch.from_numpy(found.groups).cuda()
-    q, k, v = batch.q, batch.k_cache, batch.v_cache
-    k_scale, v_scale = kv_scales(k, None, None)
-    members_per_tile, block_m = ca.prefix_tiling(HEADS // KV_HEADS, 64)
-    max_tiles = ca.max_prefix_tiles(len(batch.lens), 1, members_per_tile)
-    for keys, maxnreg, splits in ((64, None, 1), (64, 128, 1), (64, 128, 2), (32, None, 1),
-                                  (32, 128, 1), (32, 128, 2), (32, 96, 2)):  # fmt: skip
-        prefix_pass = functools.partial(
-            ca.launch_prefix, q, k, v, batch.block_tables, members, groups, 0.088,
-            partials(q, 1 + splits), 1, members_per_tile, block_m, max_tiles, splits, keys,
-            k_scale, v_scale, cols=3, num_warps=4, num_stages=2, maxnreg=maxnreg,
-        )  # fmt: skip
-        print(
-            f"prefix alone keys {keys} regs {maxnreg} x{splits}: {graph_ms(prefix_pass):.4f} ms",
-            flush=True,
-        )
     saved = (dict(ca.PREFIX_LAUNCH), dict(ca.SUFFIX_LAUNCH))
-    prefix_settings = (  # keys, warps, stages, maxnreg, splits
-        (64, 4, 2, None, None), (64, 4, 2, 128, None), (64, 4, 2, 168, None),
-        (32, 4, 2, None, None), (32, 4, 2, 128, None), (32, 4, 3, 128, None),
-        (64, 4, 2, 128, 2), (32, 4, 2, 128, 2), (32, 4, 2, 96, 2),
+    # session 13's second visit: register caps (128, 168, 96) and 32-key prefix tiles were
+    # 10-50% slower than the default prefix settings with any suffix settings; now the suffix
+    prefix_settings = ((64, 4, 2, None, None),)  # keys, warps, stages, maxnreg, splits
+    suffix_settings = (  # keys, warps, stages, maxnreg
+        (64, 4, 2, None), (32, 2, 2, None), (32, 2, 3, None), (32, 2, 4, None), (32, 1, 2, None),
+        (32, 1, 3, None), (16, 1, 2, None), (16, 1, 3, None), (16, 2, 3, None), (64, 2, 2, None),
+        (64, 2, 3, None), (32, 2, 2, 64),
     )  # fmt: skip
-    suffix_settings = ((64, 4, 2, None), (32, 2, 2, None), (32, 4, 2, None), (64, 4, 3, None))
     results = []
     for pk, pw, ps, pr, sp in prefix_settings:
         for sk, sw, ss, sr in suffix_settings:
             ca.PREFIX_LAUNCH.update(block_n=pk, num_warps=pw, num_stages=ps, maxnreg=pr, splits=sp)
             ca.SUFFIX_LAUNCH.update(block_n=sk, num_warps=sw, num_stages=ss, maxnreg=sr)
-            label = f"prefix {pk}/{pw}/{ps} regs {pr} x{sp or 'auto'}, suffix {sk}/{sw}/{ss}"
+            label = (
+                f"prefix {pk}/{pw}/{ps} regs {pr} x{sp or 'auto'}, suffix {sk}/{sw}/{ss} regs {sr}"
+            )
             try:
                 ms, got = batch.time_cascade(prefix_block_m=64)
             except Exception as e:  # out of resources, say
@@ -323,6 +307,12 @@ def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
             err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
             results.append((ms, label, dict(ca.PREFIX_LAUNCH), dict(ca.SUFFIX_LAUNCH)))
             print(f"engine path, {label}: {ms:.4f} ms, rel. diff {err:.1e}", flush=True)
+    for sk, sw, ss, sr in suffix_settings[:2]:
+        ca.SUFFIX_LAUNCH.update(block_n=sk, num_warps=sw, num_stages=ss, maxnreg=sr)
+        da.HEAD_MAJOR = True
+        ms, _ = batch.time_cascade(prefix_block_m=64)
+        da.HEAD_MAJOR = False
+        print(f"engine path, suffix {sk}/{sw}/{ss}, head-major grid: {ms:.4f} ms", flush=True)
     ca.PREFIX_LAUNCH.update(saved[0])
     ca.SUFFIX_LAUNCH.update(saved[1])
     results.sort(key=lambda r: r[0])
