@@ -282,7 +282,7 @@ def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
     from nanovllm.kernels import cascade_attention as ca
     from nanovllm.kernels import decode_attention as da
 
-    suffix_launch = ca.SUFFIX_LAUNCH_FP8 if batch.k_cache.element_size() == 1 else ca.SUFFIX_LAUNCH
+    suffix_launch = ca.SUFFIX_LAUNCH
     saved = (dict(ca.PREFIX_LAUNCH), dict(suffix_launch))
     # session 13's second visit: register caps (128, 168, 96) and 32-key prefix tiles were
     # 10-50% slower than the default prefix settings with any suffix settings; now the suffix
@@ -971,9 +971,8 @@ def main() -> None:
         from nanovllm.kernels import cascade_attention as ca
 
         ca.PREFIX_LAUNCH.update(json.loads(args.prefix_launch or "{}"))
-        suffix_launch = ca.SUFFIX_LAUNCH_FP8 if args.kv_dtype == "fp8" else ca.SUFFIX_LAUNCH
-        suffix_launch.update(json.loads(args.suffix_launch or "{}"))
-        print(f"launch settings: prefix {ca.PREFIX_LAUNCH}, suffix {suffix_launch}")
+        ca.SUFFIX_LAUNCH.update(json.loads(args.suffix_launch or "{}"))
+        print(f"launch settings: prefix {ca.PREFIX_LAUNCH}, suffix {ca.SUFFIX_LAUNCH}")
     global DECODE_ONLY, BLOCK, KV_CACHE_DTYPE
     DECODE_ONLY = args.decode_only
     KV_CACHE_DTYPE = "fp8" if args.kv_dtype == "fp8" else "auto"

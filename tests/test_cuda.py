@@ -153,6 +153,34 @@ def test_every_sampling_setting_runs_ahead(tiny_model_dir: str) -> None:
             assert abs(a[t].logprob - b[t].logprob) < 1e-3 and a[t].rank == b[t].rank
 
 
+def test_no_step_runs_ahead_past_the_length_limit(tiny_model_dir: str) -> None:
+    """A batch that ends all at once by max_tokens launches no decode step past its last
+    token (max_tokens = M: one prefill step, M - 1 decode steps of which the first is launched
+    as usual and the other M - 2 ahead); rows that the pending token ends leave the launched
+    step, and the tokens equal those of a run without running ahead."""
+    prompts = prompts_of([5, 40, 17, 90], seed=6)
+    common = dict(dtype="float32", kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=512)
+    same = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    mixed = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (2, 9, 5, 9)]
+    with LLM(tiny_model_dir, device="cuda", **common) as llm:
+        llm.engine.stats.steps_ahead = 0
+        outs = llm.generate(prompts, same, use_tqdm=False)
+        assert llm.engine.stats.steps_ahead == 9 - 2
+        assert [len(o.outputs[0].token_ids) for o in outs] == [9] * 4
+        llm.engine.stats.steps_ahead = 0
+        got = llm.generate(prompts, mixed, use_tqdm=False)
+        assert llm.engine.stats.steps_ahead == 9 - 2
+    os.environ["NANOVLLM_RUN_AHEAD"] = "0"
+    try:
+        with LLM(tiny_model_dir, device="cuda", **common) as llm:
+            ref = llm.generate(prompts, mixed, use_tqdm=False)
+            assert llm.engine.stats.steps_ahead == 0
+    finally:
+        del os.environ["NANOVLLM_RUN_AHEAD"]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert [len(o.outputs[0].token_ids) for o in got] == [2, 9, 5, 9]
+
+
 def test_cuda_graphs_are_used(tiny_model_dir: str) -> None:
     with LLM(tiny_model_dir, device="cuda", dtype="float32", num_kvcache_blocks=64) as llm:
         graphs = llm.engine.runner.graphs

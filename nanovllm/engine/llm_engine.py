@@ -314,47 +314,54 @@ class LLMEngine:
         )
 
     def _step_ahead(self) -> tuple[list[Sequence], int]:
-        """Postprocess the pending decode step, launching the next one first when possible."""
+        """Postprocess the pending decode step, launching the next one first when possible.
+        Sequences that the pending token ends by length (max_tokens, max_model_len) are left
+        out of the launched step: no step is launched for a batch that ends all at once."""
         seqs, pending = self._ahead
         self._ahead = None
         launched = None
         unsampled = None  # structured output: the launched step's logits, sampled below
-        if self._can_run_ahead(seqs):
-            for seq in seqs:
+        rows = [i for i, seq in enumerate(seqs) if not self.scheduler.ends_by_length(seq, 1)]
+        ahead = seqs if len(rows) == len(seqs) else [seqs[i] for i in rows]
+        if ahead and self._can_run_ahead(ahead):
+            for seq in ahead:
                 self.block_manager.may_append(seq, lookahead=1)
             # The pending token of each sequence sits at position len(seq).
             plan = StepPlan(
                 is_prefill=False,
-                input_ids=[0] * len(seqs),
-                query_lens=[1] * len(seqs),
-                context_lens=[len(seq) for seq in seqs],
-                block_tables=[seq.block_table for seq in seqs],
-                sample_rows=list(range(len(seqs))),
+                input_ids=[0] * len(ahead),
+                query_lens=[1] * len(ahead),
+                context_lens=[len(seq) for seq in ahead],
+                block_tables=[seq.block_table for seq in ahead],
+                sample_rows=list(range(len(ahead))),
             )
             if self.runner.can_run_ahead(plan):
+                tokens = pending.tokens
+                if ahead is not seqs:
+                    tokens = tokens.index_select(0, to_device(rows, torch.int64, tokens.device))
                 if self.workers is None:
-                    logits = self.runner.execute(plan, device_input_ids=pending.tokens)
+                    logits = self.runner.execute(plan, device_input_ids=tokens)
                 else:
-                    logits = self._launch_on_all_ranks(plan, pending.tokens)
-                if any(seq.grammar is not None for seq in seqs):
+                    logits = self._launch_on_all_ranks(plan, tokens)
+                if any(seq.grammar is not None for seq in ahead):
                     unsampled = logits
                 else:
-                    launched = self._sample_async(seqs, logits)
+                    launched = self._sample_async(ahead, logits)
                 self.stats.steps_ahead += 1
         finished = self.scheduler.postprocess(seqs, self._tokens(pending))
         self.stats.sampled_tokens += len(seqs)
         if launched is not None or unsampled is not None:
             done = {seq.seq_id for seq in finished}
-            keep = [i for i, seq in enumerate(seqs) if seq.seq_id not in done]
-            survivors = [seqs[i] for i in keep]
+            keep = [i for i, seq in enumerate(ahead) if seq.seq_id not in done]
+            survivors = [ahead[i] for i in keep]
             for seq in survivors:  # the launched step computes their pending token
                 seq.num_scheduled_tokens = 1
             if survivors and unsampled is not None:  # the matchers have the pending tokens now
-                if len(keep) < len(seqs):
+                if len(keep) < len(ahead):
                     unsampled = unsampled[to_device(keep, torch.int64, unsampled.device)]
                 self._ahead = (survivors, self._sample_async(survivors, unsampled))
             elif survivors:
-                if len(keep) < len(seqs):
+                if len(keep) < len(ahead):
                     launched = launched.select(keep)
                 self._ahead = (survivors, launched)
         return finished, len(seqs)

@@ -239,6 +239,14 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def ends_by_length(self, seq: Sequence, new_tokens: int) -> bool:
+        """Whether `new_tokens` more tokens end seq by length whatever they are (the last
+        check of _stop_reason): the engine launches no step ahead for it."""
+        return (
+            seq.num_completion_tokens + new_tokens >= seq.sampling_params.max_tokens
+            or len(seq) + new_tokens >= self.max_model_len
+        )
+
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
         grammar_end = None
@@ -260,7 +268,7 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 seq.stop_token = token_id
                 return "stop"
-        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        if self.ends_by_length(seq, 0):
             return "length"
         return None
 

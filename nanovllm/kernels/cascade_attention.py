@@ -90,12 +90,11 @@ PREFILL_PREFIX_BLOCK_M = 128
 PREFIX_LAUNCH = {
     "block_n": None, "splits": None, "num_warps": 4, "num_stages": 2, "maxnreg": None,
 }  # fmt: skip
-# The suffix pass over a 16-bit cache: 32-key tiles of 2 warps (one H200, 512 x (1,984 shared +
-# 64..192 own keys), block size 64: 0.1091 against 0.1103 ms a layer with 64 / 4 warps, and
-# the whole shared-prefix run's decode 0.620-0.623 s against 0.639-0.646 s: BENCHMARKS.md,
-# session 13); over a float8 cache the call's tiles (see decode_attention.default_block_n).
+# The suffix pass: 32-key tiles of 2 warps. One H200, a layer of 512 x (1,984 shared + 64..192
+# own keys), block size 64: 0.1091 against 0.1103 ms with 64 keys / 4 warps (bf16), 0.1060
+# against 0.1125 (FP8); 64 groups of 8 (n = 8 sampling): 0.1490 against 0.1527; the whole
+# shared-prefix run's decode 0.620-0.627 s against 0.639-0.646 s (BENCHMARKS.md, session 13).
 SUFFIX_LAUNCH = {"block_n": 32, "num_warps": 2, "num_stages": 2, "maxnreg": None}
-SUFFIX_LAUNCH_FP8 = {"block_n": None, "num_warps": 4, "num_stages": 2, "maxnreg": None}
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_groups"])
@@ -440,7 +439,7 @@ def cascade_decode_attention(
 
     def suffix_pass() -> None:
         if merged:
-            launch = SUFFIX_LAUNCH_FP8 if k_cache.element_size() == 1 else SUFFIX_LAUNCH
+            launch = SUFFIX_LAUNCH
             launch_decode(
                 q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, scale, 1, out,
                 block_n=launch["block_n"] or block_n, num_warps=launch["num_warps"],
