@@ -3,6 +3,8 @@ rule's constants, and whole runs with the cascade path on and off (CUDA only).
 
     python3 scripts/bench_cascade.py kernel       # 512 x (2000 shared + 48..176 own), Qwen3-0.6B heads
     python3 scripts/bench_cascade.py kernel --layout n8   # 64 groups of 8 x (1000 shared + own)
+    python3 scripts/bench_cascade.py kernel --block-size 64 --configs   # launch settings of the
+                                                  # two passes side by side (best to $OUT)
     python3 scripts/bench_cascade.py sweep        # groups x size x shared blocks: plain vs cascade,
                                                   # and the cost model fitted to it
     python3 scripts/bench_cascade.py e2e          # 512 x (2000 shared + 48) -> 128, on and off
@@ -280,14 +282,13 @@ def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
     set, the best settings go to $OUT/best_launch.json (bench_cascade.py --prefix-launch,
     --suffix-launch take them)."""
     from nanovllm.kernels import cascade_attention as ca
-    from nanovllm.kernels import decode_attention as da
 
     suffix_launch = ca.SUFFIX_LAUNCH
     saved = (dict(ca.PREFIX_LAUNCH), dict(suffix_launch))
-    # session 13's second visit: register caps (128, 168, 96) and 32-key prefix tiles were
-    # 10-50% slower than the default prefix settings with any suffix settings; now the suffix
+    # Session 13 (BENCHMARKS.md): register caps (96, 128, 168), 32-key tiles and 2 splits for
+    # the prefix pass were 10-50% slower than its defaults with every suffix setting, so only
+    # the defaults stay here; of 12 suffix settings 32/2/2 was best (bf16, FP8, n = 8).
     prefix_settings = ((64, 4, 2, None, None),)  # keys, warps, stages, maxnreg, splits
-    # (third visit, bf16: 32/2/2 best, 0.1091 ms; 64/4/2 0.1103; the others 0.1145-0.1238)
     suffix_settings = (  # keys, warps, stages, maxnreg
         (64, 4, 2, None), (32, 2, 2, None), (128, 4, 2, None), (32, 1, 2, None), (64, 2, 2, None),
     )  # fmt: skip
@@ -307,12 +308,6 @@ def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
             err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
             results.append((ms, label, dict(ca.PREFIX_LAUNCH), dict(suffix_launch)))
             print(f"engine path, {label}: {ms:.4f} ms, rel. diff {err:.1e}", flush=True)
-    for sk, sw, ss, sr in suffix_settings[:2]:
-        suffix_launch.update(block_n=sk, num_warps=sw, num_stages=ss, maxnreg=sr)
-        da.HEAD_MAJOR = True
-        ms, _ = batch.time_cascade(prefix_block_m=64)
-        da.HEAD_MAJOR = False
-        print(f"engine path, suffix {sk}/{sw}/{ss}, head-major grid: {ms:.4f} ms", flush=True)
     ca.PREFIX_LAUNCH.update(saved[0])
     suffix_launch.update(saved[1])
     results.sort(key=lambda r: r[0])

@@ -439,12 +439,11 @@ def cascade_decode_attention(
 
     def suffix_pass() -> None:
         if merged:
-            launch = SUFFIX_LAUNCH
             launch_decode(
                 q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, scale, 1, out,
-                block_n=launch["block_n"] or block_n, num_warps=launch["num_warps"],
-                num_stages=launch["num_stages"], maxnreg=launch["maxnreg"], k_scale=k_scale,
-                v_scale=v_scale, merge=(part_out, part_lse, counters),
+                block_n=SUFFIX_LAUNCH["block_n"] or block_n, num_warps=SUFFIX_LAUNCH["num_warps"],
+                num_stages=SUFFIX_LAUNCH["num_stages"], maxnreg=SUFFIX_LAUNCH["maxnreg"],
+                k_scale=k_scale, v_scale=v_scale, merge=(part_out, part_lse, counters),
             )  # fmt: skip
         else:
             launch_decode(

@@ -58,10 +58,6 @@ from nanovllm.kernels.store_kv import kv_scales
 
 # The most splits per sequence: bounds the partial buffers and the combine kernel's width.
 MAX_SPLITS = 64
-# Grid order of the decode kernel: False (sequences, K/V heads, splits) or True (K/V heads,
-# sequences, splits), so that the programs running at once read whole token rows of the
-# cache. Module-level so that scripts/bench_cascade.py can compare them.
-HEAD_MAJOR = False
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_splits", "parts"])
@@ -106,17 +102,11 @@ def _decode_kernel(
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr,
 ):
-    if HEAD_MAJOR:  # grid (K/V heads, sequences, splits): a sequence's heads run side by side
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1)
-        num_heads = tl.num_programs(0) * GROUP
-    else:
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        num_heads = tl.num_programs(1) * GROUP
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
 
     seq_len = tl.load(seq_lens_ptr + seq)
     first = 0  # the first key this sequence attends to here (cascade: its suffix's)
@@ -441,8 +431,7 @@ def launch_decode(
         part_out, part_lse = partial
         parts = part_out.shape[2]
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
-    grid = (num_kv_heads, num_seqs) if HEAD_MAJOR else (num_seqs, num_kv_heads)
-    _decode_kernel[(*grid, num_splits)](
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -478,7 +467,6 @@ def launch_decode(
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
-        HEAD_MAJOR=HEAD_MAJOR,
         num_warps=num_warps,
         num_stages=num_stages,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),
