@@ -3,7 +3,8 @@
 # the cascade engine tests, the shared-prefix run twice and n = 8, bench.py.
 set -uo pipefail
 source scripts/visit_lib.sh  # step(), $OUT
-TAIL=4 step 200 tests python3 -m pytest -q -x tests/test_cuda.py tests/test_cascade.py -k "not multi"
+TAIL=4 step 200 tests python3 -m pytest -q tests/test_cuda.py
+TAIL=4 step 100 cascade_tests python3 -m pytest -q tests/test_cascade.py -k engine
 TAIL=8 step 150 e2e_a python3 scripts/bench_cascade.py e2e parallel --block-size 64
 TAIL=8 step 150 e2e_b python3 scripts/bench_cascade.py e2e --block-size 64
 TAIL=6 step 90 bench python3 bench.py
