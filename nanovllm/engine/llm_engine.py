@@ -292,9 +292,11 @@ class LLMEngine:
     # (postprocess) and plans the next one. Instead, when a decode step's tokens are left on the
     # device (step() above), the next call launches the following decode step of the same
     # sequences at once, its input ids taken from the device, and only then waits for the
-    # previous tokens and postprocesses them while the GPU works. A sequence that finishes in
-    # the waited-for step was computed one token too far; that token is dropped (its K/V went to
-    # the sequence's own next slot, freed with it). Running ahead needs: a CUDA-graph decode (with
+    # previous tokens and postprocesses them while the GPU works. A sequence that the pending
+    # token ends by length (max_tokens, max_model_len) is left out of the launched step; one
+    # that finishes otherwise (EOS, a stop string) was computed one token too far, and that
+    # token is dropped (its K/V went to the sequence's own next slot, freed with it). Running
+    # ahead needs: a CUDA-graph decode (with
     # tensor parallelism each rank's graph takes rank 0's ids by broadcast), the fused sampler,
     # no request waiting for a prefill (they go first), and a free block for every sequence that
     # may cross into a new one; otherwise the pending step is completed on its own and the next
