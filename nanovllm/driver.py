@@ -269,7 +269,10 @@ class RequestDriver:
 
     def _submit(self, req: Request) -> None:
         # (prepare validated the request when it was read: its prompt_bytes say so)
-        req.seqs = self.engine.add_request(req.prompt_token_ids, req.params, req.prompt_bytes)
+        # (prepare made the ids the request's own list: the sequences read it, see Sequence)
+        req.seqs = self.engine.add_request(
+            req.prompt_token_ids, req.params, req.prompt_bytes, owned=True
+        )
         req.prompt_bytes = None  # (the sequences hold them now)
         params = req.params
         if params.stop:

@@ -610,6 +610,36 @@ def test_engine_copies_of_token_ids_leave_the_collector(llm: LLM) -> None:
     assert inputs.copy_ids([]) == []
 
 
+def test_sequences_read_the_request_ids_until_their_first_token(llm: LLM) -> None:
+    """A request's own ids (owned=True) are read by its sequences until each one's first
+    generated token, then each has its own copy: the request's list never changes (n = 2);
+    without owned a sequence copies at once. Through generate: outputs keep the prompt."""
+    import gc
+
+    from nanovllm import inputs
+    from nanovllm.engine.llm_engine import request_sequences
+    from nanovllm.engine.sequence import Sequence
+
+    ids = [5, 6, 7]
+    seqs = request_sequences(ids, SamplingParams(n=2, temperature=1.0), 16, owned=True)
+    assert all(s.token_ids is ids for s in seqs)
+    seqs[0].append_token(9)
+    assert ids == [5, 6, 7] and seqs[0].token_ids == [5, 6, 7, 9] and seqs[1].token_ids is ids
+    seqs[1].append_token(8)
+    assert ids == [5, 6, 7] and seqs[1].token_ids == [5, 6, 7, 8]
+    assert seqs[0].completion_token_ids == [9] and seqs[1].num_prompt_tokens == 3
+    if inputs._c_ids() is not None:
+        assert not gc.is_tracked(seqs[0].token_ids)
+    alone = Sequence(ids)
+    assert alone.token_ids == ids and alone.token_ids is not ids
+    prompts = random_prompts([30, 45], seed=8)
+    kept = [list(p) for p in prompts]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=5, ignore_eos=True, seed=3)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == kept and prompts == kept
+    assert all(len(c.token_ids) == 5 for o in outs for c in o.outputs)
+
+
 def test_copy_ids_without_the_c_helper(monkeypatch: pytest.MonkeyPatch) -> None:
     from nanovllm import inputs
 

@@ -188,14 +188,21 @@ class DataParallelEngine:
             )
 
     def add_request(
-        self, token_ids: list[int], params: SamplingParams, prompt_bytes: bytes | None = None
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        prompt_bytes: bytes | None = None,
+        owned: bool = False,
     ) -> list[Sequence]:
-        """Validate and queue one request (`prompt_bytes`: as LLMEngine.add_request); returns
-        its params.n Sequences. The request goes to a replica, whole, at the next step()."""
+        """Validate and queue one request (`prompt_bytes`, `owned`: as LLMEngine.add_request);
+        returns its params.n Sequences. The request goes to a replica, whole, at the next
+        step()."""
         self._check_usable()
         if prompt_bytes is None:
             prompt_bytes = self.validate(token_ids, params)
-        group = request_sequences(token_ids, params, self.config.kvcache_block_size, prompt_bytes)
+        group = request_sequences(
+            token_ids, params, self.config.kvcache_block_size, prompt_bytes, owned
+        )
         self._waiting.append(group)
         return group
 

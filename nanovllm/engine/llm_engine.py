@@ -145,15 +145,22 @@ class LLMEngine:
         return prompt_bytes
 
     def add_request(
-        self, token_ids: list[int], params: SamplingParams, prompt_bytes: bytes | None = None
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        prompt_bytes: bytes | None = None,
+        owned: bool = False,
     ) -> list[Sequence]:
         """Validate and queue one request; returns its params.n Sequences (completion i is
         sampled with params.for_completion(i)). `prompt_bytes`: what validate() returned for
-        these ids, when the caller just validated them (they are not checked again)."""
+        these ids, when the caller just validated them (they are not checked again). `owned`:
+        token_ids is the engine's own list of exact ints, never changed (see Sequence)."""
         self._check_usable()
         if prompt_bytes is None:
             prompt_bytes = self.validate(token_ids, params)
-        seqs = request_sequences(token_ids, params, self.config.kvcache_block_size, prompt_bytes)
+        seqs = request_sequences(
+            token_ids, params, self.config.kvcache_block_size, prompt_bytes, owned
+        )
         self.attach_grammars(seqs)
         self.scheduler.add_group(seqs)
         return seqs
@@ -497,14 +504,16 @@ class LLMEngine:
 
 
 def request_sequences(
-    token_ids: list[int], params: SamplingParams, block_size: int, prompt_bytes: bytes | None = None
+    token_ids: list[int],
+    params: SamplingParams,
+    block_size: int,
+    prompt_bytes: bytes | None = None,
+    owned: bool = False,
 ) -> list[Sequence]:
     """The params.n Sequences of one request (completion i sampled with for_completion(i));
-    prompt_bytes: token_ids as int64 bytes, when the caller has them."""
+    prompt_bytes: token_ids as int64 bytes, when the caller has them; owned: see Sequence."""
     return [
-        Sequence(
-            token_ids, params.for_completion(i), block_size, index=i, prompt_bytes=prompt_bytes
-        )
+        Sequence(token_ids, params.for_completion(i), block_size, i, prompt_bytes, owned=owned)
         for i in range(params.n)
     ]
 

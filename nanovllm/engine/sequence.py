@@ -42,14 +42,24 @@ class Sequence:
         block_size: int = 256,
         index: int = 0,
         prompt_bytes: bytes | None = None,
+        owned: bool = False,
     ) -> None:
         if not token_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.seq_id = next(Sequence._ids)
         self.status = SequenceStatus.WAITING
-        # (the engine's own copy, out of the garbage collector's passes: inputs.copy_ids)
-        ids = copy_ids(token_ids)
-        self.token_ids = ids if ids is not None else list(token_ids)
+        # The sequence's own list of ids, out of the garbage collector's passes
+        # (inputs.copy_ids). `owned`: token_ids is the engine's own list of exact ints, which
+        # nothing changes (a request's prompt): it is read as it is until the first generated
+        # token, and copied then (append_token), in a step's postprocessing, which overlaps
+        # the device's work, not before the first step (a million ids for 512 prompts of
+        # 2,048 tokens).
+        self._shared = owned
+        if owned:
+            self.token_ids = token_ids
+        else:
+            ids = copy_ids(token_ids)
+            self.token_ids = ids if ids is not None else list(token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         # The prompt's ids as int64 bytes (what the prefix cache hashes and compares), converted
         # once: given by the caller that validated them, else on first use (BlockManager).
@@ -182,4 +192,7 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         """Add one generated token."""
+        if self._shared:  # (see __init__)
+            self.token_ids = copy_ids(self.token_ids) or list(self.token_ids)
+            self._shared = False
         self.token_ids.append(token_id)
