@@ -637,3 +637,27 @@ def test_random_requests_hypothesis(
         max_model_len=max_model_len,
         enable_prefix_caching=prefix_caching,
     )
+
+
+def test_rows_not_ending_agree_with_the_length_stop() -> None:
+    """rows_not_ending (which rows the engine runs a step ahead for) names exactly the
+    sequences whose next token, whatever it is, does not end them by max_tokens or
+    max_model_len: checked against postprocess on every step of runs that end both ways."""
+    h = Harness(num_blocks=64, max_model_len=40)
+    h.add(list(range(3, 13)), max_tokens=4, ignore_eos=True)  # ends by max_tokens
+    h.add(list(range(3, 33)), max_tokens=50, ignore_eos=True)  # by max_model_len (40)
+    h.add(list(range(3, 8)), max_tokens=1, ignore_eos=True)  # its first token ends it
+    h.add(list(range(3, 20)), max_tokens=6, ignore_eos=True)
+    checked = Counter()
+    while h.sched.running or h.sched.waiting:
+        decoding = [s for s in h.sched.running if s.num_completion_tokens > 0]
+        rows = h.sched.rows_not_ending(decoding)
+        step = h.step()
+        ended = {s.seq_id for s in step.finished}
+        for i, seq in enumerate(decoding):
+            if seq in step.seqs:
+                assert (i in rows) == (seq.seq_id not in ended), (seq.seq_id, i, rows)
+                checked[i in rows] += 1
+    assert checked[True] > 5 and checked[False] == 3  # three end in a decode step
+    assert [s.finish_reason for s in h.all_seqs] == ["length"] * 4
+    assert [s.num_completion_tokens for s in h.all_seqs] == [4, 10, 1, 6]

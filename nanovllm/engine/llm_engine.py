@@ -303,11 +303,10 @@ class LLMEngine:
     # token ends by length (max_tokens, max_model_len) is left out of the launched step; one
     # that finishes otherwise (EOS, a stop string) was computed one token too far, and that
     # token is dropped (its K/V went to the sequence's own next slot, freed with it). Running
-    # ahead needs: a CUDA-graph decode (with
-    # tensor parallelism each rank's graph takes rank 0's ids by broadcast), the fused sampler,
-    # no request waiting for a prefill (they go first), and a free block for every sequence that
-    # may cross into a new one; otherwise the pending step is completed on its own and the next
-    # call schedules as usual.
+    # ahead needs: a CUDA-graph decode (with tensor parallelism each rank's graph takes rank
+    # 0's ids by broadcast), the fused sampler, no request waiting for a prefill (they go
+    # first), and a free block for every sequence that may cross into a new one; otherwise the
+    # pending step is completed on its own and the next call schedules as usual.
     # Structured output: a grammar's mask for the launched step needs the pending tokens, so
     # with constrained sequences in the batch the launched step is sampled only after the
     # pending one is postprocessed (its tokens accepted by the matchers): forward n+1 runs while
@@ -330,7 +329,7 @@ class LLMEngine:
         self._ahead = None
         launched = None
         unsampled = None  # structured output: the launched step's logits, sampled below
-        rows = [i for i, seq in enumerate(seqs) if not self.scheduler.ends_by_length(seq, 1)]
+        rows = self.scheduler.rows_not_ending(seqs)
         ahead = seqs if len(rows) == len(seqs) else [seqs[i] for i in rows]
         if ahead and self._can_run_ahead(ahead):
             for seq in ahead:

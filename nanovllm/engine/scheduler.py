@@ -239,13 +239,17 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
-    def ends_by_length(self, seq: Sequence, new_tokens: int) -> bool:
-        """Whether `new_tokens` more tokens end seq by length whatever they are (the last
-        check of _stop_reason): the engine launches no step ahead for it."""
-        return (
-            seq.num_completion_tokens + new_tokens >= seq.sampling_params.max_tokens
-            or len(seq) + new_tokens >= self.max_model_len
-        )
+    def rows_not_ending(self, seqs: list[Sequence]) -> list[int]:
+        """The rows of seqs that one more token does not end by length whatever it is (the
+        last check of _stop_reason): the engine launches a step ahead only for these. (Inline:
+        it runs for every sequence at every step ahead.)"""
+        limit = self.max_model_len - 1
+        return [
+            i
+            for i, s in enumerate(seqs)
+            if len(s.token_ids) - s.num_prompt_tokens < s.sampling_params.max_tokens - 1
+            and len(s.token_ids) < limit
+        ]
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
@@ -268,8 +272,8 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 seq.stop_token = token_id
                 return "stop"
-        if self.ends_by_length(seq, 0):
-            return "length"
+        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            return "length"  # (rows_not_ending says in advance)
         return None
 
 
