@@ -235,81 +235,35 @@ def kernel(args: argparse.Namespace) -> None:
         print(line)
 
 
-def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
-    """kernel --tiles: the prefix pass's tile rows / keys / warps / stages, then the suffix
-    pass's keys / warps / stages (the one-split path, where the last part merges),
-    each against the engine's defaults (kernels/cascade_attention.py PREFIX_LAUNCH,
-    SUFFIX_LAUNCH); every result checked against the plain kernel's."""
+def launch_sweep(
+    batch: Batch, plain_ms: float, ref: torch.Tensor, cases: list[tuple[str, int, dict, dict]]
+) -> None:
+    """Time the engine's path (both passes side by side, the last part merging) for each case
+    (label, prefix tile rows, PREFIX_LAUNCH update, SUFFIX_LAUNCH update; see
+    kernels/cascade_attention.py), each result checked against the plain kernel's; then the
+    best five, and with $OUT set the best settings to $OUT/best_launch.json (this script's
+    --prefix-launch and --suffix-launch take them). The defaults are restored after."""
     from nanovllm.kernels import cascade_attention as ca
 
     saved = (dict(ca.PREFIX_LAUNCH), dict(ca.SUFFIX_LAUNCH))
-
-    def run(label: str, **kw: int) -> None:
-        result = batch.time_cascade(**kw)
+    results = []
+    for label, rows, prefix, suffix in cases:
+        ca.PREFIX_LAUNCH.update(saved[0], **prefix)
+        ca.SUFFIX_LAUNCH.update(saved[1], **suffix)
+        try:
+            result = batch.time_cascade(prefix_block_m=rows)
+        except Exception as e:  # out of shared memory, say
+            print(f"{label}: {e!r:.120}")
+            continue
         if result is None:
             print(f"{label}: no group")
-            return
+            continue
         ms, out = result
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        print(f"{label}: {ms:.4f} ms ({plain_ms / ms:.2f}x plain), rel. diff {err:.1e}")
-
-    run(f"defaults {saved}")
-    for block_m in (64, 128):
-        for block_n in (32, 64, 128):
-            for warps, stages in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3)):
-                ca.PREFIX_LAUNCH.update(num_warps=warps, num_stages=stages)
-                ca.SUFFIX_LAUNCH.update(block_n=64)
-                try:
-                    run(
-                        f"prefix rows {block_m} keys {block_n} warps {warps} stages {stages}",
-                        prefix_block_m=block_m,
-                        block_n=block_n,
-                    )
-                except Exception as e:  # out of shared memory, say
-                    print(f"prefix rows {block_m} keys {block_n} {warps}/{stages}: {e!r:.120}")
+        results.append((ms, label, dict(ca.PREFIX_LAUNCH), dict(ca.SUFFIX_LAUNCH)))
+        print(f"{label}: {ms:.4f} ms ({plain_ms / ms:.2f}x plain), rel. diff {err:.1e}", flush=True)
     ca.PREFIX_LAUNCH.update(saved[0])
-    for block_n in (32, 64, 128):
-        for warps, stages in ((2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (8, 2)):
-            ca.SUFFIX_LAUNCH.update(block_n=block_n, num_warps=warps, num_stages=stages)
-            run(f"suffix keys {block_n} warps {warps} stages {stages}")
     ca.SUFFIX_LAUNCH.update(saved[1])
-
-
-def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
-    """kernel --configs: the engine's path (both passes side by side, the last part merging)
-    at prefix settings (keys, warps, stages, register cap, splits) x suffix settings (keys,
-    warps, stages, register cap); every result checked against the plain kernel's. With $OUT
-    set, the best settings go to $OUT/best_launch.json (bench_cascade.py --prefix-launch,
-    --suffix-launch take them)."""
-    from nanovllm.kernels import cascade_attention as ca
-
-    suffix_launch = ca.SUFFIX_LAUNCH
-    saved = (dict(ca.PREFIX_LAUNCH), dict(suffix_launch))
-    # Session 13 (BENCHMARKS.md): register caps (96, 128, 168), 32-key tiles and 2 splits for
-    # the prefix pass were 10-50% slower than its defaults with every suffix setting, so only
-    # the defaults stay here; of 12 suffix settings 32/2/2 was best (bf16, FP8, n = 8).
-    prefix_settings = ((64, 4, 2, None, None),)  # keys, warps, stages, maxnreg, splits
-    suffix_settings = (  # keys, warps, stages, maxnreg
-        (64, 4, 2, None), (32, 2, 2, None), (128, 4, 2, None), (32, 1, 2, None), (64, 2, 2, None),
-    )  # fmt: skip
-    results = []
-    for pk, pw, ps, pr, sp in prefix_settings:
-        for sk, sw, ss, sr in suffix_settings:
-            ca.PREFIX_LAUNCH.update(block_n=pk, num_warps=pw, num_stages=ps, maxnreg=pr, splits=sp)
-            suffix_launch.update(block_n=sk, num_warps=sw, num_stages=ss, maxnreg=sr)
-            label = (
-                f"prefix {pk}/{pw}/{ps} regs {pr} x{sp or 'auto'}, suffix {sk}/{sw}/{ss} regs {sr}"
-            )
-            try:
-                ms, got = batch.time_cascade(prefix_block_m=64)
-            except Exception as e:  # out of resources, say
-                print(f"engine path, {label}: {e!r:.100}")
-                continue
-            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-            results.append((ms, label, dict(ca.PREFIX_LAUNCH), dict(suffix_launch)))
-            print(f"engine path, {label}: {ms:.4f} ms, rel. diff {err:.1e}", flush=True)
-    ca.PREFIX_LAUNCH.update(saved[0])
-    suffix_launch.update(saved[1])
     results.sort(key=lambda r: r[0])
     print("best five:")
     for ms, label, _, _ in results[:5]:
@@ -319,6 +273,37 @@ def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
 
         with open(os.path.join(os.environ["OUT"], "best_launch.json"), "w") as f:
             json.dump({"prefix": results[0][2], "suffix": results[0][3]}, f)
+
+
+def tiles(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
+    """kernel --tiles: the prefix pass's tile rows / keys / warps / stages (the suffix pass at
+    64 keys), then the suffix pass's keys / warps / stages (launch_sweep)."""
+    cases = [("defaults", 64, {}, {})]
+    for rows in (64, 128):
+        for keys in (32, 64, 128):
+            for warps, stages in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3)):
+                prefix = dict(block_n=keys, num_warps=warps, num_stages=stages)
+                label = f"prefix rows {rows} keys {keys} warps {warps} stages {stages}"
+                cases.append((label, rows, prefix, dict(block_n=64)))
+    for keys in (32, 64, 128):
+        for warps, stages in ((2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (8, 2)):
+            suffix = dict(block_n=keys, num_warps=warps, num_stages=stages)
+            cases.append((f"suffix keys {keys} warps {warps} stages {stages}", 64, {}, suffix))
+    launch_sweep(batch, plain_ms, ref, cases)
+
+
+def configs(batch: Batch, plain_ms: float, ref: torch.Tensor) -> None:
+    """kernel --configs: the suffix pass's keys / warps / stages / register cap beside the
+    default prefix pass (launch_sweep). Session 13 (BENCHMARKS.md): register caps (96, 128,
+    168), 32-key tiles and 2 splits for the prefix pass were 10-50% slower than its defaults
+    with every suffix setting; of 12 suffix settings 32/2/2 was best (bf16, FP8, n = 8)."""
+    cases = []
+    for keys, warps, stages, maxnreg in (
+        (64, 4, 2, None), (32, 2, 2, None), (128, 4, 2, None), (32, 1, 2, None), (64, 2, 2, None),
+    ):  # fmt: skip
+        suffix = dict(block_n=keys, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+        cases.append((f"suffix {keys}/{warps}/{stages} regs {maxnreg}", 64, {}, suffix))
+    launch_sweep(batch, plain_ms, ref, cases)
 
 
 def sweep(args: argparse.Namespace) -> None:
