@@ -6,13 +6,14 @@ carries a `weight_loader(param, loaded, shard_id)` that copies this rank's slice
 tensor. `loaded` is a torch tensor or a safetensors slice, so a rank reads only its slice.
 """
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.kernels import cpu
+from nanovllm.kernels import HAS_TRITON, cpu
 from nanovllm.utils.dist import current_group, tp_rank, tp_size
 
 
@@ -43,6 +44,27 @@ def check_full_shape(loaded: Any, expected: tuple[int, ...]) -> None:
         raise ValueError(f"expected shape {tuple(expected)}, got {loaded_shape(loaded)}")
 
 
+# The decode products on the Triton skinny kernel (kernels/skinny_gemm.py); 0 = cuBLAS always.
+SKINNY_GEMM = os.environ.get("NANOVLLM_SKINNY_GEMM", "1") != "0"
+SKINNY_MAX_ROWS = 256  # kernels.skinny_gemm.MAX_ROWS (not imported: no Triton on CPU and MPS)
+
+
+def use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True for a product of at most SKINNY_MAX_ROWS rows of 16-bit activations on CUDA:
+    the decode steps' products (the skinny kernel: float32 would be TF32 on its tensor cores)."""
+    return (
+        SKINNY_GEMM
+        and x.is_cuda
+        and HAS_TRITON
+        and x.dim() == 2
+        and 0 < x.shape[0] <= SKINNY_MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+    )
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -50,9 +72,14 @@ def linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x W^T (+ bias): oneDNN's pre-packed product for float32 on a CPU when the weight has been
-    packed (`packed`, from kernels.cpu.pack_linear_weights), else F.linear."""
+    packed (`packed`, from kernels.cpu.pack_linear_weights); the skinny Triton kernel for a few
+    rows on CUDA (`use_skinny`); else F.linear."""
     if packed is not None and x.dim() == 2 and x.dtype == torch.float32:
         return cpu.packed_linear(x, packed, bias)
+    if use_skinny(x, weight):
+        from nanovllm.kernels.skinny_gemm import skinny_linear
+
+        return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -129,6 +156,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         n = full // self.tp_size
         offset = sum(self.out_sizes[:shard_id]) // self.tp_size
         copy_checked(param.data.narrow(0, offset, n), read_slice(loaded, 0, self.tp_rank * n, n))
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(x gate^T) * (x up^T) in one skinny kernel for a weight of two equal parts (gate,
+        up) when `use_skinny` holds for x, else None (the caller multiplies and activates)."""
+        if len(self.out_sizes) != 2 or self.out_sizes[0] != self.out_sizes[1]:
+            return None
+        if not use_skinny(x, self.weight):
+            return None
+        from nanovllm.kernels.skinny_gemm import skinny_linear
+
+        # [num_tokens, in_features] -> [num_tokens, out_sizes[0] / tp]
+        return skinny_linear(x, self.weight, self.bias, gated=True)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
