@@ -42,7 +42,9 @@ if CUDA:  # the engine's products at decode sizes, and the most rows one call ta
     ]
 
 
-def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gated: bool) -> torch.Tensor:
+def reference(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gated: bool
+) -> torch.Tensor:
     """F.linear in float64, rounded to x's dtype; gated: silu(gate) * up rounded as the
     engine's F.linear + silu_and_mul (gate, up, then silu rounded to the dtype)."""
     y = F.linear(x.double(), w.double(), None if b is None else b.double())
@@ -94,8 +96,8 @@ def test_skinny_linear_refuses_bad_shapes() -> None:
 
 
 def test_the_layers_take_the_skinny_kernel_only_for_16_bit_rows_on_cuda() -> None:
-    from nanovllm.layers.linear import SKINNY_MAX_ROWS, use_skinny
     from nanovllm.kernels.skinny_gemm import MAX_ROWS
+    from nanovllm.layers.linear import SKINNY_MAX_ROWS, use_skinny
 
     assert SKINNY_MAX_ROWS == MAX_ROWS
     w16 = torch.randn(64, 32, dtype=torch.float16)
