@@ -99,7 +99,7 @@ def test_the_layers_take_the_skinny_kernel_only_for_16_bit_rows_on_cuda() -> Non
     from nanovllm.kernels.skinny_gemm import MAX_ROWS
     from nanovllm.layers.linear import SKINNY_MAX_ROWS, use_skinny
 
-    assert SKINNY_MAX_ROWS == MAX_ROWS
+    assert 0 < SKINNY_MAX_ROWS <= MAX_ROWS
     w16 = torch.randn(64, 32, dtype=torch.float16)
     # never on a CPU (the interpreter runs only when a test calls the kernel itself)
     assert not use_skinny(torch.randn(4, 32, dtype=torch.float16), w16)
@@ -107,7 +107,9 @@ def test_the_layers_take_the_skinny_kernel_only_for_16_bit_rows_on_cuda() -> Non
         w = w16.cuda()
         assert use_skinny(torch.randn(4, 32, device="cuda", dtype=torch.float16), w)
         assert not use_skinny(torch.randn(4, 32, device="cuda"), w.float())  # TF32, not float32
-        assert not use_skinny(torch.randn(MAX_ROWS + 1, 32, device="cuda", dtype=torch.float16), w)
+        assert use_skinny(torch.randn(SKINNY_MAX_ROWS, 32, device="cuda", dtype=torch.float16), w)
+        big = torch.randn(SKINNY_MAX_ROWS + 1, 32, device="cuda", dtype=torch.float16)
+        assert not use_skinny(big, w)
         assert not use_skinny(torch.randn(0, 32, device="cuda", dtype=torch.float16), w)
 
 

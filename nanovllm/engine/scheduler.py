@@ -39,6 +39,7 @@ max_model_len fits in the cache: with nothing running every block is free.
 """
 
 import logging
+import os
 from collections import deque
 
 from nanovllm.engine.block_manager import BlockManager
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 # A step computes the logits of at most this many prompt positions (prompt_logprobs): 1024 rows
 # of a 151,936-token vocabulary are 0.6 GB in float32 (and log_softmax makes one more copy).
 PROMPT_LOGPROB_ROWS = 1024
+
+# A decode step's sequences longest first (measurement knob, NANOVLLM_DECODE_ORDER=length).
+DECODE_LONGEST_FIRST = os.environ.get("NANOVLLM_DECODE_ORDER", "arrival") == "length"
 
 
 class Scheduler:
@@ -175,6 +179,8 @@ class Scheduler:
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
         self.running.extendleft(reversed(scheduled))
+        if DECODE_LONGEST_FIRST:
+            scheduled.sort(key=len, reverse=True)
         return scheduled
 
     def take_released(self) -> list[int]:

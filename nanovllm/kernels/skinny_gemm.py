@@ -32,6 +32,9 @@ import triton.language as tl
 # Most rows one call takes (the tensor core's widest tile); more rows go to cuBLAS.
 MAX_ROWS = 256
 
+# Shared memory the default launch's pipeline stages may take (an H100 / H200 SM has 227 KiB).
+SHARED_BYTES = 160 * 1024
+
 # Per device: a zeroed int32 counter per output tile; every product leaves them zero again.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _COUNTER_SLOTS = 1 << 14
@@ -144,14 +147,29 @@ Config = tuple[int, int, int, int, int]
 
 
 def default_config(m: int, n: int, k: int, gated: bool) -> Config:
-    """A launch for an [m, k] x [k, n] product: 64-column tiles, K split until the programs
-    about cover the SMs (at least 256 of K to a program), 4 warps, 4 stages."""
-    block_n, block_k = 64, 128
+    """A launch for an [m, k] x [k, n] product (the best or near-best of the sweep at 16 rows on
+    one H200, BENCHMARKS.md issue 24): 64-column tiles; with 64 tiles or more, a gated tile
+    counting twice (qkv, gate_up), no split, 128 of K a step, 4 stages; with fewer (o, down: 16 tiles) K split up to 8 ways
+    while the programs stay <= 128 and each keeps >= 256 of K, 256 of K a step, 3 stages."""
+    block_n = 64
     tiles = triton.cdiv(n, block_n)
     splits = 1
-    while tiles * splits * 2 <= 160 and k // (splits * 2) >= 256:
-        splits *= 2
-    return block_n, block_k, splits, 4, 4
+    if tiles * (2 if gated else 1) >= 64:  # a gated tile reads gate and up rows
+        block_k, stages = 128, 4
+    else:
+        block_k, stages = 256, 3
+        while splits < 8 and tiles * splits * 2 <= 128 and k // (splits * 2) >= 256:
+            splits *= 2
+    # more rows: shorter K steps, then fewer stages, until the stages fit in shared memory
+    block_m = max(16, triton.next_power_of_2(m))
+    while (block_n * (2 if gated else 1) + block_m) * block_k * 2 * stages > SHARED_BYTES:
+        if block_k > 64:
+            block_k //= 2
+        elif stages > 2:
+            stages -= 1
+        else:
+            break
+    return block_n, block_k, splits, 4, stages
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:

@@ -44,9 +44,12 @@ def check_full_shape(loaded: Any, expected: tuple[int, ...]) -> None:
         raise ValueError(f"expected shape {tuple(expected)}, got {loaded_shape(loaded)}")
 
 
-# The decode products on the Triton skinny kernel (kernels/skinny_gemm.py); 0 = cuBLAS always.
+# Products of at most SKINNY_MAX_ROWS rows run on the Triton skinny kernel
+# (kernels/skinny_gemm.py), others on cuBLAS; NANOVLLM_SKINNY_GEMM=0: cuBLAS always. One H200,
+# 28 layers of Qwen3-0.6B's four products (`scripts/bench_gemm.py --triton`, BENCHMARKS.md issue
+# 24): 0.86x cuBLAS's time at 16 rows (SiLU-mul folded in), 1.02x at 64, 1.2-1.6x at 128-256.
 SKINNY_GEMM = os.environ.get("NANOVLLM_SKINNY_GEMM", "1") != "0"
-SKINNY_MAX_ROWS = 256  # kernels.skinny_gemm.MAX_ROWS (not imported: no Triton on CPU and MPS)
+SKINNY_MAX_ROWS = 32
 
 
 def use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -1,0 +1,103 @@
+"""Does the order of a decode batch change the attention kernel's time? (CUDA only)
+
+    python3 scripts/bench_decode_order.py [--kv-dtype bf16,fp8] [--every 64]
+
+The decode kernel runs one program per (sequence, K/V head), sequences fastest in the grid, so
+the batch order is the order in which programs reach the SMs. With bench.py's lengths (100 to
+2,048 keys in one batch) a long program that starts last runs on alone while the other SMs
+idle. This replays bench.py's standard workload's decode batches (every `--every`-th step: the
+live sequences at that step with their lengths, in the engine's order, i.e. request order) and
+times the kernel, with the engine's launch config, on the batch as the engine orders it, and
+on the same batch longest first and shortest first. The sum over the sampled steps, times
+`--every`, estimates the run's attention time for each order (one layer; x 28 for the model).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_sweep import BLOCK_SIZE, KV_HEADS, make_inputs  # noqa: E402
+
+from nanovllm.kernels.decode_attention import decode_attention  # noqa: E402
+from nanovllm.kernels.decode_config import DecodeConfig, choose_decode_config  # noqa: E402
+from nanovllm.utils.benchmark import standard_workload  # noqa: E402
+
+
+def time_order(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cfg: DecodeConfig,
+    order: torch.Tensor,
+) -> float:
+    """Median ms of the decode kernel on the batch's rows taken in `order`."""
+    q, tables, seq_lens = q[order].contiguous(), tables[order].contiguous(), seq_lens[order]
+    out = torch.empty_like(q)
+
+    def run() -> None:
+        decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            tables,
+            seq_lens,
+            0.088,
+            cfg.num_splits,
+            out,
+            block_n=cfg.block_n,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+
+    return triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kv-dtype", default="bf16,fp8")
+    parser.add_argument("--every", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    args = parser.parse_args()
+    work = standard_workload()
+    prompt_lens = [len(p) for p in work.prompts]
+    device = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}: {sms} SMs, block size {BLOCK_SIZE}")
+    for kv in args.kv_dtype.split(","):
+        totals = {"engine": 0.0, "longest first": 0.0, "shortest first": 0.0}
+        print(f"{kv}: step | seqs | engine order ms | longest first | shortest first")
+        for step in range(0, max(work.output_lens), args.every):
+            lens = [
+                p + step for p, n in zip(prompt_lens, work.output_lens, strict=True) if n > step
+            ]
+            q, k_cache, v_cache, tables, seq_lens = make_inputs(lens, kv, device)
+            cfg = choose_decode_config(
+                len(lens), KV_HEADS, args.max_model_len, k_cache.dtype, BLOCK_SIZE, sms
+            )
+            orders = {
+                "engine": torch.arange(len(lens), device=device),
+                "longest first": torch.argsort(seq_lens, descending=True, stable=True),
+                "shortest first": torch.argsort(seq_lens, stable=True),
+            }
+            row = []
+            for name, order in orders.items():
+                ms = time_order(q, k_cache, v_cache, tables, seq_lens, cfg, order)
+                totals[name] += ms * args.every
+                row.append(ms)
+            print(f"{step} | {len(lens)} | " + " | ".join(f"{ms:.4f}" for ms in row))
+        base = totals["engine"]
+        print(
+            f"{kv}: one layer over the run (estimate): "
+            + ", ".join(f"{k} {v / 1e3:.4f} s ({v / base:.3f}x)" for k, v in totals.items())
+            + f"; x 28 layers: engine {base * 28 / 1e3:.3f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
