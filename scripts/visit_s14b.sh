@@ -11,4 +11,5 @@ NANOVLLM_DECODE_ORDER=length TAIL=4 step 90 bench_fp8_length python3 bench.py --
 TAIL=4 step 90 bench_fp8_arrival python3 bench.py --kv-cache-dtype fp8
 TAIL=30 step 200 sweep python3 scripts/bench_gemm.py --rows 1,8,32 --triton --out "$OUT/skinny_best.json"
 TAIL=4 step 120 skinny_tests python3 -m pytest -q tests/test_skinny_gemm.py
+TAIL=6 step 150 cuda_tests python3 -m pytest -q tests/test_cuda.py
 echo "=== done ($(date +%T))"

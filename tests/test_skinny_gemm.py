@@ -38,7 +38,7 @@ if CUDA:  # the engine's products at decode sizes, and the most rows one call ta
         (48, 1024, 2048, None),
         (256, 1024, 3072, None),
         (256, 6144, 1024, (128, 64, 2, 8, 3)),
-        (100, 1024, 2048, (64, 128, 16, 4, 4)),
+        (100, 1024, 2048, (64, 128, 16, 4, 2)),
     ]
 
 
