@@ -10,6 +10,10 @@ live sequences at that step with their lengths, in the engine's order, i.e. requ
 times the kernel, with the engine's launch config, on the batch as the engine orders it, and
 on the same batch longest first and shortest first. The sum over the sampled steps, times
 `--every`, estimates the run's attention time for each order (one layer; x 28 for the model).
+
+--configs: instead, on the batch longest first, time launch configs (block_n / warps / stages
+x 1 or 2 splits) at every sampled step against the engine's choice: per step the best, and per
+config the run's estimate.
 """
 
 import argparse
@@ -58,14 +62,75 @@ def time_order(
     return triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
 
 
+CONFIGS = {  # (block_n, num_warps, num_stages)
+    "bf16": [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (32, 4, 3), (64, 8, 2), (128, 8, 2)],
+    "fp8": [
+        (128, 4, 2),
+        (128, 4, 3),
+        (64, 4, 2),
+        (64, 4, 3),
+        (64, 4, 4),
+        (128, 8, 2),
+        (128, 8, 3),
+        (256, 8, 2),
+    ],
+}
+
+
+def sweep_configs(kv: str, steps: list[tuple[int, list[int]]], every: int, max_len: int) -> None:
+    """Launch configs on bench.py's batches (longest first) against the engine's choice."""
+    device = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    totals: dict[tuple, float] = {}
+    engine_total = best_total = 0.0
+    print(f"{kv}: step | seqs | engine config ms | best config ms")
+    for step, lens in steps:
+        lens = sorted(lens, reverse=True)
+        q, k_cache, v_cache, tables, seq_lens = make_inputs(lens, kv, device)
+        order = torch.arange(len(lens), device=device)
+        engine = choose_decode_config(len(lens), KV_HEADS, max_len, k_cache.dtype, BLOCK_SIZE, sms)
+        engine_ms = time_order(q, k_cache, v_cache, tables, seq_lens, engine, order)
+        best = (engine_ms, engine)
+        for block_n, warps, stages in CONFIGS[kv]:
+            for splits in (1, 2):
+                cfg = DecodeConfig(block_n, warps, stages, splits)
+                ms = time_order(q, k_cache, v_cache, tables, seq_lens, cfg, order)
+                totals[cfg] = totals.get(cfg, 0.0) + ms * every
+                if ms < best[0]:
+                    best = (ms, cfg)
+        engine_total += engine_ms * every
+        best_total += best[0] * every
+        print(
+            f"{step} | {len(lens)} | {tuple(engine)} {engine_ms:.4f} | {tuple(best[1])} {best[0]:.4f}"
+        )
+    print(
+        f"{kv}: one layer over the run: engine configs {engine_total / 1e3:.4f} s, best per step "
+        f"{best_total / 1e3:.4f} s ({best_total / engine_total:.3f}x); fixed configs:"
+    )
+    for cfg, total in sorted(totals.items(), key=lambda kv_: kv_[1])[:6]:
+        print(f"  {tuple(cfg)} {total / 1e3:.4f} s ({total / engine_total:.3f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kv-dtype", default="bf16,fp8")
     parser.add_argument("--every", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--configs", action="store_true", help="sweep launch configs instead")
     args = parser.parse_args()
     work = standard_workload()
     prompt_lens = [len(p) for p in work.prompts]
+    if args.configs:
+        steps = [
+            (
+                step,
+                [p + step for p, n in zip(prompt_lens, work.output_lens, strict=True) if n > step],
+            )
+            for step in range(0, max(work.output_lens), args.every)
+        ]
+        for kv in args.kv_dtype.split(","):
+            sweep_configs(kv, steps, args.every, args.max_model_len)
+        return
     device = torch.device("cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: {sms} SMs, block size {BLOCK_SIZE}")

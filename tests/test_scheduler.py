@@ -186,7 +186,7 @@ def test_prefill_has_priority_over_decode(harness: Harness) -> None:
     assert step.is_prefill and step.seqs == [b]
     assert a.num_completion_tokens == 1  # a waited
     step = h.step()
-    assert not step.is_prefill and step.seqs == [a, b]
+    assert not step.is_prefill and step.seqs == [b, a]  # longest first
     assert (a.num_completion_tokens, b.num_completion_tokens) == (2, 2)
 
 
@@ -198,9 +198,28 @@ def test_decode_schedules_every_running_sequence_once(harness: Harness) -> None:
     for _ in range(4):
         step = h.step()
         assert not step.is_prefill
-        assert step.seqs == seqs
+        assert step.seqs == seqs[::-1]  # longest first (the prompts grow with k)
         assert step.num_tokens == [1] * 5
     assert all(s.num_completion_tokens == 5 for s in seqs)
+
+
+def test_decode_batch_is_longest_first_and_running_keeps_admission_order() -> None:
+    h = Harness(num_blocks=128, max_num_seqs=8)
+    lens = [7, 30, 3, 30, 18, 1, 25]
+    seqs = [h.add(prompt(n, 100 * k), max_tokens=20 + k) for k, n in enumerate(lens)]
+    h.step()  # prefill
+    while not h.sched.is_finished():
+        step = h.step()
+        assert not step.is_prefill
+        got = [len(s) for s in step.seqs]
+        assert got == sorted(got, reverse=True)
+        # ties keep admission order (a stable sort); running is untouched by the sort
+        assert step.seqs == sorted(step.seqs, key=lambda s: (-len(s), seqs.index(s)))
+        alive = [s for s in seqs if not s.is_finished]
+        assert list(h.sched.running) == alive
+    for k, s in enumerate(seqs):
+        assert s.completion_token_ids == expected_completion(s, 20 + k)
+    h.assert_drained()
 
 
 def test_decode_limited_by_token_budget() -> None:

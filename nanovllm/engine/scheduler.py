@@ -19,6 +19,7 @@ The algorithm, one call of `schedule()` at a time:
    new token crosses a block boundary needs a block; if none is free, the most recently admitted
    running sequence is preempted (its blocks freed, it goes back to the front of the waiting
    queue and is recomputed later, usually hitting its own cached blocks), possibly itself.
+   The step's batch is ordered longest sequence first (the attention kernel's load balance).
 
 `postprocess()` then records what was computed, registers full blocks in the prefix cache
 (`mark_computed`), appends sampled tokens and finishes sequences on stop strings / EOS / stop
@@ -51,8 +52,9 @@ logger = logging.getLogger(__name__)
 # of a 151,936-token vocabulary are 0.6 GB in float32 (and log_softmax makes one more copy).
 PROMPT_LOGPROB_ROWS = 1024
 
-# A decode step's sequences longest first (measurement knob, NANOVLLM_DECODE_ORDER=length).
-DECODE_LONGEST_FIRST = os.environ.get("NANOVLLM_DECODE_ORDER", "arrival") == "length"
+# A decode step's sequences longest first (NANOVLLM_DECODE_ORDER=arrival: as they run), see
+# _schedule_decode.
+DECODE_LONGEST_FIRST = os.environ.get("NANOVLLM_DECODE_ORDER", "length") != "arrival"
 
 
 class Scheduler:
@@ -180,6 +182,11 @@ class Scheduler:
                 scheduled.append(seq)
         self.running.extendleft(reversed(scheduled))
         if DECODE_LONGEST_FIRST:
+            # The decode attention kernel's programs reach the SMs in batch order; longest
+            # first, no long sequence starts last and runs on alone while the SMs idle (one
+            # H200, bench.py's batches: the kernel 2.2-2.7% faster, BENCHMARKS.md issue 24).
+            # Only the step's list is sorted: `running` keeps admission order for preemption.
+            # Steps run ahead keep this order (all lengths grow by one; finished rows leave).
             scheduled.sort(key=len, reverse=True)
         return scheduled
 
