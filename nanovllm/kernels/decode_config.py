@@ -64,9 +64,15 @@ class DecodeConfig(NamedTuple):
 # 0.0259 against 0.0252 ms at 8 x 1k-2k, 0.0642 against 0.0577 at 8 x 8192), with 3 stages
 # and 3 waves at L <= 0.5 (128 / 4 / 3 was the best config, or within 2% of it, at batch 4-8
 # and 8 x 8192; its sm_90 binary differs from 2 stages').
+#
+# Session 14 (`scripts/bench_decode_order.py --configs`, one H200): on bench.py's own batches
+# (100-2,048 keys in one batch, longest first) 128-key tiles beat 64 at every batch of 90
+# sequences or more (L >= 5.5; 0.1506 against 0.1547 ms at 256, 0.1409 against 0.1504 at
+# 121) and tie at 61-77 (L 3.7-4.7): 16-bit caches take 128 / 4 / 2 above L = 4.
 TABLE_16BIT: list[tuple[float, int, int, int, float]] = [
     (0.5, 64, 4, 2, 4.0),
-    (math.inf, 64, 4, 2, 2.0),
+    (4.0, 64, 4, 2, 2.0),
+    (math.inf, 128, 4, 2, 2.0),
 ]
 TABLE_FP8: list[tuple[float, int, int, int, float]] = [
     (0.5, 128, 4, 3, 3.0),
