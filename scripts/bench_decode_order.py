@@ -12,7 +12,7 @@ on the same batch longest first and shortest first. The sum over the sampled ste
 `--every`, estimates the run's attention time for each order (one layer; x 28 for the model).
 
 --configs: instead, on the batch longest first, time launch configs (block_n / warps / stages
-x 1 or 2 splits) at every sampled step against the engine's choice: per step the best, and per
+x 1 or 2 splits, up to 6 below 128 sequences) at every sampled step against the engine's choice: per step the best, and per
 config the run's estimate.
 """
 
@@ -92,7 +92,7 @@ def sweep_configs(kv: str, steps: list[tuple[int, list[int]]], every: int, max_l
         engine_ms = time_order(q, k_cache, v_cache, tables, seq_lens, engine, order)
         best = (engine_ms, engine)
         for block_n, warps, stages in CONFIGS[kv]:
-            for splits in (1, 2):
+            for splits in (1, 2) if len(lens) >= 128 else (1, 2, 3, 4, 6):
                 cfg = DecodeConfig(block_n, warps, stages, splits)
                 ms = time_order(q, k_cache, v_cache, tables, seq_lens, cfg, order)
                 totals[cfg] = totals.get(cfg, 0.0) + ms * every
