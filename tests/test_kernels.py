@@ -261,6 +261,75 @@ def test_fp8_kv_cache(block_size: int, kind: str) -> None:
     assert rel_err(out.cpu(), ref_out) < TOL[torch.float32]
 
 
+def paged_attention_f64(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention in float64 over the first seq_lens[i] keys of each sequence's blocks:
+    [num_seqs, num_heads, head_dim]."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(num_seqs, num_heads, head_dim, dtype=torch.float64)
+    for i, n in enumerate(seq_lens):
+        if n == 0:
+            continue
+        blocks = tables[i, : math.ceil(n / block_size)].long().cpu()
+        # [n, num_kv_heads, head_dim]
+        k = k_cache.cpu()[blocks].flatten(0, 1)[:n].double()
+        v = v_cache.cpu()[blocks].flatten(0, 1)[:n].double()
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        # [num_heads, n]
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[i].cpu().double(), k) * scale, dim=-1)
+        out[i] = torch.einsum("hn,nhd->hd", w, v)
+    return out
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter's float8 conversions do not round")
+@pytest.mark.parametrize("block_size", [128, 256])
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_products_decode(
+    block_size: int, block_n: int, num_splits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float8 products over a float8 cache (decode_attention.fp8_products_loop: K and V never
+    widened, the query and the softmax weights split into two e4m3 parts each) against float64
+    attention over the same float8 values and the widening loop's result: within bfloat16's
+    error, through splits and ragged lengths (empty, one key, tile and block edges)."""
+    import nanovllm.kernels.decode_attention as da
+
+    if block_n > block_size:
+        pytest.skip("tiles lie in one block")
+    heads = (16, 8, 128)
+    ctx = [0, 1, 63, 64, 127, 300, 521]
+    case = Case([1] * len(ctx), ctx, heads, block_size, torch.float32, seed=block_n + num_splits)
+    fp8 = torch.float8_e4m3fn
+    dtype = DTYPES[0]  # bfloat16 queries
+    seq_lens = [c + 1 for c in ctx]
+    q = (case.q * 3).to(dtype)  # a query larger than 1: the split's scaling matters
+    k8 = (case.k_cache * 0.5).to(fp8)
+    v8 = token_minor(case.v_cache.to(fp8))
+    ref = paged_attention_f64(q, k8.float(), v8.float(), case.block_tables, seq_lens, case.scale)
+    args = (k8.to(DEVICE), v8.to(DEVICE), case.block_tables.to(DEVICE))
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(da, "FP8_PRODUCTS", on)
+        assert da.fp8_products(q, args[0], args[1], block_n) == on
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+        da.decode_attention(q.to(DEVICE), *args, lens, case.scale, num_splits, out, block_n=block_n)
+        outs[on] = out.cpu()
+    assert not outs[True].isnan().any()
+    assert rel_err(outs[True], ref) < 1e-2, rel_err(outs[True], ref)
+    assert rel_err(outs[True], outs[False]) < 1e-2
+    # the widening loop is no closer to float64 than twice the float8 products' error
+    assert rel_err(outs[True], ref) < 2 * rel_err(outs[False], ref) + 2e-3
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_writes_every_element_and_zero_length_rows(num_splits: int) -> None:
     from nanovllm.kernels.decode_attention import decode_attention
