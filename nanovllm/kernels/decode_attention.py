@@ -41,7 +41,6 @@ for the prefix's to join in the combine kernel.
 """
 
 import math
-import os
 
 import torch
 import triton
@@ -54,186 +53,11 @@ from nanovllm.kernels.attention_tile import (
     online_softmax_step,
     publish_and_merge,
     query_for_cache,
-    tile_rows,
 )
 from nanovllm.kernels.store_kv import kv_scales
 
 # The most splits per sequence: bounds the partial buffers and the combine kernel's width.
 MAX_SPLITS = 64
-
-# Float8 products over a float8 cache (fp8_products_loop; NANOVLLM_FP8_PRODUCTS=1), else the
-# cache is widened to float16 (widening_loop).
-FP8_PRODUCTS = os.environ.get("NANOVLLM_FP8_PRODUCTS", "0") == "1"
-
-
-@triton.jit
-def widening_loop(
-    q,
-    k_cache_ptr,
-    v_cache_ptr,
-    table,
-    start,
-    end,
-    offs_d,
-    d_mask,
-    kv_head,
-    qk_scale,
-    m_i,
-    l_i,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    D_PAD: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    V_MASK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """The key loop with products in q's dtype (a float8 cache widened to float16 in
-    registers): S = Q K^T [G_PAD, BLOCK_N], then P V. Returns (m, l, acc [G_PAD, D_PAD])."""
-    q = query_for_cache(q, k_cache_ptr, IEEE)
-    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        # [BLOCK_N, D_PAD]
-        k, v_ptrs, v_mask = load_kv_tile(
-            q,
-            k_cache_ptr,
-            v_cache_ptr,
-            table,
-            n0,
-            offs_n,
-            n_mask,
-            offs_d,
-            d_mask,
-            kv_head,
-            stride_kb,
-            stride_kt,
-            stride_kh,
-            stride_vb,
-            stride_vt,
-            stride_vh,
-            stride_vd,
-            BLOCK_SIZE,
-            BLOCK_N,
-            ALIGNED,
-            V_MASK_N,
-        )
-        # [G_PAD, BLOCK_N]
-        s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
-
-    return m_i, l_i, acc
-
-
-@triton.jit
-def fp8_products_loop(
-    q,
-    k_cache_ptr,
-    v_cache_ptr,
-    table,
-    start,
-    end,
-    offs_d,
-    d_mask,
-    kv_head,
-    qk_scale,
-    m_i,
-    l_i,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    D_PAD: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The key loop over a float8 cache with float8 products: nothing in the cache is widened.
-    Transposed, so that the tile's long side (keys, then head_dim) is the tensor core's 64-row
-    side and the few query rows its narrow side: S^T = K Q^T [BLOCK_N, G_PAD], then
-    O^T += V^T P^T [D_PAD, G_PAD] (V^T is the token-minor V tile as stored).
-
-    The query and the softmax weights are split into two e4m3 parts each, x = hi + lo / 16
-    (lo = the rounding error of hi, times 16), and each product is two float8 products: hi
-    keeps 4 significant bits, hi + lo about 8, like bfloat16. The query rows are first scaled
-    to a largest magnitude of 224 (hi <= 240, lo <= 240: inside e4m3's 448), the weights
-    (<= 1) by 256; both scales come out of the results exactly. Returns (m, l, acc)."""
-    qf = q.to(tl.float32)
-    amax = tl.max(tl.abs(qf), 1)  # [G_PAD]
-    q_mult = tl.where(amax > 0, 224.0 / amax, 1.0)
-    qs = qf * q_mult[:, None]
-    q_hi = qs.to(tl.float8e4nv)
-    q_lo = ((qs - q_hi.to(tl.float32)) * 16.0).to(tl.float8e4nv)
-    row_scale = qk_scale / q_mult  # [G_PAD]
-    acc_t = tl.zeros([D_PAD, G_PAD], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        # one block holds the tile (the caller's condition): [BLOCK_N] row offsets
-        k_rows = tile_rows(
-            table,
-            n0,
-            offs_n,
-            n_mask,
-            kv_head,
-            stride_kb,
-            stride_kt,
-            stride_kh,
-            BLOCK_SIZE,
-            BLOCK_N,
-            True,
-        )
-        v_rows = tile_rows(
-            table,
-            n0,
-            offs_n,
-            n_mask,
-            kv_head,
-            stride_vb,
-            stride_vt,
-            stride_vh,
-            BLOCK_SIZE,
-            BLOCK_N,
-            True,
-        )
-        # [BLOCK_N, D_PAD] float8
-        k = tl.load(
-            k_cache_ptr + k_rows[:, None] + offs_d[None, :],
-            mask=n_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        # [BLOCK_N, G_PAD]
-        st = tl.dot(k, tl.trans(q_hi)) + tl.dot(k, tl.trans(q_lo)) * 0.0625
-        st = tl.where(n_mask[:, None], st * row_scale[None, :], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(st, 0))
-        alpha = tl.exp2(m_i - m_new)
-        pt = tl.exp2(st - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(pt, 0)
-        # [D_PAD, BLOCK_N] float8, read whole (keys past the end weigh exactly 0)
-        vt = tl.load(
-            v_cache_ptr + offs_d[:, None] * stride_vd + v_rows[None, :],
-            mask=d_mask[:, None],
-            other=0.0,
-        )
-        ps = pt * 256.0
-        p_hi = ps.to(tl.float8e4nv)
-        p_lo = ((ps - p_hi.to(tl.float32)) * 16.0).to(tl.float8e4nv)
-        # [D_PAD, G_PAD]
-        pv = tl.dot(vt, p_hi) + tl.dot(vt, p_lo) * 0.0625
-        acc_t = acc_t * alpha[None, :] + pv * 0.00390625
-        m_i = m_new
-    return m_i, l_i, tl.trans(acc_t)
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_splits", "parts"])
@@ -278,7 +102,6 @@ def _decode_kernel(
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
-    FP8_PRODUCTS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -306,25 +129,28 @@ def _decode_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    q = query_for_cache(q, k_cache_ptr, IEEE)
     # a float8 cache's k_scale folds into the score scale, its v_scale into the output
     qk_scale, v_scale = cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, k_cache_ptr)
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    if FP8_PRODUCTS:
-        m_i, l_i, acc = fp8_products_loop(
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        # [BLOCK_N, D_PAD]
+        k, v_ptrs, v_mask = load_kv_tile(
             q,
             k_cache_ptr,
             v_cache_ptr,
             table,
-            start,
-            end,
+            n0,
+            offs_n,
+            n_mask,
             offs_d,
             d_mask,
             kv_head,
-            qk_scale,
-            m_i,
-            l_i,
             stride_kb,
             stride_kt,
             stride_kh,
@@ -332,40 +158,14 @@ def _decode_kernel(
             stride_vt,
             stride_vh,
             stride_vd,
-            D_PAD,
-            G_PAD,
-            BLOCK_SIZE,
-            BLOCK_N,
-        )
-    else:
-        m_i, l_i, acc = widening_loop(
-            q,
-            k_cache_ptr,
-            v_cache_ptr,
-            table,
-            start,
-            end,
-            offs_d,
-            d_mask,
-            kv_head,
-            qk_scale,
-            m_i,
-            l_i,
-            stride_kb,
-            stride_kt,
-            stride_kh,
-            stride_vb,
-            stride_vt,
-            stride_vh,
-            stride_vd,
-            D_PAD,
-            G_PAD,
             BLOCK_SIZE,
             BLOCK_N,
             ALIGNED,
             V_MASK_N,
-            IEEE,
         )
+        # [G_PAD, BLOCK_N]
+        s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale
@@ -667,31 +467,9 @@ def launch_decode(
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
-        FP8_PRODUCTS=fp8_products(q, k_cache, v_cache, block_n),
         num_warps=num_warps,
         num_stages=num_stages,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),
-    )
-
-
-def fp8_products(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int
-) -> bool:
-    """True when the decode kernel computes with float8 products (fp8_products_loop):
-    FP8_PRODUCTS on, a float8 cache with a token-minor V, 16-bit queries, tiles of 64 keys or
-    more that lie in one block, head_dim a power of two >= 64 (the products' 64-row side), on
-    CUDA (the Triton interpreter's float8 conversions do not round like the GPU's)."""
-    head_dim = q.shape[2]
-    return (
-        FP8_PRODUCTS
-        and q.is_cuda
-        and k_cache.element_size() == 1
-        and v_cache.stride(1) == 1
-        and q.dtype != torch.float32
-        and block_n >= 64
-        and k_cache.shape[1] % block_n == 0
-        and head_dim >= 64
-        and head_dim & (head_dim - 1) == 0
     )
 
 
