@@ -150,10 +150,11 @@ Config = tuple[int, int, int, int, int]
 
 
 def default_config(m: int, n: int, k: int, gated: bool) -> Config:
-    """A launch for an [m, k] x [k, n] product (the best or near-best of the sweep at 16 rows on
-    one H200, BENCHMARKS.md issue 24): 64-column tiles; with 64 tiles or more, a gated tile
-    counting twice (qkv, gate_up), no split, 128 of K a step, 4 stages; with fewer (o, down: 16 tiles) K split up to 8 ways
-    while the programs stay <= 128 and each keeps >= 256 of K, 256 of K a step, 3 stages."""
+    """A launch for an [m, k] x [k, n] product, the best or near-best of the sweep at 1-32 rows
+    on one H200 (BENCHMARKS.md issue 24). 64-column tiles. With 64 tiles or more, a gated tile
+    counting twice (qkv, gate_up): no split, 128 of K a step, 4 stages. With fewer (o, down: 16
+    tiles): K split up to 8 ways while the programs stay <= 128 and each keeps >= 256 of K, 256
+    of K a step, 3 stages. More rows shorten the K step, then the stages, to fit SHARED_BYTES."""
     block_n = 64
     tiles = triton.cdiv(n, block_n)
     splits = 1
@@ -178,6 +179,9 @@ def default_config(m: int, n: int, k: int, gated: bool) -> Config:
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     counters = _COUNTERS.get(device)
     if counters is None:
+        # (allocated inside a capture, they would live in the graph's pool)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("skinny_linear: run it once before capturing a CUDA graph")
         counters = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
         _COUNTERS[device] = counters
     if tiles > counters.numel():

@@ -47,7 +47,7 @@ def check_full_shape(loaded: Any, expected: tuple[int, ...]) -> None:
 # Products of at most SKINNY_MAX_ROWS rows run on the Triton skinny kernel
 # (kernels/skinny_gemm.py), others on cuBLAS; NANOVLLM_SKINNY_GEMM=0: cuBLAS always. One H200,
 # 28 layers of Qwen3-0.6B's four products (`scripts/bench_gemm.py --triton`, BENCHMARKS.md issue
-# 24): 0.86x cuBLAS's time at 16 rows (SiLU-mul folded in), 1.02x at 64, 1.2-1.6x at 128-256.
+# 24): 0.67-0.93x cuBLAS's time at 1-32 rows (SiLU-mul folded in), 1.02x at 64, 1.2-1.6x at 128.
 SKINNY_GEMM = os.environ.get("NANOVLLM_SKINNY_GEMM", "1") != "0"
 SKINNY_MAX_ROWS = 32
 
