@@ -30,6 +30,8 @@ from nanovllm.kernels.decode_attention import decode_attention  # noqa: E402
 from nanovllm.kernels.decode_config import DecodeConfig, choose_decode_config  # noqa: E402
 from nanovllm.utils.benchmark import standard_workload  # noqa: E402
 
+MAXNREG = None  # --maxnreg
+
 
 def time_order(
     q: torch.Tensor,
@@ -57,6 +59,7 @@ def time_order(
             block_n=cfg.block_n,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            maxnreg=MAXNREG,
         )
 
     return triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
@@ -117,7 +120,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--configs", action="store_true", help="sweep launch configs instead")
+    parser.add_argument("--maxnreg", type=int, help="a register cap for the decode kernel")
     args = parser.parse_args()
+    global MAXNREG
+    MAXNREG = args.maxnreg
     work = standard_workload()
     prompt_lens = [len(p) for p in work.prompts]
     if args.configs:

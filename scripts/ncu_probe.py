@@ -29,18 +29,32 @@ def main() -> None:
     which = sys.argv[1:] or ["attn", "gemm"]
     if "attn" in which:
         for step in (0, 512):
-            lens = [p + step for p, n in zip(prompt_lens, work.output_lens, strict=True) if n > step]
+            lens = [
+                p + step for p, n in zip(prompt_lens, work.output_lens, strict=True) if n > step
+            ]
             lens.sort(reverse=True)
             for kv in ("bf16", "fp8"):
                 q, k_cache, v_cache, tables, seq_lens = make_inputs(lens, kv, device)
-                cfg = choose_decode_config(len(lens), KV_HEADS, 4096, k_cache.dtype, BLOCK_SIZE, sms)
+                cfg = choose_decode_config(
+                    len(lens), KV_HEADS, 4096, k_cache.dtype, BLOCK_SIZE, sms
+                )
                 out = torch.empty_like(q)
                 nbytes = sum(lens) * KV_HEADS * 128 * 2 * k_cache.element_size()
                 print(f"step {step} {kv}: {len(lens)} seqs, {nbytes / 1e6:.1f} MB K/V, {cfg}")
                 for _ in range(2):
-                    decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.088, cfg.num_splits,
-                                     out, block_n=cfg.block_n, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages)
+                    decode_attention(
+                        q,
+                        k_cache,
+                        v_cache,
+                        tables,
+                        seq_lens,
+                        0.088,
+                        cfg.num_splits,
+                        out,
+                        block_n=cfg.block_n,
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                    )
                 torch.cuda.synchronize()
                 del k_cache, v_cache
     if "gemm" in which:

@@ -41,6 +41,7 @@ for the prefix's to join in the combine kernel.
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -55,6 +56,9 @@ from nanovllm.kernels.attention_tile import (
     query_for_cache,
 )
 from nanovllm.kernels.store_kv import kv_scales
+
+# (experiment toggle) load one-block tiles' block ids two tiles ahead
+_PREFETCH = os.environ.get("NANOVLLM_DECODE_PREFETCH", "1") != "0"
 
 # The most splits per sequence: bounds the partial buffers and the combine kernel's width.
 MAX_SPLITS = 64
@@ -102,6 +106,7 @@ def _decode_kernel(
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr = True,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -136,15 +141,28 @@ def _decode_kernel(
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # One-block tiles (ALIGNED): the block ids are loaded two tiles ahead, so the load of a
+    # tile's K/V, which the pipeline issues one tile ahead, never waits for its block id.
+    # The index is clamped to the sequence's last block (never past its table row).
+    last_block = tl.maximum(tl.cdiv(end, BLOCK_SIZE) - 1, 0)
+    block = tl.load(table + tl.minimum(start // BLOCK_SIZE, last_block))
+    block_next = tl.load(table + tl.minimum((start + BLOCK_N) // BLOCK_SIZE, last_block))
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
+        if ALIGNED and PREFETCH:
+            this_block = block
+            block = block_next
+            block_next = tl.load(table + tl.minimum((n0 + 2 * BLOCK_N) // BLOCK_SIZE, last_block))
+        else:
+            this_block = block
         # [BLOCK_N, D_PAD]
         k, v_ptrs, v_mask = load_kv_tile(
             q,
             k_cache_ptr,
             v_cache_ptr,
             table,
+            this_block,
             n0,
             offs_n,
             n_mask,
@@ -162,6 +180,7 @@ def _decode_kernel(
             BLOCK_N,
             ALIGNED,
             V_MASK_N,
+            ALIGNED and PREFETCH,
         )
         # [G_PAD, BLOCK_N]
         s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
@@ -467,6 +486,7 @@ def launch_decode(
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
+        PREFETCH=_PREFETCH,
         num_warps=num_warps,
         num_stages=num_stages,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),

@@ -143,6 +143,7 @@ def _prefill_kernel(
                 k_cache_ptr,
                 v_cache_ptr,
                 table,
+                0,
                 n0,
                 offs_n,
                 n_mask,
