@@ -58,7 +58,6 @@ def paged_rows(
 @triton.jit
 def tile_rows(
     table,
-    block,
     n0,
     offs_n,
     n_mask,
@@ -69,17 +68,13 @@ def tile_rows(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
-    BLOCK_GIVEN: tl.constexpr = False,
 ):
     """[BLOCK_N] element offsets of the cache rows of tokens offs_n = n0 + arange(BLOCK_N) for
     one K/V head, in a cache of the given strides. ALIGNED (BLOCK_N divides BLOCK_SIZE and n0 is
     a multiple of BLOCK_N): the tile lies in one block, so one block id serves it and the
-    compiler sees consecutive tokens (vectorised loads of a token-minor cache); `block` is that
-    id when the caller loaded it ahead (BLOCK_GIVEN; decode_attention prefetches it), else unused."""
+    compiler sees consecutive tokens (vectorised loads of a token-minor cache)."""
     if ALIGNED:
-        if not BLOCK_GIVEN:
-            block = tl.load(table + n0 // BLOCK_SIZE)
-        block = block.to(tl.int64)
+        block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)
         # (the hint: older Triton cannot infer it from the loop, and then loads byte by byte)
         tok = tl.multiple_of(n0 % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
         return block * stride_b + tok * stride_t + kv_head * stride_h
@@ -93,7 +88,6 @@ def load_kv_tile(
     k_cache_ptr,
     v_cache_ptr,
     table,
-    block,
     n0,
     offs_n,
     n_mask,
@@ -111,16 +105,14 @@ def load_kv_tile(
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
-    BLOCK_GIVEN: tl.constexpr = False,
 ):
     """One key tile of tokens offs_n: the K tile [BLOCK_N, D_PAD] in q's dtype (zeros past
     n_mask), and the V tile's pointers [BLOCK_N, D_PAD] with their load mask for
     online_softmax_step. Without V_MASK_N the whole V tile is read (see tile_rows: it lies in one
     block of the sequence; keys past the end weigh exactly 0), so a token-minor V tile's loads
-    stay vectorised. `block`: the tile's block id when ALIGNED and BLOCK_GIVEN (loaded ahead), else unused."""
+    stay vectorised."""
     k_rows = tile_rows(
         table,
-        block,
         n0,
         offs_n,
         n_mask,
@@ -131,11 +123,9 @@ def load_kv_tile(
         BLOCK_SIZE,
         BLOCK_N,
         ALIGNED,
-        BLOCK_GIVEN,
     )
     v_rows = tile_rows(
         table,
-        block,
         n0,
         offs_n,
         n_mask,
@@ -146,7 +136,6 @@ def load_kv_tile(
         BLOCK_SIZE,
         BLOCK_N,
         ALIGNED,
-        BLOCK_GIVEN,
     )
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)

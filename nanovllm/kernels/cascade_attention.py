@@ -202,7 +202,6 @@ def _prefix_kernel(
                 k_cache_ptr,
                 v_cache_ptr,
                 table,
-                0,
                 n0,
                 offs_n,
                 n_mask,

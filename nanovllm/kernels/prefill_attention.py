@@ -143,7 +143,6 @@ def _prefill_kernel(
                 k_cache_ptr,
                 v_cache_ptr,
                 table,
-                0,
                 n0,
                 offs_n,
                 n_mask,
