@@ -41,7 +41,6 @@ for the prefix's to join in the combine kernel.
 """
 
 import math
-import os
 
 import torch
 import triton
@@ -56,9 +55,6 @@ from nanovllm.kernels.attention_tile import (
     query_for_cache,
 )
 from nanovllm.kernels.store_kv import kv_scales
-
-# (experiment) warp-split tiles: _decode_kernel_ws
-_WARP_SPLIT = os.environ.get("NANOVLLM_DECODE_WS", "0") == "1"
 
 # The most splits per sequence: bounds the partial buffers and the combine kernel's width.
 MAX_SPLITS = 64
@@ -221,133 +217,6 @@ def _decode_kernel(
             mask=part_rows[:, None] & d_mask[None, :],
         )
         tl.store(part_lse_ptr + row, lse, mask=part_rows)
-
-
-@triton.jit(do_not_specialize=["stride_bt", "num_splits", "parts"])
-def _decode_kernel_ws(
-    q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    block_tables_ptr,
-    seq_lens_ptr,
-    out_ptr,
-    part_out_ptr,
-    part_lse_ptr,
-    k_scale_ptr,
-    v_scale_ptr,
-    qk_scale,
-    stride_qs,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_bt,
-    stride_os,
-    stride_oh,
-    num_splits,
-    parts,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    GROUP: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    W: tl.constexpr,
-    WRITE_PARTS: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    # Warp-split tiles: a tile of BLOCK_N keys (within one block) is W sub-tiles of
-    # SUB = BLOCK_N // W keys, one per warp (a batched dot puts the warps on its batch axis),
-    # each with its own running max, sum and accumulator: no exchange between warps inside the
-    # loop. The W states are merged once at the end.
-    SUB: tl.constexpr = BLOCK_N // W
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
-
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    offs_w = tl.arange(0, W)
-    offs_j = tl.arange(0, SUB)
-    g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_g
-    q = tl.load(
-        q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    q = query_for_cache(q, k_cache_ptr, IEEE)
-    # [W, G_PAD, D_PAD]
-    q3 = tl.broadcast_to(q[None, :, :], (W, G_PAD, D_PAD))
-    qk_scale, v_scale = cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, k_cache_ptr)
-    m_i = tl.full([W, G_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([W, G_PAD], dtype=tl.float32)
-    acc = tl.zeros([W, G_PAD, D_PAD], dtype=tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    # [W, SUB]: a key's place in the tile
-    in_tile = offs_w[:, None] * SUB + offs_j[None, :]
-    dm3 = d_mask[None, None, :]
-    for n0 in range(start, end, BLOCK_N):
-        block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)
-        tok = tl.multiple_of(n0 % BLOCK_SIZE, BLOCK_N) + in_tile
-        n_mask = (n0 + in_tile) < end
-        k_rows = block * stride_kb + tok * stride_kt + kv_head * stride_kh
-        # [W, SUB, D_PAD]
-        k = tl.load(
-            k_cache_ptr + k_rows[:, :, None] + offs_d[None, None, :],
-            mask=n_mask[:, :, None] & dm3,
-            other=0.0,
-        ).to(q.dtype)
-        # [W, G_PAD, SUB]
-        if IEEE:
-            s = tl.dot(q3, tl.permute(k, (0, 2, 1)), input_precision="ieee")
-        else:
-            s = tl.dot(q3, tl.permute(k, (0, 2, 1)))
-        s = tl.where(n_mask[:, None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 2))
-        # a warp that has seen no key yet keeps -inf: subtract 0 instead (weights 0, not nan)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, 2)
-        v_rows = block * stride_vb + tok * stride_vt + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_rows[:, :, None] + offs_d[None, None, :] * stride_vd, mask=dm3)
-        if v.dtype.is_fp8():
-            v = v.to(tl.float32) if IEEE else v.to(tl.float16)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, :, None] + pv
-        m_i = m_new
-
-    # merge the W warps' states: [G_PAD]
-    m_all = tl.max(m_i, 0)
-    m_all_sub = tl.where(m_all == float("-inf"), 0.0, m_all)
-    wts = tl.exp2(m_i - m_all_sub[None, :])  # [W, G_PAD]
-    l_all = tl.sum(l_i * wts, 0)
-    acc_all = tl.sum(acc * wts[:, :, None], 0)
-    has_keys = l_all > 0
-    out = acc_all / tl.where(has_keys, l_all, 1.0)[:, None] * v_scale
-    store_mask = g_mask[:, None] & d_mask[None, :]
-    if not WRITE_PARTS:
-        o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
-    else:
-        num_heads = tl.num_programs(1) * GROUP
-        lse = tl.where(has_keys, m_all + tl.log2(tl.where(has_keys, l_all, 1.0)), float("-inf"))
-        row = (seq * num_heads + heads) * parts + split
-        tl.store(part_out_ptr + row[:, None] * D_PAD + offs_d[None, :], out, mask=store_mask)
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits", "parts"])
@@ -562,42 +431,6 @@ def launch_decode(
         part_out, part_lse = partial
         parts = part_out.shape[2]
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
-    if _WARP_SPLIT and starts is None and block_size % block_n == 0 and block_n >= 16 * num_warps:
-        _decode_kernel_ws[(num_seqs, num_kv_heads, num_splits)](
-            q,
-            k_cache,
-            v_cache,
-            block_tables,
-            seq_lens,
-            out,
-            part_out,
-            part_lse,
-            k_scale,
-            v_scale,
-            scale * 1.4426950408889634,
-            q.stride(0),
-            q.stride(1),
-            *k_cache.stride()[:3],
-            *v_cache.stride(),
-            block_tables.stride(0),
-            out.stride(0),
-            out.stride(1),
-            num_splits,
-            parts,
-            HEAD_DIM=head_dim,
-            D_PAD=triton.next_power_of_2(head_dim),
-            GROUP=group,
-            G_PAD=max(16, triton.next_power_of_2(group)),
-            BLOCK_SIZE=block_size,
-            BLOCK_N=block_n,
-            W=num_warps,
-            WRITE_PARTS=partial is not None,
-            IEEE=q.dtype == torch.float32,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            **({} if maxnreg is None else dict(maxnreg=maxnreg)),
-        )
-        return
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
