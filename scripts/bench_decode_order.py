@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--configs", action="store_true", help="sweep launch configs instead")
     parser.add_argument("--maxnreg", type=int, help="a register cap for the decode kernel")
+    parser.add_argument("--from-step", type=int, default=0, help="--configs: first step sampled")
     args = parser.parse_args()
     global MAXNREG
     MAXNREG = args.maxnreg
@@ -132,7 +133,7 @@ def main() -> None:
                 step,
                 [p + step for p, n in zip(prompt_lens, work.output_lens, strict=True) if n > step],
             )
-            for step in range(0, max(work.output_lens), args.every)
+            for step in range(args.from_step, max(work.output_lens), args.every)
         ]
         for kv in args.kv_dtype.split(","):
             sweep_configs(kv, steps, args.every, args.max_model_len)

@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="decode steps profiled")
     parser.add_argument("--fused", choices=("both", "on", "off"), default="both")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's) or fp8")
     args = parser.parse_args()
     device = torch.device(args.device)
     shape = "qwen3-0.6b" if device.type == "cuda" else "tiny"
@@ -160,6 +161,7 @@ def main() -> None:
         max_num_seqs=max(args.decode_seqs, args.prefill_seqs, 1),
         max_num_batched_tokens=max(args.prefill_seqs * args.prefill_len, max_len, 8192),
         enforce_eager=True,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     engine, runner = llm.engine, llm.engine.runner
     bs = llm.config.kvcache_block_size
