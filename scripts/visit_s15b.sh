@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran at the commit that added it; that kernel change was reverted (BENCHMARKS.md issue 24, session 15).
 # Session 15: the decode kernel with one-block tiles' block ids loaded two tiles ahead
 # (NANOVLLM_DECODE_PREFETCH, default on) against off, on bench.py's batches; a register cap for
 # float8; Nsight Compute on the float8 kernel with prefetch; bench.py with it.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran at the commit that added it; that kernel change was reverted (BENCHMARKS.md issue 24, session 15).
 # Session 15: warp-split decode tiles (NANOVLLM_DECODE_WS=1: _decode_kernel_ws, one key sub-tile
 # and one softmax state per warp) against the current kernel, on bench.py's batches; configs;
 # Nsight Compute on both.
