@@ -62,7 +62,6 @@ class Step:
         seed: int,
         num_tokens: int = 7,
         v_token_minor: bool = False,
-        one_per_block: bool = False,
     ) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = heads
         gen = torch.Generator().manual_seed(seed)
@@ -74,14 +73,10 @@ class Step:
         width = (self.num_heads + 2 * self.num_kv_heads) * d
         self.qkv = torch.randn(num_tokens, width, generator=gen).to(dtype)
         self.positions = torch.randint(0, 4096, (num_tokens,), generator=gen)
-        num_blocks = num_tokens + 2 if one_per_block else 3
+        num_blocks = 3
         pool = num_blocks * block_size
-        # distinct slots scattered through the pool (one_per_block: each in its own block, as
-        # in a decode step); tokens 1 and 4 are padding
+        # distinct slots scattered through the pool; tokens 1 and 4 are padding
         slots = torch.randperm(pool, generator=gen)[:num_tokens]
-        if one_per_block:
-            blocks = torch.randperm(num_blocks, generator=gen)[:num_tokens]
-            slots = blocks * block_size + torch.randint(0, block_size, (num_tokens,), generator=gen)
         slots[1] = slots[min(4, num_tokens - 1)] = -1
         self.slots = slots
         shape = (num_blocks, block_size, self.num_kv_heads, d)
@@ -141,10 +136,7 @@ class Step:
         return q.cpu(), k.cpu(), k_cache.cpu(), dense_copy(v_cache)
 
     def fused(
-        self,
-        k_scale: float | None = None,
-        v_scale: float | None = None,
-        one_token_per_block: bool = False,
+        self, k_scale: float | None = None, v_scale: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused kernel on copies of the caches; returns (q, k_cache, v_cache) on the CPU."""
         from nanovllm.kernels.norm_rope_store import qk_norm_rope_store
@@ -169,7 +161,6 @@ class Step:
             self.slots.to(DEVICE),
             scale(k_scale),
             scale(v_scale),
-            one_token_per_block,
         )
         assert v_cache.stride() == self.v_cache.stride()
         return q.cpu(), k_cache.cpu(), dense_copy(v_cache)
@@ -368,20 +359,3 @@ def test_engine_fused_store_same_tokens(
     computing = calls_on["layers"] if kv_cache_dtype.endswith("+scales") else 0
     assert calls_on["fused"] > 0 and calls_on["store_kv"] == computing
     assert fused == unfused
-
-
-@pytest.mark.parametrize("block_size", [16, 64, 256])
-def test_fused_fp8_decode_writes_whole_runs(block_size: int) -> None:
-    """A decode step (one token a block, one_token_per_block) over the engine's float8 layout
-    rewrites whole runs of each V row, old bytes read back: the caches come out equal to the
-    byte-by-byte store's, so every other token's bytes survive, the new ones land, and the
-    padding rows (slot -1) write nothing."""
-    dtype, heads = DTYPES[0], HEADS[1]
-    step = Step(
-        heads, block_size, dtype, FP8, seed=block_size + 1, v_token_minor=True, one_per_block=True
-    )
-    q, k_cache, v_cache = step.fused(0.5, 2.0, one_token_per_block=True)
-    q_ref, k_ref, v_ref = step.fused(0.5, 2.0)
-    assert torch.equal(q, q_ref) and torch.equal(k_cache.float(), k_ref.float())
-    assert torch.equal(v_cache.float(), v_ref.float())
-    assert not torch.equal(v_cache.float(), dense_copy(step.v_cache).float())  # it wrote

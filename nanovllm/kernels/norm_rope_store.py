@@ -59,7 +59,6 @@ def _qk_norm_rope_store_kernel(
     HALF_PAD: tl.constexpr,
     ROW_PAD: tl.constexpr,
     V_CONTIGUOUS: tl.constexpr,
-    V_RUN: tl.constexpr,
 ):
     # One program per token. Tile rows 0..NUM_HEADS-1 are its query heads, the next
     # NUM_KV_HEADS its key heads, each split in the two halves RoPE rotates.
@@ -105,39 +104,20 @@ def _qk_norm_rope_store_kernel(
         v_mask = v_offs < ROW
         v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + v_offs
         v = to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, v_cache_ptr)
-        if V_RUN > 0:
-            # Token-minor V, one token a block this step (decode): rewrite the whole aligned
-            # run of V_RUN tokens of each (head, d) row that holds this token, old bytes and
-            # the new one, so that no 32-byte sector is written in part (see
-            # qk_norm_rope_store). [ROW_PAD, V_RUN]
-            row = slot % block_size
-            run0 = tl.multiple_of(row - row % V_RUN, V_RUN)
-            offs_r = tl.arange(0, V_RUN)
-            head, d = v_offs // HEAD_DIM, v_offs % HEAD_DIM
-            run_ptrs = (
-                v_cache_ptr
-                + (slot // block_size) * stride_vb
-                + (head * stride_vh + d * stride_vd)[:, None]
-                + (run0 + offs_r)[None, :]
-            )
-            old = tl.load(run_ptrs, mask=v_mask[:, None])
-            new = tl.where((run0 + offs_r == row)[None, :], v[:, None], old)
-            tl.store(run_ptrs, new, mask=v_mask[:, None])
-        else:
-            # e.g. token-minor: element (head, d) of the row by the strides
-            v_dst = v_cache_ptr + v_cache_offsets(
-                slot,
-                v_offs,
-                stride_vb,
-                stride_vt,
-                stride_vh,
-                stride_vd,
-                block_size,
-                HEAD_DIM,
-                ROW,
-                V_CONTIGUOUS,
-            )
-            tl.store(v_dst, v, mask=v_mask)
+        # e.g. token-minor: element (head, d) of the row by the strides
+        v_dst = v_cache_ptr + v_cache_offsets(
+            slot,
+            v_offs,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            stride_vd,
+            block_size,
+            HEAD_DIM,
+            ROW,
+            V_CONTIGUOUS,
+        )
+        tl.store(v_dst, v, mask=v_mask)
 
 
 def qk_norm_rope_store(
@@ -156,7 +136,6 @@ def qk_norm_rope_store(
     slot_mapping: torch.Tensor,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    one_token_per_block: bool = False,
 ) -> torch.Tensor:
     """`qk_norm_rope` (norm_rope.py) and `store_kv` (store_kv.py) of the same step, in one pass.
 
@@ -166,15 +145,6 @@ def qk_norm_rope_store(
     k_scale, v_scale: one-element float32 device tensors for float8 caches, or None (scale 1).
     Writes the rotated k and v into their slots and returns the new contiguous q
     [num_tokens, num_heads, head_dim].
-
-    one_token_per_block: the caller guarantees that no two tokens' slots share a cache block
-    (a decode step: one new token a sequence, and a sequence's last block is its own). Then a
-    one-byte token-minor V cache (the float8 layout; block size a multiple of 16) is written in
-    whole aligned runs of min(32, block_size) tokens per (head, d) row, the old bytes read back
-    and the new one put in: a single byte per row would be a partial write of its 32-byte
-    sector, which the memory system completes by reading the sector, and at 1,024 rows a token
-    that made this kernel 4x slower than over a bfloat16 cache (0.41 against 0.10 ms a
-    decode step of 256 sequences, 28 layers, one H200).
     """
     num_tokens = qkv.shape[0]
     if head_dim % 2 != 0 or qkv.stride(1) != 1:
@@ -204,16 +174,6 @@ def qk_norm_rope_store(
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     # [num_tokens, num_heads, head_dim]
     q = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    block_size = k_cache.shape[1]
-    # whole runs of V bytes (see the docstring): token-minor (tokens contiguous) one-byte V
-    v_run = 0
-    if (
-        one_token_per_block
-        and v_cache.element_size() == 1
-        and v_cache.stride(1) == 1
-        and block_size % 16 == 0
-    ):
-        v_run = min(32, block_size)
     if num_tokens > 0:
         half = head_dim // 2
         _qk_norm_rope_store_kernel[(num_tokens,)](
@@ -241,7 +201,6 @@ def qk_norm_rope_store(
             HALF_PAD=triton.next_power_of_2(half),
             ROW_PAD=triton.next_power_of_2(num_kv_heads * head_dim),
             V_CONTIGUOUS=v_cache.is_contiguous(),
-            V_RUN=v_run,
             num_warps=4,
         )
     return q

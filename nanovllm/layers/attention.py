@@ -43,8 +43,6 @@ class KVStoreTarget:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     k_scale: torch.Tensor | None  # [1] float32 or None
     v_scale: torch.Tensor | None  # [1] float32 or None
-    # no two slots in one block (a decode step): lets a store rewrite whole runs of a row
-    one_token_per_block: bool = False
 
 
 class Attention(nn.Module):
@@ -107,13 +105,7 @@ class Attention(nn.Module):
         if self.calculate_kv_scales and context.is_prefill:
             return None  # forward computes the float8 scales from this step's k, v first
         return KVStoreTarget(
-            self.k_cache,
-            self.v_cache,
-            context.slot_mapping,
-            self.k_scale,
-            self.v_scale,
-            # a decode step: one new token a sequence, in the sequence's own last block
-            one_token_per_block=not context.is_prefill,
+            self.k_cache, self.v_cache, context.slot_mapping, self.k_scale, self.v_scale
         )
 
     def forward_stored(self, q: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,6 @@ class DecoderAttention(nn.Module):
             target.slot_mapping,
             target.k_scale,
             target.v_scale,
-            target.one_token_per_block,
         )
         return self.attn.forward_stored(q)
 
