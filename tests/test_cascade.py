@@ -15,7 +15,6 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.attention.cascade import find_cascade_groups
-from nanovllm.attention.triton_backend import V_SUB_BLOCK
 from nanovllm.kernels import HAS_TRITON
 
 # Every group that shares anything pays (the kernels' and the grouping's own tests).
@@ -524,11 +523,7 @@ def test_cascade_prefix_pass_merges(layout: str) -> None:
 
 
 def token_minor(cache: torch.Tensor) -> torch.Tensor:
-    """The same values in the Triton backend's float8 V layout (tokens contiguous in sub-blocks
-    of gcd(block_size, 16) tokens: TritonAttentionBackend.allocate_kv_cache)."""
-    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    sub = math.gcd(block_size, V_SUB_BLOCK)
-    cache = cache.reshape(num_blocks * block_size // sub, sub, num_kv_heads, head_dim)
+    """The same values in the Triton backend's float8 V layout (tokens contiguous)."""
     return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 

@@ -10,14 +10,12 @@ Caches start full of random values, so a stray or missing write shows, and padde
 .to(DEVICE) alone would hand every path the same tensor).
 """
 
-import math
 import os
 
 import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.attention.triton_backend import V_SUB_BLOCK
 from nanovllm.kernels import HAS_TRITON
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
@@ -53,8 +51,7 @@ def dense_copy(t: torch.Tensor) -> torch.Tensor:
 class Step:
     """One step's qkv rows, positions, norm weights, rope tables and slots (some -1) into a pool
     of num_blocks blocks whose caches hold random values; v_token_minor: the V cache in the
-    layout the Triton backend gives a float8 V cache (tokens contiguous in sub-blocks of v_sub
-    tokens, default the backend's, a permuted view)."""
+    layout the Triton backend gives a float8 V cache (tokens contiguous, a permuted view)."""
 
     def __init__(
         self,
@@ -65,7 +62,6 @@ class Step:
         seed: int,
         num_tokens: int = 7,
         v_token_minor: bool = False,
-        v_sub: int | None = None,
     ) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = heads
         gen = torch.Generator().manual_seed(seed)
@@ -86,12 +82,10 @@ class Step:
         shape = (num_blocks, block_size, self.num_kv_heads, d)
         self.k_cache = torch.randn(*shape, generator=gen).to(cache_dtype)
         self.v_cache = torch.randn(*shape, generator=gen).to(cache_dtype)
-        if v_token_minor:
-            # the engine's float8 V layout: token-minor sub-blocks of `sub` tokens,
-            # [num_blocks * block_size / sub, sub, kv_heads, d] over [.., kv_heads, d, sub]
-            sub = math.gcd(block_size, V_SUB_BLOCK) if v_sub is None else v_sub
-            v = self.v_cache.reshape(num_blocks * block_size // sub, sub, self.num_kv_heads, d)
-            self.v_cache = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        if (
+            v_token_minor
+        ):  # [num_blocks, block_size, kv_heads, d] over [.., kv_heads, d, block_size]
+            self.v_cache = self.v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
             assert self.v_cache.stride(1) == 1
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,14 +198,12 @@ def test_fused_matches_unfused(
     assert torch.equal(flat[~written], step.k_cache.view(-1, heads[1], heads[2])[~written])
 
 
-@pytest.mark.parametrize("v_sub", [None, 0])
 @pytest.mark.parametrize("block_size", [16, 256])
-def test_fused_token_minor_v_cache(block_size: int, v_sub: int | None) -> None:
-    """A V cache seen through a permuted view (tokens contiguous, in the backend's sub-blocks or,
-    v_sub 0, whole blocks) gets the same values as a contiguous one, and keeps its layout."""
+def test_fused_token_minor_v_cache(block_size: int) -> None:
+    """A V cache seen through a permuted view (tokens contiguous) gets the same values as a
+    contiguous one, and keeps its layout."""
     dtype, heads = DTYPES[0], HEADS[1]
-    sub = block_size if v_sub == 0 else None
-    step = Step(heads, block_size, dtype, dtype, seed=block_size, v_token_minor=True, v_sub=sub)
+    step = Step(heads, block_size, dtype, dtype, seed=block_size, v_token_minor=True)
     q, k_cache, v_cache = step.fused()
     q_ref, _, k_cache_ref, v_cache_ref = step.unfused_triton()
     assert torch.equal(q, q_ref) and torch.equal(k_cache, k_cache_ref)
@@ -294,7 +286,7 @@ def test_fused_refuses_bad_scale_and_cache() -> None:
         qk_norm_rope_store(*bad)
     bad = list(args)
     bad[11] = step.v_cache.to(DEVICE)[:2]
-    with pytest.raises(ValueError, match="the V cache must be shaped like K"):
+    with pytest.raises(ValueError, match="v_cache must be shaped like k_cache"):
         qk_norm_rope_store(*bad)
     bad = list(args)
     bad[12] = step.slots[:3].to(DEVICE)

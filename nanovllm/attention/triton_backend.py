@@ -27,8 +27,6 @@ and v_scale into the output. They are read through pointers, so CUDA graphs foll
 updates (calculate_kv_scales sets them after the graphs were captured).
 """
 
-import math
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -45,11 +43,6 @@ class TritonMetadata(AttentionMetadata):
 
     num_splits: int = 1
     decode_config: DecodeConfig | None = None
-
-
-# Tokens per sub-block of a float8 V cache (allocate_kv_cache); NANOVLLM_FP8_V_SUB_BLOCK overrides
-# it for measurement (a power of two >= 16 keeps the attention kernels' V loads 16-byte vectors).
-V_SUB_BLOCK = int(os.environ.get("NANOVLLM_FP8_V_SUB_BLOCK", "16"))
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -76,21 +69,13 @@ class TritonAttentionBackend(AttentionBackend):
     def allocate_kv_cache(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K contiguous; a one-byte (float8) V cache token-minor in sub-blocks of
-        V_SUB_BLOCK tokens: stored as [num_blocks * block_size / sub, num_kv_heads, head_dim,
-        sub] and seen through a permuted view [num_blocks * block_size / sub, sub,
-        num_kv_heads, head_dim] (store_kv.check_v_cache: block b's sub-blocks are
-        b * block_size / sub onwards).
+        """K contiguous; a one-byte (float8) V cache token-minor: stored as [num_blocks,
+        num_kv_heads, head_dim, block_size] and seen through a permuted view of the usual shape.
 
         Why: P @ V sums over tokens, so the tensor cores want V with its tokens contiguous. A
         16-bit V is transposed on the way from shared memory at no cost (ldmatrix.trans), but
         8-bit elements have no such load and Triton falls back to single-byte shared-memory
         loads, which made the FP8 decode kernel as slow as bfloat16 with half the bytes.
-        Why sub-blocks: a decode step writes one token of a sequence, one byte per (head, d); in
-        a whole-block token-minor row each of those bytes is its own 32-byte sector, and the
-        partial sector writes made the fused store 4x slower than bfloat16's (0.41 against
-        0.10 ms a step at 256 sequences, one H200). With 16-token sub-blocks two bytes of a
-        token share a sector, and the attention kernels' V loads stay 16-byte vectors.
         Records the cache's dtype and block size: the decode configuration depends on them.
         """
         self.kv_cache_dtype, self.block_size = dtype, shape[1]
@@ -98,11 +83,8 @@ class TritonAttentionBackend(AttentionBackend):
             return super().allocate_kv_cache(shape, dtype, device)
         num_blocks, block_size, num_kv_heads, head_dim = shape
         k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        sub = math.gcd(block_size, V_SUB_BLOCK)
         v_store = torch.zeros(
-            (num_blocks * (block_size // sub), num_kv_heads, head_dim, sub),
-            dtype=dtype,
-            device=device,
+            (num_blocks, num_kv_heads, head_dim, block_size), dtype=dtype, device=device
         )
         return k_cache, v_store.permute(0, 3, 1, 2)
 

@@ -46,34 +46,13 @@ def cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, cache_ptr):
 
 
 @triton.jit
-def cache_row(block, tok, stride_b, stride_t, BLOCK_SIZE: tl.constexpr, SUB: tl.constexpr):
-    """Element offset of row `tok` (< BLOCK_SIZE) of block `block` in a cache whose own blocks
-    hold SUB tokens: SUB == BLOCK_SIZE for K and most V caches; a float8 V cache is cut into
-    sub-blocks of SUB tokens (block b's are b * (BLOCK_SIZE // SUB) onwards; see
-    TritonAttentionBackend.allocate_kv_cache)."""
-    if SUB == BLOCK_SIZE:
-        return block * stride_b + tok * stride_t
-    else:
-        return (block * (BLOCK_SIZE // SUB) + tok // SUB) * stride_b + (tok % SUB) * stride_t
-
-
-@triton.jit
 def paged_rows(
-    table,
-    offs_n,
-    n_mask,
-    kv_head,
-    stride_cb,
-    stride_ct,
-    stride_ch,
-    BLOCK_SIZE: tl.constexpr,
-    SUB: tl.constexpr,
+    table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr
 ):
     """[BLOCK_N] element offset of each token's cache row for one K/V head: block =
-    table[token // BLOCK_SIZE], row = token % BLOCK_SIZE (in sub-blocks of SUB: cache_row)."""
+    table[token // BLOCK_SIZE], row = token % BLOCK_SIZE."""
     block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-    row = cache_row(block, offs_n % BLOCK_SIZE, stride_cb, stride_ct, BLOCK_SIZE, SUB)
-    return row + kv_head * stride_ch
+    return block * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
 
 
 @triton.jit
@@ -89,7 +68,6 @@ def tile_rows(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
-    SUB: tl.constexpr,
 ):
     """[BLOCK_N] element offsets of the cache rows of tokens offs_n = n0 + arange(BLOCK_N) for
     one K/V head, in a cache of the given strides. ALIGNED (BLOCK_N divides BLOCK_SIZE and n0 is
@@ -99,11 +77,9 @@ def tile_rows(
         block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)
         # (the hint: older Triton cannot infer it from the loop, and then loads byte by byte)
         tok = tl.multiple_of(n0 % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
-        return cache_row(block, tok, stride_b, stride_t, BLOCK_SIZE, SUB) + kv_head * stride_h
+        return block * stride_b + tok * stride_t + kv_head * stride_h
     else:
-        return paged_rows(
-            table, offs_n, n_mask, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE, SUB
-        )
+        return paged_rows(table, offs_n, n_mask, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE)
 
 
 @triton.jit
@@ -129,13 +105,12 @@ def load_kv_tile(
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
-    V_SUB: tl.constexpr,
 ):
     """One key tile of tokens offs_n: the K tile [BLOCK_N, D_PAD] in q's dtype (zeros past
     n_mask), and the V tile's pointers [BLOCK_N, D_PAD] with their load mask for
     online_softmax_step. Without V_MASK_N the whole V tile is read (see tile_rows: it lies in one
     block of the sequence; keys past the end weigh exactly 0), so a token-minor V tile's loads
-    stay vectorised. V_SUB: the V cache's sub-block size (cache_row; BLOCK_SIZE when it has none)."""
+    stay vectorised."""
     k_rows = tile_rows(
         table,
         n0,
@@ -148,7 +123,6 @@ def load_kv_tile(
         BLOCK_SIZE,
         BLOCK_N,
         ALIGNED,
-        BLOCK_SIZE,
     )
     v_rows = tile_rows(
         table,
@@ -162,32 +136,14 @@ def load_kv_tile(
         BLOCK_SIZE,
         BLOCK_N,
         ALIGNED,
-        V_SUB,
     )
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    if ALIGNED and not V_MASK_N and V_SUB < BLOCK_SIZE:
-        # A token-minor V in sub-blocks: the tile is BLOCK_N // V_SUB sub-blocks, each head's
-        # part of one a contiguous [D_PAD, V_SUB] run. Pointers [D_PAD, sub-blocks, V_SUB]
-        # (head_dim first: Triton then lays a warp's loads along one run, 512 contiguous
-        # bytes); online_softmax_step puts the tokens back in order.
-        NSUB: tl.constexpr = BLOCK_N // V_SUB
-        block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)
-        first = block * (BLOCK_SIZE // V_SUB) + tl.multiple_of(n0 % BLOCK_SIZE, BLOCK_N) // V_SUB
-        subs = (first + tl.arange(0, NSUB)) * stride_vb + kv_head * stride_vh
-        v_ptrs = (
-            v_cache_ptr
-            + (offs_d * stride_vd)[:, None, None]
-            + subs[None, :, None]
-            + (tl.arange(0, V_SUB) * stride_vt)[None, None, :]
-        )
-        v_mask = d_mask[:, None, None]
+    v_ptrs = v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd
+    if V_MASK_N:
+        v_mask = kv_mask
     else:
-        v_ptrs = v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd
-        if V_MASK_N:
-            v_mask = kv_mask
-        else:
-            v_mask = d_mask[None, :]  # [1, D_PAD]: constant along the tokens
+        v_mask = d_mask[None, :]  # [1, D_PAD]: constant along the tokens
     return k.to(q.dtype), v_ptrs, v_mask
 
 
@@ -201,8 +157,6 @@ def online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    if len(v.shape) == 3:  # [D_PAD, sub-blocks, V_SUB] (load_kv_tile) -> [BLOCK_N, D_PAD]
-        v = tl.reshape(tl.permute(v, (1, 2, 0)), (v.shape[1] * v.shape[2], v.shape[0]))
     if v.dtype.is_fp8():
         v = v.to(tl.float32) if IEEE else v.to(tl.float16)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)

@@ -138,7 +138,6 @@ def _prefix_kernel(
     PARTS: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
-    V_SUB: tl.constexpr,
     IEEE: tl.constexpr,
     COLS: tl.constexpr,
     MERGE: tl.constexpr,
@@ -220,7 +219,6 @@ def _prefix_kernel(
                 BLOCK_N,
                 ALIGNED,
                 V_MASK_N,
-                V_SUB,
             )
             # [BLOCK_M, BLOCK_N]
             s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
@@ -326,7 +324,6 @@ def launch_prefix(
         PARTS=part_lse.shape[-1] if part_lse.dim() == 3 else 1,
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
-        V_SUB=v_cache.shape[1],
         IEEE=q.dtype == torch.float32,
         COLS=cols,
         MERGE=merge is not None,

@@ -54,7 +54,7 @@ from nanovllm.kernels.attention_tile import (
     publish_and_merge,
     query_for_cache,
 )
-from nanovllm.kernels.store_kv import check_v_cache, kv_scales
+from nanovllm.kernels.store_kv import kv_scales
 
 # The most splits per sequence: bounds the partial buffers and the combine kernel's width.
 MAX_SPLITS = 64
@@ -101,7 +101,6 @@ def _decode_kernel(
     MERGE_PARTS: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
-    V_SUB: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -163,7 +162,6 @@ def _decode_kernel(
             BLOCK_N,
             ALIGNED,
             V_MASK_N,
-            V_SUB,
         )
         # [G_PAD, BLOCK_N]
         s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
@@ -371,9 +369,8 @@ def check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1:
-        raise ValueError(f"{name} needs unit-stride head_dim in q and K")
-    check_v_cache(k_cache, v_cache, name)
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{name} needs unit-stride head_dim in q and K, and V shaped like K")
     return num_heads // num_kv_heads
 
 
@@ -469,7 +466,6 @@ def launch_decode(
         MERGE_PARTS=merge_parts,
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
-        V_SUB=v_cache.shape[1],
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,

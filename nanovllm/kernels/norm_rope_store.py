@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.norm_rope import qk_norm_rope_rows
-from nanovllm.kernels.store_kv import check_v_cache, kv_scales, to_cache, v_cache_offsets
+from nanovllm.kernels.store_kv import kv_scales, to_cache, v_cache_offsets
 
 
 @triton.jit
@@ -162,7 +162,11 @@ def qk_norm_rope_store(
             f"k_cache must be contiguous [num_blocks, block_size, {num_kv_heads}, {head_dim}], "
             f"got shape {tuple(k_cache.shape)}"
         )
-    check_v_cache(k_cache, v_cache, "qk_norm_rope_store")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache must be shaped like k_cache {tuple(k_cache.shape)}, got "
+            f"{tuple(v_cache.shape)}"
+        )
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     if slot_mapping.numel() != num_tokens:
@@ -187,7 +191,7 @@ def qk_norm_rope_store(
             v_scale,
             qkv.stride(0),
             *v_cache.stride(),
-            v_cache.shape[1],  # the V cache's own block size
+            k_cache.shape[1],
             eps,
             NUM_HEADS=num_heads,
             NUM_KV_HEADS=num_kv_heads,

@@ -38,7 +38,7 @@ from nanovllm.kernels.attention_tile import (
     online_softmax_step,
     query_for_cache,
 )
-from nanovllm.kernels.store_kv import check_v_cache, kv_scales
+from nanovllm.kernels.store_kv import kv_scales
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -76,7 +76,6 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
-    V_SUB: tl.constexpr,
     IEEE: tl.constexpr,
     HAS_STARTS: tl.constexpr,
 ):
@@ -161,7 +160,6 @@ def _prefill_kernel(
                 BLOCK_N,
                 ALIGNED,
                 V_MASK_N,
-                V_SUB,
             )
             # [BLOCK_M, BLOCK_N]
             s = dot(q, tl.trans(k), IEEE) * qk_scale
@@ -217,9 +215,10 @@ def prefill_attention(
     num_seqs = seq_lens.shape[0]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1:
-        raise ValueError("prefill_attention needs unit-stride head_dim in q and K")
-    check_v_cache(k_cache, v_cache, "prefill_attention")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            "prefill_attention needs unit-stride head_dim in q and K, and V shaped like K"
+        )
     if out is None:
         out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
@@ -257,7 +256,6 @@ def prefill_attention(
         BLOCK_N=block_n,
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
-        V_SUB=v_cache.shape[1],
         IEEE=q.dtype == torch.float32,
         HAS_STARTS=prefix is not None,
         num_warps=num_warps,

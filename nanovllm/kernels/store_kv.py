@@ -51,8 +51,6 @@ def v_cache_offsets(
     if V_CONTIGUOUS:
         return slot * ROW + offs
     else:
-        # block_size: the V cache's own (a sub-block of a float8 V cache holds slots
-        # s * block_size .. (s + 1) * block_size - 1: see check_v_cache)
         block, row = slot // block_size, slot % block_size
         head, d = offs // HEAD_DIM, offs % HEAD_DIM
         return block * stride_vb + row * stride_vt + head * stride_vh + d * stride_vd
@@ -119,9 +117,8 @@ def store_kv(
         return
     if k.stride(2) != 1 or k.stride(1) != head_dim or v.stride(2) != 1 or v.stride(1) != head_dim:
         raise ValueError("store_kv needs each token's K/V row contiguous")
-    if not k_cache.is_contiguous():
-        raise ValueError("store_kv needs a contiguous K cache")
-    check_v_cache(k_cache, v_cache, "store_kv")
+    if not k_cache.is_contiguous() or v_cache.shape != k_cache.shape:
+        raise ValueError("store_kv needs a contiguous K cache and a V cache shaped like it")
     row = num_kv_heads * head_dim
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens,)](
@@ -136,32 +133,11 @@ def store_kv(
         v.stride(0),
         *v_cache.stride(),
         HEAD_DIM=head_dim,
-        BLOCK_SIZE=v_cache.shape[1],
+        BLOCK_SIZE=k_cache.shape[1],
         ROW=row,
         ROW_PAD=triton.next_power_of_2(row),
         V_CONTIGUOUS=v_cache.is_contiguous(),
     )
-
-
-def check_v_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, name: str) -> int:
-    """The V cache's own block size: K's, or for a V cache in sub-blocks (the Triton backend's
-    float8 V: TritonAttentionBackend.allocate_kv_cache) a divisor `sub` of it, the cache then
-    shaped [num_blocks * block_size / sub, sub, num_kv_heads, head_dim] (block b's sub-blocks
-    are b * block_size / sub onwards, so slot s lives in sub-block s // sub, row s % sub).
-    ValueError for any other shape."""
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    sub = v_cache.shape[1] if v_cache.dim() == 4 else 0
-    if (
-        v_cache.dim() != 4
-        or sub < 1
-        or block_size % sub != 0
-        or tuple(v_cache.shape) != (num_blocks * (block_size // sub), sub, num_kv_heads, head_dim)
-    ):
-        raise ValueError(
-            f"{name}: the V cache must be shaped like K {tuple(k_cache.shape)} or in sub-blocks "
-            f"of it, got {tuple(v_cache.shape)}"
-        )
-    return sub
 
 
 def kv_scales(
