@@ -1,6 +1,7 @@
 """Does the order of a decode batch change the attention kernel's time? (CUDA only)
 
-    python3 scripts/bench_decode_order.py [--kv-dtype bf16,fp8] [--every 64]
+    python3 scripts/bench_decode_order.py [--kv-dtype bf16,fp8] [--every 64] [--maxnreg N]
+    python3 scripts/bench_decode_order.py --configs [--from-step 780]
 
 The decode kernel runs one program per (sequence, K/V head), sequences fastest in the grid, so
 the batch order is the order in which programs reach the SMs. With bench.py's lengths (100 to
@@ -13,7 +14,10 @@ on the same batch longest first and shortest first. The sum over the sampled ste
 
 --configs: instead, on the batch longest first, time launch configs (block_n / warps / stages
 x 1 or 2 splits, up to 6 below 128 sequences) at every sampled step against the engine's choice: per step the best, and per
-config the run's estimate.
+config the run's estimate. --from-step: the first step sampled (e.g. only the small batches
+at the end of the run). Below ~60 sequences the kernel takes less time than its eager launch
+(and a split config's partial buffers and combine launch), so there these timings are the
+host's, not the graph replay's (BENCHMARKS.md issue 24, session 15).
 """
 
 import argparse

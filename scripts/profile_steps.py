@@ -2,6 +2,7 @@
 
     python3 scripts/profile_steps.py [--prefill-seqs 16 --prefill-len 1024]
         [--decode-seqs 256 --decode-ctx 600] [--fused both|on|off] [--device cuda|cpu]
+        [--kv-cache-dtype auto|fp8]
 
 Qwen3-0.6B shape, dummy weights, bf16. For each setting of the fused K/V store (`--fused both`:
 unfused first, then fused; see layers/attention.py, NANOVLLM_FUSED_KV_STORE) it prints:
