@@ -28,13 +28,10 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_sweep import BLOCK_SIZE, KV_HEADS, make_inputs  # noqa: E402
+from decode_sweep import BLOCK_SIZE, KV_HEADS, make_inputs, run_config  # noqa: E402
 
-from nanovllm.kernels.decode_attention import decode_attention  # noqa: E402
 from nanovllm.kernels.decode_config import DecodeConfig, choose_decode_config  # noqa: E402
 from nanovllm.utils.benchmark import standard_workload  # noqa: E402
-
-MAXNREG = None  # --maxnreg
 
 
 def time_order(
@@ -45,26 +42,14 @@ def time_order(
     seq_lens: torch.Tensor,
     cfg: DecodeConfig,
     order: torch.Tensor,
+    maxnreg: int | None = None,
 ) -> float:
     """Median ms of the decode kernel on the batch's rows taken in `order`."""
     q, tables, seq_lens = q[order].contiguous(), tables[order].contiguous(), seq_lens[order]
     out = torch.empty_like(q)
 
     def run() -> None:
-        decode_attention(
-            q,
-            k_cache,
-            v_cache,
-            tables,
-            seq_lens,
-            0.088,
-            cfg.num_splits,
-            out,
-            block_n=cfg.block_n,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            maxnreg=MAXNREG,
-        )
+        run_config(q, k_cache, v_cache, tables, seq_lens, cfg, out, maxnreg)
 
     return triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
 
@@ -127,8 +112,6 @@ def main() -> None:
     parser.add_argument("--maxnreg", type=int, help="a register cap for the decode kernel")
     parser.add_argument("--from-step", type=int, default=0, help="--configs: first step sampled")
     args = parser.parse_args()
-    global MAXNREG
-    MAXNREG = args.maxnreg
     work = standard_workload()
     prompt_lens = [len(p) for p in work.prompts]
     if args.configs:
@@ -163,7 +146,7 @@ def main() -> None:
             }
             row = []
             for name, order in orders.items():
-                ms = time_order(q, k_cache, v_cache, tables, seq_lens, cfg, order)
+                ms = time_order(q, k_cache, v_cache, tables, seq_lens, cfg, order, args.maxnreg)
                 totals[name] += ms * args.every
                 row.append(ms)
             print(f"{step} | {len(lens)} | " + " | ".join(f"{ms:.4f}" for ms in row))

@@ -57,7 +57,7 @@ from nanovllm.kernels.decode_attention import (  # noqa: E402
     choose_num_splits,
     decode_attention,
 )
-from nanovllm.kernels.decode_config import choose_decode_config  # noqa: E402
+from nanovllm.kernels.decode_config import DecodeConfig, choose_decode_config  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -109,6 +109,33 @@ def make_inputs(lens: list[int], kv: str, device: torch.device) -> tuple[torch.T
     # [num_seqs, num_heads, head_dim]
     q = torch.randn(len(lens), HEADS, HEAD_DIM, device=device).bfloat16()
     return q, k_cache, v_cache, tables, seq_lens
+
+
+def run_config(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cfg: DecodeConfig,
+    out: torch.Tensor,
+    maxnreg: int | None = None,
+) -> None:
+    """One decode_attention call with a DecodeConfig's launch (scale 0.088), into `out`."""
+    decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        seq_lens,
+        0.088,
+        cfg.num_splits,
+        out,
+        block_n=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        maxnreg=maxnreg,
+    )
 
 
 def tile_grid(kv: str, sms: int) -> list[tuple[int, int, int, int]]:

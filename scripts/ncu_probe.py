@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_sweep import BLOCK_SIZE, KV_HEADS, make_inputs  # noqa: E402
+from decode_sweep import BLOCK_SIZE, KV_HEADS, make_inputs, run_config  # noqa: E402
 
-from nanovllm.kernels.decode_attention import decode_attention  # noqa: E402
 from nanovllm.kernels.decode_config import choose_decode_config  # noqa: E402
 from nanovllm.kernels.skinny_gemm import skinny_linear  # noqa: E402
 from nanovllm.utils.benchmark import standard_workload  # noqa: E402
@@ -42,19 +41,7 @@ def main() -> None:
                 nbytes = sum(lens) * KV_HEADS * 128 * 2 * k_cache.element_size()
                 print(f"step {step} {kv}: {len(lens)} seqs, {nbytes / 1e6:.1f} MB K/V, {cfg}")
                 for _ in range(2):
-                    decode_attention(
-                        q,
-                        k_cache,
-                        v_cache,
-                        tables,
-                        seq_lens,
-                        0.088,
-                        cfg.num_splits,
-                        out,
-                        block_n=cfg.block_n,
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                    )
+                    run_config(q, k_cache, v_cache, tables, seq_lens, cfg, out)
                 torch.cuda.synchronize()
                 del k_cache, v_cache
     if "gemm" in which:
