@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Session 16, first visit: the decode kernel stores V over a float8 cache (v_new; the fused
-# norm/RoPE kernel stores only K). CUDA tests, then the step profile and bench.py with the V
-# store in attention on and off (NANOVLLM_ATTENTION_V_STORE), bf16 for reference, the FP8
+# norm/RoPE kernel stores only K). The step profile and bench.py with the V
+# store in attention on and off (NANOVLLM_ATTENTION_V_STORE), CUDA tests, bf16 for reference, the FP8
 # quality gate, and the step profile once more with the tiles walked first to last.
 set -uo pipefail
 source scripts/visit_lib.sh  # step(), $OUT
-TAIL=6 step 240 tests python3 -m pytest -q -x tests/test_kernels.py tests/test_norm_rope_store.py -k "stores_v or v_new or fp8 or token_minor or decode or fused or engine"
 PROF="python3 scripts/profile_steps.py --prefill-seqs 0 --decode-seqs 256 --decode-ctx 600 --fused on --kv-cache-dtype fp8"
 TAIL=22 step 100 prof_fp8_on $PROF
 NANOVLLM_ATTENTION_V_STORE=0 TAIL=22 step 100 prof_fp8_off $PROF
 TAIL=4 step 90 bench_fp8_on python3 bench.py --kv-cache-dtype fp8
 NANOVLLM_ATTENTION_V_STORE=0 TAIL=4 step 90 bench_fp8_off python3 bench.py --kv-cache-dtype fp8
+TAIL=6 step 200 tests python3 -m pytest -q -x tests/test_kernels.py tests/test_norm_rope_store.py -k "stores_v or v_new or fp8 or token_minor or engine"
 TAIL=4 step 90 bench_bf16 python3 bench.py
 TAIL=12 step 90 quality python3 scripts/fp8_quality.py
 # the same store with the tiles walked first to last (the store's sectors read back later)
