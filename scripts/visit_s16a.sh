@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Reverted after this visit: the V store in the decode kernel cost more than it saved; see BENCHMARKS.md, session 16.)
 # Session 16, first visit: the decode kernel stores V over a float8 cache (v_new; the fused
 # norm/RoPE kernel stores only K). The step profile and bench.py with the V
 # store in attention on and off (NANOVLLM_ATTENTION_V_STORE), CUDA tests, bf16 for reference, the FP8

@@ -33,7 +33,6 @@ HEADS = (
 )
 BLOCK_SIZES = [16, 256]
 TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-FP8 = torch.float8_e4m3fn
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -1073,91 +1072,6 @@ def test_fp8_scales_through_splits(num_splits: int) -> None:
         v_scale=torch.tensor([V_SCALE], device=DEVICE),
     ).cpu()
     assert rel_err(out, ref) < TOL[torch.float32]
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("cache", ["float32", "fp8"])
-def test_decode_stores_v(cache: str, block_size: int, num_splits: int) -> None:
-    """decode_attention(v_new=...) writes each sequence's new V row into its last slot of a
-    token-minor V cache (the engine's float8 layout) before reading it: the cache then holds
-    what store_kv would have written (float8: the row / v_scale), the output is attention over
-    it, and a padded row (no keys) writes nothing and gets zeros."""
-    from nanovllm.kernels.decode_attention import decode_attention
-    from nanovllm.kernels.store_kv import quantize_fp8
-
-    heads = HEADS[1]
-    case = Case([1] * len(DECODE_CTX), DECODE_CTX, heads, block_size, torch.float32, seed=21)
-    case.meta.is_prefill = False
-    v_scale = None
-    if cache == "fp8":
-        # values the cache holds exactly: [old V | the new rows] as float8 content x V_SCALE
-        v8, v_vals = scaled_fp8(torch.cat([case.v_cache.flatten(), case.v.flatten()]), V_SCALE)
-        n = case.v_cache.numel()
-        case.v_cache, case.v = v_vals[:n].view_as(case.v_cache), v_vals[n:].view_as(case.v)
-        case.k_cache, case.k = case.k_cache.to(FP8).float(), case.k.to(FP8).float()
-        v_scale = torch.tensor([V_SCALE], device=DEVICE)
-    ref_out, ref_k, ref_v = reference(case)  # the torch backend stores k and v, then attends
-    # K stored already, V not: the kernel must write it
-    if cache == "fp8":
-        k_cache = ref_k.to(FP8)
-        v_cache = token_minor(v8[:n].view(case.v_cache.shape))
-        ref_v_cache = quantize_fp8(ref_v, V_SCALE)
-    else:
-        k_cache, v_cache, ref_v_cache = ref_k, token_minor(case.v_cache), ref_v
-    # one padded row more: no keys, a V row that must not land anywhere
-    num_seqs = len(DECODE_CTX)
-    q = torch.cat([case.q, case.q[:1]])
-    v_new = torch.cat([case.v, torch.full_like(case.v[:1], 3.0)])
-    tables = torch.cat([case.block_tables, torch.full_like(case.block_tables[:1], -1)])
-    seq_lens = torch.cat([case.meta.seq_lens, torch.zeros(1, dtype=torch.int32)])
-    v_cache = v_cache.to(DEVICE)
-    out = torch.full_like(q, float("nan"), device=DEVICE)
-    decode_attention(
-        q.to(DEVICE),
-        k_cache.to(DEVICE),
-        v_cache,
-        tables.to(DEVICE),
-        seq_lens.to(DEVICE),
-        case.scale,
-        num_splits,
-        out,
-        v_scale=v_scale,
-        v_new=v_new.to(DEVICE),
-    )
-    assert v_cache.stride(1) == 1  # still token-minor
-    got = v_cache.cpu().contiguous()
-    if cache == "fp8":  # compare the bytes (float8 has no equality on the CPU in older torch)
-        got, ref_v_cache = got.view(torch.uint8), ref_v_cache.view(torch.uint8)
-    assert torch.equal(got, ref_v_cache)
-    out = out.cpu()
-    assert torch.equal(out[num_seqs], torch.zeros_like(out[num_seqs]))
-    assert rel_err(out[:num_seqs], ref_out) < TOL[torch.float32]
-
-
-def test_decode_v_new_checks() -> None:
-    """v_new of the wrong shape or dtype is refused, naming what it got; the Triton backend asks
-    for V rows only on a plain decode step over a token-minor V cache, and refuses them in any
-    other step."""
-    from nanovllm.kernels.decode_attention import decode_attention
-
-    case = Case([1, 1], [5, 9], HEADS[1], 16, torch.float32, seed=5)
-    case.meta.is_prefill = False
-    case.v_cache = token_minor(case.v_cache)
-    case.to(DEVICE)
-    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.meta.seq_lens, 1.0)
-    with pytest.raises(ValueError, match=r"v_new must be \[2, 2, 64\].*got shape \[1, 2, 64\]"):
-        decode_attention(*args, v_new=case.v[:1])
-    with pytest.raises(ValueError, match="v_new must be float32, float16 or bfloat16"):
-        decode_attention(*args, v_new=case.v.to(FP8))
-    backend = triton_backend(HEADS[1][1])
-    meta = backend.build_metadata(case.meta, 16)
-    assert backend.stores_v_in_decode(case.v_cache, meta)
-    assert not backend.stores_v_in_decode(case.v_cache.contiguous(), meta)
-    meta.is_prefill = True
-    assert not backend.stores_v_in_decode(case.v_cache, meta)
-    with pytest.raises(ValueError, match="v_new is for a plain decode step"):
-        backend.attend(case.q, case.k_cache, case.v_cache, meta, 1.0, v_new=case.v)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])

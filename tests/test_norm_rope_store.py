@@ -136,7 +136,7 @@ class Step:
         return q.cpu(), k.cpu(), k_cache.cpu(), dense_copy(v_cache)
 
     def fused(
-        self, k_scale: float | None = None, v_scale: float | None = None, store_v: bool = True
+        self, k_scale: float | None = None, v_scale: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused kernel on copies of the caches; returns (q, k_cache, v_cache) on the CPU."""
         from nanovllm.kernels.norm_rope_store import qk_norm_rope_store
@@ -161,7 +161,6 @@ class Step:
             self.slots.to(DEVICE),
             scale(k_scale),
             scale(v_scale),
-            store_v=store_v,
         )
         assert v_cache.stride() == self.v_cache.stride()
         return q.cpu(), k_cache.cpu(), dense_copy(v_cache)
@@ -210,18 +209,6 @@ def test_fused_token_minor_v_cache(block_size: int) -> None:
     assert torch.equal(q, q_ref) and torch.equal(k_cache, k_cache_ref)
     assert torch.equal(v_cache, v_cache_ref)
     assert torch.equal(v_cache, step.torch_reference()[2])
-
-
-def test_fused_without_v_leaves_the_v_cache() -> None:
-    """store_v=False (the decode kernel stores V instead): q and the K cache as with the store,
-    the V cache untouched."""
-    dtype, heads = DTYPES[0], HEADS[1]
-    step = Step(heads, 16, dtype, dtype, seed=17, v_token_minor=True)
-    q, k_cache, v_cache = step.fused()
-    q_k, k_cache_k, v_cache_k = step.fused(store_v=False)
-    assert torch.equal(q_k, q) and torch.equal(k_cache_k, k_cache)
-    assert torch.equal(v_cache_k, dense_copy(step.v_cache))
-    assert not torch.equal(v_cache, v_cache_k)  # the full store did write V
 
 
 @pytest.mark.parametrize("scales", [(None, None), (0.5, 2.0), (2.0**-10, None)])
@@ -311,35 +298,21 @@ def test_fused_refuses_bad_scale_and_cache() -> None:
 
 
 def _engine_tokens(
-    model_dir: str,
-    fused: bool,
-    monkeypatch: pytest.MonkeyPatch,
-    kv_cache_dtype: str,
-    v_token_minor: bool = False,
+    model_dir: str, fused: bool, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str
 ) -> tuple[list[list[int]], dict[str, int]]:
     """Greedy tokens of a small workload with the Triton backend (the interpreter on a CPU),
-    the fused K/V store on or off; also counts the launches of each path ("v_new": decode
-    attention calls handed the step's V rows). v_token_minor: every layer's V cache in the
-    token-minor layout (a float8 cache has it anyway)."""
-    import nanovllm.kernels.decode_attention as decode_module
+    the fused K/V store on or off; also counts the launches of each path."""
     import nanovllm.kernels.norm_rope_store as fused_module
     import nanovllm.kernels.store_kv as store_module
     from nanovllm.attention.triton_backend import TritonAttentionBackend
 
     monkeypatch.setattr("nanovllm.layers.attention.FUSED_KV_STORE", fused)
-    calls = {"fused": 0, "store_kv": 0, "v_new": 0}
+    calls = {"fused": 0, "store_kv": 0}
     original_fused, original_store = fused_module.qk_norm_rope_store, store_module.store_kv
-    original_decode = decode_module.decode_attention
 
-    def count_decode(*args: object, **kwargs: object) -> torch.Tensor:
-        calls["v_new"] += kwargs.get("v_new") is not None
-        return original_decode(*args, **kwargs)
-
-    monkeypatch.setattr(decode_module, "decode_attention", count_decode)
-
-    def count_fused(*args: object, **kwargs: object) -> torch.Tensor:
+    def count_fused(*args: object) -> torch.Tensor:
         calls["fused"] += 1
-        return original_fused(*args, **kwargs)
+        return original_fused(*args)
 
     def count_store(*args: object) -> None:
         calls["store_kv"] += 1
@@ -362,11 +335,6 @@ def _engine_tokens(
             runner.attn_backend = TritonAttentionBackend(DEVICE, 2)
             for layer in runner.attention_layers:
                 layer.backend = runner.attn_backend
-        if v_token_minor:  # [.., block_size, kv_heads, d] over [.., kv_heads, d, block_size]
-            for layer in runner.attention_layers:
-                if layer.v_cache.stride(1) != 1:
-                    layer.v_cache = layer.v_cache.permute(0, 2, 3, 1).contiguous()
-                    layer.v_cache = layer.v_cache.permute(0, 3, 1, 2)
         prompts = [[5 + (7 * i + 3 * j) % 400 for j in range(n)] for i, n in enumerate((9, 21, 3))]
         params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -391,23 +359,3 @@ def test_engine_fused_store_same_tokens(
     computing = calls_on["layers"] if kv_cache_dtype.endswith("+scales") else 0
     assert calls_on["fused"] > 0 and calls_on["store_kv"] == computing
     assert fused == unfused
-
-
-def test_engine_decode_kernel_stores_v(
-    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Over a token-minor V cache (on a CPU a float32 one under the interpreter; on CUDA the
-    float8 cache, CUDA graphs on) the fused kernel stores only K in decode steps and the decode
-    kernel stores V (NANOVLLM_ATTENTION_V_STORE): the same greedy tokens as with V stored by the
-    fused kernel, and the decode kernel really got the V rows."""
-    kv_cache_dtype = "fp8" if CUDA else "auto"
-    tokens, calls = {}, {}
-    for on in (False, True):
-        with monkeypatch.context() as patch:
-            patch.setattr("nanovllm.layers.attention.ATTENTION_V_STORE", on)
-            tokens[on], calls[on] = _engine_tokens(
-                tiny_model_dir, True, patch, kv_cache_dtype, v_token_minor=True
-            )
-    assert calls[False]["v_new"] == 0 and calls[True]["v_new"] > 0
-    assert calls[True]["store_kv"] == 0
-    assert tokens[True] == tokens[False]

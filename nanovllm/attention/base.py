@@ -28,8 +28,6 @@ the kernel that makes k (Qwen3's q/k norm + RoPE: kernels/norm_rope_store.py), s
 and k's round trip through memory. Such a backend sets the flag and implements `attend`, which
 is `forward` without the store: the caller promises every new token's K/V is already in the cache.
 The attention layer decides which path a step takes (layers/attention.py, `fused_store_target`).
-A backend may also ask for a decode step's V rows instead (`stores_v_in_decode`): the caller
-then stores only K and hands V to `attend` as `v_new`.
 """
 
 from abc import ABC, abstractmethod
@@ -104,18 +102,11 @@ class AttentionBackend(ABC):
         scale: float,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
-        v_new: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`forward` without the store: the step's K/V are already in their slots (float8
-        caches scaled by k_scale / v_scale as `forward` would have stored them), or only K when
-        `stores_v_in_decode` said so: then v_new [num_tokens, num_kv_heads, head_dim] are the
-        step's V rows, which the backend stores.
+        caches scaled by k_scale / v_scale as `forward` would have stored them).
 
         Only backends with `supports_fused_kv_store` implement it. q: [num_tokens, num_heads,
         head_dim]; returns [num_tokens, num_heads, head_dim].
         """
         raise NotImplementedError(f"the {self.name!r} backend stores K/V itself (forward)")
-
-    def stores_v_in_decode(self, v_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """True when `attend` wants this step's V rows (v_new) instead of finding them stored."""
-        return False

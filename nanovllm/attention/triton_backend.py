@@ -12,9 +12,7 @@ backend learns when it allocates the cache.
 
 Fused store. With Qwen3's q/k norms the layer's fused kernel (kernels/norm_rope_store.py) writes
 k and v into their slots itself and calls `attend`, which skips `store_kv`: one launch a layer
-less (see attention/base.py and layers/attention.py). Over a token-minor (float8) V cache a plain
-decode step leaves V to the decode kernel (`stores_v_in_decode`; "Storing V" in
-kernels/decode_attention.py says why).
+less (see attention/base.py and layers/attention.py).
 
 Cascade. When the step's metadata groups sequences by a shared prefix (`meta.cascade`, built
 with the rest of the step's inputs, see attention/cascade.py), the step runs the cascade
@@ -134,13 +132,9 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
-        v_new: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from nanovllm.kernels.decode_attention import decode_attention
         from nanovllm.kernels.prefill_attention import prefill_attention
-
-        if v_new is not None and not self.stores_v_in_decode(v_cache, meta):
-            raise ValueError("v_new is for a plain decode step over a token-minor V cache")
 
         if meta.is_prefill and meta.cascade is not None:
             from nanovllm.attention.cascade import PREFILL_PREFIX_ROWS
@@ -213,14 +207,8 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits,
             k_scale=k_scale,
             v_scale=v_scale,
-            v_new=v_new,
             **tiles,
         )
-
-    def stores_v_in_decode(self, v_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """A plain decode step (no cascade) over a token-minor V cache: the decode kernel
-        stores the step's V rows itself (decode_attention's v_new)."""
-        return not meta.is_prefill and meta.cascade is None and not v_cache.is_contiguous()
 
     @staticmethod
     def _prefill_without_cache(

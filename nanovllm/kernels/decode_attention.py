@@ -33,16 +33,6 @@ why). When BLOCK_N divides the block size every tile lies in one block (ALIGNED)
 per tile, and a token-minor V tile is read whole, past the sequence's end too (those keys weigh
 exactly 0; the slots hold finite values, as store_kv saturates), so its loads stay vectorised.
 
-Storing V (`v_new`). A float8 V cache is token-minor, so a decode token's V row is head_dim
-single bytes per head, each in its own 32-byte sector of memory. Written by the store kernel
-before attention, every such byte costs the memory system a read of its sector (the sector is
-not in L2): one H200, 256 sequences, the store took 0.41 ms a step against 0.10 ms over a
-bfloat16 cache (BENCHMARKS.md, issue 24). So the decode step may hand this kernel the V rows
-instead: the program whose share of keys ends the sequence writes its head's row into the last
-slot, and then walks its tiles last first, so the tile it reads first is the one that holds
-those sectors, and its read brings them in once for both. Only the order of the tiles changes
-(a different summation order: the last bits of the result may differ from the forward walk).
-
 Cascade (kernels/cascade_attention.py) runs the same kernel from a per-sequence first key
 (`starts`, the end of its group's shared prefix), while the prefix pass runs beside it. With one
 split its result is one part of each grouped row and the pass that brings a row's last part
@@ -64,70 +54,10 @@ from nanovllm.kernels.attention_tile import (
     publish_and_merge,
     query_for_cache,
 )
-from nanovllm.kernels.store_kv import kv_scales, to_cache
+from nanovllm.kernels.store_kv import kv_scales
 
 # The most splits per sequence: bounds the partial buffers and the combine kernel's width.
 MAX_SPLITS = 64
-
-
-@triton.jit
-def _tile(
-    q,
-    k_cache_ptr,
-    v_cache_ptr,
-    table,
-    n0,
-    end,
-    offs_d,
-    d_mask,
-    kv_head,
-    qk_scale,
-    m_i,
-    l_i,
-    acc,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    V_MASK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """Fold the key tile n0..n0+BLOCK_N-1 (keys from `end` on masked) into (m_i, l_i, acc)."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < end
-    # [BLOCK_N, D_PAD]
-    k, v_ptrs, v_mask = load_kv_tile(
-        q,
-        k_cache_ptr,
-        v_cache_ptr,
-        table,
-        n0,
-        offs_n,
-        n_mask,
-        offs_d,
-        d_mask,
-        kv_head,
-        stride_kb,
-        stride_kt,
-        stride_kh,
-        stride_vb,
-        stride_vt,
-        stride_vh,
-        stride_vd,
-        BLOCK_SIZE,
-        BLOCK_N,
-        ALIGNED,
-        V_MASK_N,
-    )
-    # [G_PAD, BLOCK_N]
-    s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-    return online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_splits", "parts"])
@@ -144,12 +74,9 @@ def _decode_kernel(
     counters_ptr,
     k_scale_ptr,
     v_scale_ptr,
-    v_new_ptr,
     qk_scale,
     stride_qs,
     stride_qh,
-    stride_ns,
-    stride_nh,
     stride_kb,
     stride_kt,
     stride_kh,
@@ -175,7 +102,6 @@ def _decode_kernel(
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
     IEEE: tl.constexpr,
-    STORE_V: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -210,85 +136,36 @@ def _decode_kernel(
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    if STORE_V:
-        # This step's V row goes into the sequence's last slot here, not in the store kernel:
-        # see "Storing V" in the module docstring. The program whose keys end the sequence
-        # writes its head's row, then the barrier makes it visible to the tile loads of every
-        # thread of the program, and the tiles run last first.
-        if (start < end) & (end == seq_len):
-            last = seq_len - 1
-            block = tl.load(table + last // BLOCK_SIZE).to(tl.int64)
-            v_row = tl.load(
-                v_new_ptr + seq.to(tl.int64) * stride_ns + kv_head * stride_nh + offs_d,
-                mask=d_mask,
-            )
-            v_dst = (
-                block * stride_vb
-                + (last % BLOCK_SIZE) * stride_vt
-                + kv_head * stride_vh
-                + offs_d * stride_vd
-            )
-            tl.store(v_cache_ptr + v_dst, to_cache(v_row, v_scale_ptr, v_cache_ptr), mask=d_mask)
-        tl.debug_barrier()
-        num_tiles = tl.cdiv(end - start, BLOCK_N)
-        for i in range(0, num_tiles):
-            n0 = start + (num_tiles - 1 - i) * BLOCK_N
-            m_i, l_i, acc = _tile(
-                q,
-                k_cache_ptr,
-                v_cache_ptr,
-                table,
-                n0,
-                end,
-                offs_d,
-                d_mask,
-                kv_head,
-                qk_scale,
-                m_i,
-                l_i,
-                acc,
-                stride_kb,
-                stride_kt,
-                stride_kh,
-                stride_vb,
-                stride_vt,
-                stride_vh,
-                stride_vd,
-                BLOCK_SIZE,
-                BLOCK_N,
-                ALIGNED,
-                V_MASK_N,
-                IEEE,
-            )
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc = _tile(
-                q,
-                k_cache_ptr,
-                v_cache_ptr,
-                table,
-                n0,
-                end,
-                offs_d,
-                d_mask,
-                kv_head,
-                qk_scale,
-                m_i,
-                l_i,
-                acc,
-                stride_kb,
-                stride_kt,
-                stride_kh,
-                stride_vb,
-                stride_vt,
-                stride_vh,
-                stride_vd,
-                BLOCK_SIZE,
-                BLOCK_N,
-                ALIGNED,
-                V_MASK_N,
-                IEEE,
-            )
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        # [BLOCK_N, D_PAD]
+        k, v_ptrs, v_mask = load_kv_tile(
+            q,
+            k_cache_ptr,
+            v_cache_ptr,
+            table,
+            n0,
+            offs_n,
+            n_mask,
+            offs_d,
+            d_mask,
+            kv_head,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            stride_vd,
+            BLOCK_SIZE,
+            BLOCK_N,
+            ALIGNED,
+            V_MASK_N,
+        )
+        # [G_PAD, BLOCK_N]
+        s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale
@@ -434,7 +311,6 @@ def decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     maxnreg: int | None = None,
-    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence against its cached keys.
 
@@ -442,15 +318,10 @@ def decode_attention(
     block_tables: [num_seqs, max_blocks] (int32 or int64); seq_lens: [num_seqs] keys per sequence;
     k_scale, v_scale: a float8 cache's dequantisation scales ([1] float32, 1.0 when None);
     maxnreg: a register cap per thread for the decode kernel (more programs per SM, at the cost
-    of spills; None: the compiler's choice; the config sweep measures it);
-    v_new: [num_seqs, num_kv_heads, head_dim] (unit-stride rows), this step's V rows: the kernel
-    writes row i into sequence i's last slot (key seq_lens[i] - 1) itself, as store_kv would,
-    before it reads it (see "Storing V" in the module docstring); None: V is already stored.
+    of spills; None: the compiler's choice; the config sweep measures it).
     Returns [num_seqs, num_heads, head_dim] in q's dtype (written into `out` when given).
     """
     check_shapes(q, k_cache, v_cache, "decode_attention")
-    if v_new is not None:
-        check_v_new(v_new, q.shape[0], v_cache)
     if out is None:
         out = torch.empty_like(q)
     if q.shape[0] == 0:
@@ -476,24 +347,10 @@ def decode_attention(
         k_scale,
         v_scale,
         maxnreg,
-        v_new=v_new,
     )
     if partial is not None:
         combine(*partial, None, out, num_splits)
     return out
-
-
-def check_v_new(v_new: torch.Tensor, num_seqs: int, v_cache: torch.Tensor) -> None:
-    """ValueError unless v_new is one [num_kv_heads, head_dim] row of V per sequence with a
-    unit-stride head_dim, in a dtype the cache's store takes."""
-    expected = (num_seqs, v_cache.shape[2], v_cache.shape[3])
-    if tuple(v_new.shape) != expected or v_new.stride(2) != 1:
-        raise ValueError(
-            f"v_new must be {list(expected)} with a unit-stride head_dim, got shape "
-            f"{list(v_new.shape)}, strides {list(v_new.stride())}"
-        )
-    if not v_new.is_floating_point() or v_new.element_size() == 1:
-        raise ValueError(f"v_new must be float32, float16 or bfloat16, got {v_new.dtype}")
 
 
 def default_block_n(k_cache: torch.Tensor) -> int:
@@ -547,7 +404,6 @@ def launch_decode(
     v_scale: torch.Tensor | None = None,
     maxnreg: int | None = None,
     merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    v_new: torch.Tensor | None = None,
 ) -> None:
     """Run the paged decode kernel over keys starts[i]..seq_lens[i]-1 of each sequence (all of
     them without starts). Without `partial` (one split, no starts) it writes `out`; else it
@@ -557,7 +413,7 @@ def launch_decode(
     and merge counters ([num_seqs * num_heads] int32, zero): where starts[i] > 0 this kernel's
     result is part 0, and the pass that brings a row's last part writes its merged output
     (attention_tile.publish_and_merge); sequences with start 0 get their output written.
-    k_scale, v_scale, maxnreg, v_new: as decode_attention's (v_new needs no starts)."""
+    k_scale, v_scale, maxnreg: as decode_attention's."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -574,8 +430,6 @@ def launch_decode(
     else:
         part_out, part_lse = partial
         parts = part_out.shape[2]
-    if v_new is not None and starts is not None:
-        raise ValueError("v_new (this step's V rows) is for the plain decode, without starts")
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
@@ -590,11 +444,9 @@ def launch_decode(
         counters,
         k_scale,
         v_scale,
-        v_new if v_new is not None else q,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         q.stride(0),
         q.stride(1),
-        *(v_new.stride()[:2] if v_new is not None else (0, 0)),
         *k_cache.stride()[:3],
         *v_cache.stride(),
         block_tables.stride(0),
@@ -615,7 +467,6 @@ def launch_decode(
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
         IEEE=q.dtype == torch.float32,
-        STORE_V=v_new is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),

@@ -59,7 +59,6 @@ def _qk_norm_rope_store_kernel(
     HALF_PAD: tl.constexpr,
     ROW_PAD: tl.constexpr,
     V_CONTIGUOUS: tl.constexpr,
-    STORE_V: tl.constexpr,
 ):
     # One program per token. Tile rows 0..NUM_HEADS-1 are its query heads, the next
     # NUM_KV_HEADS its key heads, each split in the two halves RoPE rotates.
@@ -100,26 +99,25 @@ def _qk_norm_rope_store_kernel(
         k2 = to_cache(o2, k_scale_ptr, k_cache_ptr)
         tl.store(k_dst, k1, mask=k_mask)
         tl.store(k_dst + HALF, k2, mask=k_mask)
-        if STORE_V:
-            # v: the last ROW elements of the token's qkv row, copied as they are
-            v_offs = tl.arange(0, ROW_PAD)
-            v_mask = v_offs < ROW
-            v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + v_offs
-            v = to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, v_cache_ptr)
-            # e.g. token-minor: element (head, d) of the row by the strides
-            v_dst = v_cache_ptr + v_cache_offsets(
-                slot,
-                v_offs,
-                stride_vb,
-                stride_vt,
-                stride_vh,
-                stride_vd,
-                block_size,
-                HEAD_DIM,
-                ROW,
-                V_CONTIGUOUS,
-            )
-            tl.store(v_dst, v, mask=v_mask)
+        # v: the last ROW elements of the token's qkv row, copied as they are
+        v_offs = tl.arange(0, ROW_PAD)
+        v_mask = v_offs < ROW
+        v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + v_offs
+        v = to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, v_cache_ptr)
+        # e.g. token-minor: element (head, d) of the row by the strides
+        v_dst = v_cache_ptr + v_cache_offsets(
+            slot,
+            v_offs,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            stride_vd,
+            block_size,
+            HEAD_DIM,
+            ROW,
+            V_CONTIGUOUS,
+        )
+        tl.store(v_dst, v, mask=v_mask)
 
 
 def qk_norm_rope_store(
@@ -138,7 +136,6 @@ def qk_norm_rope_store(
     slot_mapping: torch.Tensor,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    store_v: bool = True,
 ) -> torch.Tensor:
     """`qk_norm_rope` (norm_rope.py) and `store_kv` (store_kv.py) of the same step, in one pass.
 
@@ -146,7 +143,6 @@ def qk_norm_rope_store(
     [max_position, head_dim] float32 tables; k_cache, v_cache: [num_blocks, block_size,
     num_kv_heads, head_dim], K contiguous, V of any strides; slot_mapping: [num_tokens] int (-1: skip the token);
     k_scale, v_scale: one-element float32 device tensors for float8 caches, or None (scale 1).
-    store_v=False: v is left for the decode kernel to store (decode_attention's v_new).
     Writes the rotated k and v into their slots and returns the new contiguous q
     [num_tokens, num_heads, head_dim].
     """
@@ -205,7 +201,6 @@ def qk_norm_rope_store(
             HALF_PAD=triton.next_power_of_2(half),
             ROW_PAD=triton.next_power_of_2(num_kv_heads * head_dim),
             V_CONTIGUOUS=v_cache.is_contiguous(),
-            STORE_V=store_v,
             num_warps=4,
         )
     return q

@@ -7,12 +7,6 @@ target exists when the backend supports it (`supports_fused_kv_store`), the cach
 (not the memory-profiling run), the step is not the prefill that computes the float8 scales from
 its own k and v (`calculate_kv_scales`), and the switch `FUSED_KV_STORE` is on
 (environment variable NANOVLLM_FUSED_KV_STORE=0 turns it off, for before/after measurements).
-
-On a decode step the backend may take V itself (`stores_v_in_decode`: the Triton backend over a
-token-minor float8 V cache, whose decode kernel writes each sequence's new V row; see "Storing
-V" in kernels/decode_attention.py). The target then says `store_v=False`: the caller stores
-only K and passes the step's V rows to `forward_stored`. NANOVLLM_ATTENTION_V_STORE=0 turns
-that off.
 """
 
 import os
@@ -37,22 +31,18 @@ if TYPE_CHECKING:
 # Let fused producers of k/v store them (see the module docstring). Read at each forward, so a
 # script may flip it between steps (CUDA graphs keep the path they were captured with).
 FUSED_KV_STORE = os.environ.get("NANOVLLM_FUSED_KV_STORE", "1") != "0"
-# Let the decode kernel store V where the backend offers it (see the module docstring).
-ATTENTION_V_STORE = os.environ.get("NANOVLLM_ATTENTION_V_STORE", "1") != "0"
 
 
 @dataclass
 class KVStoreTarget:
     """Where this step's new K/V rows go: token t's row into slot slot_mapping[t] of each cache
-    (-1: nowhere). Float8 caches hold x / scale saturated to +-448 (scale None: 1). store_v
-    False: only K; V goes to `Attention.forward_stored`, whose backend stores it."""
+    (-1: nowhere). Float8 caches hold x / scale saturated to +-448 (scale None: 1)."""
 
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], any strides
     slot_mapping: torch.Tensor  # [num_tokens] int64
     k_scale: torch.Tensor | None  # [1] float32 or None
     v_scale: torch.Tensor | None  # [1] float32 or None
-    store_v: bool = True
 
 
 class Attention(nn.Module):
@@ -114,18 +104,14 @@ class Attention(nn.Module):
         context = get_context()
         if self.calculate_kv_scales and context.is_prefill:
             return None  # forward computes the float8 scales from this step's k, v first
-        store_v = not (ATTENTION_V_STORE and backend.stores_v_in_decode(self.v_cache, context))
         return KVStoreTarget(
-            self.k_cache, self.v_cache, context.slot_mapping, self.k_scale, self.v_scale, store_v
+            self.k_cache, self.v_cache, context.slot_mapping, self.k_scale, self.v_scale
         )
 
-    def forward_stored(self, q: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention after the caller wrote the step's K/V to fused_store_target()'s slots, or
-        only K when the target said store_v=False: then v is the step's V rows and the backend
-        stores them.
+    def forward_stored(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention after the caller wrote the step's K/V to fused_store_target()'s slots.
 
-        q: [num_tokens, num_heads, head_dim]; v: [num_tokens, num_kv_heads, head_dim] or None;
-        returns [num_tokens, num_heads, head_dim].
+        q: [num_tokens, num_heads, head_dim]; returns [num_tokens, num_heads, head_dim].
         """
         backend = self._backend()
         return backend.attend(
@@ -136,7 +122,6 @@ class Attention(nn.Module):
             self.scale,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
-            v_new=v,
         )
 
     @torch.no_grad()

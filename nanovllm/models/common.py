@@ -118,9 +118,8 @@ class DecoderAttention(nn.Module):
         self, qkv: torch.Tensor, positions: torch.Tensor, target: KVStoreTarget
     ) -> torch.Tensor:
         """Fused path of q/k norms + rotation + the K/V store (kernels/norm_rope_store.py): k and
-        v go straight into the target's cache slots, and the backend only attends (or, when the
-        target says store_v=False, stores v as it attends). Returns the attention output
-        [num_tokens, num_heads, head_dim]."""
+        v go straight into the target's cache slots, and the backend only attends. Returns the
+        attention output [num_tokens, num_heads, head_dim]."""
         from nanovllm.kernels.norm_rope_store import qk_norm_rope_store
 
         # [num_tokens, num_heads, head_dim]
@@ -140,15 +139,8 @@ class DecoderAttention(nn.Module):
             target.slot_mapping,
             target.k_scale,
             target.v_scale,
-            store_v=target.store_v,
         )
-        # [num_tokens, num_kv_heads, head_dim], a view of qkv
-        v = (
-            None
-            if target.store_v
-            else qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        )
-        return self.attn.forward_stored(q, v)
+        return self.attn.forward_stored(q)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, rope: Rope | None = None
