@@ -89,13 +89,13 @@ def main() -> None:
                 k = cache(num_blocks, dtype, k_layout)
                 v = cache(num_blocks, dtype, v_layout, sub or 16)
                 out = torch.empty_like(q)
-                args = (q, k, v, tables, lens, 0.088, cfg.num_splits, out)
+                call = (q, k, v, tables, lens, 0.088, cfg.num_splits, out)
                 tiles = dict(
                     block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages
                 )
 
-                def run(args: tuple = args, tiles: dict = tiles) -> None:
-                    decode_attention(*args, **tiles)
+                def run(call: tuple = call, tiles: dict = tiles) -> None:
+                    decode_attention(*call, **tiles)
 
                 ms = triton.testing.do_bench(run, warmup=25, rep=300, return_mode="median")
                 print(
@@ -103,7 +103,7 @@ def main() -> None:
                     f"{cfg.num_warps} {cfg.num_stages} {cfg.num_splits} | {ms:.4f} | "
                     f"{kv_bytes / (ms * 1e-3) / 1e12:.3f}"
                 )
-                del k, v, args
+                del k, v, call
 
 
 if __name__ == "__main__":
