@@ -1,20 +1,17 @@
-"""The decode kernel over other K/V cache layouts, side by side with the engine's (CUDA only).
+"""The decode kernel over other K/V cache layouts, side by side (CUDA only).
 
-    python3 scripts/bench_layout.py [--shapes 256x600,256x1024,64x4096]
+    python3 scripts/bench_layout.py [--shapes 256x600,256x1024,64x4096] [--kv-dtype bf16,fp8]
 
-The kernel reads K and V through their strides, and V also through sub-blocks (a 5-D view,
-decode_attention.v_view), so a layout is only a view of some storage. Layouts:
+The kernels read K and V through their strides, so a layout is only a view of some storage:
 
-- nhd: the engine's: [blocks, block_size, kv_heads, head_dim] (a float8 V token-minor,
-  [blocks, kv_heads, head_dim, block_size] storage);
-- hnd: K (and a 16-bit V) stored [blocks, kv_heads, block_size, head_dim]: a tile of one head is
-  one contiguous run;
-- v-sub16 / v-sub32 (float8): V stored [blocks, kv_heads, block_size / sub, head_dim, sub]:
-  token-minor within sub-blocks of `sub` tokens, heads outermost, so a tile is contiguous and a
-  decode token's V byte shares its 32-byte sector with sub - 1 others of the same (head, d);
-- v-sub16-outer (float8): [blocks, block_size / 16, kv_heads, head_dim, 16] (session 15's
-  sub-blocks: a tile's sub-blocks lie kv_heads x 2 KB apart);
-- combinations with hnd K.
+- nhd: [blocks, block_size, kv_heads, head_dim] storage (the engine's K and 16-bit V before
+  session 16): a tile of one head is rows of head_dim elements kv_heads rows apart;
+- hnd: [blocks, kv_heads, block_size, head_dim] storage (the engine's since): a tile of one
+  head is one contiguous run;
+- a float8 V is token-minor in both ([blocks, kv_heads, head_dim, block_size] storage).
+
+Session 16 also timed float8 V in sub-blocks of 16 and 32 tokens with this script, through a
+5-D V view that the kernels no longer take (d35e84c; BENCHMARKS.md, issue 24).
 
 Qwen3-0.6B's heads (16 query, 8 K/V, head_dim 128), block size 256, blocks in random order,
 every sequence the same length, the engine's launch config (decode_config) for the shape; time is
@@ -32,37 +29,22 @@ from nanovllm.kernels.decode_config import choose_decode_config
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
 
 
-def cache(num_blocks: int, dtype: torch.dtype, layout: str, sub: int = 16) -> torch.Tensor:
-    """A random cache [num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM] (5-D for sub-blocks) in
-    `layout`: nhd, hnd, token-minor, sub (head-major sub-blocks) or sub-outer."""
+def cache(num_blocks: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """A random cache [num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM] over storage in `layout`:
+    nhd, hnd or token-minor."""
     nb, bs, h, d = num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM
-    if layout == "nhd":
-        storage, order = (nb, bs, h, d), (0, 1, 2, 3)
-    elif layout == "hnd":
-        storage, order = (nb, h, bs, d), (0, 2, 1, 3)
-    elif layout == "token-minor":
-        storage, order = (nb, h, d, bs), (0, 3, 1, 2)
-    elif layout == "sub":
-        storage, order = (nb, h, bs // sub, d, sub), (0, 2, 4, 1, 3)
-    elif layout == "sub-outer":
-        storage, order = (nb, bs // sub, h, d, sub), (0, 1, 4, 2, 3)
-    else:
-        raise ValueError(layout)
-    x = torch.randn(storage, device="cuda").to(dtype)
-    return x.permute(*order)
+    storage, order = {
+        "nhd": ((nb, bs, h, d), (0, 1, 2, 3)),
+        "hnd": ((nb, h, bs, d), (0, 2, 1, 3)),
+        "token-minor": ((nb, h, d, bs), (0, 3, 1, 2)),
+    }[layout]
+    return torch.randn(storage, device="cuda").to(dtype).permute(*order)
 
 
-# (name, K layout, V layout, V sub-block) per cache dtype
+# (name, K layout, V layout) per cache dtype
 LAYOUTS = {
-    "bf16": [("nhd", "nhd", "nhd", 0), ("hnd", "hnd", "hnd", 0)],
-    "fp8": [
-        ("nhd (engine)", "nhd", "token-minor", 0),
-        ("hnd K", "hnd", "token-minor", 0),
-        ("v-sub16", "nhd", "sub", 16),
-        ("v-sub32", "nhd", "sub", 32),
-        ("v-sub16-outer", "nhd", "sub-outer", 16),
-        ("hnd K + v-sub16", "hnd", "sub", 16),
-    ],
+    "bf16": [("nhd", "nhd", "nhd"), ("hnd", "hnd", "hnd")],
+    "fp8": [("nhd K", "nhd", "token-minor"), ("hnd K", "hnd", "token-minor")],
 }
 
 
@@ -85,9 +67,9 @@ def main() -> None:
             q = torch.randn(num_seqs, HEADS, HEAD_DIM, device="cuda").bfloat16()
             cfg = choose_decode_config(num_seqs, KV_HEADS, seq_len, dtype, BLOCK_SIZE, sms)
             kv_bytes = num_seqs * seq_len * KV_HEADS * HEAD_DIM * 2 * dtype.itemsize
-            for name, k_layout, v_layout, sub in LAYOUTS[dtype_name]:
+            for name, k_layout, v_layout in LAYOUTS[dtype_name]:
                 k = cache(num_blocks, dtype, k_layout)
-                v = cache(num_blocks, dtype, v_layout, sub or 16)
+                v = cache(num_blocks, dtype, v_layout)
                 out = torch.empty_like(q)
                 call = (q, k, v, tables, lens, 0.088, cfg.num_splits, out)
                 tiles = dict(

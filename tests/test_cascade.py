@@ -527,17 +527,24 @@ def token_minor(cache: torch.Tensor) -> torch.Tensor:
     return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
+def head_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same values in the Triton backend's K layout (each head's rows contiguous)."""
+    return cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+
 @needs_triton
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_cascade_fp8_cache(block_size: int) -> None:
-    """A float8 e4m3 cache with values float8 holds exactly, V token-minor as the engine lays it
-    out: the same as a float32 cache (block 64: the kernels' one-block tiles)."""
+    """A float8 e4m3 cache with values float8 holds exactly, K head-major and V token-minor as
+    the engine lays them out: the same as a float32 cache (block 64: the kernels' one-block
+    tiles)."""
     fp8 = torch.float8_e4m3fn
     groups, lone = LAYOUTS["several_groups_and_lone"]
     case = SharedCase(groups, lone, (4, 2, 16), block_size, torch.float32, seed=5)
     case.k_cache, case.v_cache = case.k_cache.to(fp8).float(), case.v_cache.to(fp8).float()
     ref = case.reference()
-    case.k_cache, case.v_cache = case.k_cache.to(fp8), token_minor(case.v_cache.to(fp8))
+    case.k_cache, case.v_cache = head_major(case.k_cache.to(fp8)), token_minor(case.v_cache.to(fp8))
+    assert case.k_cache.stride(1) == 16  # head_dim: the tokens of a head are adjacent
     assert rel_err(case.cascade(), ref) < TOL[torch.float32]
 
 

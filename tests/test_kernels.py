@@ -197,11 +197,25 @@ def token_minor(cache: torch.Tensor) -> torch.Tensor:
     return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
+def engine_layout(cache: torch.Tensor, v: bool = False) -> torch.Tensor:
+    """The same values in the layout the Triton backend allocates for `cache`'s dtype (K, or V
+    when v): head-major, or token-minor for a float8 V (allocate_kv_cache)."""
+    from nanovllm.attention.triton_backend import TritonAttentionBackend
+
+    backend = TritonAttentionBackend(torch.device("cpu"), cache.shape[2])
+    pair = backend.allocate_kv_cache(tuple(cache.shape), cache.dtype, cache.device)
+    out = pair[1 if v else 0]
+    assert not out.is_contiguous()
+    return out.copy_(cache)
+
+
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
-def test_token_minor_v_cache(block_size: int, kind: str) -> None:
-    """Every kernel reads V through its own strides: a token-minor V cache (the float8 layout)
-    of any dtype gives the contiguous cache's result, and store_kv scatters into it."""
+@pytest.mark.parametrize("layout", ["token_minor_v", "engine"])
+def test_strided_caches(layout: str, block_size: int, kind: str) -> None:
+    """Every kernel reads K and V through their own strides: a token-minor V cache (the float8
+    layout) of any dtype, or the Triton backend's own layout (K and V head-major), gives the
+    contiguous caches' result, and store_kv scatters into them."""
     dtype = DTYPES[-1]
     if kind == "decode":
         case = Case([1] * len(DECODE_CTX), DECODE_CTX, HEADS[1], block_size, dtype, seed=11)
@@ -210,27 +224,34 @@ def test_token_minor_v_cache(block_size: int, kind: str) -> None:
         q_lens, ctx_lens = PREFILL_CASES["chunked"]
         case = Case(q_lens, ctx_lens, HEADS[1], block_size, dtype, seed=12)
     ref_out, ref_k, ref_v = reference(case)
-    case.v_cache = token_minor(case.v_cache)
-    assert case.v_cache.stride(1) == 1
+    if layout == "token_minor_v":
+        case.v_cache = token_minor(case.v_cache)
+    else:
+        case.k_cache, case.v_cache = engine_layout(case.k_cache), engine_layout(case.v_cache, True)
+    strides = case.k_cache.stride(), case.v_cache.stride()
     case.to(DEVICE)
     backend = triton_backend(HEADS[1][1])
     for max_len in (case.meta.max_seqlen_k, 64 * case.meta.max_seqlen_k):  # 1 and many splits
         out, k_cache, v_cache = case.run(backend, backend.build_metadata(case.meta, max_len))
-        assert v_cache.stride(1) == 1
+        assert (k_cache.stride(), v_cache.stride()) == strides
         assert rel_err(out.cpu(), ref_out) < TOL[dtype]
         assert torch.equal(k_cache.cpu().float(), ref_k)
         assert torch.equal(v_cache.cpu().float(), ref_v)
 
 
-def test_fp8_v_cache_is_token_minor() -> None:
-    """The Triton backend allocates a float8 V cache token-minor, K and 16-bit caches contiguous."""
+def test_triton_backend_cache_layouts() -> None:
+    """The Triton backend allocates K and a 16-bit V head-major, a float8 V token-minor, all
+    zero, all seen as [num_blocks, block_size, num_kv_heads, head_dim]."""
     backend = triton_backend(2)
     shape = (3, 16, 2, 8)
     k, v = backend.allocate_kv_cache(shape, torch.float8_e4m3fn, torch.device("cpu"))
-    assert k.is_contiguous() and v.shape == shape and v.stride() == (256, 1, 128, 16)
-    assert not k.any() and not v.float().any()
+    assert k.shape == v.shape == shape
+    assert k.stride() == (256, 8, 128, 1) and v.stride() == (256, 1, 128, 16)
+    assert not k.float().any() and not v.float().any()
     k, v = backend.allocate_kv_cache(shape, torch.float16, torch.device("cpu"))
-    assert k.is_contiguous() and v.is_contiguous()
+    assert k.shape == v.shape == shape
+    assert k.stride() == v.stride() == (256, 8, 128, 1)
+    assert not k.any() and not v.any()
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -249,8 +270,9 @@ def test_fp8_kv_cache(block_size: int, kind: str) -> None:
     for name in ("k_cache", "v_cache", "k", "v"):
         setattr(case, name, getattr(case, name).to(fp8).float())
     ref_out, ref_k, ref_v = reference(case)
-    # the engine's layout: V token-minor
-    case.k_cache, case.v_cache = case.k_cache.to(fp8), token_minor(case.v_cache.to(fp8))
+    # the engine's layout: K head-major, V token-minor
+    case.k_cache = engine_layout(case.k_cache.to(fp8))
+    case.v_cache = engine_layout(case.v_cache.to(fp8), True)
     case.to(DEVICE)
     backend = triton_backend(HEADS[1][1])
     out, k_cache, v_cache = case.run(

@@ -51,7 +51,8 @@ def dense_copy(t: torch.Tensor) -> torch.Tensor:
 class Step:
     """One step's qkv rows, positions, norm weights, rope tables and slots (some -1) into a pool
     of num_blocks blocks whose caches hold random values; v_token_minor: the V cache in the
-    layout the Triton backend gives a float8 V cache (tokens contiguous, a permuted view)."""
+    layout the Triton backend gives a float8 V cache (tokens contiguous, a permuted view);
+    engine_layout: both caches as the Triton backend allocates them (K head-major)."""
 
     def __init__(
         self,
@@ -62,6 +63,7 @@ class Step:
         seed: int,
         num_tokens: int = 7,
         v_token_minor: bool = False,
+        engine_layout: bool = False,
     ) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = heads
         gen = torch.Generator().manual_seed(seed)
@@ -87,6 +89,13 @@ class Step:
         ):  # [num_blocks, block_size, kv_heads, d] over [.., kv_heads, d, block_size]
             self.v_cache = self.v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
             assert self.v_cache.stride(1) == 1
+        if engine_layout:  # the Triton backend's: K (and a 16-bit V) head-major
+            from nanovllm.attention.triton_backend import TritonAttentionBackend
+
+            backend = TritonAttentionBackend(torch.device("cpu"), self.num_kv_heads)
+            k, v = backend.allocate_kv_cache(shape, cache_dtype, torch.device("cpu"))
+            self.k_cache, self.v_cache = k.copy_(self.k_cache), v.copy_(self.v_cache)
+            assert not self.k_cache.is_contiguous()
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [t, heads, d], k [t, kv_heads, d], v [t, kv_heads, d] views of qkv."""
@@ -211,6 +220,24 @@ def test_fused_token_minor_v_cache(block_size: int) -> None:
     assert torch.equal(v_cache, step.torch_reference()[2])
 
 
+@pytest.mark.parametrize("cache_dtype", ["model", "fp8"])
+def test_fused_engine_layout(cache_dtype: str) -> None:
+    """The caches as the Triton backend allocates them (K head-major; V head-major, or
+    token-minor in float8) get the same values as through store_kv, and keep their layout."""
+    dtype, heads = DTYPES[0], HEADS[1]
+    cache = dtype if cache_dtype == "model" else FP8
+    step = Step(heads, 16, dtype, cache, seed=19, engine_layout=True)
+    q, k_cache, v_cache = step.fused()
+    q_ref, _, k_cache_ref, v_cache_ref = step.unfused_triton()
+    assert torch.equal(q, q_ref)
+    assert torch.equal(k_cache.view(torch.uint8), k_cache_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_cache_ref.view(torch.uint8))
+    if cache_dtype == "model":  # and the PyTorch layers: v exactly, k up to a rounding
+        _, ref_k_cache, ref_v_cache = step.torch_reference()
+        close(k_cache, ref_k_cache, dtype)
+        assert torch.equal(v_cache, ref_v_cache)
+
+
 @pytest.mark.parametrize("scales", [(None, None), (0.5, 2.0), (2.0**-10, None)])
 def test_fused_fp8_cache_scaled_and_saturated(scales: tuple[float | None, float | None]) -> None:
     """A float8 e4m3 cache holds (x / scale) saturated to +-448: k as the unfused path rounds
@@ -281,8 +308,8 @@ def test_fused_refuses_bad_scale_and_cache() -> None:
     with pytest.raises(ValueError, match="k_scale must be a one-element float32"):
         qk_norm_rope_store(*args, torch.ones(2, device=DEVICE))
     bad = list(args)
-    bad[10] = step.k_cache.to(DEVICE).transpose(0, 1)
-    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+    bad[10] = step.k_cache.to(DEVICE).repeat_interleave(2, dim=3)[..., ::2]  # head_dim stride 2
+    with pytest.raises(ValueError, match="k_cache must be .* unit-stride head_dim"):
         qk_norm_rope_store(*bad)
     bad = list(args)
     bad[11] = step.v_cache.to(DEVICE)[:2]

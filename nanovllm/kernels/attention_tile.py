@@ -46,34 +46,13 @@ def cache_scales(qk_scale, k_scale_ptr, v_scale_ptr, cache_ptr):
 
 
 @triton.jit
-def block_rows(tok, stride_s, stride_t, BLOCK_SIZE: tl.constexpr, SUB: tl.constexpr):
-    """Element offsets of rows `tok` (< BLOCK_SIZE) inside a block whose tokens lie in
-    sub-blocks of SUB (SUB == BLOCK_SIZE: none): sub-block tok // SUB at stride_s, then row
-    tok % SUB at stride_t."""
-    if SUB == BLOCK_SIZE:
-        return tok * stride_t
-    else:
-        return (tok // SUB) * stride_s + (tok % SUB) * stride_t
-
-
-@triton.jit
 def paged_rows(
-    table,
-    offs_n,
-    n_mask,
-    kv_head,
-    stride_cb,
-    stride_cs,
-    stride_ct,
-    stride_ch,
-    BLOCK_SIZE: tl.constexpr,
-    SUB: tl.constexpr,
+    table, offs_n, n_mask, kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr
 ):
     """[BLOCK_N] element offset of each token's cache row for one K/V head: block =
-    table[token // BLOCK_SIZE], row = token % BLOCK_SIZE (in sub-blocks of SUB: block_rows)."""
+    table[token // BLOCK_SIZE], row = token % BLOCK_SIZE."""
     block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-    rows = block_rows(offs_n % BLOCK_SIZE, stride_cs, stride_ct, BLOCK_SIZE, SUB)
-    return block * stride_cb + rows + kv_head * stride_ch
+    return block * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
 
 
 @triton.jit
@@ -84,13 +63,11 @@ def tile_rows(
     n_mask,
     kv_head,
     stride_b,
-    stride_s,
     stride_t,
     stride_h,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
-    SUB: tl.constexpr,
 ):
     """[BLOCK_N] element offsets of the cache rows of tokens offs_n = n0 + arange(BLOCK_N) for
     one K/V head, in a cache of the given strides. ALIGNED (BLOCK_N divides BLOCK_SIZE and n0 is
@@ -100,12 +77,9 @@ def tile_rows(
         block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)
         # (the hint: older Triton cannot infer it from the loop, and then loads byte by byte)
         tok = tl.multiple_of(n0 % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
-        rows = block_rows(tok, stride_s, stride_t, BLOCK_SIZE, SUB)
-        return block * stride_b + rows + kv_head * stride_h
+        return block * stride_b + tok * stride_t + kv_head * stride_h
     else:
-        return paged_rows(
-            table, offs_n, n_mask, kv_head, stride_b, stride_s, stride_t, stride_h, BLOCK_SIZE, SUB
-        )
+        return paged_rows(table, offs_n, n_mask, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE)
 
 
 @triton.jit
@@ -124,7 +98,6 @@ def load_kv_tile(
     stride_kt,
     stride_kh,
     stride_vb,
-    stride_vs,
     stride_vt,
     stride_vh,
     stride_vd,
@@ -132,14 +105,12 @@ def load_kv_tile(
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
-    V_SUB: tl.constexpr,
 ):
     """One key tile of tokens offs_n: the K tile [BLOCK_N, D_PAD] in q's dtype (zeros past
     n_mask), and the V tile's pointers [BLOCK_N, D_PAD] with their load mask for
     online_softmax_step. Without V_MASK_N the whole V tile is read (see tile_rows: it lies in one
     block of the sequence; keys past the end weigh exactly 0), so a token-minor V tile's loads
-    stay vectorised. V_SUB: V's tokens lie in sub-blocks of V_SUB (stride_vs apart; V_SUB ==
-    BLOCK_SIZE: no sub-blocks; see block_rows)."""
+    stay vectorised."""
     k_rows = tile_rows(
         table,
         n0,
@@ -147,13 +118,11 @@ def load_kv_tile(
         n_mask,
         kv_head,
         stride_kb,
-        0,
         stride_kt,
         stride_kh,
         BLOCK_SIZE,
         BLOCK_N,
         ALIGNED,
-        BLOCK_SIZE,
     )
     v_rows = tile_rows(
         table,
@@ -162,13 +131,11 @@ def load_kv_tile(
         n_mask,
         kv_head,
         stride_vb,
-        stride_vs,
         stride_vt,
         stride_vh,
         BLOCK_SIZE,
         BLOCK_N,
         ALIGNED,
-        V_SUB,
     )
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)

@@ -212,7 +212,6 @@ def _prefix_kernel(
                 stride_kt,
                 stride_kh,
                 stride_vb,
-                0,
                 stride_vt,
                 stride_vh,
                 stride_vd,
@@ -220,7 +219,6 @@ def _prefix_kernel(
                 BLOCK_N,
                 ALIGNED,
                 V_MASK_N,
-                BLOCK_SIZE,
             )
             # [BLOCK_M, BLOCK_N]
             s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))

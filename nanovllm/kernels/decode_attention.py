@@ -27,11 +27,12 @@ new count). Which tile size, warps, stages and split count a step uses is decide
 kernels/decode_config.py. A sequence of length 0 (a
 padded row of a graph batch) produces zeros.
 
-Cache layouts. K is read as [BLOCK_N, head_dim] rows (head_dim contiguous); V through its own
-strides, so a float8 V cache can be token-minor (TritonAttentionBackend.allocate_kv_cache says
-why). When BLOCK_N divides the block size every tile lies in one block (ALIGNED): one block id
-per tile, and a token-minor V tile is read whole, past the sequence's end too (those keys weigh
-exactly 0; the slots hold finite values, as store_kv saturates), so its loads stay vectorised.
+Cache layouts. K is read as [BLOCK_N, head_dim] rows (head_dim contiguous), and K and V each
+through its own strides: the Triton backend keeps both head-major, a float8 V token-minor
+(TritonAttentionBackend.allocate_kv_cache says why). When BLOCK_N divides the block size every
+tile lies in one block (ALIGNED): one block id per tile, and a token-minor V tile is read whole,
+past the sequence's end too (those keys weigh exactly 0; the slots hold finite values, as
+store_kv saturates), so its loads stay vectorised.
 
 Cascade (kernels/cascade_attention.py) runs the same kernel from a per-sequence first key
 (`starts`, the end of its group's shared prefix), while the prefix pass runs beside it. With one
@@ -81,7 +82,6 @@ def _decode_kernel(
     stride_kt,
     stride_kh,
     stride_vb,
-    stride_vs,
     stride_vt,
     stride_vh,
     stride_vd,
@@ -102,7 +102,6 @@ def _decode_kernel(
     MERGE_PARTS: tl.constexpr,
     ALIGNED: tl.constexpr,
     V_MASK_N: tl.constexpr,
-    V_SUB: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -157,7 +156,6 @@ def _decode_kernel(
             stride_kt,
             stride_kh,
             stride_vb,
-            stride_vs,
             stride_vt,
             stride_vh,
             stride_vd,
@@ -165,7 +163,6 @@ def _decode_kernel(
             BLOCK_N,
             ALIGNED,
             V_MASK_N,
-            V_SUB,
         )
         # [G_PAD, BLOCK_N]
         s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
@@ -373,21 +370,9 @@ def check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_view(v_cache)[0] != k_cache.shape:
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{name} needs unit-stride head_dim in q and K, and V shaped like K")
     return num_heads // num_kv_heads
-
-
-def v_view(v_cache: torch.Tensor) -> tuple[torch.Size, tuple[int, ...], int]:
-    """(V's shape as [num_blocks, block_size, num_kv_heads, head_dim], its strides as (block,
-    sub-block, token, head, dim), tokens per sub-block) for a V cache given as 4-D [num_blocks,
-    block_size, num_kv_heads, head_dim] (no sub-blocks) or as 5-D [num_blocks, block_size / sub,
-    sub, num_kv_heads, head_dim] (the tokens of a block in sub-blocks)."""
-    if v_cache.dim() == 5:
-        nb, subs, sub, h, d = v_cache.shape
-        return torch.Size((nb, subs * sub, h, d)), tuple(v_cache.stride()), sub
-    sb, st, sh, sd = v_cache.stride()
-    return v_cache.shape, (sb, 0, st, sh, sd), v_cache.shape[1]
 
 
 def partials(q: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,7 +449,7 @@ def launch_decode(
         q.stride(0),
         q.stride(1),
         *k_cache.stride()[:3],
-        *v_view(v_cache)[1],
+        *v_cache.stride(),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -482,7 +467,6 @@ def launch_decode(
         MERGE_PARTS=merge_parts,
         ALIGNED=block_size % block_n == 0,
         V_MASK_N=not (block_size % block_n == 0 and v_cache.element_size() == 1),
-        V_SUB=v_view(v_cache)[2],
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,

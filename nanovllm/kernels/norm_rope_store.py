@@ -8,12 +8,11 @@ token's q and k heads, normalises and rotates them (the same helper, so the same
 from registers / qkv into the cache rows of the token's slot. One launch per layer less, and k
 never makes the round trip through memory.
 
-Cache layout: [num_blocks, block_size, num_kv_heads, head_dim]. The K cache is contiguous, so
-slot s (= block_id * block_size + offset) starts at element s * num_kv_heads * head_dim; the V
-cache is written through its strides, since the Triton backend keeps a float8 V cache
-token-minor (see TritonAttentionBackend.allocate_kv_cache), the same way store_kv does. A slot
-of -1 (a padded row of a CUDA-graph batch) is skipped: its q is still written, nothing in the
-cache is.
+Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], each cache written through its
+strides as store_kv does (the Triton backend keeps K and a 16-bit V head-major, a float8 V
+token-minor: see TritonAttentionBackend.allocate_kv_cache; K needs a unit-stride head_dim). A
+slot of -1 (a padded row of a CUDA-graph batch) is skipped: its q is still written, nothing in
+the cache is.
 
 Float8 caches (float8_e4m3fn): a value x goes in as (x / scale) saturated to +-448 (the largest
 finite e4m3 number; NaN stays NaN) then cast (round to nearest even). scale is a per-tensor float32 held on the
@@ -27,7 +26,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.norm_rope import qk_norm_rope_rows
-from nanovllm.kernels.store_kv import kv_scales, to_cache, v_cache_offsets
+from nanovllm.kernels.store_kv import cache_offsets, kv_scales, to_cache
 
 
 @triton.jit
@@ -45,6 +44,9 @@ def _qk_norm_rope_store_kernel(
     k_scale_ptr,
     v_scale_ptr,
     stride_t,
+    stride_kb,
+    stride_kt,
+    stride_kh,
     stride_vb,
     stride_vt,
     stride_vh,
@@ -93,7 +95,15 @@ def _qk_norm_rope_store_kernel(
     ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
-        k_dst = k_cache_ptr + slot * ROW + (heads[:, None] - NUM_HEADS) * HEAD_DIM + offs[None, :]
+        # [HEADS_PAD, HALF_PAD]: element d of K head h (tile row NUM_HEADS + h) of the slot's row
+        block, row = slot // block_size, slot % block_size
+        k_dst = (
+            k_cache_ptr
+            + block * stride_kb
+            + row * stride_kt
+            + (heads[:, None] - NUM_HEADS) * stride_kh
+            + offs[None, :]
+        )
         k_mask = mask & ~is_q[:, None]
         k1 = to_cache(o1, k_scale_ptr, k_cache_ptr)
         k2 = to_cache(o2, k_scale_ptr, k_cache_ptr)
@@ -105,7 +115,7 @@ def _qk_norm_rope_store_kernel(
         v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + v_offs
         v = to_cache(tl.load(v_src, mask=v_mask), v_scale_ptr, v_cache_ptr)
         # e.g. token-minor: element (head, d) of the row by the strides
-        v_dst = v_cache_ptr + v_cache_offsets(
+        v_dst = v_cache_ptr + cache_offsets(
             slot,
             v_offs,
             stride_vb,
@@ -141,7 +151,7 @@ def qk_norm_rope_store(
 
     qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], unit-stride rows; cos/sin:
     [max_position, head_dim] float32 tables; k_cache, v_cache: [num_blocks, block_size,
-    num_kv_heads, head_dim], K contiguous, V of any strides; slot_mapping: [num_tokens] int (-1: skip the token);
+    num_kv_heads, head_dim], K with a unit-stride head_dim, V of any strides; slot_mapping: [num_tokens] int (-1: skip the token);
     k_scale, v_scale: one-element float32 device tensors for float8 caches, or None (scale 1).
     Writes the rotated k and v into their slots and returns the new contiguous q
     [num_tokens, num_heads, head_dim].
@@ -157,10 +167,10 @@ def qk_norm_rope_store(
             f"qkv has {qkv.shape[1]} columns but {num_heads} + 2 x {num_kv_heads} heads of "
             f"{head_dim} need {(num_heads + 2 * num_kv_heads) * head_dim}"
         )
-    if not k_cache.is_contiguous() or tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
+    if k_cache.stride(3) != 1 or tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
         raise ValueError(
-            f"k_cache must be contiguous [num_blocks, block_size, {num_kv_heads}, {head_dim}], "
-            f"got shape {tuple(k_cache.shape)}"
+            f"k_cache must be [num_blocks, block_size, {num_kv_heads}, {head_dim}] with a "
+            f"unit-stride head_dim, got shape {tuple(k_cache.shape)}, strides {k_cache.stride()}"
         )
     if v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -190,6 +200,7 @@ def qk_norm_rope_store(
             k_scale,
             v_scale,
             qkv.stride(0),
+            *k_cache.stride()[:3],
             *v_cache.stride(),
             k_cache.shape[1],
             eps,

@@ -153,7 +153,6 @@ def _prefill_kernel(
                 stride_kt,
                 stride_kh,
                 stride_vb,
-                0,
                 stride_vt,
                 stride_vh,
                 stride_vd,
@@ -161,7 +160,6 @@ def _prefill_kernel(
                 BLOCK_N,
                 ALIGNED,
                 V_MASK_N,
-                BLOCK_SIZE,
             )
             # [BLOCK_M, BLOCK_N]
             s = dot(q, tl.trans(k), IEEE) * qk_scale

@@ -1,12 +1,13 @@
 """Write the step's new K/V rows into their paged-cache slots.
 
-Cache layout: [num_blocks, block_size, num_kv_heads, head_dim]. The K cache is contiguous, so
-slot s (= block_id * block_size + offset) starts at element s * num_kv_heads * head_dim. The V
-cache is too, except a float8 V cache of the Triton backend, which is token-minor (strides
-[.., 1, .., block_size]: see TritonAttentionBackend.allocate_kv_cache); its row is scattered by
-the strides. One program per token copies its K row and V row (num_kv_heads * head_dim elements
-each); a slot of -1 (a padded row of a CUDA-graph batch, or a profiling run without a cache) is
-skipped.
+Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], each cache seen through its own
+strides (slot s = block_id * block_size + offset is row
+s % block_size of block s // block_size). A contiguous cache holds slot s's row at element
+s * num_kv_heads * head_dim; the Triton backend's caches are views of other storage (K and a
+16-bit V head-major, a float8 V token-minor: see TritonAttentionBackend.allocate_kv_cache), and
+the row is scattered by the strides. One program per token copies its K row and V row
+(num_kv_heads * head_dim elements each); a slot of -1 (a padded row of a CUDA-graph batch, or a
+profiling run without a cache) is skipped.
 
 Float8 e4m3 caches (kv_cache_dtype="fp8") hold x / scale, with per-tensor float32 scales k_scale
 and v_scale read from the device (vLLM's per-tensor k_scale / v_scale; attention multiplies them
@@ -43,17 +44,18 @@ def to_cache(x, scale_ptr, cache_ptr):
 
 
 @triton.jit
-def v_cache_offsets(
-    slot, offs, stride_vb, stride_vt, stride_vh, stride_vd, block_size, HEAD_DIM, ROW, V_CONTIGUOUS
+def cache_offsets(
+    slot, offs, stride_b, stride_t, stride_h, stride_d, block_size, HEAD_DIM, ROW, CONTIGUOUS
 ):
-    """Element offsets in the V cache of elements offs (head * HEAD_DIM + d) of slot's row: the
-    row itself in a contiguous cache, else each (head, d) by the strides (a token-minor cache)."""
-    if V_CONTIGUOUS:
+    """Element offsets in a cache of elements offs (head * HEAD_DIM + d) of slot's row: the row
+    itself in a contiguous cache, else each (head, d) by the strides (e.g. a head-major or a
+    token-minor cache)."""
+    if CONTIGUOUS:
         return slot * ROW + offs
     else:
         block, row = slot // block_size, slot % block_size
         head, d = offs // HEAD_DIM, offs % HEAD_DIM
-        return block * stride_vb + row * stride_vt + head * stride_vh + d * stride_vd
+        return block * stride_b + row * stride_t + head * stride_h + d * stride_d
 
 
 @triton.jit
@@ -67,6 +69,10 @@ def _store_kv_kernel(
     v_scale_ptr,
     stride_k,
     stride_v,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
     stride_vb,
     stride_vt,
     stride_vh,
@@ -75,6 +81,7 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     ROW: tl.constexpr,
     ROW_PAD: tl.constexpr,
+    K_CONTIGUOUS: tl.constexpr,
     V_CONTIGUOUS: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -85,8 +92,20 @@ def _store_kv_kernel(
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
         # cast to the cache's dtype (a float8 cache gets k / k_scale, v / v_scale, saturated)
-        tl.store(k_cache_ptr + slot * ROW + offs, to_cache(k, k_scale_ptr, k_cache_ptr), mask=mask)
-        v_offs = v_cache_offsets(
+        k_offs = cache_offsets(
+            slot,
+            offs,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_kd,
+            BLOCK_SIZE,
+            HEAD_DIM,
+            ROW,
+            K_CONTIGUOUS,
+        )
+        tl.store(k_cache_ptr + k_offs, to_cache(k, k_scale_ptr, k_cache_ptr), mask=mask)
+        v_offs = cache_offsets(
             slot,
             offs,
             stride_vb,
@@ -117,8 +136,11 @@ def store_kv(
         return
     if k.stride(2) != 1 or k.stride(1) != head_dim or v.stride(2) != 1 or v.stride(1) != head_dim:
         raise ValueError("store_kv needs each token's K/V row contiguous")
-    if not k_cache.is_contiguous() or v_cache.shape != k_cache.shape:
-        raise ValueError("store_kv needs a contiguous K cache and a V cache shaped like it")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"store_kv needs a V cache shaped like K {tuple(k_cache.shape)}, got "
+            f"{tuple(v_cache.shape)}"
+        )
     row = num_kv_heads * head_dim
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens,)](
@@ -131,11 +153,13 @@ def store_kv(
         v_scale,
         k.stride(0),
         v.stride(0),
+        *k_cache.stride(),
         *v_cache.stride(),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1],
         ROW=row,
         ROW_PAD=triton.next_power_of_2(row),
+        K_CONTIGUOUS=k_cache.is_contiguous(),
         V_CONTIGUOUS=v_cache.is_contiguous(),
     )
 
