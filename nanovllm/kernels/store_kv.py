@@ -1,13 +1,13 @@
 """Write the step's new K/V rows into their paged-cache slots.
 
 Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], each cache seen through its own
-strides (slot s = block_id * block_size + offset is row
-s % block_size of block s // block_size). A contiguous cache holds slot s's row at element
-s * num_kv_heads * head_dim; the Triton backend's caches are views of other storage (K and a
-16-bit V head-major, a float8 V token-minor: see TritonAttentionBackend.allocate_kv_cache), and
-the row is scattered by the strides. One program per token copies its K row and V row
-(num_kv_heads * head_dim elements each); a slot of -1 (a padded row of a CUDA-graph batch, or a
-profiling run without a cache) is skipped.
+strides (slot s = block_id * block_size + offset is row s % block_size of block
+s // block_size). A contiguous cache holds slot s's row at element s * num_kv_heads * head_dim;
+the Triton backend's caches are views of other storage (K and a 16-bit V head-major, a float8 V
+token-minor: see TritonAttentionBackend.allocate_kv_cache), and the row is scattered by the
+strides. One program per token copies its K row and V row (num_kv_heads * head_dim elements
+each); a slot of -1 (a padded row of a CUDA-graph batch, or a profiling run without a cache) is
+skipped.
 
 Float8 e4m3 caches (kv_cache_dtype="fp8") hold x / scale, with per-tensor float32 scales k_scale
 and v_scale read from the device (vLLM's per-tensor k_scale / v_scale; attention multiplies them
