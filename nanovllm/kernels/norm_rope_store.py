@@ -152,9 +152,9 @@ def qk_norm_rope_store(
     qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], unit-stride rows; cos/sin:
     [max_position, head_dim] float32 tables; k_cache, v_cache: [num_blocks, block_size,
     num_kv_heads, head_dim], K with a unit-stride head_dim, V of any strides; slot_mapping:
-    [num_tokens] int (-1: skip the token); k_scale, v_scale: one-element float32 device tensors for float8 caches, or None (scale 1).
-    Writes the rotated k and v into their slots and returns the new contiguous q
-    [num_tokens, num_heads, head_dim].
+    [num_tokens] int (-1: skip the token); k_scale, v_scale: one-element float32 device tensors
+    for float8 caches, or None (scale 1). Writes the rotated k and v into their slots and
+    returns the new contiguous q [num_tokens, num_heads, head_dim].
     """
     num_tokens = qkv.shape[0]
     if head_dim % 2 != 0 or qkv.stride(1) != 1:
