@@ -362,6 +362,12 @@ def _engine_tokens(
             runner.attn_backend = TritonAttentionBackend(DEVICE, 2)
             for layer in runner.attention_layers:
                 layer.backend = runner.attn_backend
+                # the caches in the Triton backend's own layout (K and V head-major)
+                shape, dtype = tuple(layer.k_cache.shape), layer.k_cache.dtype
+                layer.k_cache, layer.v_cache = runner.attn_backend.allocate_kv_cache(
+                    shape, dtype, DEVICE
+                )
+                assert not layer.k_cache.is_contiguous()
         prompts = [[5 + (7 * i + 3 * j) % 400 for j in range(n)] for i, n in enumerate((9, 21, 3))]
         params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
         outs = llm.generate(prompts, params, use_tqdm=False)
