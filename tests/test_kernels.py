@@ -204,9 +204,7 @@ def engine_layout(cache: torch.Tensor, v: bool = False) -> torch.Tensor:
 
     backend = TritonAttentionBackend(torch.device("cpu"), cache.shape[2])
     pair = backend.allocate_kv_cache(tuple(cache.shape), cache.dtype, cache.device)
-    out = pair[1 if v else 0]
-    assert not out.is_contiguous()
-    return out.copy_(cache)
+    return pair[1 if v else 0].copy_(cache)
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -234,6 +232,33 @@ def test_strided_caches(layout: str, block_size: int, kind: str) -> None:
     for max_len in (case.meta.max_seqlen_k, 64 * case.meta.max_seqlen_k):  # 1 and many splits
         out, k_cache, v_cache = case.run(backend, backend.build_metadata(case.meta, max_len))
         assert (k_cache.stride(), v_cache.stride()) == strides
+        assert rel_err(out.cpu(), ref_out) < TOL[dtype]
+        assert torch.equal(k_cache.cpu().float(), ref_k)
+        assert torch.equal(v_cache.cpu().float(), ref_v)
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("name", [*PREFILL_CASES, "decode"])
+def test_engine_layout_matches_torch_backend(name: str, heads: tuple[int, int, int]) -> None:
+    """The caches as the Triton backend allocates them (head-major K and V) at every head shape:
+    prefill (plain, prefix hits, chunked) and decode (one split and many) match the torch
+    backend over contiguous caches, and store_kv writes the same rows."""
+    dtype, block_size = DTYPES[0], 16
+    if name == "decode":
+        case = Case([1] * len(DECODE_CTX), DECODE_CTX, heads, block_size, dtype, seed=heads[0])
+        case.meta.is_prefill = False
+    else:
+        q_lens, ctx_lens = PREFILL_CASES[name]
+        case = Case(q_lens, ctx_lens, heads, block_size, dtype, seed=heads[0] + 1)
+    ref_out, ref_k, ref_v = reference(case)
+    case.k_cache, case.v_cache = engine_layout(case.k_cache), engine_layout(case.v_cache, True)
+    # [.., block_size, kv_heads, head_dim] over [.., kv_heads, block_size, head_dim]
+    assert case.k_cache.stride(1) == case.v_cache.stride(1) == heads[2]
+    case.to(DEVICE)
+    backend = triton_backend(heads[1])
+    lens = [case.meta.max_seqlen_k] + ([64 * case.meta.max_seqlen_k] if name == "decode" else [])
+    for max_len in lens:
+        out, k_cache, v_cache = case.run(backend, backend.build_metadata(case.meta, max_len))
         assert rel_err(out.cpu(), ref_out) < TOL[dtype]
         assert torch.equal(k_cache.cpu().float(), ref_k)
         assert torch.equal(v_cache.cpu().float(), ref_v)
