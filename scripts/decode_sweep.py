@@ -118,10 +118,11 @@ def run_config(
     tables: torch.Tensor,
     seq_lens: torch.Tensor,
     cfg: DecodeConfig,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     maxnreg: int | None = None,
 ) -> None:
-    """One decode_attention call with a DecodeConfig's launch (scale 0.088), into `out`."""
+    """One decode_attention call with a DecodeConfig's launch (scale 0.088), into `out` (None:
+    a fresh tensor)."""
     decode_attention(
         q,
         k_cache,
@@ -177,20 +178,8 @@ def warm(jobs: list[tuple[str, int, int, int, int]], combine: bool) -> list[tupl
         splits = (1, 2, 3, 5, 9, 17, 33, 64) if combine and i == 0 else (1, 2)
         try:
             for n in splits:
-                decode_attention(
-                    q,
-                    k_cache,
-                    v_cache,
-                    tables,
-                    seq_lens,
-                    0.088,
-                    n,
-                    None,
-                    bn,
-                    w,
-                    s,
-                    maxnreg=r or None,
-                )
+                cfg = DecodeConfig(bn, w, s, n)
+                run_config(q, k_cache, v_cache, tables, seq_lens, cfg, None, r or None)
             torch.cuda.synchronize()
         except Exception as e:  # out of shared memory, a compiler error: report and go on
             failures.append(((kv, bn, w, s, r), f"{type(e).__name__}: {str(e)[:160]}"))
