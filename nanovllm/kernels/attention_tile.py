@@ -148,13 +148,15 @@ def load_kv_tile(
 
 
 @triton.jit
-def online_softmax_step(s, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
-    """Fold one tile into the running state: s [M, BLOCK_N] scores (scaled by scale * log2(e),
-    masked to -inf), V loaded from v_ptrs [BLOCK_N, D_PAD] (a float8 cache is widened to
-    float16 for the product: exact, and one instruction); returns the new (m, l, acc)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def online_softmax_step(s, qk_scale, v_ptrs, kv_mask, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold one tile into the running state: s [M, BLOCK_N] raw scores q.k (masked to -inf),
+    qk_scale = scale * log2(e) (> 0, so the maximum commutes with it), V loaded from v_ptrs
+    [BLOCK_N, D_PAD] (a float8 cache is widened to float16 for the product: exact, and one
+    instruction); returns the new (m, l, acc), m in scaled units. Scaling inside the exponent
+    makes it one fused multiply-add a score instead of a multiply and a subtract."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if v.dtype.is_fp8():

@@ -165,8 +165,8 @@ def _decode_kernel(
             V_MASK_N,
         )
         # [G_PAD, BLOCK_N]
-        s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
+        s = tl.where(n_mask[None, :], dot(q, tl.trans(k), IEEE), float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, qk_scale, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale

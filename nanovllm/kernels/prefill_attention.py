@@ -79,7 +79,9 @@ def _prefill_kernel(
     IEEE: tl.constexpr,
     HAS_STARTS: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # the last query tiles (the most keys) first: the long programs start early, short ones
+    # fill the end of the launch
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     num_heads = tl.num_programs(2)
@@ -162,13 +164,14 @@ def _prefill_kernel(
                 V_MASK_N,
             )
             # [BLOCK_M, BLOCK_N]
-            s = dot(q, tl.trans(k), IEEE) * qk_scale
+            s = dot(q, tl.trans(k), IEEE)
             if n0 >= diag:
                 visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
                 s = tl.where(visible, s, float("-inf"))
-            else:
+            elif HAS_STARTS:  # the prefix's last keys in the first tile
                 s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_i, l_i, acc = online_softmax_step(s, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
+            # (a tile before the diagonal ends before `end`: every key is visible)
+            m_i, l_i, acc = online_softmax_step(s, qk_scale, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
         out = acc / l_i[:, None] * v_scale
         tl.store(
             out_ptr

@@ -1,0 +1,100 @@
+"""Where bench.py's GPU waits: the whole standard workload under torch.profiler (CUDA only).
+
+    python3 scripts/profile_run.py [--kv-cache-dtype fp8] [--top 15]
+
+Runs bench.py's workload once untimed (warm-up, prefix caching off so every run computes every
+prompt), once timed without the profiler, then once under the profiler. From the profiled run's
+kernels (start and end on the GPU, graph replays included) it prints the GPU's busy time against
+the wall time, the idle gaps between kernels by size (how many, how much time), and the largest
+gaps with the kernels on either side: where the host kept the GPU waiting.
+"""
+
+import argparse
+import os
+import tempfile
+import time
+from collections import Counter
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.utils.benchmark import standard_workload
+from nanovllm.utils.dummy import write_model_folder
+
+GAP_BUCKETS_US = (2, 5, 10, 20, 50, 100, 1000, 10**9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8")
+    parser.add_argument("--top", type=int, default=15, help="largest gaps shown")
+    args = parser.parse_args()
+    folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
+    llm = LLM(
+        write_model_folder(folder, "qwen3-0.6b", tokenizer=False),
+        load_format="dummy",
+        max_model_len=4096,
+        kv_cache_dtype=args.kv_cache_dtype,
+        enable_prefix_caching=False,
+    )
+    work = standard_workload()
+    params = [
+        SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in work.output_lens
+    ]
+
+    def run() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(work.prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run()
+    llm.engine.stats = type(llm.engine.stats)()
+    wall = run()
+    s = llm.engine.stats
+    print(
+        f"timed run: {wall:.3f} s, {work.num_output_tokens / wall:.0f} output tok/s "
+        f"(prefill {s.prefill_seconds:.3f} s, decode {s.decode_seconds:.3f} s, {s.steps} steps)"
+    )
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = run()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    busy, gaps = 0.0, []
+    reach = kernels[0][0]
+    for i, (start, end, _) in enumerate(kernels):
+        if start > reach:
+            gaps.append((start - reach, i))
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    span = (reach - kernels[0][0]) / 1e6
+    print(
+        f"profiled run: {wall:.3f} s wall; kernels from first start to last end {span:.3f} s, "
+        f"busy {busy / 1e6:.3f} s ({busy / 1e6 / span:.1%}), {len(kernels)} kernels"
+    )
+    counts, sums = Counter(), Counter()
+    for gap, _ in gaps:
+        bucket = next(b for b in GAP_BUCKETS_US if gap < b)
+        counts[bucket] += 1
+        sums[bucket] += gap
+    lower = 0
+    for bucket in GAP_BUCKETS_US:
+        print(
+            f"gaps {lower:>5}-{bucket:<10} us: {counts[bucket]:>7} gaps, "
+            f"{sums[bucket] / 1e3:>9.1f} ms"
+        )
+        lower = bucket
+    print(f"largest {args.top} gaps (us: kernel before -> kernel after):")
+    for gap, i in sorted(gaps, reverse=True)[: args.top]:
+        before = kernels[i - 1][2][:50] if i else "-"
+        print(f"  {gap:>9.0f}: {before} -> {kernels[i][2][:50]} (kernel #{i})")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
