@@ -99,7 +99,6 @@ def case(name: str, configs: list[tuple[int, int, int, int]]) -> None:
         f"--- {name}: {seqs} sequences in {len(steps)} steps, block {bs}; {flops / 1e9:.1f} GFLOP"
     )
     ref = None
-    print(f"--- {name}: {n} x {q} new after {ctx} cached, block {bs}; {flops / 1e9:.1f} GFLOP")
     for bm, bn, warps, stages in configs:
         kw = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
         outs, ms = [], 0.0

@@ -165,13 +165,17 @@ def _prefill_kernel(
             )
             # [BLOCK_M, BLOCK_N]
             s = dot(q, tl.trans(k), IEEE)
+            step_scale = qk_scale
+            if HAS_STARTS:  # scaled first: Triton 3.6's pipeliner fails on this loop otherwise
+                s = s * qk_scale
+                step_scale = 1.0
             if n0 >= diag:
                 visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
                 s = tl.where(visible, s, float("-inf"))
             elif HAS_STARTS:  # the prefix's last keys in the first tile
                 s = tl.where(n_mask[None, :], s, float("-inf"))
             # (a tile before the diagonal ends before `end`: every key is visible)
-            m_i, l_i, acc = online_softmax_step(s, qk_scale, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
+            m_i, l_i, acc = online_softmax_step(s, step_scale, v_ptrs, v_mask, m_i, l_i, acc, IEEE)
         out = acc / l_i[:, None] * v_scale
         tl.store(
             out_ptr
