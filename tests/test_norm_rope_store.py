@@ -64,6 +64,7 @@ class Step:
         num_tokens: int = 7,
         v_token_minor: bool = False,
         engine_layout: bool = False,
+        num_blocks: int = 3,
     ) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = heads
         gen = torch.Generator().manual_seed(seed)
@@ -75,7 +76,6 @@ class Step:
         width = (self.num_heads + 2 * self.num_kv_heads) * d
         self.qkv = torch.randn(num_tokens, width, generator=gen).to(dtype)
         self.positions = torch.randint(0, 4096, (num_tokens,), generator=gen)
-        num_blocks = 3
         pool = num_blocks * block_size
         # distinct slots scattered through the pool; tokens 1 and 4 are padding
         slots = torch.randperm(pool, generator=gen)[:num_tokens]
@@ -145,7 +145,7 @@ class Step:
         return q.cpu(), k.cpu(), k_cache.cpu(), dense_copy(v_cache)
 
     def fused(
-        self, k_scale: float | None = None, v_scale: float | None = None
+        self, k_scale: float | None = None, v_scale: float | None = None, v_runs: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused kernel on copies of the caches; returns (q, k_cache, v_cache) on the CPU."""
         from nanovllm.kernels.norm_rope_store import qk_norm_rope_store
@@ -170,6 +170,7 @@ class Step:
             self.slots.to(DEVICE),
             scale(k_scale),
             scale(v_scale),
+            v_runs=v_runs,
         )
         assert v_cache.stride() == self.v_cache.stride()
         return q.cpu(), k_cache.cpu(), dense_copy(v_cache)
@@ -236,6 +237,91 @@ def test_fused_engine_layout(cache_dtype: str) -> None:
         _, ref_k_cache, ref_v_cache = step.torch_reference()
         close(k_cache, ref_k_cache, dtype)
         assert torch.equal(v_cache, ref_v_cache)
+
+
+def prefill_slots(
+    seqs: list[tuple[int, int]], block_size: int, num_blocks: int, gen: torch.Generator
+) -> torch.Tensor:
+    """A prefill step's slot mapping: sequence i's new tokens are positions ctx .. ctx + n - 1
+    for (ctx, n) in seqs, each sequence in its own blocks, taken in random order from the pool."""
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    slots = []
+    for ctx, n in seqs:
+        table = [order.pop() for _ in range(-(-(ctx + n) // block_size))]
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx, ctx + n)]
+    return torch.tensor(slots)
+
+
+# (cached tokens, new tokens) a sequence: runs that start mid-block, cross blocks and sequences,
+# a one-token sequence, and a step that ends mid-run
+PREFILL_SEQS = [(5, 40), (0, 33), (17, 1), (0, 9), (30, 50)]
+
+
+@pytest.mark.parametrize("run", [8, 64])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("cache_dtype", [torch.float16, FP8])
+def test_store_v_runs_matches_store_kv(
+    run: int, block_size: int, cache_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """store_v_runs writes a token-minor cache exactly as store_kv does: runs of consecutive
+    slots (written d by d when a run lies in one block) and everything else, padding skipped."""
+    import nanovllm.kernels.store_kv as store_kv_module
+
+    monkeypatch.setattr(store_kv_module, "V_RUN", run)
+    gen = torch.Generator().manual_seed(run + block_size)
+    kv_heads, d = 2, 64
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in PREFILL_SEQS) + 2
+    slots = prefill_slots(PREFILL_SEQS, block_size, num_blocks, gen)
+    slots[3] = slots[60] = -1
+    v = torch.randn(len(slots), kv_heads, d, generator=gen).to(torch.float16)
+    k = torch.zeros_like(v)
+    shape = (num_blocks, block_size, kv_heads, d)
+    # token-minor: [num_blocks, block_size, kv_heads, d] over [.., kv_heads, d, block_size]
+    cache = torch.randn(num_blocks, kv_heads, d, block_size, generator=gen).to(cache_dtype)
+    ref_v = device_copy(cache.permute(0, 3, 1, 2))
+    got_v = device_copy(cache.permute(0, 3, 1, 2))
+    v_scale = torch.tensor([0.5], device=DEVICE)
+    k_cache = torch.zeros(shape, dtype=cache_dtype, device=DEVICE)
+    store_kv_module.store_kv(
+        k.to(DEVICE), v.to(DEVICE), k_cache, ref_v, slots.to(DEVICE), None, v_scale
+    )
+    store_kv_module.store_v_runs(v.to(DEVICE), got_v, slots.to(DEVICE), v_scale)
+    assert got_v.stride(1) == 1
+    assert torch.equal(dense_copy(got_v).view(torch.uint8), dense_copy(ref_v).view(torch.uint8))
+    # and the values themselves: written rows in the cache's dtype (a float8 cache's / 0.5;
+    # on the GPU only: the interpreter's float8 casts do not round like torch's)
+    flat = dense_copy(got_v).view(-1, kv_heads, d)
+    keep = slots >= 0
+    if cache_dtype != FP8 or CUDA:
+        want = (v[keep].float() / 0.5).to(cache_dtype) if cache_dtype == FP8 else v[keep]
+        assert torch.equal(flat[slots[keep]].float(), want.float())
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, FP8])
+def test_fused_v_runs_same_caches(
+    cache_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefill step through the fused kernel with v_runs (V by store_v_runs) leaves the same
+    q and caches as without, over the engine's layout (K head-major, a float8 V token-minor) or a
+    token-minor 16-bit V."""
+    import nanovllm.kernels.store_kv as store_kv_module
+
+    monkeypatch.setattr(store_kv_module, "V_RUN", 8)
+    dtype, heads, block_size = DTYPES[0], HEADS[1], 16
+    tokens = sum(n for _, n in PREFILL_SEQS)
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in PREFILL_SEQS)
+    step = Step(
+        heads, block_size, dtype, cache_dtype, seed=23, num_tokens=tokens,
+        v_token_minor=cache_dtype != FP8, engine_layout=cache_dtype == FP8, num_blocks=num_blocks,
+    )  # fmt: skip
+    step.slots = prefill_slots(PREFILL_SEQS, block_size, num_blocks, torch.Generator())
+    step.slots[7] = -1
+    assert step.v_cache.stride(1) == 1
+    q, k_cache, v_cache = step.fused(v_runs=True)
+    q_ref, k_cache_ref, v_cache_ref = step.fused(v_runs=False)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(k_cache.view(torch.uint8), k_cache_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_cache_ref.view(torch.uint8))
 
 
 @pytest.mark.parametrize("scales", [(None, None), (0.5, 2.0), (2.0**-10, None)])
@@ -337,9 +423,9 @@ def _engine_tokens(
     calls = {"fused": 0, "store_kv": 0}
     original_fused, original_store = fused_module.qk_norm_rope_store, store_module.store_kv
 
-    def count_fused(*args: object) -> torch.Tensor:
+    def count_fused(*args: object, **kwargs: object) -> torch.Tensor:
         calls["fused"] += 1
-        return original_fused(*args)
+        return original_fused(*args, **kwargs)
 
     def count_store(*args: object) -> None:
         calls["store_kv"] += 1

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.norm_rope import qk_norm_rope_rows
-from nanovllm.kernels.store_kv import cache_offsets, kv_scales, to_cache
+from nanovllm.kernels.store_kv import cache_offsets, kv_scales, store_v_runs, to_cache
 
 
 @triton.jit
@@ -61,6 +61,7 @@ def _qk_norm_rope_store_kernel(
     HALF_PAD: tl.constexpr,
     ROW_PAD: tl.constexpr,
     V_CONTIGUOUS: tl.constexpr,
+    STORE_V: tl.constexpr,
 ):
     # One program per token. Tile rows 0..NUM_HEADS-1 are its query heads, the next
     # NUM_KV_HEADS its key heads, each split in the two halves RoPE rotates.
@@ -109,6 +110,7 @@ def _qk_norm_rope_store_kernel(
         k2 = to_cache(o2, k_scale_ptr, k_cache_ptr)
         tl.store(k_dst, k1, mask=k_mask)
         tl.store(k_dst + HALF, k2, mask=k_mask)
+    if STORE_V and slot >= 0:
         # v: the last ROW elements of the token's qkv row, copied as they are
         v_offs = tl.arange(0, ROW_PAD)
         v_mask = v_offs < ROW
@@ -146,6 +148,7 @@ def qk_norm_rope_store(
     slot_mapping: torch.Tensor,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    v_runs: bool = False,
 ) -> torch.Tensor:
     """`qk_norm_rope` (norm_rope.py) and `store_kv` (store_kv.py) of the same step, in one pass.
 
@@ -155,6 +158,9 @@ def qk_norm_rope_store(
     [num_tokens] int (-1: skip the token); k_scale, v_scale: one-element float32 device tensors
     for float8 caches, or None (scale 1). Writes the rotated k and v into their slots and
     returns the new contiguous q [num_tokens, num_heads, head_dim].
+    v_runs (a prefill step's tokens, consecutive slots a sequence): a token-minor V cache (the
+    engine's float8 V) is then written by store_v_runs, whole runs of tokens at a time, instead of a byte
+    per (token, head, d) here.
     """
     num_tokens = qkv.shape[0]
     if head_dim % 2 != 0 or qkv.stride(1) != 1:
@@ -181,7 +187,9 @@ def qk_norm_rope_store(
         raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     if slot_mapping.numel() != num_tokens:
         raise ValueError(f"slot_mapping has {slot_mapping.numel()} slots for {num_tokens} tokens")
+    v_scale_given = v_scale
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
+    v_runs = v_runs and v_cache.stride(1) == 1  # token-minor (the float8 V of the engine)
     # [num_tokens, num_heads, head_dim]
     q = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if num_tokens > 0:
@@ -212,6 +220,11 @@ def qk_norm_rope_store(
             HALF_PAD=triton.next_power_of_2(half),
             ROW_PAD=triton.next_power_of_2(num_kv_heads * head_dim),
             V_CONTIGUOUS=v_cache.is_contiguous(),
+            STORE_V=not v_runs,
             num_warps=4,
         )
+        if v_runs:
+            # [num_tokens, num_kv_heads, head_dim], a view of qkv's v columns
+            v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
+            store_v_runs(v, v_cache, slot_mapping, v_scale_given)
     return q

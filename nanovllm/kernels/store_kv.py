@@ -164,6 +164,112 @@ def store_kv(
     )
 
 
+# Tokens per program of store_v_runs.
+V_RUN = 64
+
+
+@triton.jit
+def _store_v_runs_kernel(
+    v_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    v_scale_ptr,
+    num_tokens,
+    stride_t,
+    stride_h,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    block_size,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    RUN: tl.constexpr,
+):
+    # One program per (RUN consecutive tokens of the step, K/V head).
+    first_token = tl.program_id(0) * RUN
+    head = tl.program_id(1)
+    toks = first_token + tl.arange(0, RUN)
+    t_mask = toks < num_tokens
+    d = tl.arange(0, D_PAD)
+    d_mask = d < HEAD_DIM
+    # [RUN]
+    slots = tl.load(slot_ptr + toks, mask=t_mask, other=-1).to(tl.int64)
+    # [RUN, D_PAD]
+    v = tl.load(
+        v_ptr + toks[:, None].to(tl.int64) * stride_t + head * stride_h + d[None, :],
+        mask=t_mask[:, None] & d_mask[None, :],
+    )
+    v = to_cache(v, v_scale_ptr, v_cache_ptr)
+    first = tl.load(slot_ptr + first_token).to(tl.int64)
+    block, row = first // block_size, first % block_size
+    # the whole run in slots first .. first + RUN - 1 of one block (no token past the step, no -1)
+    straight = tl.sum((slots != first + tl.arange(0, RUN)).to(tl.int32), 0) == 0
+    if straight & (first >= 0) & (row + RUN <= block_size):
+        # [D_PAD, RUN]: each d's RUN tokens are one run of bytes, written whole (a warp's store
+        # covers whole 32-byte sectors instead of one byte in each of 32)
+        dst = (
+            v_cache_ptr
+            + block * stride_vb
+            + head * stride_vh
+            + d[:, None] * stride_vd
+            + (row + tl.arange(0, RUN))[None, :] * stride_vt
+        )
+        tl.store(dst, tl.trans(v), mask=d_mask[:, None])
+    else:  # across sequences or blocks, or the step's last tokens: element by element
+        blocks, rows = slots // block_size, slots % block_size
+        dst = (
+            v_cache_ptr
+            + blocks[:, None] * stride_vb
+            + rows[:, None] * stride_vt
+            + head * stride_vh
+            + d[None, :] * stride_vd
+        )
+        tl.store(dst, v, mask=(slots >= 0)[:, None] & d_mask[None, :])
+
+
+def store_v_runs(
+    v: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    v_scale: torch.Tensor | None = None,
+) -> None:
+    """Write V rows into their slots RUN tokens at a time: for a token-minor cache (a float8 V,
+    [num_blocks, block_size, num_kv_heads, head_dim] seen over [.., head_dim, block_size]
+    storage), where a token's row is one byte in each of num_kv_heads * head_dim places. A run of
+    a prefill step's tokens in consecutive slots of one block is written d by d, each d's bytes
+    together; other runs (sequence or block boundaries) byte by byte. Same values as store_kv.
+
+    v: [num_tokens, num_kv_heads, head_dim] with a unit-stride head_dim; slot_mapping:
+    [num_tokens] (-1: skip); v_scale: [1] float32 (float8 caches; None: 1.0).
+    """
+    num_tokens, num_kv_heads, head_dim = v.shape
+    if num_tokens == 0:
+        return
+    if v.stride(2) != 1 or v_cache.shape[2:] != v.shape[1:]:
+        raise ValueError(
+            f"store_v_runs needs v [num_tokens, {v_cache.shape[2]}, {v_cache.shape[3]}] with a "
+            f"unit-stride head_dim, got shape {tuple(v.shape)}, strides {v.stride()}"
+        )
+    _, v_scale = kv_scales(v_cache, None, v_scale)
+    grid = (triton.cdiv(num_tokens, V_RUN), num_kv_heads)
+    _store_v_runs_kernel[grid](
+        v,
+        v_cache,
+        slot_mapping,
+        v_scale,
+        num_tokens,
+        v.stride(0),
+        v.stride(1),
+        *v_cache.stride(),
+        v_cache.shape[1],
+        HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim),
+        RUN=V_RUN,
+        num_warps=4,
+    )
+
+
 def kv_scales(
     cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

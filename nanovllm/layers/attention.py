@@ -43,6 +43,8 @@ class KVStoreTarget:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     k_scale: torch.Tensor | None  # [1] float32 or None
     v_scale: torch.Tensor | None  # [1] float32 or None
+    # a prefill step: a sequence's new tokens lie in consecutive slots (store_kv.store_v_runs)
+    prefill: bool = False
 
 
 class Attention(nn.Module):
@@ -105,7 +107,12 @@ class Attention(nn.Module):
         if self.calculate_kv_scales and context.is_prefill:
             return None  # forward computes the float8 scales from this step's k, v first
         return KVStoreTarget(
-            self.k_cache, self.v_cache, context.slot_mapping, self.k_scale, self.v_scale
+            self.k_cache,
+            self.v_cache,
+            context.slot_mapping,
+            self.k_scale,
+            self.v_scale,
+            prefill=context.is_prefill,
         )
 
     def forward_stored(self, q: torch.Tensor) -> torch.Tensor:

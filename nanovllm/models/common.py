@@ -139,6 +139,7 @@ class DecoderAttention(nn.Module):
             target.slot_mapping,
             target.k_scale,
             target.v_scale,
+            v_runs=target.prefill,
         )
         return self.attn.forward_stored(q)
 
