@@ -208,24 +208,24 @@ def _store_v_runs_kernel(
     if straight & (first >= 0) & (row + RUN <= block_size):
         # [D_PAD, RUN]: each d's RUN tokens are one run of bytes, written whole (a warp's store
         # covers whole 32-byte sectors instead of one byte in each of 32)
-        dst = (
+        run_dst = (
             v_cache_ptr
             + block * stride_vb
             + head * stride_vh
             + d[:, None] * stride_vd
             + (row + tl.arange(0, RUN))[None, :] * stride_vt
         )
-        tl.store(dst, tl.trans(v), mask=d_mask[:, None])
+        tl.store(run_dst, tl.trans(v), mask=d_mask[:, None])
     else:  # across sequences or blocks, or the step's last tokens: element by element
         blocks, rows = slots // block_size, slots % block_size
-        dst = (
+        row_dst = (
             v_cache_ptr
             + blocks[:, None] * stride_vb
             + rows[:, None] * stride_vt
             + head * stride_vh
             + d[None, :] * stride_vd
         )
-        tl.store(dst, v, mask=(slots >= 0)[:, None] & d_mask[None, :])
+        tl.store(row_dst, v, mask=(slots >= 0)[:, None] & d_mask[None, :])
 
 
 def store_v_runs(
