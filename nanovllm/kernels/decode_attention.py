@@ -8,11 +8,11 @@ the block table (block = block_tables[seq, token // block_size], row = token % b
 tile may straddle blocks and any block size works.
 
 Online softmax (flash-attention's algebra, in base 2): keeping a running maximum m, a running sum
-l and an unnormalised accumulator acc, a new tile of scores s (already multiplied by
-scale * log2(e)) updates
-    m' = max(m, max(s));  alpha = 2^(m - m');  p = 2^(s - m')
+l and an unnormalised accumulator acc, a new tile of raw scores s = q.k updates, with
+c = scale * log2(e) (> 0, so max(c s) = c max(s)):
+    m' = max(m, c max(s));  alpha = 2^(m - m');  p = 2^(c s - m')
     l' = l * alpha + sum(p);  acc' = acc * alpha + p @ V
-and the output is acc / l.
+and the output is acc / l (c s - m' is one fused multiply-add a score).
 
 Flash-decoding. When there are too few (sequence, head) pairs to fill the GPU (few sequences,
 long contexts), each sequence's keys are cut into `num_splits` contiguous ranges handled by
