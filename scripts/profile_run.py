@@ -1,12 +1,14 @@
 """Where bench.py's GPU waits: the whole standard workload under torch.profiler (CUDA only).
 
-    python3 scripts/profile_run.py [--kv-cache-dtype fp8] [--top 15]
+    python3 scripts/profile_run.py [--kv-cache-dtype fp8] [--top 15] [--host]
 
 Runs bench.py's workload once untimed (warm-up, prefix caching off so every run computes every
 prompt), once timed without the profiler, then once under the profiler. From the profiled run's
 kernels (start and end on the GPU, graph replays included) it prints the GPU's busy time against
 the wall time, the idle gaps between kernels by size (how many, how much time), and the largest
-gaps with the kernels on either side: where the host kept the GPU waiting.
+gaps with the kernels on either side: where the host kept the GPU waiting. With --host the
+profile also records the host (PyTorch ops and CUDA runtime calls, with Python stacks), and each
+of the largest gaps lists the longest host events inside it and the engine code they came from.
 """
 
 import argparse
@@ -29,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8")
     parser.add_argument("--top", type=int, default=15, help="largest gaps shown")
+    parser.add_argument("--host", action="store_true", help="also show the host in the gaps")
     args = parser.parse_args()
     folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
     llm = LLM(
@@ -58,13 +61,22 @@ def main() -> None:
         f"timed run: {wall:.3f} s, {work.num_output_tokens / wall:.0f} output tok/s "
         f"(prefill {s.prefill_seconds:.3f} s, decode {s.decode_seconds:.3f} s, {s.steps} steps)"
     )
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])
+    with profile(activities=activities, with_stack=args.host) as prof:
         wall = run()
+    events = prof.events()
     kernels = sorted(
         (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
+        for e in events
         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
     )
+    # host events: PyTorch ops, CUDA runtime calls and (with_stack) Python functions by
+    # "file(line): name"
+    host = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if args.host and e.device_type == torch.autograd.DeviceType.CPU
+    ]
     busy, gaps = 0.0, []
     reach = kernels[0][0]
     for i, (start, end, _) in enumerate(kernels):
@@ -93,6 +105,16 @@ def main() -> None:
     for gap, i in sorted(gaps, reverse=True)[: args.top]:
         before = kernels[i - 1][2][:50] if i else "-"
         print(f"  {gap:>9.0f}: {before} -> {kernels[i][2][:50]} (kernel #{i})")
+        if host:  # what the host did meanwhile: the events that cover most of the gap,
+            # leaving out those that span many gaps (the generate call and its loop)
+            end = kernels[i][0]
+            inside = [
+                (min(stop, end) - max(start, end - gap), stop - start, name)
+                for start, stop, name in host
+                if start < end and stop > end - gap and stop - start < 3 * gap
+            ]
+            for covered, took, name in sorted(inside, reverse=True)[:8]:
+                print(f"      host {covered:>7.0f} of {took:>7.0f} us  {name[-100:]}")
     llm.shutdown()
 
 

@@ -251,7 +251,7 @@ def store_v_runs(
             f"store_v_runs needs v [num_tokens, {v_cache.shape[2]}, {v_cache.shape[3]}] with a "
             f"unit-stride head_dim, got shape {tuple(v.shape)}, strides {v.stride()}"
         )
-    _, v_scale = kv_scales(v_cache, None, v_scale)
+    v_scale = kv_scales(v_cache, v_scale, v_scale)[1]  # (no stand-in K scale allocated)
     grid = (triton.cdiv(num_tokens, V_RUN), num_kv_heads)
     _store_v_runs_kernel[grid](
         v,
