@@ -26,19 +26,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_steps import kind_of  # noqa: E402
 
 
+def bench_engine(kv_cache_dtype: str) -> LLM:
+    """bench.py's engine (Qwen3-0.6B shape, dummy weights) with prefix caching off, so a rerun
+    of the workload computes every prompt again."""
+    folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
+    return LLM(
+        write_model_folder(folder, "qwen3-0.6b", tokenizer=False),
+        load_format="dummy",
+        max_model_len=4096,
+        kv_cache_dtype=kv_cache_dtype,
+        enable_prefix_caching=False,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
-    llm = LLM(
-        write_model_folder(folder, "qwen3-0.6b", tokenizer=False),
-        load_format="dummy",
-        max_model_len=4096,
-        kv_cache_dtype=args.kv_cache_dtype,
-        enable_prefix_caching=False,
-    )
+    llm = bench_engine(args.kv_cache_dtype)
     work = standard_workload()
     params = SamplingParams(temperature=0.6, max_tokens=1, ignore_eos=True)
 

@@ -13,16 +13,18 @@ of the largest gaps lists the longest host events inside it and the engine code 
 
 import argparse
 import os
-import tempfile
+import sys
 import time
 from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import SamplingParams
 from nanovllm.utils.benchmark import standard_workload
-from nanovllm.utils.dummy import write_model_folder
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_prefill import bench_engine  # noqa: E402
 
 GAP_BUCKETS_US = (2, 5, 10, 20, 50, 100, 1000, 10**9)
 
@@ -33,14 +35,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="largest gaps shown")
     parser.add_argument("--host", action="store_true", help="also show the host in the gaps")
     args = parser.parse_args()
-    folder = os.path.join(tempfile.gettempdir(), "nanovllm-dummy-qwen3-0.6b")
-    llm = LLM(
-        write_model_folder(folder, "qwen3-0.6b", tokenizer=False),
-        load_format="dummy",
-        max_model_len=4096,
-        kv_cache_dtype=args.kv_cache_dtype,
-        enable_prefix_caching=False,
-    )
+    llm = bench_engine(args.kv_cache_dtype)
     work = standard_workload()
     params = [
         SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in work.output_lens

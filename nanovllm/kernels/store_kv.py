@@ -7,7 +7,9 @@ the Triton backend's caches are views of other storage (K and a 16-bit V head-ma
 token-minor: see TritonAttentionBackend.allocate_kv_cache), and the row is scattered by the
 strides. One program per token copies its K row and V row (num_kv_heads * head_dim elements
 each); a slot of -1 (a padded row of a CUDA-graph batch, or a profiling run without a cache) is
-skipped.
+skipped. A prefill step's V over a token-minor cache goes through store_v_runs instead (below):
+there a token's row is one byte in each of num_kv_heads * head_dim 32-byte sectors, and writing
+a run of tokens' bytes together costs 1/9 of the per-token store's time (BENCHMARKS.md, session 17).
 
 Float8 e4m3 caches (kv_cache_dtype="fp8") hold x / scale, with per-tensor float32 scales k_scale
 and v_scale read from the device (vLLM's per-tensor k_scale / v_scale; attention multiplies them
