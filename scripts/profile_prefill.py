@@ -39,6 +39,15 @@ def bench_engine(kv_cache_dtype: str) -> LLM:
     )
 
 
+def timed_generate(llm: LLM, prompts: list, params: object) -> float:
+    """Seconds of one synchronised generate call."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8")
@@ -49,15 +58,11 @@ def main() -> None:
     params = SamplingParams(temperature=0.6, max_tokens=1, ignore_eos=True)
 
     def run() -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        llm.generate(work.prompts, params, use_tqdm=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return timed_generate(llm, work.prompts, params)
 
     run()  # warm-up: compiles
     for i in range(args.repeat):
-        before = llm.engine.stats.prefill_seconds if hasattr(llm.engine, "stats") else 0.0
+        before = llm.engine.stats.prefill_seconds
         wall = run()
         stats = llm.engine.stats
         print(

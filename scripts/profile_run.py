@@ -14,7 +14,6 @@ of the largest gaps lists the longest host events inside it and the engine code 
 import argparse
 import os
 import sys
-import time
 from collections import Counter
 
 import torch
@@ -24,7 +23,7 @@ from nanovllm import SamplingParams
 from nanovllm.utils.benchmark import standard_workload
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from profile_prefill import bench_engine  # noqa: E402
+from profile_prefill import bench_engine, timed_generate  # noqa: E402
 
 GAP_BUCKETS_US = (2, 5, 10, 20, 50, 100, 1000, 10**9)
 
@@ -42,11 +41,7 @@ def main() -> None:
     ]
 
     def run() -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        llm.generate(work.prompts, params, use_tqdm=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return timed_generate(llm, work.prompts, params)
 
     run()
     llm.engine.stats = type(llm.engine.stats)()
