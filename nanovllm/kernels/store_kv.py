@@ -167,7 +167,8 @@ def store_kv(
     )
 
 
-# Tokens per program of store_v_runs.
+# Tokens per program of store_v_runs (at most: a run must fit a block, so smaller blocks take
+# the largest power of two dividing the block size).
 V_RUN = 64
 
 
@@ -255,7 +256,9 @@ def store_v_runs(
             f"unit-stride head_dim, got shape {tuple(v.shape)}, strides {v.stride()}"
         )
     v_scale = kv_scales(v_cache, v_scale, v_scale)[1]  # (no stand-in K scale allocated)
-    grid = (triton.cdiv(num_tokens, V_RUN), num_kv_heads)
+    block_size = v_cache.shape[1]
+    run = min(V_RUN, block_size & -block_size)
+    grid = (triton.cdiv(num_tokens, run), num_kv_heads)
     _store_v_runs_kernel[grid](
         v,
         v_cache,
@@ -265,10 +268,10 @@ def store_v_runs(
         v.stride(0),
         v.stride(1),
         *v_cache.stride(),
-        v_cache.shape[1],
+        block_size,
         HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim),
-        RUN=V_RUN,
+        RUN=run,
         num_warps=4,
     )
 
