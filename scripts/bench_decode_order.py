@@ -1,7 +1,7 @@
 """Does the order of a decode batch change the attention kernel's time? (CUDA only)
 
     python3 scripts/bench_decode_order.py [--kv-dtype bf16,fp8] [--every 64] [--maxnreg N]
-    python3 scripts/bench_decode_order.py --configs [--from-step 780]
+    python3 scripts/bench_decode_order.py --configs [--from-step 780] [--graph]
 
 The decode kernel runs one program per (sequence, K/V head), sequences fastest in the grid, so
 the batch order is the order in which programs reach the SMs. With bench.py's lengths (100 to
@@ -17,10 +17,13 @@ x 1 or 2 splits, up to 6 below 128 sequences) at every sampled step against the 
 config the run's estimate. --from-step: the first step sampled (e.g. only the small batches
 at the end of the run). Below ~60 sequences the kernel takes less time than its eager launch
 (and a split config's partial buffers and combine launch), so there these timings are the
-host's, not the graph replay's (BENCHMARKS.md issue 24, session 15).
+host's, not the graph replay's (BENCHMARKS.md issue 24, session 15): --graph times CUDA-graph
+replays instead, cycling through copies of the batch's cache (at least 256 MB, so that small
+batches are read from DRAM as the engine's 28 layers are).
 """
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -54,6 +57,40 @@ def time_order(
     return triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
 
 
+def time_graph(inputs: list[tuple[torch.Tensor, ...]], cfg: DecodeConfig, calls: int = 24) -> float:
+    """Median ms of one decode kernel launch (with its combine, if split) inside a CUDA graph of
+    `calls` launches that cycle through `inputs` (copies of one batch's cache, so that a batch
+    smaller than L2 is still read from DRAM, as the engine's 28 layers are)."""
+    outs = [torch.empty_like(q) for q, *_ in inputs]
+
+    def run() -> None:
+        for i in range(calls):
+            q, k_cache, v_cache, tables, seq_lens = inputs[i % len(inputs)]
+            run_config(q, k_cache, v_cache, tables, seq_lens, cfg, outs[i % len(inputs)])
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        run()  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        run()
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=40, return_mode="median") / calls
+
+
+def batch_copies(lens: list[int], kv: str, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Enough copies of the batch's inputs (longest first) to hold at least 256 MB of cache."""
+    per_copy = sum(lens) * KV_HEADS * 128 * 2 * (1 if kv == "fp8" else 2)
+    return [make_inputs(lens, kv, device) for _ in range(min(8, -(-(256 << 20) // per_copy)))]
+
+
+def time_inputs(
+    inputs: list[tuple[torch.Tensor, ...]], order: torch.Tensor, graph: bool, cfg: DecodeConfig
+) -> float:
+    """time_graph over the copies, or time_order (eager) over the first."""
+    return time_graph(inputs, cfg) if graph else time_order(*inputs[0], cfg, order)
+
+
 CONFIGS = {  # (block_n, num_warps, num_stages)
     "bf16": [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (32, 4, 3), (64, 8, 2), (128, 8, 2)],
     "fp8": [
@@ -69,8 +106,18 @@ CONFIGS = {  # (block_n, num_warps, num_stages)
 }
 
 
-def sweep_configs(kv: str, steps: list[tuple[int, list[int]]], every: int, max_len: int) -> None:
-    """Launch configs on bench.py's batches (longest first) against the engine's choice."""
+def sweep_configs(
+    kv: str,
+    steps: list[tuple[int, list[int]]],
+    every: int,
+    max_len: int,
+    graph: bool = False,
+    show: int = 0,
+) -> None:
+    """Launch configs on bench.py's batches (longest first) against the engine's choice; with
+    `graph`, timed as CUDA-graph replays over copies of the cache (time_graph); `show`: print
+    that many of each step's fastest configs. (A fixed config's run total counts only the steps
+    where it was timed: splits beyond 2 only below 128 sequences.)"""
     device = torch.device("cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     totals: dict[tuple, float] = {}
@@ -78,23 +125,31 @@ def sweep_configs(kv: str, steps: list[tuple[int, list[int]]], every: int, max_l
     print(f"{kv}: step | seqs | engine config ms | best config ms")
     for step, lens in steps:
         lens = sorted(lens, reverse=True)
-        q, k_cache, v_cache, tables, seq_lens = make_inputs(lens, kv, device)
+        inputs = batch_copies(lens, kv, device) if graph else [make_inputs(lens, kv, device)]
+        k_cache = inputs[0][1]
         order = torch.arange(len(lens), device=device)
+        timed = functools.partial(time_inputs, inputs, order, graph)
         engine = choose_decode_config(len(lens), KV_HEADS, max_len, k_cache.dtype, BLOCK_SIZE, sms)
-        engine_ms = time_order(q, k_cache, v_cache, tables, seq_lens, engine, order)
+        engine_ms = timed(engine)
         best = (engine_ms, engine)
+        row: list[tuple[float, DecodeConfig]] = []
         for block_n, warps, stages in CONFIGS[kv]:
-            for splits in (1, 2) if len(lens) >= 128 else (1, 2, 3, 4, 6):
+            for splits in (1, 2) if len(lens) >= 128 else (1, 2, 3, 4, 6, 8):
                 cfg = DecodeConfig(block_n, warps, stages, splits)
-                ms = time_order(q, k_cache, v_cache, tables, seq_lens, cfg, order)
+                ms = timed(cfg)
                 totals[cfg] = totals.get(cfg, 0.0) + ms * every
+                row.append((ms, cfg))
                 if ms < best[0]:
                     best = (ms, cfg)
         engine_total += engine_ms * every
         best_total += best[0] * every
+        tb_s = sum(lens) * KV_HEADS * 128 * 2 * k_cache.element_size() / engine_ms / 1e9
         print(
-            f"{step} | {len(lens)} | {tuple(engine)} {engine_ms:.4f} | {tuple(best[1])} {best[0]:.4f}"
+            f"{step} | {len(lens)} | {tuple(engine)} {engine_ms:.4f} ({tb_s:.2f} TB/s) | "
+            f"{tuple(best[1])} {best[0]:.4f}"
         )
+        if show:
+            print("    " + ", ".join(f"{tuple(c)} {ms:.4f}" for ms, c in sorted(row)[:show]))
     print(
         f"{kv}: one layer over the run: engine configs {engine_total / 1e3:.4f} s, best per step "
         f"{best_total / 1e3:.4f} s ({best_total / engine_total:.3f}x); fixed configs:"
@@ -111,6 +166,8 @@ def main() -> None:
     parser.add_argument("--configs", action="store_true", help="sweep launch configs instead")
     parser.add_argument("--maxnreg", type=int, help="a register cap for the decode kernel")
     parser.add_argument("--from-step", type=int, default=0, help="--configs: first step sampled")
+    parser.add_argument("--graph", action="store_true", help="--configs: time graph replays")
+    parser.add_argument("--show", type=int, default=0, help="--configs: fastest configs shown")
     args = parser.parse_args()
     work = standard_workload()
     prompt_lens = [len(p) for p in work.prompts]
@@ -123,7 +180,7 @@ def main() -> None:
             for step in range(args.from_step, max(work.output_lens), args.every)
         ]
         for kv in args.kv_dtype.split(","):
-            sweep_configs(kv, steps, args.every, args.max_model_len)
+            sweep_configs(kv, steps, args.every, args.max_model_len, args.graph, args.show)
         return
     device = torch.device("cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count

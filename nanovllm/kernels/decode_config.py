@@ -69,13 +69,23 @@ class DecodeConfig(NamedTuple):
 # (100-2,048 keys in one batch, longest first) 128-key tiles beat 64 at every batch of 90
 # sequences or more (L >= 5.5; 0.1506 against 0.1547 ms at 256, 0.1409 against 0.1504 at
 # 121) and tie at 61-77 (L 3.7-4.7): 16-bit caches take 128 / 4 / 2 above L = 4.
+#
+# Session 18 (`bench_decode_order.py --configs --graph`: CUDA-graph replays, the cache copied
+# until it is past L2, bench.py's last ~200 steps, every config x 1-8 splits; BENCHMARKS.md):
+# eager timings had hidden that below L = 4 the old rows lost 4-16% a step. bf16, ms (old ->
+# new row): 51 sequences (L 3.1) 0.0821 -> 0.0792 (128 / 4 / 3); 33 (L 2.0) 0.0666 -> 0.0561;
+# 19 (L 1.15) 0.0426 -> 0.0380 (4 waves: 4 splits); 9 (L 0.55) 0.0256 -> 0.0218 (8 splits).
+# float8: 33 (L 2.0) 0.0410 -> 0.0364 (3 waves: 2 splits); 19 0.0303 -> 0.0275; 9 0.0200 ->
+# 0.0181; 51 (L 3.1) 0.0496 -> 0.0487 (3 stages).
 TABLE_16BIT: list[tuple[float, int, int, int, float]] = [
-    (0.5, 64, 4, 2, 4.0),
-    (4.0, 64, 4, 2, 2.0),
+    (1.25, 64, 4, 2, 4.0),
+    (3.2, 128, 4, 3, 2.0),
+    (4.0, 64, 4, 3, 2.0),
     (math.inf, 128, 4, 2, 2.0),
 ]
 TABLE_FP8: list[tuple[float, int, int, int, float]] = [
-    (0.5, 128, 4, 3, 3.0),
+    (2.6, 128, 4, 3, 3.0),
+    (4.0, 128, 4, 3, 2.0),
     (math.inf, 128, 4, 2, 2.0),
 ]
 
