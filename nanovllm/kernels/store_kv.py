@@ -172,7 +172,10 @@ def store_kv(
 V_RUN = 64
 
 
-@triton.jit
+# num_tokens not specialised: a prefill step's token count is rarely a multiple of 16 when the
+# warm-up's was, and each new specialisation compiles inside a timed run (session 18: bench.py's
+# FP8 prefill took 0.66 s instead of 0.30 on a fresh machine, its last step of 11,755 tokens).
+@triton.jit(do_not_specialize=["num_tokens"])
 def _store_v_runs_kernel(
     v_ptr,
     v_cache_ptr,
