@@ -13,7 +13,7 @@ on the same batch longest first and shortest first. The sum over the sampled ste
 `--every`, estimates the run's attention time for each order (one layer; x 28 for the model).
 
 --configs: instead, on the batch longest first, time launch configs (block_n / warps / stages
-x 1 or 2 splits, up to 6 below 128 sequences) at every sampled step against the engine's choice: per step the best, and per
+x 1 or 2 splits, up to 8 below 128 sequences) at every sampled step against the engine's choice: per step the best, and per
 config the run's estimate. --from-step: the first step sampled (e.g. only the small batches
 at the end of the run). Below ~60 sequences the kernel takes less time than its eager launch
 (and a split config's partial buffers and combine launch), so there these timings are the
