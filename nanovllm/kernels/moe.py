@@ -18,6 +18,9 @@ Invariants of the alignment (`align_pairs`, two small kernels): sorted_pairs has
 CUDA graph; padding entries hold num_pairs (masked out by the kernels); block_experts[b] is the
 expert of block b, or num_experts for blocks past the last expert's run (those programs return
 at once). Products accumulate in float32; h and y are stored in the activation dtype.
+The pair and block counts are runtime values the kernels do not specialise on (Triton would
+otherwise compile a new variant the first time a step's count is not a multiple of 16, inside a
+timed run).
 """
 
 import torch
@@ -25,7 +28,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _rank_pairs_kernel(ids_ptr, counts_ptr, ranks_ptr, num_pairs, BLOCK: tl.constexpr):
     # Each pair takes the next free slot of its expert: counts[e] ends as the expert's load.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -35,7 +38,7 @@ def _rank_pairs_kernel(ids_ptr, counts_ptr, ranks_ptr, num_pairs, BLOCK: tl.cons
     tl.store(ranks_ptr + offs, rank, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _place_pairs_kernel(
     ids_ptr,
     ranks_ptr,
@@ -115,7 +118,7 @@ def align_pairs(
     return sorted_pairs, block_experts
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _grouped_gemm_kernel(
     a_ptr,
     w_ptr,
